@@ -1,0 +1,62 @@
+"""The outbox: everything the quota book changed since the last drain.
+
+The actor hands a drained `Changes` to the store, which writes it in ONE
+transaction (group commit). Rows are plain tuples/dicts so the write path stays cheap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ledger.entities import Node
+
+
+@dataclass(slots=True)
+class IdemRecord:
+    """An idempotency key of one token: same key + same body → charged once."""
+
+    token_id: str
+    key: str
+    body_hash: str
+    request_id: str
+    created_at: float
+    state: str = "pending"  # pending | done
+    result: str | None = None
+
+
+@dataclass(slots=True)
+class Pending:
+    """An admitted request that has not been settled yet."""
+
+    request_id: str
+    token_id: str
+    units: int
+    ts: float
+    idem_key: str | None
+
+
+# usage row tuples, in column order of `UsageRow`:
+# (ts, root_id, token_id, request_id, model, units, state, outcome, client_ip, image_bytes)
+UsageRow = tuple[float, str, str, str, str, int, str, str, str | None, int]
+# settle tuples: (request_id, token_id, state, units, latency_ms, detections, gpu_ms, settled_at)
+SettleRow = tuple[str, str, str, int, float, int, float, float]
+
+
+@dataclass(slots=True)
+class Changes:
+    new_nodes: list[Node] = field(default_factory=list)
+    dirty: dict[str, Node] = field(default_factory=dict)
+    usage: list[UsageRow] = field(default_factory=list)
+    settles: list[SettleRow] = field(default_factory=list)
+    idem_new: list[IdemRecord] = field(default_factory=list)
+    idem_done: list[IdemRecord] = field(default_factory=list)
+    idem_deleted: list[tuple[str, str]] = field(default_factory=list)
+    admin_events: list[dict[str, Any]] = field(default_factory=list)
+    alerts: list[dict[str, Any]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.new_nodes or self.dirty or self.usage or self.settles or self.idem_new or self.idem_done
+            or self.idem_deleted or self.admin_events or self.alerts
+        )

@@ -1,0 +1,226 @@
+"""LedgerClient: the one facade over the ledger actor, for the gateway, the CLI and the console.
+
+Admissions and settlements are micro-batched: concurrent `await admit(...)` calls in one
+process share one actor call (at most `max_inflight` batches in flight), so throughput
+does not pay one Ray round trip per request. Admin operations are plain calls that raise
+`OperationRefused` (with a `Code`) or `LedgerUnavailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+from dataclasses import astuple
+from typing import Any
+
+import ray
+from ray.actor import ActorHandle
+from ray.exceptions import RayError
+
+from ledger.actor import LedgerActor
+from ledger.codes import Code
+from ledger.core import decision_from_row
+from ledger.entities import DEFAULT_THRESHOLDS, Admission, Decision, Settlement, TokenView
+from ledger.errors import LedgerUnavailable, OperationRefused
+from ledger.settings import LedgerSettings
+
+RETRY_DELAYS_S = (0.05, 0.1, 0.2, 0.5, 1.0, 1.0, 2.0, 2.0, 2.0, 3.0, 3.0)
+
+
+class _Batcher:
+    """Collects items from concurrent coroutines of ONE event loop and sends them in batches."""
+
+    def __init__(self, send: Any, max_batch: int, max_inflight: int) -> None:
+        self.send = send
+        self.max_batch = max_batch
+        self.max_inflight = max_inflight
+        self.queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self.inflight = 0
+
+    async def submit(self, row: tuple[Any, ...]) -> Any:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.queue.append((row, fut))
+        if self.inflight < self.max_inflight:
+            self.inflight += 1
+            asyncio.get_running_loop().create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        try:
+            while self.queue:
+                batch = self.queue[: self.max_batch]
+                del self.queue[: self.max_batch]
+                try:
+                    results = await self.send([r for r, _ in batch])
+                except BaseException as exc:  # deliver, never lose a waiter
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+                    continue
+                for (_, fut), res in zip(batch, results, strict=True):
+                    if not fut.done():
+                        fut.set_result(res)
+        finally:
+            self.inflight -= 1
+
+
+class LedgerClient:
+    def __init__(self, actor: ActorHandle, *, max_batch: int = 4096, max_inflight: int = 2) -> None:
+        self.actor = actor
+        self._admit = _Batcher(self._send_admissions, max_batch, max_inflight)
+        self._settle = _Batcher(self._send_settlements, max_batch, max_inflight)
+
+    @classmethod
+    def connect(cls, settings: LedgerSettings, *, create: bool = True, **kw: Any) -> LedgerClient:
+        """Attach to the named ledger actor, starting it (detached, auto-restarting) if absent."""
+        settings = settings.resolved()
+        if create:
+            actor = LedgerActor.options(  # type: ignore[attr-defined]
+                name=settings.actor_name, namespace=settings.namespace, lifetime="detached", get_if_exists=True,
+                max_restarts=-1, max_task_retries=0, max_concurrency=10_000,
+            ).remote(settings)
+        else:
+            try:
+                actor = ray.get_actor(settings.actor_name, namespace=settings.namespace)
+            except ValueError:
+                raise LedgerUnavailable(f"no ledger actor {settings.actor_name!r} in namespace "
+                                        f"{settings.namespace!r}: is the service running?") from None
+        return cls(actor, **kw)
+
+    # ---------------------------------------------------------------- hot path
+    async def admit(self, a: Admission) -> Decision:
+        """One atomic admission; batched with concurrent callers; durable when it returns."""
+        row = await self._admit.submit(astuple(a))
+        return decision_from_row(row)
+
+    async def settle(self, s: Settlement) -> Code:
+        return Code(await self._settle.submit(astuple(s)))
+
+    async def _send_admissions(self, rows: list[tuple[Any, ...]]) -> list[Any]:
+        try:
+            return await self._retrying(self.actor.admit_batch, rows)  # type: ignore[no-any-return]
+        except RayError:
+            return [(Code.LEDGER_UNAVAILABLE.value, r[0], r[1], 0, 0, 0, 0, None, None, 1.0,
+                     "ledger actor unavailable", None, False) for r in rows]
+
+    async def _send_settlements(self, rows: list[tuple[Any, ...]]) -> list[Any]:
+        try:
+            return await self._retrying(self.actor.settle_batch, rows)  # type: ignore[no-any-return]
+        except RayError:
+            return [Code.LEDGER_UNAVAILABLE.value] * len(rows)
+
+    @staticmethod
+    async def _retrying(method: Any, rows: list[tuple[Any, ...]]) -> Any:
+        """Resend the same rows while the actor restarts: request ids make this exactly-once."""
+        for delay in (*RETRY_DELAYS_S, None):
+            try:
+                return await method.remote(rows)
+            except RayError:
+                if delay is None:
+                    raise
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def admit_sync(self, items: Sequence[Admission]) -> list[Decision]:
+        """Blocking batch admission, for scripts and tests outside an event loop."""
+        return [decision_from_row(r) for r in ray.get(self.actor.admit_batch.remote([astuple(a) for a in items]))]
+
+    def settle_sync(self, items: Sequence[Settlement]) -> list[Code]:
+        return [Code(c) for c in ray.get(self.actor.settle_batch.remote([astuple(s) for s in items]))]
+
+    # ---------------------------------------------------------------- admin + reads
+    def call(self, op: str, **kwargs: Any) -> Any:
+        try:
+            reply = ray.get(self.actor.call.remote(op, kwargs))
+        except RayError as exc:
+            raise LedgerUnavailable(f"ledger actor unavailable: {type(exc).__name__}") from exc
+        return _unwrap(reply)
+
+    async def acall(self, op: str, **kwargs: Any) -> Any:
+        try:
+            reply = await self.actor.call.remote(op, kwargs)
+        except RayError as exc:
+            raise LedgerUnavailable(f"ledger actor unavailable: {type(exc).__name__}") from exc
+        return _unwrap(reply)
+
+    def create_package(self, *, name: str, allocation: int, expires_at: float | None = None,
+                       models: Iterable[str] | None = None, ips: Iterable[str] | None = None,
+                       rate: str | None = None, team: str | None = None,
+                       thresholds: Sequence[int] = DEFAULT_THRESHOLDS,
+                       meta: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Returns {"token": TokenView, "credential": str}; the credential is shown once."""
+        return self.call("create_package", name=name, allocation=allocation, expires_at=expires_at,  # type: ignore[no-any-return]
+                         models=_opt_list(models), ips=_opt_list(ips), rate=rate, team=team,
+                         thresholds=list(thresholds), meta=meta)
+
+    def split(self, parent_id: str, *, name: str, allocation: int, expires_at: float | None = None,
+              models: Iterable[str] | None = None, ips: Iterable[str] | None = None, rate: str | None = None,
+              team: str | None = None, thresholds: Sequence[int] = DEFAULT_THRESHOLDS,
+              meta: dict[str, Any] | None = None, actor: str | None = None) -> dict[str, Any]:
+        return self.call("split", parent_id=parent_id, name=name, allocation=allocation,  # type: ignore[no-any-return]
+                         expires_at=expires_at, models=_opt_list(models), ips=_opt_list(ips), rate=rate, team=team,
+                         thresholds=list(thresholds), meta=meta, actor=actor)
+
+    def update_limits(self, token_id: str, *, expires_at: float | None = None, models: Iterable[str] | None = None,
+                      ips: Iterable[str] | None = None, rate: str | None = None,
+                      actor: str | None = None) -> TokenView:
+        return self.call("update_limits", token_id=token_id, expires_at=expires_at,  # type: ignore[no-any-return]
+                         models=_opt_list(models), ips=_opt_list(ips), rate=rate, actor=actor)
+
+    def top_up(self, token_id: str, units: int, actor: str | None = None) -> TokenView:
+        return self.call("top_up", token_id=token_id, units=units, actor=actor)  # type: ignore[no-any-return]
+
+    def revoke(self, token_id: str, actor: str | None = None) -> dict[str, Any]:
+        return self.call("revoke", token_id=token_id, actor=actor)  # type: ignore[no-any-return]
+
+    def reclaim(self, token_id: str, units: int | None = None, actor: str | None = None) -> dict[str, Any]:
+        return self.call("reclaim", token_id=token_id, units=units, actor=actor)  # type: ignore[no-any-return]
+
+    def rotate(self, token_id: str, actor: str | None = None) -> dict[str, Any]:
+        return self.call("rotate", token_id=token_id, actor=actor)  # type: ignore[no-any-return]
+
+    def token(self, token_id: str, actor: str | None = None) -> TokenView:
+        return self.call("token", token_id=token_id, actor=actor)  # type: ignore[no-any-return]
+
+    def tokens(self, root_id: str | None = None, actor: str | None = None) -> list[TokenView]:
+        return self.call("tokens", root_id=root_id, actor=actor)  # type: ignore[no-any-return]
+
+    def usage(self, **filters: Any) -> list[dict[str, Any]]:
+        return self.call("usage", **filters)  # type: ignore[no-any-return]
+
+    def admin_events(self, token_id: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        return self.call("admin_events", token_id=token_id, limit=limit)  # type: ignore[no-any-return]
+
+    def alerts(self, limit: int = 1000) -> list[dict[str, Any]]:
+        return self.call("alerts", limit=limit)  # type: ignore[no-any-return]
+
+    def public_keys(self) -> dict[str, bytes]:
+        return self.call("public_keys")  # type: ignore[no-any-return]
+
+    def rotate_keys(self) -> dict[str, Any]:
+        return self.call("rotate_keys")  # type: ignore[no-any-return]
+
+    def issue_admin(self, name: str, ttl_s: float = 12 * 3600.0) -> str:
+        return self.call("issue_admin", name=name, ttl_s=ttl_s)  # type: ignore[no-any-return]
+
+    def sweep(self) -> dict[str, Any]:
+        return self.call("sweep")  # type: ignore[no-any-return]
+
+    def consistency(self) -> dict[str, Any]:
+        return self.call("consistency")  # type: ignore[no-any-return]
+
+    def stats(self) -> dict[str, Any]:
+        return ray.get(self.actor.stats.remote())  # type: ignore[no-any-return]
+
+
+def _unwrap(reply: tuple[Any, ...]) -> Any:
+    if reply[0] == "ok":
+        return reply[1]
+    code = Code(reply[1])
+    if code is Code.LEDGER_UNAVAILABLE:
+        raise LedgerUnavailable(reply[2])
+    raise OperationRefused(reply[2], code)
+
+
+def _opt_list(values: Iterable[str] | None) -> list[str] | None:
+    return None if values is None else list(values)

@@ -1,0 +1,195 @@
+"""Plain value types shared by the quota book, the store and the client.
+
+Nothing here does I/O. Times are epoch seconds (UTC) as floats.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from ledger.codes import Code
+from ledger.limits import Bucket, IPNetwork, RateLimit
+
+DEFAULT_THRESHOLDS: tuple[int, ...] = (80, 95, 100)
+
+
+class Status(str, enum.Enum):
+    ACTIVE = "active"
+    REVOKED = "revoked"
+    EXPIRED = "expired"
+
+
+class UsageState(str, enum.Enum):
+    ADMITTED = "admitted"  # debited, work in progress
+    SETTLED = "settled"  # work done, debit kept
+    REFUNDED = "refunded"  # server-side failure, debit returned
+    DENIED = "denied"  # never debited; `outcome` says why
+
+
+@dataclass(slots=True, eq=False)
+class Node:
+    """One token in a package tree. `delegated` and `consumed` are derived, never stored."""
+
+    id: str
+    root_id: str
+    parent_id: str | None
+    name: str
+    allocation: int
+    used: int = 0
+    status: Status = Status.ACTIVE
+    expires_at: float | None = None
+    models: frozenset[str] | None = None
+    ips: tuple[IPNetwork, ...] | None = None
+    rate: RateLimit | None = None
+    jti: str = ""
+    team: str | None = None
+    created_at: float = 0.0
+    thresholds: tuple[int, ...] = DEFAULT_THRESHOLDS
+    fired: set[int] = field(default_factory=set)
+    meta: dict[str, Any] = field(default_factory=dict)
+    # derived
+    children: list[Node] = field(default_factory=list)
+    parent: Node | None = None
+    delegated: int = 0
+    consumed: int = 0
+    bucket: Bucket | None = None
+
+    @property
+    def live(self) -> bool:
+        return self.status is Status.ACTIVE
+
+    @property
+    def free(self) -> int:
+        return self.allocation - self.used - self.delegated
+
+    def path(self) -> list[Node]:
+        """This node, then each ancestor up to the root."""
+        out: list[Node] = []
+        n: Node | None = self
+        while n is not None:
+            out.append(n)
+            n = n.parent
+        return out
+
+    def subtree(self) -> list[Node]:
+        """This node and every descendant, parents before children."""
+        out = [self]
+        i = 0
+        while i < len(out):
+            out.extend(out[i].children)
+            i += 1
+        return out
+
+    def view(self) -> TokenView:
+        return TokenView(
+            id=self.id,
+            root_id=self.root_id,
+            parent_id=self.parent_id,
+            name=self.name,
+            team=self.team,
+            allocation=self.allocation,
+            used=self.used,
+            delegated=self.delegated,
+            free=self.free if self.live else 0,
+            consumed=self.consumed,
+            status=self.status.value,
+            expires_at=self.expires_at,
+            models=sorted(self.models) if self.models is not None else None,
+            ips=[str(n) for n in self.ips] if self.ips is not None else None,
+            rate=self.rate.describe() if self.rate else None,
+            created_at=self.created_at,
+            thresholds=list(self.thresholds),
+            fired=sorted(self.fired),
+            children=[c.id for c in self.children],
+            meta=dict(self.meta),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TokenView:
+    """What callers may see of a token (never its credential)."""
+
+    id: str
+    root_id: str
+    parent_id: str | None
+    name: str
+    team: str | None
+    allocation: int
+    used: int
+    delegated: int
+    free: int
+    consumed: int
+    status: str
+    expires_at: float | None
+    models: list[str] | None
+    ips: list[str] | None
+    rate: str | None
+    created_at: float
+    thresholds: list[int]
+    fired: list[int]
+    children: list[str]
+    meta: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """One request to spend `units` of `token_id`. Tuple-cheap: crosses Ray in batches."""
+
+    request_id: str
+    token_id: str
+    jti: str
+    units: int
+    model: str
+    client_ip: str | None = None
+    idem_key: str | None = None
+    body_hash: str | None = None
+    image_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The verdict of one admission. `code` is `Code.OK` iff the units were debited."""
+
+    code: Code
+    request_id: str
+    token_id: str = ""
+    units: int = 0
+    used: int = 0
+    allocation: int = 0
+    remaining: int = 0
+    rate_limit: float | None = None
+    rate_remaining: int | None = None
+    retry_after: float | None = None
+    message: str = ""
+    replay: str | None = None  # stored result of an idempotent replay
+    replayed: bool = False  # True when the same request_id was admitted before (no new debit)
+
+    @property
+    def admitted(self) -> bool:
+        return self.code is Code.OK
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """Close an admitted request: keep `charged` of its units (refund the rest)."""
+
+    request_id: str
+    token_id: str
+    success: bool
+    charged: int | None = None  # None: all units on success, none on failure
+    latency_ms: float = 0.0
+    detections: int = 0
+    gpu_ms: float = 0.0
+    result: str | None = None  # JSON kept for idempotent replays
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Limits for a new or edited node. `None` leaves a field as inherited / unchanged."""
+
+    expires_at: float | None = None
+    models: frozenset[str] | None = None
+    ips: tuple[IPNetwork, ...] | None = None
+    rate: RateLimit | None = None

@@ -1,0 +1,49 @@
+"""The ledger's exception tree. Catch by type, never by message.
+
+    LedgerError
+    ├── CredentialError          a credential is missing, malformed, forged, expired, ...
+    ├── LedgerUnavailable        the actor or the database cannot answer durably
+    ├── OperationRefused         an admin operation was refused; carries a `Code`
+    └── ConfigError              settings or key ring unusable
+
+Admission never raises: it returns a `Decision` whose `code` says why.
+"""
+
+from __future__ import annotations
+
+from ledger.codes import Code
+
+
+class LedgerError(Exception):
+    """Base of every exception raised by `ledger`."""
+
+    code: Code = Code.INVALID_REQUEST
+
+    def __init__(self, message: str, code: Code | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class CredentialError(LedgerError):
+    """The credential cannot be trusted; `code` is one of the 401 codes."""
+
+    code = Code.INVALID_TOKEN
+
+
+class LedgerUnavailable(LedgerError):
+    """No durable answer could be given; nothing was charged."""
+
+    code = Code.LEDGER_UNAVAILABLE
+
+
+class OperationRefused(LedgerError):
+    """An admin or tree operation (split, revoke, top-up, ...) was refused."""
+
+
+class ConfigError(LedgerError):
+    """Settings, database URL or key ring are unusable."""

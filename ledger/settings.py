@@ -1,0 +1,60 @@
+"""Ledger settings: the ONE place that reads environment variables for `ledger`.
+
+Build once at the edge (`LedgerSettings.from_env()` or explicit arguments) and pass in.
+Variables (all optional):
+    YT_DATABASE_URL   sqlite:///./var/ledger.db | postgresql+psycopg://user@host:port/db
+    YT_DATA_DIR       ./var          (key ring lives in $YT_DATA_DIR/keys, mode 0700/0600)
+    YT_LEDGER_NAME    yolo-tokens-ledger   (named Ray actor)
+    YT_NAMESPACE      yolo-tokens          (Ray namespace)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+DEFAULT_DATA_DIR = Path("var")
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerSettings:
+    database_url: str = f"sqlite:///{DEFAULT_DATA_DIR / 'ledger.db'}"
+    data_dir: Path = DEFAULT_DATA_DIR
+    actor_name: str = "yolo-tokens-ledger"
+    namespace: str = "yolo-tokens"
+    # admissions per actor call sent by one client; the actor commits all queued calls together
+    max_batch: int = 4096
+    # unsettled admissions older than this are kept charged and no longer refundable after a restart
+    settle_window_s: float = 3600.0
+    # settled request ids remembered so that a retried request is not charged twice
+    recent_window_s: float = 300.0
+    # credential lifetime for tokens that have no expiry of their own
+    default_credential_ttl_s: float = 365 * 24 * 3600.0
+    # how often the actor sweeps expired tokens and prunes idempotency records
+    sweep_interval_s: float = 30.0
+
+    @property
+    def key_dir(self) -> Path:
+        return self.data_dir / "keys"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> LedgerSettings:
+        env = os.environ if env is None else env
+        data_dir = Path(env.get("YT_DATA_DIR", str(DEFAULT_DATA_DIR)))
+        s = cls(
+            database_url=env.get("YT_DATABASE_URL", f"sqlite:///{data_dir / 'ledger.db'}"),
+            data_dir=data_dir,
+            actor_name=env.get("YT_LEDGER_NAME", cls.actor_name),
+            namespace=env.get("YT_NAMESPACE", cls.namespace),
+        )
+        return replace(s, **overrides)  # type: ignore[arg-type]
+
+    def resolved(self) -> LedgerSettings:
+        """Absolute paths, so an actor started from another working directory finds the same files."""
+        url = self.database_url
+        prefix = "sqlite:///"
+        if url.startswith(prefix) and not url.startswith(prefix + "/") and url != prefix + ":memory:":
+            url = prefix + str(Path(url[len(prefix):]).resolve())
+        return replace(self, database_url=url, data_dir=self.data_dir.resolve())

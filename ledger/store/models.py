@@ -1,0 +1,102 @@
+"""SQLAlchemy 2.0 tables. Times are epoch seconds (UTC) as floats; ids are short strings.
+
+`tokens.used` and `tokens.allocation` are the durable balances; `delegated`/`free` are
+derived on load. `usage_events` holds one row per admitted AND per denied request.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Float, Index, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class TokenRow(Base):
+    __tablename__ = "tokens"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    root_id: Mapped[str] = mapped_column(String(40), index=True)
+    parent_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    team: Mapped[str | None] = mapped_column(String(200))
+    allocation: Mapped[int] = mapped_column(BigInteger)
+    used: Mapped[int] = mapped_column(BigInteger, default=0)
+    status: Mapped[str] = mapped_column(String(16))
+    expires_at: Mapped[float | None] = mapped_column(Float)
+    models: Mapped[list[str] | None] = mapped_column(JSON)
+    ips: Mapped[list[str] | None] = mapped_column(JSON)
+    rate: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    jti: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float)
+    thresholds: Mapped[list[int]] = mapped_column(JSON)
+    fired: Mapped[list[int]] = mapped_column(JSON)
+    meta: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class UsageEventRow(Base):
+    __tablename__ = "usage_events"
+    __table_args__ = (Index("ix_usage_token_ts", "token_id", "ts"), Index("ix_usage_root_ts", "root_id", "ts"))
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    ts: Mapped[float] = mapped_column(Float, index=True)
+    root_id: Mapped[str] = mapped_column(String(40))
+    token_id: Mapped[str] = mapped_column(String(40))
+    request_id: Mapped[str] = mapped_column(String(64), index=True)
+    model: Mapped[str] = mapped_column(String(200))
+    units: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(16))
+    outcome: Mapped[str] = mapped_column(String(40))
+    client_ip: Mapped[str | None] = mapped_column(String(64))
+    image_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    latency_ms: Mapped[float | None] = mapped_column(Float)
+    detections: Mapped[int | None] = mapped_column(Integer)
+    gpu_ms: Mapped[float | None] = mapped_column(Float)
+    settled_at: Mapped[float | None] = mapped_column(Float)
+
+
+class AdminEventRow(Base):
+    __tablename__ = "admin_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    ts: Mapped[float] = mapped_column(Float, index=True)
+    actor: Mapped[str] = mapped_column(String(80))
+    action: Mapped[str] = mapped_column(String(40))
+    token_id: Mapped[str] = mapped_column(String(40), index=True)
+    root_id: Mapped[str] = mapped_column(String(40), index=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class AlertRow(Base):
+    __tablename__ = "alerts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    ts: Mapped[float] = mapped_column(Float, index=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    token_id: Mapped[str] = mapped_column(String(40), index=True)
+    root_id: Mapped[str] = mapped_column(String(40))
+    threshold: Mapped[int] = mapped_column(Integer)
+    consumed: Mapped[int] = mapped_column(BigInteger)
+    allocation: Mapped[int] = mapped_column(BigInteger)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    delivered_at: Mapped[float | None] = mapped_column(Float)
+
+
+class IdempotencyRow(Base):
+    __tablename__ = "idempotency"
+
+    token_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    body_hash: Mapped[str] = mapped_column(String(128))
+    request_id: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))
+    result: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[float] = mapped_column(Float, index=True)

@@ -1,0 +1,245 @@
+"""Repository: the only code that talks SQL. One engine, SQLite (WAL) or PostgreSQL, same code.
+
+`commit(changes)` writes one drained outbox in ONE transaction (group commit); the
+caller may only answer its callers after it returns.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, and_, bindparam, create_engine, delete, event, func, insert, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import SQLAlchemyError
+
+from ledger.changes import Changes, IdemRecord, Pending
+from ledger.entities import Node, Status
+from ledger.errors import ConfigError, LedgerUnavailable
+from ledger.limits import RateLimit, normalize_ips
+from ledger.store.migrate import upgrade
+from ledger.store.models import AdminEventRow, AlertRow, Base, IdempotencyRow, TokenRow, UsageEventRow
+
+TOKENS = TokenRow.__table__
+USAGE = UsageEventRow.__table__
+ADMIN = AdminEventRow.__table__
+ALERTS = AlertRow.__table__
+IDEM = IdempotencyRow.__table__
+
+_USAGE_COLS = ("ts", "root_id", "token_id", "request_id", "model", "units", "state", "outcome", "client_ip", "image_bytes")
+_SETTLE_COLS = ("b_rid", "b_tid", "state", "units", "latency_ms", "detections", "gpu_ms", "settled_at")
+
+_UPDATE_TOKEN = (
+    update(TOKENS)
+    .where(TOKENS.c.id == bindparam("b_id"))
+    .values(allocation=bindparam("allocation"), used=bindparam("used"), status=bindparam("status"),
+            expires_at=bindparam("expires_at"), models=bindparam("models"), ips=bindparam("ips"),
+            rate=bindparam("rate"), jti=bindparam("jti"), fired=bindparam("fired"), meta=bindparam("meta"))
+)
+_SETTLE = (
+    update(USAGE)
+    .where(and_(USAGE.c.request_id == bindparam("b_rid"), USAGE.c.token_id == bindparam("b_tid"),
+                USAGE.c.state == "admitted"))
+    .values(state=bindparam("state"), units=bindparam("units"), latency_ms=bindparam("latency_ms"),
+            detections=bindparam("detections"), gpu_ms=bindparam("gpu_ms"), settled_at=bindparam("settled_at"))
+)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageQuery:
+    """Filters for audit reads. All optional; `root_ids` restricts to packages a caller may see."""
+
+    token_id: str | None = None
+    root_ids: Sequence[str] | None = None
+    model: str | None = None
+    outcome: str | None = None
+    since: float | None = None
+    until: float | None = None
+    limit: int = 1000
+
+
+def make_engine(url: str) -> Engine:
+    """SQLite gets WAL, FULL sync and a busy timeout; PostgreSQL gets pre-ping."""
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    if url.startswith("postgresql"):
+        return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    raise ConfigError(f"unsupported database URL {url!r}: use sqlite:///PATH or postgresql+psycopg://...")
+
+
+class Store:
+    """Reads and writes ledger rows. Raises `LedgerUnavailable` when the database cannot answer."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def migrate(self) -> None:
+        upgrade(self.engine)
+
+    def create_all(self) -> None:
+        """Create tables without Alembic (fast path for unit tests)."""
+        Base.metadata.create_all(self.engine)
+
+    # ---------------------------------------------------------------- writes
+    def commit(self, ch: Changes) -> None:
+        try:
+            with self.engine.begin() as conn:
+                self._write(conn, ch)
+        except SQLAlchemyError as exc:
+            raise LedgerUnavailable(f"database write failed: {type(exc).__name__}") from exc
+
+    def _write(self, conn: Connection, ch: Changes) -> None:
+        if ch.new_nodes:
+            conn.execute(insert(TOKENS), [_node_row(n) for n in ch.new_nodes])
+        if ch.dirty:
+            conn.execute(_UPDATE_TOKEN, [_node_update(n) for n in ch.dirty.values()])
+        if ch.usage:
+            conn.execute(insert(USAGE), [dict(zip(_USAGE_COLS, r, strict=True)) for r in ch.usage])
+        if ch.settles:
+            conn.execute(_SETTLE, [dict(zip(_SETTLE_COLS, r, strict=True)) for r in ch.settles])
+        if ch.idem_deleted:
+            conn.execute(delete(IDEM).where(and_(IDEM.c.token_id == bindparam("b_tid"), IDEM.c.key == bindparam("b_key"))),
+                         [{"b_tid": t, "b_key": k} for t, k in ch.idem_deleted])
+        if ch.idem_new:
+            conn.execute(insert(IDEM), [{"token_id": r.token_id, "key": r.key, "body_hash": r.body_hash,
+                                         "request_id": r.request_id, "state": r.state, "result": r.result,
+                                         "created_at": r.created_at} for r in ch.idem_new])
+        if ch.idem_done:
+            conn.execute(update(IDEM).where(and_(IDEM.c.token_id == bindparam("b_tid"), IDEM.c.key == bindparam("b_key")))
+                         .values(state=bindparam("state"), result=bindparam("result")),
+                         [{"b_tid": r.token_id, "b_key": r.key, "state": r.state, "result": r.result} for r in ch.idem_done])
+        if ch.admin_events:
+            conn.execute(insert(ADMIN), ch.admin_events)
+        if ch.alerts:
+            conn.execute(insert(ALERTS), ch.alerts)
+
+    # ---------------------------------------------------------------- loading
+    def load(self, now: float, settle_window_s: float, recent_window_s: float) -> tuple[
+            list[Node], list[Pending], list[tuple[str, str, str, float]], list[IdemRecord]]:
+        """Everything the quota book needs to rebuild itself."""
+        try:
+            with self.engine.connect() as conn:
+                nodes = [_row_node(r) for r in conn.execute(select(TOKENS)).mappings()]
+                pending = [Pending(r.request_id, r.token_id, r.units, r.ts, None) for r in conn.execute(
+                    select(USAGE.c.request_id, USAGE.c.token_id, USAGE.c.units, USAGE.c.ts)
+                    .where(and_(USAGE.c.ts >= now - settle_window_s, USAGE.c.state == "admitted")))]
+                recent = [(r.request_id, r.token_id, r.state, r.settled_at) for r in conn.execute(
+                    select(USAGE.c.request_id, USAGE.c.token_id, USAGE.c.state, USAGE.c.settled_at)
+                    .where(and_(USAGE.c.settled_at >= now - recent_window_s,
+                                USAGE.c.state.in_(("settled", "refunded")))))]
+                idem = [IdemRecord(r.token_id, r.key, r.body_hash, r.request_id, r.created_at, r.state, r.result)
+                        for r in conn.execute(select(IDEM)).mappings()]
+        except SQLAlchemyError as exc:
+            raise LedgerUnavailable(f"database read failed: {type(exc).__name__}") from exc
+        by_req = {(i.token_id, i.request_id): i.key for i in idem}
+        for p in pending:
+            p.idem_key = by_req.get((p.token_id, p.request_id))
+        return nodes, pending, recent, idem
+
+    # ---------------------------------------------------------------- reads
+    def balances(self) -> dict[str, tuple[int, int, str]]:
+        """token id -> (allocation, used, status), straight from the database."""
+        with self.engine.connect() as conn:
+            return {r.id: (r.allocation, r.used, r.status) for r in
+                    conn.execute(select(TOKENS.c.id, TOKENS.c.allocation, TOKENS.c.used, TOKENS.c.status))}
+
+    def usage_counts(self, token_id: str | None = None) -> dict[str, tuple[int, int]]:
+        """state -> (rows, units), optionally for one token."""
+        q = select(USAGE.c.state, func.count(), func.coalesce(func.sum(USAGE.c.units), 0)).group_by(USAGE.c.state)
+        if token_id is not None:
+            q = q.where(USAGE.c.token_id == token_id)
+        with self.engine.connect() as conn:
+            return {r[0]: (int(r[1]), int(r[2])) for r in conn.execute(q)}
+
+    def charged_request_ids(self) -> set[str]:
+        """Request ids whose debit is durable (admitted or settled with units kept)."""
+        with self.engine.connect() as conn:
+            return {r[0] for r in conn.execute(select(USAGE.c.request_id).where(
+                and_(USAGE.c.state.in_(("admitted", "settled")), USAGE.c.units > 0)))}
+
+    def usage(self, q: UsageQuery) -> list[dict[str, Any]]:
+        stmt = select(USAGE).order_by(USAGE.c.ts.desc()).limit(max(1, min(q.limit, 100_000)))
+        if q.token_id is not None:
+            stmt = stmt.where(USAGE.c.token_id == q.token_id)
+        if q.root_ids is not None:
+            stmt = stmt.where(USAGE.c.root_id.in_(list(q.root_ids)))
+        if q.model is not None:
+            stmt = stmt.where(USAGE.c.model == q.model)
+        if q.outcome is not None:
+            stmt = stmt.where(USAGE.c.outcome == q.outcome)
+        if q.since is not None:
+            stmt = stmt.where(USAGE.c.ts >= q.since)
+        if q.until is not None:
+            stmt = stmt.where(USAGE.c.ts < q.until)
+        try:
+            with self.engine.connect() as conn:
+                return [dict(r) for r in conn.execute(stmt).mappings()]
+        except SQLAlchemyError as exc:
+            raise LedgerUnavailable(f"database read failed: {type(exc).__name__}") from exc
+
+    def admin_events(self, token_id: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        stmt = select(ADMIN).order_by(ADMIN.c.ts.desc(), ADMIN.c.id.desc()).limit(limit)
+        if token_id is not None:
+            stmt = stmt.where(ADMIN.c.token_id == token_id)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(stmt).mappings()]
+
+    def alerts(self, limit: int = 1000) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(select(ALERTS).order_by(ALERTS.c.ts.desc()).limit(limit)).mappings()]
+
+
+def usage_csv(rows: Sequence[dict[str, Any]]) -> Iterator[str]:
+    """CSV lines (header first) for audit export."""
+    cols = [c.name for c in USAGE.columns]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(cols)
+    yield buf.getvalue()
+    for r in rows:
+        buf.seek(0)
+        buf.truncate()
+        w.writerow([r.get(c) for c in cols])
+        yield buf.getvalue()
+
+
+def _node_row(n: Node) -> dict[str, Any]:
+    return {"id": n.id, "root_id": n.root_id, "parent_id": n.parent_id, "name": n.name, "team": n.team,
+            "created_at": n.created_at, "thresholds": list(n.thresholds), **_node_update(n, key="id")}
+
+
+def _node_update(n: Node, key: str = "b_id") -> dict[str, Any]:
+    return {key: n.id, "allocation": n.allocation, "used": n.used, "status": n.status.value,
+            "expires_at": n.expires_at, "models": sorted(n.models) if n.models is not None else None,
+            "ips": [str(i) for i in n.ips] if n.ips is not None else None,
+            "rate": n.rate.to_json() if n.rate else None, "jti": n.jti, "fired": sorted(n.fired), "meta": n.meta}
+
+
+def _row_node(r: Any) -> Node:
+    return Node(id=r["id"], root_id=r["root_id"], parent_id=r["parent_id"], name=r["name"], team=r["team"],
+                allocation=int(r["allocation"]), used=int(r["used"]), status=Status(r["status"]),
+                expires_at=r["expires_at"], models=frozenset(r["models"]) if r["models"] is not None else None,
+                ips=normalize_ips(r["ips"]), rate=RateLimit.from_json(r["rate"]), jti=r["jti"],
+                created_at=r["created_at"], thresholds=tuple(r["thresholds"]), fired=set(r["fired"]),
+                meta=dict(r["meta"] or {}))
