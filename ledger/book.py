@@ -416,17 +416,15 @@ class QuotaBook:
         """Mark the subtree dead and shrink each node to what it spent (children first)."""
         sub = n.subtree()
         before = n.allocation
-        for x in reversed(sub):
+        for x in reversed(sub):  # children first, so x.delegated is already their spend
             if x.live:
                 x.status = status
-            x.allocation = x.used + x.delegated  # children were shrunk first, so delegated == their spend
+            shrunk = x.allocation - (x.used + x.delegated)
+            x.allocation -= shrunk
+            if x.parent is not None:
+                x.parent.delegated -= shrunk  # a root has no parent: its unspent units are withdrawn
             self.out.dirty[x.id] = x
         returned = before - n.allocation
-        if n.parent is not None:
-            n.parent.delegated -= returned
-        elif returned:
-            # a root has nowhere to return quota: its unspent units are simply withdrawn
-            pass
         self._event(now, actor, action, n, returned=returned, subtree=len(sub))
         return returned
 

@@ -1,17 +1,17 @@
 """Credentials: EdDSA-signed JWTs, the key ring that signs them, the verifier (DESIGN §4).
 
-The ledger signs with the ring's active key (header `kid`); claims are iss, aud, sub
-(token id), pkg (package root id), jti (credential id), iat, exp, typ. Gateways hold
-public keys only. `Verifier.verify` does NOT check revocation or quota: the ledger does,
-at admission. Retired keys verify until `prune` sees their last credential expire.
+The ledger signs with the ring's active key (header `kid`); claims are iss, aud, sub (token id),
+pkg (package root id), jti (credential id), iat, exp, typ. Gateways hold public keys only.
+`Verifier.verify` does NOT check revocation or quota: the ledger does, at admission. Retired keys
+verify until `prune` sees their last credential expire. The ring assumes one writer process.
 
-Errors: `verify` raises only `CredentialError`, whatever its input; an unusable key ring
-raises `ConfigError`; bad arguments from calling code (a bug) raise `ValueError` or
-`TypeError`. The ring assumes one writer process (the ledger).
+Errors: `verify` raises only `CredentialError`, whatever its input; an unusable key ring raises
+`ConfigError`; bad arguments from calling code (a bug) raise `ValueError` or `TypeError`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -54,9 +54,7 @@ _BAD_KEY = (ValueError, TypeError, UnsupportedAlgorithm)
 
 def new_id(prefix: str) -> str:
     """Return `prefix` + "_" + 20 url-safe random chars (120 bits), e.g. "tok_3hN...".
-
-    `prefix`: 1-16 ASCII letters/digits starting with a letter; a trailing "_" is fine.
-    """
+    `prefix`: 1-16 ASCII letters/digits starting with a letter; a trailing "_" is fine."""
     bare = prefix.removesuffix("_")
     if not _PREFIX.fullmatch(bare):
         raise ValueError("id prefix must be 1-16 ASCII letters/digits")
@@ -87,21 +85,17 @@ class _KeyEntry:
     retired_at: float | None
     last_exp: int | None  # latest exp of any credential signed with this key
 
-    def prunable(self, now: float) -> bool:
-        return self.retired_at is not None and (self.last_exp or 0) < now
+    def well_typed(self) -> bool:
+        return _is_number(self.created_at) and _is_number(self.retired_at or 0) and _is_int(self.last_exp or 0)
 
 
 class KeyRing:
-    """Ed25519 signing keys kept in a directory; each private key a PEM file mode 0600
-    (directory 0700), plus a small JSON index (also 0600) with per-kid created_at,
-    retired_at and `last_exp` (the latest exp of any credential signed with that kid).
-
-    Writes are atomic (temp file, fsync, rename); `sign` makes `last_exp` durable before
-    it returns, so `prune` never drops a key that still has live credentials.
-    """
+    """Ed25519 signing keys kept in a directory; each private key a PEM file mode 0600 (directory 0700),
+    plus a small JSON index (also 0600) with per-kid created_at, retired_at and `last_exp` (the latest exp
+    of any credential signed with that kid). Writes are atomic; `sign` makes `last_exp` durable before it
+    returns, so `prune` never drops a key that still has live credentials."""
 
     def __init__(self, directory: Path, clock: Callable[[], float]) -> None:
-        """Use `KeyRing.open`."""
         self._dir = directory
         self._clock = clock
         self._keys: dict[str, Ed25519PrivateKey] = {}
@@ -112,10 +106,7 @@ class KeyRing:
     @classmethod
     def open(cls, directory: Path, *, clock: Callable[[], float] = time.time) -> KeyRing:
         """Open the ring in `directory`, creating it (mode 0700) and a first key if empty.
-
-        Raises `ConfigError` if the directory, index or a key file is unreadable or
-        malformed, or a key file is open to group/others.
-        """
+        Raises `ConfigError` if anything is unreadable, malformed or open to group/others."""
         ring = cls(directory, clock)
         index = directory / _INDEX
         try:
@@ -151,15 +142,14 @@ class KeyRing:
         """Delete retired keys whose `last_exp` has passed (or never signed); return kids."""
         with self._lock:
             now, entries = self._clock(), self._entries
-            gone = [k for k, e in entries.items() if e.prunable(now) and k != self._active]
+            retired = {k: e for k, e in entries.items() if k != self._active and e.retired_at is not None}
+            gone = [k for k, e in retired.items() if e.last_exp is None or e.last_exp < now]
             if not gone:
                 return []
-            kept = {k: e for k, e in entries.items() if k not in gone}
             # index first: a crash leaves an orphan file, never an entry without its key
-            self._save_index(self._active, kept)
-            self._entries = kept
-            for kid in gone:
-                del self._keys[kid]
+            self._save_index(self._active, {k: e for k, e in entries.items() if k not in gone})
+            self._entries = {k: e for k, e in entries.items() if k not in gone}
+            self._keys = {k: v for k, v in self._keys.items() if k not in gone}
             try:
                 for kid in gone:
                     (self._dir / f"{kid}.pem").unlink(missing_ok=True)
@@ -175,17 +165,13 @@ class KeyRing:
         return {k: v.public_key().public_bytes(serialization.Encoding.PEM, spki) for k, v in keys.items()}
 
     def sign(self, claims: Mapping[str, object]) -> str:
-        """Sign `claims` with the active key (header `kid`); record `claims["exp"]` durably.
-
-        `claims["exp"]` must be an int. Raises `ConfigError`, and returns nothing, if the
-        index cannot be written.
-        """
+        """Sign `claims` with the active key (header `kid`), first recording the int
+        `claims["exp"]` durably; raises `ConfigError` if the index cannot be written."""
         exp = claims.get("exp")
         if not _is_int(exp):
             raise TypeError("claims['exp'] must be an int")
         with self._lock:
-            kid = self._active
-            entry = self._entries[kid]
+            kid, entry = self._active, self._entries[self._active]
             if entry.last_exp is None or exp > entry.last_exp:
                 entries = {**self._entries, kid: replace(entry, last_exp=exp)}
                 self._save_index(kid, entries)
@@ -198,10 +184,9 @@ class KeyRing:
         now, kid, key = self._clock(), new_id("key"), Ed25519PrivateKey.generate()
         pkcs8, plain = serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         pem = key.private_bytes(serialization.Encoding.PEM, pkcs8, plain)
-        entries = dict(self._entries)
+        entries = {**self._entries, kid: _KeyEntry(created_at=now, retired_at=None, last_exp=None)}
         if self._active:
             entries[self._active] = replace(entries[self._active], retired_at=now)
-        entries[kid] = _KeyEntry(created_at=now, retired_at=None, last_exp=None)
         # key file first: the index never names a key that is not on disk
         _write_private(self._dir / f"{kid}.pem", pem)
         self._save_index(kid, entries)
@@ -231,11 +216,8 @@ def issue(ring: KeyRing, *, sub: str, pkg: str, jti: str, typ: str, exp: int, no
 
 
 class Verifier:
-    """Verifies credentials against a set of public keys; holds no private key.
-
-    Revocation and quota are NOT checked here: the ledger checks them at admission.
-    `exp`, `iat` and `nbf` are checked against `clock`, allowing `leeway_s` of skew.
-    """
+    """Verifies credentials against public keys only. Revocation and quota are NOT checked here (the
+    ledger checks them at admission); `exp`, `iat`, `nbf` are checked against `clock`, with `leeway_s`."""
 
     def __init__(
         self,
@@ -254,6 +236,9 @@ class Verifier:
         self._leeway = leeway_s
         self._clock = clock
         self._keys = _load_public_keys(public_keys)
+        # times are checked in _claims against our clock, not PyJWT's wall clock
+        self._options: jwt.types.Options = {"require": list(REQUIRED_CLAIMS), "strict_aud": True}
+        self._options |= {"verify_exp": False, "verify_iat": False, "verify_nbf": False}
 
     def update_keys(self, public_keys: Mapping[str, bytes]) -> None:
         """Replace the known keys (after a rotation or prune); atomic for readers."""
@@ -262,10 +247,9 @@ class Verifier:
     def verify(self, credential: str | None) -> Claims:
         """Return the verified claims of `credential` (a `Bearer ` prefix is stripped).
 
-        Raises `CredentialError` and nothing else: MISSING_TOKEN when absent or empty,
-        EXPIRED_TOKEN when `exp` has passed, INVALID_TOKEN for anything else. Does not
-        check revocation. Messages never echo the credential.
-        """
+        Raises `CredentialError` and nothing else: MISSING_TOKEN when absent or empty, EXPIRED_TOKEN
+        when `exp` has passed, INVALID_TOKEN otherwise; messages never echo the credential.
+        Does not check revocation: the ledger does, at admission."""
         token = _strip(credential)
         header = _header(token)
         kid = header.get("kid")
@@ -274,19 +258,13 @@ class Verifier:
         key = self._keys.get(kid)
         if key is None:
             raise _invalid("credential is signed with an unknown key id")
-        # times are checked in _claims against our clock, not PyJWT's wall clock
-        options: jwt.types.Options = {"require": list(REQUIRED_CLAIMS), "strict_aud": True, "verify_exp": False}
-        options |= {"verify_iat": False, "verify_nbf": False}
+        aud, iss, leeway = self._audience, self._issuer, self._leeway
         try:
-            payload = jwt.decode(
-                token, key, list(ALGORITHMS), options, audience=self._audience, issuer=self._issuer, leeway=self._leeway
-            )
+            payload = jwt.decode(token, key, list(ALGORITHMS), self._options, audience=aud, issuer=iss, leeway=leeway)
         except jwt.InvalidSignatureError:
             raise _invalid("credential signature is invalid") from None
-        except jwt.InvalidAudienceError:
-            raise _invalid("credential is for another audience") from None
-        except jwt.InvalidIssuerError:
-            raise _invalid("credential is from another issuer") from None
+        except (jwt.InvalidAudienceError, jwt.InvalidIssuerError):
+            raise _invalid("credential is for another audience or from another issuer") from None
         except jwt.MissingRequiredClaimError as exc:
             raise _invalid(f"credential lacks required claim {exc.claim!r}") from None
         except _UNPARSABLE:
@@ -322,13 +300,9 @@ def _strip(credential: object) -> str:
         raise CredentialError("no credential given", Code.MISSING_TOKEN)
     if not isinstance(credential, str):
         raise _invalid("credential must be a string")
-    if len(credential) > MAX_CREDENTIAL_CHARS + 16:
-        raise _invalid("credential is too long")
+    if credential[: len(_BEARER)].lower() == _BEARER:
+        credential = credential[len(_BEARER) :]
     token = credential.strip(" \t\r\n")
-    if token[: len(_BEARER)].lower() == _BEARER:
-        token = token[len(_BEARER) :].strip(" \t\r\n")
-    elif token.lower() == _BEARER.strip():
-        token = ""
     if not token:
         raise CredentialError("no credential given", Code.MISSING_TOKEN)
     if len(token) > MAX_CREDENTIAL_CHARS:
@@ -379,10 +353,8 @@ def _load_public_keys(pems: Mapping[str, bytes]) -> dict[str, Ed25519PublicKey]:
 
 def _load_private_key(path: Path) -> Ed25519PrivateKey:
     mode = path.lstat().st_mode
-    if not stat.S_ISREG(mode):
-        raise ConfigError(f"key file {path} is not a regular file")
-    if mode & 0o077:
-        raise ConfigError(f"key file {path} is open to group/others; want mode 0600")
+    if not stat.S_ISREG(mode) or mode & 0o077:
+        raise ConfigError(f"key file {path} must be a regular file, mode 0600 (not a link, not group/other)")
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except _BAD_KEY as exc:
@@ -397,44 +369,31 @@ def _parse_index(raw: bytes, path: Path) -> tuple[str, dict[str, _KeyEntry]]:
     bad = ConfigError(f"key ring index {path} is malformed")
     try:
         doc = json.loads(raw)
-        version, active, keys = doc["version"], doc["active"], doc["keys"]
-        entries = {kid: _KeyEntry(**meta) for kid, meta in keys.items()}
+        active, entries = doc["active"], {kid: _KeyEntry(**meta) for kid, meta in doc["keys"].items()}
+        ok = doc["version"] == _INDEX_VERSION and entries[active].retired_at is None
     except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
         raise bad from exc
-    for kid, e in entries.items():
-        times = (e.created_at, e.retired_at or 0, e.last_exp or 0)
-        if not (_KID.fullmatch(kid) and all(_is_number(t) for t in times)):
-            raise bad
-        if e.last_exp is not None and not _is_int(e.last_exp):
-            raise bad
-    if version != _INDEX_VERSION or active not in entries:
-        raise bad
-    if entries[active].retired_at is not None:
+    if not (ok and all(_KID.fullmatch(k) and e.well_typed() for k, e in entries.items())):
         raise bad
     return active, entries
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Atomically write `data` to `path` with mode 0600; fsync file and directory.
-
-    Raises `ConfigError` on any I/O failure; `path` then keeps its previous content.
-    """
+    """Write `data` to `path` atomically, mode 0600, fsynced; `ConfigError` (old content kept) on failure."""
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise ConfigError(f"cannot write {path}: {exc.strerror}") from exc

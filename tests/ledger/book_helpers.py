@@ -1,0 +1,49 @@
+"""Helpers for quota-book tests: a settable clock and short builders."""
+
+from __future__ import annotations
+
+import itertools
+
+from ledger.book import QuotaBook
+from ledger.entities import Admission, Decision, Limits, Node
+
+_ids = itertools.count()
+
+
+class Clock:
+    def __init__(self, t: float = 1_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, s: float) -> None:
+        self.t += s
+
+
+def new_book() -> tuple[QuotaBook, Clock]:
+    clock = Clock()
+    return QuotaBook(clock), clock
+
+
+def package(book: QuotaBook, allocation: int, limits: Limits | None = None) -> Node:
+    i = next(_ids)
+    return book.create_package(token_id=f"pkg{i}", jti=f"j{i}", name=f"p{i}", allocation=allocation,
+                               limits=limits or Limits())
+
+
+def child(book: QuotaBook, parent: Node, allocation: int, limits: Limits | None = None, actor: str | None = None) -> Node:
+    i = next(_ids)
+    return book.split(parent.id, token_id=f"tok{i}", jti=f"j{i}", name=f"c{i}", allocation=allocation,
+                      limits=limits or Limits(), actor=actor)
+
+
+def admit(book: QuotaBook, node: Node, units: int = 1, model: str = "parts@1", ip: str | None = "10.0.0.1",
+          key: str | None = None, body: str | None = None, rid: str | None = None, jti: str | None = None) -> Decision:
+    return book.admit(Admission(rid or f"r{next(_ids)}", node.id, jti or node.jti, units, model, ip, key, body))
+
+
+def counters(book: QuotaBook) -> dict[str, tuple[int, int, int, str, float | None]]:
+    """Every number a denial must leave alone, including rate-bucket levels."""
+    return {n.id: (n.allocation, n.used, n.delegated, n.status.value, n.bucket.level if n.bucket else None)
+            for n in book.nodes.values()}

@@ -1,0 +1,179 @@
+"""The ledger actor on a real local Ray cluster, on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+from typing import Any
+
+import pytest
+import ray
+
+from ledger.client import LedgerClient
+from ledger.codes import Code
+from ledger.credentials import Verifier
+from ledger.entities import Admission, Settlement
+from ledger.errors import OperationRefused
+from ledger.settings import LedgerSettings
+from ledger.store.repository import Store
+
+pytestmark = pytest.mark.ray
+
+
+@ray.remote(num_cpus=0)
+class Caller:
+    """A separate worker process with its own LedgerClient (and so its own micro-batcher)."""
+
+    def __init__(self, ledger_actor: Any) -> None:
+        self.client = LedgerClient(ledger_actor)
+
+    async def burst(self, token_id: str, jti: str, n: int, prefix: str, key: str | None = None,
+                    body: str | None = None) -> list[tuple[str, str]]:
+        ds = await asyncio.gather(*[
+            self.client.admit(Admission(f"{prefix}-{i}", token_id, jti, 1, "parts@1", "127.0.0.1", key, body))
+            for i in range(n)])
+        return [(d.code.value, d.request_id) for d in ds]
+
+    async def load(self, token_id: str, jti: str, waves: int, per_wave: int, prefix: str) -> list[tuple[str, str]]:
+        out: list[tuple[str, str]] = []
+        for w in range(waves):
+            out += await self.burst(token_id, jti, per_wave, f"{prefix}-{w}")
+        return out
+
+
+def actor_pid(client: LedgerClient, timeout_s: float = 30.0) -> int:
+    """The actor's pid, waiting while it restarts."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return int(client.stats()["pid"])
+        except ray.exceptions.RayError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def jti_of(client: LedgerClient, credential: str) -> str:
+    return Verifier(client.public_keys()).verify(credential).jti
+
+
+def test_given_100_units_when_500_admissions_race_from_two_processes_then_exactly_100_debits(
+        ledger: LedgerClient, settings: LedgerSettings) -> None:
+    pkg = ledger.create_package(name="burst", allocation=100)
+    tid, jti = pkg["token"].id, jti_of(ledger, pkg["credential"])
+    callers = [Caller.remote(ledger.actor) for _ in range(2)]
+    results = ray.get([c.burst.remote(tid, jti, 250, f"c{i}") for i, c in enumerate(callers)])
+    codes = [code for r in results for code, _ in r]
+    assert codes.count("ok") == 100
+    assert codes.count("quota_exhausted") == 400
+    assert ledger.token(tid).free == 0
+    store = Store(settings.resolved().database_url)
+    counts = store.usage_counts(tid)
+    assert counts["admitted"] == (100, 100)
+    assert counts["denied"] == (400, 0)
+    assert store.balances()[tid] == (100, 100, "active")
+    store.close()
+
+
+def test_given_one_idempotency_key_sent_10x_concurrently_then_one_debit_and_conflict_on_other_body(
+        ledger: LedgerClient, settings: LedgerSettings) -> None:
+    pkg = ledger.create_package(name="idem", allocation=50)
+    tid, jti = pkg["token"].id, jti_of(ledger, pkg["credential"])
+    callers = [Caller.remote(ledger.actor) for _ in range(2)]
+    results = ray.get([c.burst.remote(tid, jti, 5, f"i{i}", "key-1", "hash-a") for i, c in enumerate(callers)])
+    codes = sorted(code for r in results for code, _ in r)
+    assert codes.count("ok") == 1
+    assert codes.count("idempotency_in_progress") == 9
+    winner = next(rid for r in results for code, rid in r if code == "ok")
+    assert ledger.settle_sync([Settlement(winner, tid, True, result='{"images": []}')]) == [Code.OK]
+    again = ledger.admit_sync([Admission("later", tid, jti, 1, "parts@1", None, "key-1", "hash-a")])[0]
+    assert (again.code, again.replay) == (Code.REPLAY, '{"images": []}')
+    other = ledger.admit_sync([Admission("other", tid, jti, 1, "parts@1", None, "key-1", "hash-b")])[0]
+    assert other.code is Code.IDEMPOTENCY_CONFLICT
+    assert ledger.token(tid).used == 1
+    store = Store(settings.resolved().database_url)
+    assert store.usage_counts(tid)["settled"] == (1, 1)
+    assert "admitted" not in store.usage_counts(tid)
+    store.close()
+
+
+def test_given_revoked_or_rotated_credentials_then_admission_is_refused(ledger: LedgerClient) -> None:
+    pkg = ledger.create_package(name="rev", allocation=50)
+    tid = pkg["token"].id
+    kid = ledger.split(tid, name="team", allocation=10)
+    kid_id, old_jti = kid["token"].id, jti_of(ledger, kid["credential"])
+    rotated = ledger.rotate(kid_id)
+    new_jti = jti_of(ledger, rotated["credential"])
+    d_old, d_new = ledger.admit_sync([Admission("a", kid_id, old_jti, 1, "m@1"), Admission("b", kid_id, new_jti, 1, "m@1")])
+    assert (d_old.code, d_new.code) == (Code.REVOKED_TOKEN, Code.OK)
+    assert ledger.revoke(kid_id)["returned"] == 9
+    assert ledger.admit_sync([Admission("c", kid_id, new_jti, 1, "m@1")])[0].code is Code.REVOKED_TOKEN
+    assert ledger.token(tid).free == 49
+    with pytest.raises(OperationRefused) as e:
+        ledger.split(tid, name="too-big", allocation=1000)
+    assert e.value.code is Code.QUOTA_EXHAUSTED
+
+
+def test_given_a_random_concurrent_mix_then_conservation_holds_and_book_equals_database(
+        ledger: LedgerClient) -> None:
+    rng = random.Random(20261128)
+    pkg = ledger.create_package(name="mix", allocation=2000)
+    root = pkg["token"].id
+    creds = {root: jti_of(ledger, pkg["credential"])}
+    callers = [Caller.remote(ledger.actor) for _ in range(2)]
+    for step in range(30):
+        ids = list(creds)
+        op = rng.choice(["split", "admit", "admit", "revoke", "reclaim", "top_up", "settle"])
+        t = rng.choice(ids)
+        try:
+            if op == "split":
+                c = ledger.split(t, name=f"s{step}", allocation=rng.randint(1, 200))
+                creds[c["token"].id] = jti_of(ledger, c["credential"])
+            elif op == "admit":
+                refs = [cl.burst.remote(rng.choice(ids), creds[t], 20, f"m{step}-{i}") for i, cl in enumerate(callers)]
+                ray.get(refs)
+            elif op == "revoke" and t != root:
+                ledger.revoke(t)
+            elif op == "reclaim" and t != root:
+                ledger.reclaim(t, rng.choice([None, 5]))
+            elif op == "top_up":
+                ledger.top_up(t, rng.randint(1, 50))
+            elif op == "settle":
+                rows = ledger.usage(limit=20)
+                ledger.settle_sync([Settlement(r["request_id"], r["token_id"], rng.random() < 0.5)
+                                    for r in rows if r["state"] == "admitted"])
+        except OperationRefused:
+            pass
+        report = ledger.consistency()
+        assert report["violations"] == []
+        assert report["book"] == report["db"]
+
+
+def test_given_load_when_the_actor_is_sigkilled_then_it_restarts_and_every_ok_has_its_durable_debit(
+        ledger: LedgerClient, settings: LedgerSettings) -> None:
+    pkg = ledger.create_package(name="kill", allocation=1_000_000)
+    tid, jti = pkg["token"].id, jti_of(ledger, pkg["credential"])
+    callers = [Caller.remote(ledger.actor) for _ in range(2)]
+    refs = [c.load.remote(tid, jti, 40, 200, f"k{i}") for i, c in enumerate(callers)]
+    killed = []
+    for _ in range(2):
+        time.sleep(0.4)
+        killed.append(actor_pid(ledger))
+        os.kill(killed[-1], signal.SIGKILL)
+    results = ray.get(refs)
+    assert actor_pid(ledger) not in killed
+    ok = {rid for r in results for code, rid in r if code == "ok"}
+    codes = {code for r in results for code, _ in r}
+    assert codes <= {"ok", "ledger_unavailable"}
+    assert len(ok) > 0
+    store = Store(settings.resolved().database_url)
+    charged = store.charged_request_ids()
+    assert ok <= charged, f"{len(ok - charged)} admitted verdicts lack a durable debit"
+    report = ledger.consistency()
+    assert report["violations"] == []
+    assert report["book"] == report["db"]
+    assert store.balances()[tid][1] == len(charged)
+    store.close()
