@@ -19,7 +19,17 @@ from typing import Any
 
 from ledger.changes import Changes, IdemRecord, Pending
 from ledger.codes import Code
-from ledger.entities import DEFAULT_THRESHOLDS, Admission, Decision, Limits, Node, Settlement, Status, TokenView, UsageState
+from ledger.entities import (
+    DEFAULT_THRESHOLDS,
+    Admission,
+    Decision,
+    Limits,
+    Node,
+    Settlement,
+    Status,
+    TokenView,
+    UsageState,
+)
 from ledger.errors import OperationRefused
 from ledger.limits import Bucket, ip_allowed, ips_narrow, model_allowed, models_narrow
 
@@ -29,6 +39,7 @@ MAX_UNITS = 10**12
 
 _ADMITTED = UsageState.ADMITTED.value
 _DENIED = UsageState.DENIED.value
+_OK = Code.OK.value
 
 
 class QuotaBook:
@@ -42,11 +53,12 @@ class QuotaBook:
         # request_id -> (token_id, settled state, ts) for recently settled requests (dedupe retries)
         self.recent: dict[str, tuple[str, str, float]] = {}
         self.idem: dict[tuple[str, str], IdemRecord] = {}
+        self.next_row_id = 1  # usage row ids are assigned here: the book is the only writer
         self.out = Changes()
 
     # ------------------------------------------------------------------ loading
     def load(self, nodes: Iterable[Node], pending: Iterable[Pending], recent: Iterable[tuple[str, str, str, float]],
-             idem: Iterable[IdemRecord]) -> None:
+             idem: Iterable[IdemRecord], last_row_id: int = 0) -> None:
         """Rebuild from stored rows (any order). Derived fields are recomputed here."""
         self.nodes = {n.id: n for n in nodes}
         self.roots = {}
@@ -69,6 +81,7 @@ class QuotaBook:
         self.pending = {p.request_id: p for p in pending}
         self.recent = {rid: (tid, state, ts) for rid, tid, state, ts in recent}
         self.idem = {(r.token_id, r.key): r for r in idem}
+        self.next_row_id = last_row_id + 1
         self.out = Changes()
 
     def drain(self) -> Changes:
@@ -136,19 +149,23 @@ class QuotaBook:
         for n in path:
             n.consumed += a.units
             self._check_thresholds(n, now)
-        self.pending[a.request_id] = Pending(a.request_id, node.id, a.units, now, a.idem_key)
+        row_id = self.next_row_id
+        self.next_row_id = row_id + 1
+        self.pending[a.request_id] = Pending(a.request_id, node.id, a.units, now, a.idem_key, row_id)
         if a.idem_key is not None:
             rec = IdemRecord(node.id, a.idem_key, a.body_hash or "", a.request_id, now)
             self.idem[(node.id, a.idem_key)] = rec
             self.out.idem_new.append(rec)
-        self.out.usage.append((now, node.root_id, node.id, a.request_id, a.model, a.units, _ADMITTED, Code.OK.value,
-                               a.client_ip, a.image_bytes))
+        self.out.usage.append((row_id, now, node.root_id, node.id, a.request_id, a.model, a.units, _ADMITTED,
+                               _OK, a.client_ip, a.image_bytes))
         return self._decision(Code.OK, a.request_id, node, a.units)
 
     def _deny(self, a: Admission, node: Node | None, code: Code, message: str, now: float,
               retry_after: float | None = None) -> Decision:
-        self.out.usage.append((now, node.root_id if node else "", a.token_id if node else "", a.request_id, a.model, 0,
-                               _DENIED, code.value, a.client_ip, a.image_bytes))
+        row_id = self.next_row_id
+        self.next_row_id = row_id + 1
+        self.out.usage.append((row_id, now, node.root_id if node else "", a.token_id if node else "", a.request_id,
+                               a.model, 0, _DENIED, code.value, a.client_ip, a.image_bytes))
         if node is None:
             return Decision(code=code, request_id=a.request_id, message=message)
         return self._decision(code, a.request_id, node, 0, message=message, retry_after=retry_after)
@@ -198,7 +215,7 @@ class QuotaBook:
             self._refund(node, refund)
         state = UsageState.SETTLED.value if s.success else UsageState.REFUNDED.value
         self.recent[s.request_id] = (p.token_id, state, now)
-        self.out.settles.append((s.request_id, p.token_id, state, keep, s.latency_ms, s.detections, s.gpu_ms, now))
+        self.out.settles.append((state, keep, s.latency_ms, s.detections, s.gpu_ms, now, p.row_id))
         if p.idem_key is not None:
             rec = self.idem.get((p.token_id, p.idem_key))
             if rec is not None and rec.request_id == s.request_id:

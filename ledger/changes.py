@@ -34,13 +34,17 @@ class Pending:
     units: int
     ts: float
     idem_key: str | None
+    row_id: int  # primary key of its usage row, so settling touches it by key
 
 
-# usage row tuples, in column order of `UsageRow`:
-# (ts, root_id, token_id, request_id, model, units, state, outcome, client_ip, image_bytes)
-UsageRow = tuple[float, str, str, str, str, int, str, str, str | None, int]
-# settle tuples: (request_id, token_id, state, units, latency_ms, detections, gpu_ms, settled_at)
-SettleRow = tuple[str, str, str, int, float, int, float, float]
+# usage row tuples, in column order:
+# (id, ts, root_id, token_id, request_id, model, units, state, outcome, client_ip, image_bytes)
+USAGE_COLUMNS = ("id", "ts", "root_id", "token_id", "request_id", "model", "units", "state", "outcome", "client_ip",
+                 "image_bytes")
+UsageRow = tuple[int, float, str, str, str, str, int, str, str, str | None, int]
+# settle tuples: (state, units, latency_ms, detections, gpu_ms, settled_at, id)
+SETTLE_COLUMNS = ("state", "units", "latency_ms", "detections", "gpu_ms", "settled_at")
+SettleRow = tuple[str, int, float, int, float, float, int]
 
 
 @dataclass(slots=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Sequence
-from dataclasses import astuple
 from typing import Any
 
 import ray
@@ -90,11 +89,11 @@ class LedgerClient:
     # ---------------------------------------------------------------- hot path
     async def admit(self, a: Admission) -> Decision:
         """One atomic admission; batched with concurrent callers; durable when it returns."""
-        row = await self._admit.submit(astuple(a))
+        row = await self._admit.submit(a.row())
         return decision_from_row(row)
 
     async def settle(self, s: Settlement) -> Code:
-        return Code(await self._settle.submit(astuple(s)))
+        return Code(await self._settle.submit(s.row()))
 
     async def _send_admissions(self, rows: list[tuple[Any, ...]]) -> list[Any]:
         try:
@@ -123,10 +122,10 @@ class LedgerClient:
 
     def admit_sync(self, items: Sequence[Admission]) -> list[Decision]:
         """Blocking batch admission, for scripts and tests outside an event loop."""
-        return [decision_from_row(r) for r in ray.get(self.actor.admit_batch.remote([astuple(a) for a in items]))]
+        return [decision_from_row(r) for r in ray.get(self.actor.admit_batch.remote([a.row() for a in items]))]
 
     def settle_sync(self, items: Sequence[Settlement]) -> list[Code]:
-        return [Code(c) for c in ray.get(self.actor.settle_batch.remote([astuple(s) for s in items]))]
+        return [Code(c) for c in ray.get(self.actor.settle_batch.remote([s.row() for s in items]))]
 
     # ---------------------------------------------------------------- admin + reads
     def call(self, op: str, **kwargs: Any) -> Any:

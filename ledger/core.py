@@ -56,9 +56,9 @@ class LedgerCore:
     def reload(self) -> None:
         """Rebuild the book from the database (the truth). Raises LedgerUnavailable."""
         self.ready = False
-        nodes, pending, recent, idem = self.store.load(self.clock(), self.settings.settle_window_s,
-                                                       max(self.settings.recent_window_s, RECENT_REQUEST_TTL_S))
-        self.book.load(nodes, pending, recent, idem)
+        nodes, pending, recent, idem, last_id = self.store.load(
+            self.clock(), self.settings.settle_window_s, max(self.settings.recent_window_s, RECENT_REQUEST_TTL_S))
+        self.book.load(nodes, pending, recent, idem, last_id)
         self.ready = True
 
     def require_ready(self) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 import secrets
@@ -40,6 +39,7 @@ TOKEN_TYPES = frozenset({"access", "admin"})
 REQUIRED_CLAIMS = ("exp", "iat", "sub", "jti", "iss", "aud")
 MAX_CREDENTIAL_CHARS = 4096
 MAX_CLAIM_CHARS = 256
+_MAX_TIME = 2**53  # epoch seconds: exact as float and JSON number, far beyond any real expiry
 
 _KID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _SHAPE = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
@@ -86,7 +86,7 @@ class _KeyEntry:
     last_exp: int | None  # latest exp of any credential signed with this key
 
     def well_typed(self) -> bool:
-        return _is_number(self.created_at) and _is_number(self.retired_at or 0) and _is_int(self.last_exp or 0)
+        return _is_time(self.created_at) and _is_time(self.retired_at or 0) and _is_int_time(self.last_exp or 0)
 
 
 class KeyRing:
@@ -147,9 +147,9 @@ class KeyRing:
             if not gone:
                 return []
             # index first: a crash leaves an orphan file, never an entry without its key
-            self._save_index(self._active, {k: e for k, e in entries.items() if k not in gone})
-            self._entries = {k: e for k, e in entries.items() if k not in gone}
-            self._keys = {k: v for k, v in self._keys.items() if k not in gone}
+            kept = {k: e for k, e in entries.items() if k not in gone}
+            self._save_index(self._active, kept)
+            self._entries, self._keys = kept, {k: v for k, v in self._keys.items() if k not in gone}
             try:
                 for kid in gone:
                     (self._dir / f"{kid}.pem").unlink(missing_ok=True)
@@ -168,8 +168,8 @@ class KeyRing:
         """Sign `claims` with the active key (header `kid`), first recording the int
         `claims["exp"]` durably; raises `ConfigError` if the index cannot be written."""
         exp = claims.get("exp")
-        if not _is_int(exp):
-            raise TypeError("claims['exp'] must be an int")
+        if not _is_int_time(exp):
+            raise TypeError("claims['exp'] must be an int of epoch seconds")
         with self._lock:
             kid, entry = self._active, self._entries[self._active]
             if entry.last_exp is None or exp > entry.last_exp:
@@ -209,7 +209,7 @@ def issue(ring: KeyRing, *, sub: str, pkg: str, jti: str, typ: str, exp: int, no
         raise ValueError(f"sub, pkg, jti must be 1-{MAX_CLAIM_CHARS} char strings")
     if typ not in TOKEN_TYPES:
         raise ValueError(f"typ must be one of {sorted(TOKEN_TYPES)}")
-    if not _is_int(exp) or not _is_int(iat) or exp <= iat:
+    if not _is_int_time(exp) or not _is_int_time(iat) or exp <= iat:
         raise ValueError("exp and iat must be ints with exp > iat")
     claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": sub, "pkg": pkg, "jti": jti}
     return ring.sign({**claims, "iat": iat, "exp": exp, "typ": typ})
@@ -229,7 +229,7 @@ class Verifier:
         clock: Callable[[], float] = time.time,
     ) -> None:
         """Raises `ConfigError` for a bad leeway, a malformed kid or a non-Ed25519 key."""
-        if not (math.isfinite(leeway_s) and leeway_s >= 0):
+        if not 0 <= leeway_s < _MAX_TIME:  # also refuses NaN and inf
             raise ConfigError("leeway_s must be a finite number >= 0")
         self._issuer = issuer
         self._audience = audience
@@ -278,8 +278,8 @@ class Verifier:
         if not isinstance(typ, str) or typ not in TOKEN_TYPES:
             raise _invalid("credential has a missing or unknown typ")
         iat, exp, nbf = (payload.get(c, 0) for c in ("iat", "exp", "nbf"))
-        if not (_is_int(iat) and _is_int(exp) and _is_number(nbf)):
-            raise _invalid("credential iat and exp must be integers, nbf a number")
+        if not (_is_int_time(iat) and _is_int_time(exp) and _is_time(nbf)):
+            raise _invalid("credential iat, exp and nbf must be epoch seconds")
         now = self._clock()
         if iat > now + self._leeway:
             raise _invalid("credential is issued in the future")
@@ -324,12 +324,12 @@ def _header(token: str) -> dict[str, object]:
     return header
 
 
-def _is_int(value: object) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _is_int_time(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _MAX_TIME
 
 
-def _is_number(value: object) -> TypeGuard[int | float]:
-    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+def _is_time(value: object) -> TypeGuard[int | float]:
+    return _is_int_time(value) or (isinstance(value, float) and 0 <= value < _MAX_TIME)
 
 
 def _is_claim_str(value: object) -> TypeGuard[str]:

@@ -80,7 +80,7 @@ TIERS: Mapping[str, RateLimit] = {
 class Bucket:
     """Token bucket state for one node. Time is passed in; nothing here reads a clock."""
 
-    __slots__ = ("limit", "level", "stamp")
+    __slots__ = ("level", "limit", "stamp")
 
     def __init__(self, limit: RateLimit, now: float) -> None:
         self.limit = limit

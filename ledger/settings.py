@@ -42,12 +42,14 @@ class LedgerSettings:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> LedgerSettings:
         env = os.environ if env is None else env
+        default = cls()
         data_dir = Path(env.get("YT_DATA_DIR", str(DEFAULT_DATA_DIR)))
-        s = cls(
+        s = replace(
+            default,
             database_url=env.get("YT_DATABASE_URL", f"sqlite:///{data_dir / 'ledger.db'}"),
             data_dir=data_dir,
-            actor_name=env.get("YT_LEDGER_NAME", cls.actor_name),
-            namespace=env.get("YT_NAMESPACE", cls.namespace),
+            actor_name=env.get("YT_LEDGER_NAME", default.actor_name),
+            namespace=env.get("YT_NAMESPACE", default.namespace),
         )
         return replace(s, **overrides)  # type: ignore[arg-type]
 

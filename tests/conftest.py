@@ -21,7 +21,7 @@ PG_ADMIN_URL = os.environ.get("YT_TEST_PG", "postgresql://postgres@127.0.0.1:543
 def ray_cluster() -> Iterator[None]:
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, namespace="yt-tests", _node_ip_address="127.0.0.1",
+    ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="yt-tests", _node_ip_address="127.0.0.1",
              log_to_driver=False)
     yield
     ray.shutdown()
@@ -31,8 +31,13 @@ def _pg_database() -> Iterator[str]:
     import psycopg
 
     name = f"yt_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as exc:
+        if os.environ.get("CI"):
+            raise  # CI machines run PostgreSQL: never skip there
+        pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL}: {exc}")
     try:
         yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
     finally:

@@ -17,7 +17,7 @@ from sqlalchemy import Engine, and_, bindparam, create_engine, delete, event, fu
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
-from ledger.changes import Changes, IdemRecord, Pending
+from ledger.changes import SETTLE_COLUMNS, USAGE_COLUMNS, Changes, IdemRecord, Pending
 from ledger.entities import Node, Status
 from ledger.errors import ConfigError, LedgerUnavailable
 from ledger.limits import RateLimit, normalize_ips
@@ -30,8 +30,6 @@ ADMIN = AdminEventRow.__table__
 ALERTS = AlertRow.__table__
 IDEM = IdempotencyRow.__table__
 
-_USAGE_COLS = ("ts", "root_id", "token_id", "request_id", "model", "units", "state", "outcome", "client_ip", "image_bytes")
-_SETTLE_COLS = ("b_rid", "b_tid", "state", "units", "latency_ms", "detections", "gpu_ms", "settled_at")
 
 _UPDATE_TOKEN = (
     update(TOKENS)
@@ -39,13 +37,6 @@ _UPDATE_TOKEN = (
     .values(allocation=bindparam("allocation"), used=bindparam("used"), status=bindparam("status"),
             expires_at=bindparam("expires_at"), models=bindparam("models"), ips=bindparam("ips"),
             rate=bindparam("rate"), jti=bindparam("jti"), fired=bindparam("fired"), meta=bindparam("meta"))
-)
-_SETTLE = (
-    update(USAGE)
-    .where(and_(USAGE.c.request_id == bindparam("b_rid"), USAGE.c.token_id == bindparam("b_tid"),
-                USAGE.c.state == "admitted"))
-    .values(state=bindparam("state"), units=bindparam("units"), latency_ms=bindparam("latency_ms"),
-            detections=bindparam("detections"), gpu_ms=bindparam("gpu_ms"), settled_at=bindparam("settled_at"))
 )
 
 
@@ -90,6 +81,13 @@ class Store:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
+        # the hot inserts go straight to the driver's executemany with positional rows:
+        # SQLAlchemy's per-row parameter processing would cost more than the insert itself
+        mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
+        self._insert_usage = (f"INSERT INTO usage_events ({', '.join(USAGE_COLUMNS)}) "
+                              f"VALUES ({', '.join([mark] * len(USAGE_COLUMNS))})")
+        self._settle_usage = (f"UPDATE usage_events SET {', '.join(f'{c} = {mark}' for c in SETTLE_COLUMNS)} "
+                              f"WHERE id = {mark}")
 
     def close(self) -> None:
         self.engine.dispose()
@@ -115,9 +113,9 @@ class Store:
         if ch.dirty:
             conn.execute(_UPDATE_TOKEN, [_node_update(n) for n in ch.dirty.values()])
         if ch.usage:
-            conn.execute(insert(USAGE), [dict(zip(_USAGE_COLS, r, strict=True)) for r in ch.usage])
+            conn.exec_driver_sql(self._insert_usage, ch.usage)  # type: ignore[arg-type]
         if ch.settles:
-            conn.execute(_SETTLE, [dict(zip(_SETTLE_COLS, r, strict=True)) for r in ch.settles])
+            conn.exec_driver_sql(self._settle_usage, ch.settles)  # type: ignore[arg-type]
         if ch.idem_deleted:
             conn.execute(delete(IDEM).where(and_(IDEM.c.token_id == bindparam("b_tid"), IDEM.c.key == bindparam("b_key"))),
                          [{"b_tid": t, "b_key": k} for t, k in ch.idem_deleted])
@@ -136,13 +134,14 @@ class Store:
 
     # ---------------------------------------------------------------- loading
     def load(self, now: float, settle_window_s: float, recent_window_s: float) -> tuple[
-            list[Node], list[Pending], list[tuple[str, str, str, float]], list[IdemRecord]]:
+            list[Node], list[Pending], list[tuple[str, str, str, float]], list[IdemRecord], int]:
         """Everything the quota book needs to rebuild itself."""
         try:
             with self.engine.connect() as conn:
                 nodes = [_row_node(r) for r in conn.execute(select(TOKENS)).mappings()]
-                pending = [Pending(r.request_id, r.token_id, r.units, r.ts, None) for r in conn.execute(
-                    select(USAGE.c.request_id, USAGE.c.token_id, USAGE.c.units, USAGE.c.ts)
+                last_id = int(conn.execute(select(func.coalesce(func.max(USAGE.c.id), 0))).scalar_one())
+                pending = [Pending(r.request_id, r.token_id, r.units, r.ts, None, r.id) for r in conn.execute(
+                    select(USAGE.c.request_id, USAGE.c.token_id, USAGE.c.units, USAGE.c.ts, USAGE.c.id)
                     .where(and_(USAGE.c.ts >= now - settle_window_s, USAGE.c.state == "admitted")))]
                 recent = [(r.request_id, r.token_id, r.state, r.settled_at) for r in conn.execute(
                     select(USAGE.c.request_id, USAGE.c.token_id, USAGE.c.state, USAGE.c.settled_at)
@@ -155,7 +154,7 @@ class Store:
         by_req = {(i.token_id, i.request_id): i.key for i in idem}
         for p in pending:
             p.idem_key = by_req.get((p.token_id, p.request_id))
-        return nodes, pending, recent, idem
+        return nodes, pending, recent, idem, last_id
 
     # ---------------------------------------------------------------- reads
     def balances(self) -> dict[str, tuple[int, int, str]]:

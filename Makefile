@@ -1,0 +1,38 @@
+# yolo-tokens — `make serve` starts the service, `make test` runs every test.
+# Both create .venv on first use (pip + venv; torch comes from this machine's wheel cache).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export RAY_USAGE_STATS_ENABLED := 0
+export YOLO_OFFLINE := 1
+
+.PHONY: venv serve test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip wheel setuptools
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e ".[dev,postgres]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/yolo-tokens serve
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(BIN)/ruff check ledger tests bench
+	$(BIN)/mypy ledger
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.ledger --db sqlite
+	$(BIN)/python -m bench.ledger --db postgres
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,296 @@
+"""`yolo-tokens`: the command line over the ledger's public API (a running local cluster).
+
+Every command takes `--json`. Failures print `error: CODE: message` on stderr and exit
+non-zero (2 refused, 3 ledger unavailable). Credentials are printed once, never stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, is_dataclass
+from typing import Any
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before Ray starts: loopback only
+os.environ.setdefault("RAY_AUTH_MODE", "token")  # local clusters use token auth (~/.ray/auth_token)
+
+import ray  # noqa: E402
+
+from ledger.client import LedgerClient  # noqa: E402
+from ledger.errors import LedgerError, LedgerUnavailable, OperationRefused  # noqa: E402
+from ledger.local import LocalRay  # noqa: E402
+from ledger.settings import LedgerSettings  # noqa: E402
+
+DEMO_PACKAGE = "demo"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+Handler = Callable[[argparse.Namespace, Any], Any]
+
+
+def parse_duration(text: str) -> float:
+    """`30d`, `12h`, `90m`, `45s`, `2w` or plain seconds."""
+    m = _DURATION.match(text)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"bad duration {text!r}: use e.g. 30d, 12h, 90m, 45s")
+    return float(m.group(1)) * _UNIT_S[m.group(2)]
+
+
+def _expires_at(args: argparse.Namespace) -> float | None:
+    return time.time() + args.expires_in if getattr(args, "expires_in", None) else None
+
+
+def _plain(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _when(ts: float | None) -> str:
+    return "never" if ts is None else time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts)) + "Z"
+
+
+def _table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> str:
+    cells = [[str(r.get(c, "")) if r.get(c) is not None else "-" for c in cols] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+def _show_issued(result: dict[str, Any]) -> str:
+    t = result["token"]
+    return (f"token {t['id']} ({t['name']}): {t['allocation']} units, expires {_when(t['expires_at'])}\n"
+            f"credential (shown once, store it now):\n{result['credential']}")
+
+
+def _limit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--expires-in", type=parse_duration, help="e.g. 30d, 12h")
+    p.add_argument("--rate", help="tier (basic, pro, enterprise) or N/s, N/min with optional :BURST")
+    p.add_argument("--models", nargs="+", help="allowed models: name or name@version")
+    p.add_argument("--ip", nargs="+", dest="ips", help="allowed client IPs or CIDRs")
+
+
+# ------------------------------------------------------------------ handlers
+def cmd_package_create(a: argparse.Namespace, c: Any) -> Any:
+    return c.create_package(name=a.name, allocation=a.quota, expires_at=_expires_at(a), models=a.models,
+                            ips=a.ips, rate=a.rate, team=a.team)
+
+
+def cmd_split(a: argparse.Namespace, c: Any) -> Any:
+    return c.split(a.parent, name=a.name, allocation=a.quota, expires_at=_expires_at(a), models=a.models,
+                   ips=a.ips, rate=a.rate, team=a.team)
+
+
+def cmd_list(a: argparse.Namespace, c: Any) -> Any:
+    return c.tokens(root_id=a.package)
+
+
+def cmd_show(a: argparse.Namespace, c: Any) -> Any:
+    return {"token": c.token(a.token_id), "events": c.admin_events(a.token_id, limit=20)}
+
+
+def cmd_revoke(a: argparse.Namespace, c: Any) -> Any:
+    return c.revoke(a.token_id)
+
+
+def cmd_reclaim(a: argparse.Namespace, c: Any) -> Any:
+    return c.reclaim(a.token_id, a.units)
+
+
+def cmd_rotate(a: argparse.Namespace, c: Any) -> Any:
+    return c.rotate(a.token_id)
+
+
+def cmd_top_up(a: argparse.Namespace, c: Any) -> Any:
+    return c.top_up(a.token_id, a.units)
+
+
+def cmd_usage(a: argparse.Namespace, c: Any) -> Any:
+    since = time.time() - a.since if a.since else None
+    return c.usage(token_id=a.token, model=a.model, outcome=a.outcome, since=since, limit=a.limit)
+
+
+def cmd_keys_rotate(a: argparse.Namespace, c: Any) -> Any:
+    return c.rotate_keys()
+
+
+def cmd_doctor(a: argparse.Namespace, c: Any) -> Any:
+    report = c.consistency()
+    mismatched = sorted(k for k in set(report["book"]) | set(report["db"]) if report["book"].get(k) != report["db"].get(k))
+    return {"tokens": len(report["book"]), "mismatched": mismatched, "violations": report["violations"],
+            "healthy": not mismatched and not report["violations"]}
+
+
+def render(command: str, value: Any) -> str:
+    """Human output for each command."""
+    v = _plain(value)
+    if command in ("package create", "token split", "token rotate"):
+        return _show_issued(v)
+    if command == "token list":
+        return _table(v, ["id", "name", "team", "parent_id", "allocation", "used", "free", "status", "rate"])
+    if command == "token show":
+        t = v["token"]
+        body = "\n".join(f"{k:>11}: {t[k]}" for k in ("id", "name", "team", "parent_id", "root_id", "status",
+                                                         "allocation", "used", "delegated", "free", "consumed",
+                                                         "models", "ips", "rate", "children"))
+        return body + f"\n{'expires':>11}: {_when(t['expires_at'])}\n\n" + _table(v["events"], ["ts", "actor", "action"])
+    if command == "usage":
+        return _table(v, ["ts", "token_id", "request_id", "model", "units", "state", "outcome", "client_ip"])
+    return json.dumps(v, indent=2, default=str)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="yolo-tokens", description=__doc__)
+    ap.add_argument("--address", default="auto", help="Ray cluster address (default: the running local one)")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = ap.add_subparsers(dest="group", required=True)
+
+    pkg = sub.add_parser("package", help="token packages").add_subparsers(dest="cmd", required=True)
+    p = pkg.add_parser("create", parents=[common], help="create a package; prints its credential once")
+    p.add_argument("--name", required=True)
+    p.add_argument("--quota", type=int, required=True, help="units (calls) granted")
+    p.add_argument("--team")
+    _limit_args(p)
+    p.set_defaults(handler=cmd_package_create, command="package create")
+
+    tok = sub.add_parser("token", help="tokens of a package").add_subparsers(dest="cmd", required=True)
+    p = tok.add_parser("split", parents=[common], help="carve a child token out of a parent's free quota")
+    p.add_argument("parent")
+    p.add_argument("--name", required=True)
+    p.add_argument("--quota", type=int, required=True)
+    p.add_argument("--team")
+    _limit_args(p)
+    p.set_defaults(handler=cmd_split, command="token split")
+    p = tok.add_parser("list", parents=[common])
+    p.add_argument("--package", help="one package's tree")
+    p.set_defaults(handler=cmd_list, command="token list")
+    for name, handler, text in (("show", cmd_show, "one token and its recent admin events"),
+                                ("revoke", cmd_revoke, "revoke a token and its subtree"),
+                                ("rotate", cmd_rotate, "issue a new credential; the old one stops working")):
+        p = tok.add_parser(name, parents=[common], help=text)
+        p.add_argument("token_id")
+        p.set_defaults(handler=handler, command=f"token {name}")
+    p = tok.add_parser("reclaim", parents=[common], help="return a child's unspent units to its parent")
+    p.add_argument("token_id")
+    p.add_argument("--units", type=int, help="default: all unspent")
+    p.set_defaults(handler=cmd_reclaim, command="token reclaim")
+    p = tok.add_parser("top-up", parents=[common], help="add units (root) or move them from the parent (child)")
+    p.add_argument("token_id")
+    p.add_argument("--units", type=int, required=True)
+    p.set_defaults(handler=cmd_top_up, command="token top-up")
+
+    p = sub.add_parser("usage", parents=[common], help="usage events (admitted and denied)")
+    p.add_argument("--token")
+    p.add_argument("--model")
+    p.add_argument("--outcome")
+    p.add_argument("--since", type=parse_duration, help="e.g. 1h")
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(handler=cmd_usage, command="usage")
+
+    keys = sub.add_parser("keys", help="signing keys").add_subparsers(dest="cmd", required=True)
+    p = keys.add_parser("rotate", parents=[common], help="new signing key; old ones verify until their tokens expire")
+    p.set_defaults(handler=cmd_keys_rotate, command="keys rotate")
+
+    p = sub.add_parser("serve", help="start a local Ray head on 127.0.0.1 with the ledger (Ctrl-C stops it)")
+    p.add_argument("--port", type=int, default=6380)
+
+    p = sub.add_parser("doctor", parents=[common], help="compare the in-memory book with the database")
+    p.set_defaults(handler=cmd_doctor, command="doctor")
+    return ap
+
+
+def connect(address: str, settings: LedgerSettings) -> LedgerClient:
+    try:
+        ray.init(address=address, namespace=settings.namespace, log_to_driver=False, logging_level="ERROR")
+    except (ConnectionError, RuntimeError) as exc:
+        raise LedgerUnavailable(f"no running Ray cluster at {address!r} ({exc}); start one with `make serve`") from exc
+    return LedgerClient.connect(settings, create=True)
+
+
+def ensure_demo(client: LedgerClient) -> dict[str, Any]:
+    """The demo package: created on first start; later starts rotate it to show a fresh credential."""
+    for t in client.tokens():
+        if t.parent_id is None and t.name == DEMO_PACKAGE and t.status == "active":
+            return client.rotate(t.id)
+    return client.create_package(name=DEMO_PACKAGE, allocation=10_000, expires_at=time.time() + 30 * 86400,
+                                 rate="pro", team="demo")
+
+
+def cmd_serve(args: argparse.Namespace, settings: LedgerSettings) -> int:
+    """Start a local Ray head on loopback with the ledger; block until Ctrl-C; stop what we started."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    local = LocalRay(port=args.port, log=settings.data_dir / "ray.log")
+    stop = {"now": False}
+
+    def _stop(_sig: int, _frame: Any) -> None:
+        stop["now"] = True
+
+    print(f"starting Ray on {local.address} (log: {settings.data_dir / 'ray.log'}) ...", flush=True)
+    address = local.start()
+    try:
+        client = connect(address, settings)
+        # after ray.init, which installs handlers of its own
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        demo = ensure_demo(client)
+        print(f"ledger ready: {settings.database_url}")
+        print(_show_issued(_plain(demo)))
+        print("\ntry:  yolo-tokens --address", address, "token list")
+        print("Ctrl-C stops everything started here.", flush=True)
+        while not stop["now"]:
+            time.sleep(0.5)
+    finally:
+        print("stopping Ray (it drains for up to 30 s) ...", flush=True)
+        ray.shutdown()
+        local.stop()
+        print("stopped.", flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, settings: LedgerSettings | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    settings = settings or LedgerSettings.from_env()
+    if args.group == "serve":
+        return cmd_serve(args, settings)
+    try:
+        client = connect(args.address, settings)
+        result = args.handler(args, client)
+    except OperationRefused as exc:
+        _fail(args, exc)
+        return 2
+    except LedgerError as exc:
+        _fail(args, exc)
+        return 3
+    if args.json:
+        print(json.dumps(_plain(result), indent=2, default=str))
+    else:
+        print(render(args.command, result))
+    if args.command == "doctor" and not result["healthy"]:
+        return 1
+    return 0
+
+
+def _fail(args: argparse.Namespace, exc: LedgerError) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps({"error": {"code": exc.code.value, "message": exc.message}}), file=sys.stderr)
+    else:
+        print(f"error: {exc.code.value}: {exc.message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""A local Ray head on loopback, started and stopped by process id (for `make serve`)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ledger.errors import ConfigError
+
+LOOPBACK = "127.0.0.1"
+
+
+def ray_env() -> dict[str, str]:
+    """Environment for Ray processes: loopback only, no usage stats, no downloads."""
+    env = dict(os.environ)
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    # Ray >= 2.59 starts local clusters with token auth; clients must say so to send the token
+    env.setdefault("RAY_AUTH_MODE", "token")
+    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    env.setdefault("YOLO_OFFLINE", "1")
+    return env
+
+
+class LocalRay:
+    """`ray start --head --block` as a child process; `stop()` ends it (and so its node) by pid."""
+
+    def __init__(self, port: int = 6380, num_cpus: int | None = None, log: Path | None = None) -> None:
+        self.port = port
+        self.num_cpus = num_cpus
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    def start(self, timeout_s: float = 60.0) -> str:
+        ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
+        if ray_bin is None:
+            raise ConfigError("the `ray` command is not installed in this environment")
+        cmd = [ray_bin, "start", "--head", "--block", f"--node-ip-address={LOOPBACK}", f"--port={self.port}",
+               "--include-dashboard=false", "--disable-usage-stats"]
+        if self.num_cpus is not None:
+            cmd.append(f"--num-cpus={self.num_cpus}")
+        out = self.log.open("ab") if self.log else subprocess.DEVNULL
+        self.proc = subprocess.Popen(cmd, env=ray_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ConfigError(f"`ray start` exited with {self.proc.returncode}; is port {self.port} in use?")
+            probe = subprocess.run([ray_bin, "status", f"--address={self.address}"], env=ray_env(),
+                                   capture_output=True, check=False)
+            if probe.returncode == 0:
+                return self.address
+            time.sleep(1.0)
+        self.stop()
+        raise ConfigError(f"Ray head did not come up on {self.address} within {timeout_s:.0f}s")
+
+    def stop(self) -> None:
+        """SIGTERM the `ray start --block` process group we started; SIGKILL if it lingers."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        pgid = os.getpgid(self.proc.pid)
+        os.killpg(pgid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(pgid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
