@@ -18,7 +18,8 @@ from typing import Any
 import ray
 
 from ledger.codes import Code
-from ledger.core import DecisionRow, LedgerCore
+from ledger.core import LedgerCore
+from ledger.entities import Decision
 from ledger.errors import LedgerError, LedgerUnavailable
 from ledger.settings import LedgerSettings
 
@@ -35,6 +36,11 @@ BOOK_READS = frozenset({"token", "tokens", "public_keys", "check_credential"})
 # database reads, answered on a reader thread
 DB_READS = frozenset({"usage", "admin_events", "alerts"})
 RELOAD_BACKOFF_S = 0.5
+
+
+def unavailable(request_id: str, message: str) -> Decision:
+    """Nothing was charged; the caller may retry after a second."""
+    return Decision(Code.LEDGER_UNAVAILABLE, request_id, retry_after=1.0, message=message)
 
 
 class _Flusher:
@@ -133,14 +139,13 @@ class LedgerActor:
             except LedgerError:
                 pass  # retried at the next tick
 
-    async def admit_batch(self, rows: list[tuple[Any, ...]]) -> list[DecisionRow]:
-        """Admissions as tuples (fields of `Admission`); returns decision tuples, all durable."""
+    async def admit_batch(self, rows: list[tuple[Any, ...]]) -> list[Decision]:
+        """Admissions as tuples (fields of `Admission`); returns decisions, all durable."""
         self._start_sweeper()
         try:
-            result: list[DecisionRow] = await self.flusher.run(lambda: self.core.admit_rows(rows))
+            result: list[Decision] = await self.flusher.run(lambda: self.core.admit_rows(rows))
         except LedgerUnavailable as exc:
-            return [(Code.LEDGER_UNAVAILABLE.value, r[0], r[1], 0, 0, 0, 0, None, None, 1.0, exc.message, None, False)
-                    for r in rows]
+            return [unavailable(r[0], exc.message) for r in rows]
         return result
 
     async def settle_batch(self, rows: list[tuple[Any, ...]]) -> list[str]:

@@ -64,7 +64,7 @@ class QuotaBook:
         self.roots = {}
         now = self.clock()
         for n in self.nodes.values():
-            n.children, n.parent, n.delegated, n.consumed = [], None, 0, 0
+            n.children, n.parent, n.delegated, n.consumed, n.ancestry = [], None, 0, 0, ()
             n.bucket = Bucket(n.rate, now) if n.rate else None
         for n in self.nodes.values():
             if n.parent_id is None:
@@ -174,15 +174,14 @@ class QuotaBook:
                   retry_after: float | None = None, replay: str | None = None, replayed: bool = False) -> Decision:
         tight = None
         for n in node.path():
-            if n.bucket is not None and (tight is None or n.bucket.level < tight.level):
-                tight = n.bucket
+            b = n.bucket
+            if b is not None and (tight is None or b.level < tight.level):
+                tight = b
         return Decision(
-            code=code, request_id=request_id, token_id=node.id, units=units, used=node.used,
-            allocation=node.allocation, remaining=max(node.free, 0) if node.live else 0,
-            rate_limit=tight.limit.rate if tight else None,
-            rate_remaining=max(int(tight.level), 0) if tight else None,
-            retry_after=math.ceil(retry_after) if retry_after else None,
-            message=message, replay=replay, replayed=replayed,
+            code, request_id, node.id, units, node.used, node.allocation,
+            (node.free if node.free > 0 else 0) if node.status is Status.ACTIVE else 0,
+            tight.limit.rate if tight else None, (int(tight.level) if tight.level > 0 else 0) if tight else None,
+            math.ceil(retry_after) if retry_after else None, message, replay, replayed,
         )
 
     def _check_thresholds(self, n: Node, now: float) -> None:

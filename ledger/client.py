@@ -16,9 +16,8 @@ import ray
 from ray.actor import ActorHandle
 from ray.exceptions import RayError
 
-from ledger.actor import LedgerActor
+from ledger.actor import LedgerActor, unavailable
 from ledger.codes import Code
-from ledger.core import decision_from_row
 from ledger.entities import DEFAULT_THRESHOLDS, Admission, Decision, Settlement, TokenView
 from ledger.errors import LedgerUnavailable, OperationRefused
 from ledger.settings import LedgerSettings
@@ -89,8 +88,8 @@ class LedgerClient:
     # ---------------------------------------------------------------- hot path
     async def admit(self, a: Admission) -> Decision:
         """One atomic admission; batched with concurrent callers; durable when it returns."""
-        row = await self._admit.submit(a.row())
-        return decision_from_row(row)
+        decision: Decision = await self._admit.submit(a.row())
+        return decision
 
     async def settle(self, s: Settlement) -> Code:
         return Code(await self._settle.submit(s.row()))
@@ -99,8 +98,7 @@ class LedgerClient:
         try:
             return await self._retrying(self.actor.admit_batch, rows)  # type: ignore[no-any-return]
         except RayError:
-            return [(Code.LEDGER_UNAVAILABLE.value, r[0], r[1], 0, 0, 0, 0, None, None, 1.0,
-                     "ledger actor unavailable", None, False) for r in rows]
+            return [unavailable(r[0], "ledger actor unavailable") for r in rows]
 
     async def _send_settlements(self, rows: list[tuple[Any, ...]]) -> list[Any]:
         try:
@@ -122,7 +120,7 @@ class LedgerClient:
 
     def admit_sync(self, items: Sequence[Admission]) -> list[Decision]:
         """Blocking batch admission, for scripts and tests outside an event loop."""
-        return [decision_from_row(r) for r in ray.get(self.actor.admit_batch.remote([a.row() for a in items]))]
+        return ray.get(self.actor.admit_batch.remote([a.row() for a in items]))  # type: ignore[no-any-return]
 
     def settle_sync(self, items: Sequence[Settlement]) -> list[Code]:
         return [Code(c) for c in ray.get(self.actor.settle_batch.remote([s.row() for s in items]))]

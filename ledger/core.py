@@ -20,19 +20,6 @@ from ledger.limits import RateLimit, normalize_ips, normalize_models
 from ledger.settings import LedgerSettings
 from ledger.store.repository import Store, UsageQuery
 
-# wire format of one decision (tuple, cheap to pickle across Ray)
-DecisionRow = tuple[str, str, str, int, int, int, int, float | None, int | None, float | None, str, str | None, bool]
-
-
-def decision_row(d: Decision) -> DecisionRow:
-    return (d.code.value, d.request_id, d.token_id, d.units, d.used, d.allocation, d.remaining, d.rate_limit,
-            d.rate_remaining, d.retry_after, d.message, d.replay, d.replayed)
-
-
-def decision_from_row(r: Sequence[Any]) -> Decision:
-    return Decision(Code(r[0]), *r[1:])
-
-
 def make_limits(expires_at: float | None = None, models: Iterable[str] | None = None,
                 ips: Iterable[str] | None = None, rate: str | None = None) -> Limits:
     return Limits(expires_at=expires_at, models=normalize_models(models), ips=normalize_ips(ips),
@@ -88,9 +75,10 @@ class LedgerCore:
         self.store.close()
 
     # ---------------------------------------------------------------- hot path
-    def admit_rows(self, rows: Iterable[Sequence[Any]]) -> list[DecisionRow]:
+    def admit_rows(self, rows: Iterable[Sequence[Any]]) -> list[Decision]:
         now = self.clock()
-        return [decision_row(self.book.admit(Admission(*r), now)) for r in rows]
+        admit = self.book.admit
+        return [admit(Admission(*r), now) for r in rows]
 
     def settle_rows(self, rows: Iterable[Sequence[Any]]) -> list[str]:
         now = self.clock()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from ledger.codes import Code
 from ledger.limits import Bucket, IPNetwork, RateLimit
@@ -55,6 +55,7 @@ class Node:
     delegated: int = 0
     consumed: int = 0
     bucket: Bucket | None = None
+    ancestry: tuple[Node, ...] = ()  # cache of path(); parents never change
 
     @property
     def live(self) -> bool:
@@ -64,14 +65,11 @@ class Node:
     def free(self) -> int:
         return self.allocation - self.used - self.delegated
 
-    def path(self) -> list[Node]:
+    def path(self) -> tuple[Node, ...]:
         """This node, then each ancestor up to the root."""
-        out: list[Node] = []
-        n: Node | None = self
-        while n is not None:
-            out.append(n)
-            n = n.parent
-        return out
+        if not self.ancestry:
+            self.ancestry = (self, *self.parent.path()) if self.parent is not None else (self,)
+        return self.ancestry
 
     def subtree(self) -> list[Node]:
         """This node and every descendant, parents before children."""
@@ -153,9 +151,11 @@ class Admission:
                 self.body_hash, self.image_bytes)
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """The verdict of one admission. `code` is `Code.OK` iff the units were debited."""
+class Decision(NamedTuple):
+    """The verdict of one admission. `code` is `Code.OK` iff the units were debited.
+
+    A NamedTuple: built positionally on the hot path and pickled as a plain tuple across Ray.
+    """
 
     code: Code
     request_id: str
