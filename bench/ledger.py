@@ -24,12 +24,12 @@ from typing import Any
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-import ray  # noqa: E402
+import ray
 
-from ledger.client import LedgerClient  # noqa: E402
-from ledger.credentials import Verifier  # noqa: E402
-from ledger.entities import Admission  # noqa: E402
-from ledger.settings import LedgerSettings  # noqa: E402
+from ledger.client import LedgerClient
+from ledger.credentials import Verifier
+from ledger.entities import Admission
+from ledger.settings import LedgerSettings
 
 
 @ray.remote(num_cpus=0)
@@ -55,8 +55,9 @@ class Caller:
                     d = await self.client.admit(a)
                     good = d.admitted
                 else:
-                    rows = await self.actor.admit_batch.remote([(a.request_id, a.token_id, a.jti, a.units, a.model,
-                                                                 a.client_ip, None, None, 0)])
+                    rows = await self.actor.admit_batch.remote(
+                        [(a.request_id, a.token_id, a.jti, a.units, a.model, a.client_ip, None, None, 0)]
+                    )
                     good = rows[0][0] == "ok"
                 lat.append(time.perf_counter() - t0)
                 ok += good
@@ -72,8 +73,14 @@ def measure(mode: str, callers: list[Any], token_id: str, jti: str, concurrency:
     ok = sum(r["ok"] for r in res)
     elapsed = max(r["elapsed"] for r in res)
     lat = sorted(x for r in res for x in r["lat"])
-    return {"mode": mode, "admissions": n, "admitted": ok, "per_s": round(n / elapsed, 1),
-            "p50_ms": round(statistics.median(lat) * 1000, 2), "p99_ms": round(lat[int(len(lat) * 0.99) - 1] * 1000, 2)}
+    return {
+        "mode": mode,
+        "admissions": n,
+        "admitted": ok,
+        "per_s": round(n / elapsed, 1),
+        "p50_ms": round(statistics.median(lat) * 1000, 2),
+        "p99_ms": round(lat[int(len(lat) * 0.99) - 1] * 1000, 2),
+    }
 
 
 def main() -> None:
@@ -87,10 +94,21 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="yt-bench-"))
     url = f"sqlite:///{tmp / 'ledger.db'}" if args.db == "sqlite" else args.pg_url
-    settings = LedgerSettings(database_url=url, data_dir=tmp, actor_name=f"bench-{uuid.uuid4().hex[:6]}",
-                              namespace="yt-bench", sweep_interval_s=0)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="yt-bench", _node_ip_address="127.0.0.1",
-             log_to_driver=False)
+    settings = LedgerSettings(
+        database_url=url,
+        data_dir=tmp,
+        actor_name=f"bench-{uuid.uuid4().hex[:6]}",
+        namespace="yt-bench",
+        sweep_interval_s=0,
+    )
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        namespace="yt-bench",
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+    )
     try:
         client = LedgerClient.connect(settings)
         pkg = client.create_package(name="bench", allocation=10**11)
@@ -102,18 +120,29 @@ def main() -> None:
         for mode in os.environ.get("BENCH_MODES", "naive,batched").split(","):
             r = measure(mode, callers, tid, jti, args.concurrency, args.seconds)
             results[mode] = r
-            print(json.dumps({"bench": "ledger", "db": args.db, "callers": args.callers,
-                              "concurrency": args.concurrency, **r}), flush=True)
+            print(
+                json.dumps(
+                    {"bench": "ledger", "db": args.db, "callers": args.callers, "concurrency": args.concurrency, **r}
+                ),
+                flush=True,
+            )
         stats = client.stats()
         summary = {
-            "bench": "ledger", "db": args.db, "durable": True, "callers": args.callers,
-            "concurrency_per_caller": args.concurrency, "seconds": args.seconds,
-            "batched_per_s": results["batched"]["per_s"], "naive_per_s": results["naive"]["per_s"],
+            "bench": "ledger",
+            "db": args.db,
+            "durable": True,
+            "callers": args.callers,
+            "concurrency_per_caller": args.concurrency,
+            "seconds": args.seconds,
+            "batched_per_s": results["batched"]["per_s"],
+            "naive_per_s": results["naive"]["per_s"],
             "ratio": round(results["batched"]["per_s"] / results["naive"]["per_s"], 1),
-            "p50_ms": results["batched"]["p50_ms"], "p99_ms": results["batched"]["p99_ms"],
-            "naive_p50_ms": results["naive"]["p50_ms"], "naive_p99_ms": results["naive"]["p99_ms"],
-            "commits": stats["commits"], "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                                     "platform": platform.platform()},
+            "p50_ms": results["batched"]["p50_ms"],
+            "p99_ms": results["batched"]["p99_ms"],
+            "naive_p50_ms": results["naive"]["p50_ms"],
+            "naive_p99_ms": results["naive"]["p99_ms"],
+            "commits": stats["commits"],
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         }
         print(json.dumps(summary), flush=True)
     finally:

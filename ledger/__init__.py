@@ -15,6 +15,17 @@ from ledger.errors import ConfigError, CredentialError, LedgerError, LedgerUnava
 from ledger.settings import LedgerSettings
 
 __all__ = [
-    "Admission", "Claims", "Code", "ConfigError", "CredentialError", "Decision", "LedgerError", "LedgerSettings",
-    "LedgerUnavailable", "OperationRefused", "Settlement", "TokenView", "Verifier",
+    "Admission",
+    "Claims",
+    "Code",
+    "ConfigError",
+    "CredentialError",
+    "Decision",
+    "LedgerError",
+    "LedgerSettings",
+    "LedgerUnavailable",
+    "OperationRefused",
+    "Settlement",
+    "TokenView",
+    "Verifier",
 ]

@@ -9,6 +9,7 @@ only after that commit, so an "admitted" verdict always has its durable debit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -27,10 +28,21 @@ from ledger.settings import LedgerSettings
 Reply = tuple[Any, ...]
 
 # serialized with admissions and committed before the reply
-ADMIN_OPS = frozenset({
-    "create_package", "split", "update_limits", "top_up", "revoke", "reclaim", "rotate", "sweep", "rotate_keys",
-    "issue_admin", "consistency",
-})
+ADMIN_OPS = frozenset(
+    {
+        "create_package",
+        "split",
+        "update_limits",
+        "top_up",
+        "revoke",
+        "reclaim",
+        "rotate",
+        "sweep",
+        "rotate_keys",
+        "issue_admin",
+        "consistency",
+    }
+)
 # in-memory reads, answered on the event loop between flushes
 BOOK_READS = frozenset({"token", "tokens", "public_keys", "check_credential"})
 # database reads, answered on a reader thread
@@ -119,10 +131,9 @@ class LedgerActor:
     def __init__(self, settings: LedgerSettings) -> None:
         self.settings = settings
         self.core = LedgerCore(settings)
-        try:
+        # the database may be down now and come back: every call retries the reload first
+        with contextlib.suppress(LedgerUnavailable):
             self.core.start()
-        except LedgerUnavailable:
-            pass  # the database may come back; every call retries the reload first
         self.flusher = _Flusher(self.core)
         self.sweeper: asyncio.Task[None] | None = None
         self.readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ledger-read")
@@ -134,10 +145,8 @@ class LedgerActor:
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(self.settings.sweep_interval_s)
-            try:
+            with contextlib.suppress(LedgerError):  # retried at the next tick
                 await self.flusher.run(self.core.sweep)
-            except LedgerError:
-                pass  # retried at the next tick
 
     async def admit_batch(self, rows: list[tuple[Any, ...]]) -> list[Decision]:
         """Admissions as tuples (fields of `Admission`); returns decisions, all durable."""
@@ -178,6 +187,11 @@ class LedgerActor:
         return ("ok", value)
 
     async def stats(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "ready": self.core.ready, "commits": self.flusher.commits,
-                "ops": self.flusher.ops, "tokens": len(self.core.book.nodes),
-                "pending": len(self.core.book.pending)}
+        return {
+            "pid": os.getpid(),
+            "ready": self.core.ready,
+            "commits": self.flusher.commits,
+            "ops": self.flusher.ops,
+            "tokens": len(self.core.book.nodes),
+            "pending": len(self.core.book.pending),
+        }

@@ -57,8 +57,14 @@ class QuotaBook:
         self.out = Changes()
 
     # ------------------------------------------------------------------ loading
-    def load(self, nodes: Iterable[Node], pending: Iterable[Pending], recent: Iterable[tuple[str, str, str, float]],
-             idem: Iterable[IdemRecord], last_row_id: int = 0) -> None:
+    def load(
+        self,
+        nodes: Iterable[Node],
+        pending: Iterable[Pending],
+        recent: Iterable[tuple[str, str, str, float]],
+        idem: Iterable[IdemRecord],
+        last_row_id: int = 0,
+    ) -> None:
         """Rebuild from stored rows (any order). Derived fields are recomputed here."""
         self.nodes = {n.id: n for n in nodes}
         self.roots = {}
@@ -111,27 +117,44 @@ class QuotaBook:
             rec = self.idem.get((a.token_id, a.idem_key))
             if rec is not None and now - rec.created_at < IDEMPOTENCY_TTL_S:
                 if rec.body_hash != (a.body_hash or ""):
-                    return self._deny(a, node, Code.IDEMPOTENCY_CONFLICT, "Idempotency-Key reused with a different request body", now)
+                    return self._deny(
+                        a, node, Code.IDEMPOTENCY_CONFLICT, "Idempotency-Key reused with a different request body", now
+                    )
                 if rec.state != "done":
-                    return self._deny(a, node, Code.IDEMPOTENCY_IN_PROGRESS, "a request with this Idempotency-Key is in progress", now)
+                    return self._deny(
+                        a, node, Code.IDEMPOTENCY_IN_PROGRESS, "a request with this Idempotency-Key is in progress", now
+                    )
                 return self._decision(Code.REPLAY, rec.request_id, node, 0, replay=rec.result)
         if type(a.units) is not int or not 0 < a.units <= MAX_UNITS:
             return self._deny(a, node, Code.INVALID_REQUEST, f"units must be an integer in 1..{MAX_UNITS}", now)
         path = node.path()
         for n in path:
             if n.status is not Status.ACTIVE:
-                return self._deny(a, node, Code.REVOKED_TOKEN if n.status is Status.REVOKED else Code.EXPIRED_TOKEN,
-                                  f"token {'or an ancestor ' if n is not node else ''}is {n.status.value}", now)
+                return self._deny(
+                    a,
+                    node,
+                    Code.REVOKED_TOKEN if n.status is Status.REVOKED else Code.EXPIRED_TOKEN,
+                    f"token {'or an ancestor ' if n is not node else ''}is {n.status.value}",
+                    now,
+                )
             if n.expires_at is not None and now >= n.expires_at:
-                return self._deny(a, node, Code.EXPIRED_TOKEN, f"token {'or an ancestor ' if n is not node else ''}has expired", now)
+                return self._deny(
+                    a, node, Code.EXPIRED_TOKEN, f"token {'or an ancestor ' if n is not node else ''}has expired", now
+                )
         for n in path:
             if n.models is not None and not model_allowed(n.models, a.model):
-                return self._deny(a, node, Code.MODEL_NOT_ALLOWED, f"model {a.model!r} is not allowed for this token", now)
+                return self._deny(
+                    a, node, Code.MODEL_NOT_ALLOWED, f"model {a.model!r} is not allowed for this token", now
+                )
         for n in path:
             if n.ips is not None and not ip_allowed(n.ips, a.client_ip):
-                return self._deny(a, node, Code.IP_NOT_ALLOWED, f"client IP {a.client_ip!r} is not allowed for this token", now)
+                return self._deny(
+                    a, node, Code.IP_NOT_ALLOWED, f"client IP {a.client_ip!r} is not allowed for this token", now
+                )
         if node.free < a.units:
-            return self._deny(a, node, Code.QUOTA_EXHAUSTED, f"quota exhausted: {node.free} units left, {a.units} needed", now)
+            return self._deny(
+                a, node, Code.QUOTA_EXHAUSTED, f"quota exhausted: {node.free} units left, {a.units} needed", now
+            )
         wait = 0.0
         for n in path:
             b = n.bucket
@@ -156,32 +179,78 @@ class QuotaBook:
             rec = IdemRecord(node.id, a.idem_key, a.body_hash or "", a.request_id, now)
             self.idem[(node.id, a.idem_key)] = rec
             self.out.idem_new.append(rec)
-        self.out.usage.append((row_id, now, node.root_id, node.id, a.request_id, a.model, a.units, _ADMITTED,
-                               _OK, a.client_ip, a.image_bytes))
+        self.out.usage.append(
+            (
+                row_id,
+                now,
+                node.root_id,
+                node.id,
+                a.request_id,
+                a.model,
+                a.units,
+                _ADMITTED,
+                _OK,
+                a.client_ip,
+                a.image_bytes,
+            )
+        )
         return self._decision(Code.OK, a.request_id, node, a.units)
 
-    def _deny(self, a: Admission, node: Node | None, code: Code, message: str, now: float,
-              retry_after: float | None = None) -> Decision:
+    def _deny(
+        self, a: Admission, node: Node | None, code: Code, message: str, now: float, retry_after: float | None = None
+    ) -> Decision:
         row_id = self.next_row_id
         self.next_row_id = row_id + 1
-        self.out.usage.append((row_id, now, node.root_id if node else "", a.token_id if node else "", a.request_id,
-                               a.model, 0, _DENIED, code.value, a.client_ip, a.image_bytes))
+        self.out.usage.append(
+            (
+                row_id,
+                now,
+                node.root_id if node else "",
+                a.token_id if node else "",
+                a.request_id,
+                a.model,
+                0,
+                _DENIED,
+                code.value,
+                a.client_ip,
+                a.image_bytes,
+            )
+        )
         if node is None:
             return Decision(code=code, request_id=a.request_id, message=message)
         return self._decision(code, a.request_id, node, 0, message=message, retry_after=retry_after)
 
-    def _decision(self, code: Code, request_id: str, node: Node, units: int, *, message: str = "",
-                  retry_after: float | None = None, replay: str | None = None, replayed: bool = False) -> Decision:
+    def _decision(
+        self,
+        code: Code,
+        request_id: str,
+        node: Node,
+        units: int,
+        *,
+        message: str = "",
+        retry_after: float | None = None,
+        replay: str | None = None,
+        replayed: bool = False,
+    ) -> Decision:
         tight = None
         for n in node.path():
             b = n.bucket
             if b is not None and (tight is None or b.level < tight.level):
                 tight = b
         return Decision(
-            code, request_id, node.id, units, node.used, node.allocation,
+            code,
+            request_id,
+            node.id,
+            units,
+            node.used,
+            node.allocation,
             (node.free if node.free > 0 else 0) if node.status is Status.ACTIVE else 0,
-            tight.limit.rate if tight else None, (int(tight.level) if tight.level > 0 else 0) if tight else None,
-            math.ceil(retry_after) if retry_after else None, message, replay, replayed,
+            tight.limit.rate if tight else None,
+            (int(tight.level) if tight.level > 0 else 0) if tight else None,
+            math.ceil(retry_after) if retry_after else None,
+            message,
+            replay,
+            replayed,
         )
 
     def _check_thresholds(self, n: Node, now: float) -> None:
@@ -191,8 +260,17 @@ class QuotaBook:
             if t not in n.fired and n.consumed * 100 >= t * n.allocation:
                 n.fired.add(t)
                 self.out.dirty[n.id] = n
-                self.out.alerts.append({"ts": now, "token_id": n.id, "root_id": n.root_id, "threshold": t,
-                                        "consumed": n.consumed, "allocation": n.allocation, "kind": "usage"})
+                self.out.alerts.append(
+                    {
+                        "ts": now,
+                        "token_id": n.id,
+                        "root_id": n.root_id,
+                        "threshold": t,
+                        "consumed": n.consumed,
+                        "allocation": n.allocation,
+                        "kind": "usage",
+                    }
+                )
 
     # ------------------------------------------------------------------ settlement
     def settle_many(self, items: Iterable[Settlement]) -> list[Code]:
@@ -270,12 +348,30 @@ class QuotaBook:
         return units
 
     def _event(self, now: float, actor: str | None, action: str, n: Node, **detail: Any) -> None:
-        self.out.admin_events.append({"ts": now, "actor": actor or "admin", "action": action, "token_id": n.id,
-                                      "root_id": n.root_id, "detail": detail})
+        self.out.admin_events.append(
+            {
+                "ts": now,
+                "actor": actor or "admin",
+                "action": action,
+                "token_id": n.id,
+                "root_id": n.root_id,
+                "detail": detail,
+            }
+        )
 
-    def create_package(self, *, token_id: str, jti: str, name: str, allocation: int, limits: Limits,
-                       team: str | None = None, thresholds: tuple[int, ...] = DEFAULT_THRESHOLDS,
-                       meta: dict[str, Any] | None = None, actor: str | None = None) -> Node:
+    def create_package(
+        self,
+        *,
+        token_id: str,
+        jti: str,
+        name: str,
+        allocation: int,
+        limits: Limits,
+        team: str | None = None,
+        thresholds: tuple[int, ...] = DEFAULT_THRESHOLDS,
+        meta: dict[str, Any] | None = None,
+        actor: str | None = None,
+    ) -> Node:
         if actor is not None:
             raise OperationRefused("only an admin may create packages", Code.FORBIDDEN)
         self._check_units(allocation, "allocation")
@@ -284,9 +380,22 @@ class QuotaBook:
             raise OperationRefused("expiry must be in the future", Code.INVALID_REQUEST)
         if token_id in self.nodes:
             raise OperationRefused(f"token id {token_id} exists", Code.INVALID_REQUEST)
-        n = Node(id=token_id, root_id=token_id, parent_id=None, name=name, allocation=allocation, jti=jti,
-                 expires_at=limits.expires_at, models=limits.models, ips=limits.ips, rate=limits.rate, team=team,
-                 created_at=now, thresholds=_thresholds(thresholds), meta=dict(meta or {}))
+        n = Node(
+            id=token_id,
+            root_id=token_id,
+            parent_id=None,
+            name=name,
+            allocation=allocation,
+            jti=jti,
+            expires_at=limits.expires_at,
+            models=limits.models,
+            ips=limits.ips,
+            rate=limits.rate,
+            team=team,
+            created_at=now,
+            thresholds=_thresholds(thresholds),
+            meta=dict(meta or {}),
+        )
         n.bucket = Bucket(n.rate, now) if n.rate else None
         self.nodes[n.id] = n
         self.roots[n.id] = n
@@ -294,9 +403,20 @@ class QuotaBook:
         self._event(now, actor, "package.create", n, allocation=allocation, name=name)
         return n
 
-    def split(self, parent_id: str, *, token_id: str, jti: str, name: str, allocation: int, limits: Limits,
-              team: str | None = None, thresholds: tuple[int, ...] = DEFAULT_THRESHOLDS,
-              meta: dict[str, Any] | None = None, actor: str | None = None) -> Node:
+    def split(
+        self,
+        parent_id: str,
+        *,
+        token_id: str,
+        jti: str,
+        name: str,
+        allocation: int,
+        limits: Limits,
+        team: str | None = None,
+        thresholds: tuple[int, ...] = DEFAULT_THRESHOLDS,
+        meta: dict[str, Any] | None = None,
+        actor: str | None = None,
+    ) -> Node:
         """Carve `allocation` units of the parent's free quota into a new child token."""
         parent = self.node(parent_id, actor)
         now = self.clock()
@@ -307,10 +427,23 @@ class QuotaBook:
         if allocation > parent.free:
             raise OperationRefused(f"parent has {parent.free} free units, {allocation} requested", Code.QUOTA_EXHAUSTED)
         expires_at = self._narrow_limits(parent, limits, now)
-        n = Node(id=token_id, root_id=parent.root_id, parent_id=parent.id, name=name, allocation=allocation, jti=jti,
-                 expires_at=expires_at, models=limits.models, ips=limits.ips, rate=limits.rate,
-                 team=team if team is not None else parent.team, created_at=now, thresholds=_thresholds(thresholds),
-                 meta=dict(meta or {}), parent=parent)
+        n = Node(
+            id=token_id,
+            root_id=parent.root_id,
+            parent_id=parent.id,
+            name=name,
+            allocation=allocation,
+            jti=jti,
+            expires_at=expires_at,
+            models=limits.models,
+            ips=limits.ips,
+            rate=limits.rate,
+            team=team if team is not None else parent.team,
+            created_at=now,
+            thresholds=_thresholds(thresholds),
+            meta=dict(meta or {}),
+            parent=parent,
+        )
         n.bucket = Bucket(n.rate, now) if n.rate else None
         parent.children.append(n)
         parent.delegated += allocation
@@ -355,10 +488,16 @@ class QuotaBook:
             n.rate = limits.rate
             n.bucket = Bucket(limits.rate, now)
         self.out.dirty[n.id] = n
-        self._event(now, actor, "token.limits", n, expires_at=limits.expires_at,
-                    models=sorted(limits.models) if limits.models is not None else None,
-                    ips=[str(i) for i in limits.ips] if limits.ips is not None else None,
-                    rate=limits.rate.describe() if limits.rate else None)
+        self._event(
+            now,
+            actor,
+            "token.limits",
+            n,
+            expires_at=limits.expires_at,
+            models=sorted(limits.models) if limits.models is not None else None,
+            ips=[str(i) for i in limits.ips] if limits.ips is not None else None,
+            rate=limits.rate.describe() if limits.rate else None,
+        )
         return n
 
     def top_up(self, token_id: str, units: int, actor: str | None = None) -> Node:
@@ -369,7 +508,9 @@ class QuotaBook:
         self._require_usable(n, now)
         if n.parent is not None:
             if n.parent.free < units:
-                raise OperationRefused(f"parent has {n.parent.free} free units, {units} requested", Code.QUOTA_EXHAUSTED)
+                raise OperationRefused(
+                    f"parent has {n.parent.free} free units, {units} requested", Code.QUOTA_EXHAUSTED
+                )
             n.parent.delegated += units
         elif actor is not None:
             raise OperationRefused("only an admin may top up a package", Code.FORBIDDEN)

@@ -39,8 +39,19 @@ class Pending:
 
 # usage row tuples, in column order:
 # (id, ts, root_id, token_id, request_id, model, units, state, outcome, client_ip, image_bytes)
-USAGE_COLUMNS = ("id", "ts", "root_id", "token_id", "request_id", "model", "units", "state", "outcome", "client_ip",
-                 "image_bytes")
+USAGE_COLUMNS = (
+    "id",
+    "ts",
+    "root_id",
+    "token_id",
+    "request_id",
+    "model",
+    "units",
+    "state",
+    "outcome",
+    "client_ip",
+    "image_bytes",
+)
 UsageRow = tuple[int, float, str, str, str, str, int, str, str, str | None, int]
 # settle tuples: (state, units, latency_ms, detections, gpu_ms, settled_at, id)
 SETTLE_COLUMNS = ("state", "units", "latency_ms", "detections", "gpu_ms", "settled_at")
@@ -61,6 +72,13 @@ class Changes:
 
     def __bool__(self) -> bool:
         return bool(
-            self.new_nodes or self.dirty or self.usage or self.settles or self.idem_new or self.idem_done
-            or self.idem_deleted or self.admin_events or self.alerts
+            self.new_nodes
+            or self.dirty
+            or self.usage
+            or self.settles
+            or self.idem_new
+            or self.idem_done
+            or self.idem_deleted
+            or self.admin_events
+            or self.alerts
         )

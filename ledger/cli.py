@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import signal
@@ -20,12 +21,12 @@ from typing import Any
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before Ray starts: loopback only
 os.environ.setdefault("RAY_AUTH_MODE", "token")  # local clusters use token auth (~/.ray/auth_token)
 
-import ray  # noqa: E402
+import ray
 
-from ledger.client import LedgerClient  # noqa: E402
-from ledger.errors import LedgerError, LedgerUnavailable, OperationRefused  # noqa: E402
-from ledger.local import LocalRay  # noqa: E402
-from ledger.settings import LedgerSettings  # noqa: E402
+from ledger.client import LedgerClient
+from ledger.errors import LedgerError, LedgerUnavailable, OperationRefused
+from ledger.local import LocalRay
+from ledger.settings import LedgerSettings
 
 DEMO_PACKAGE = "demo"
 
@@ -73,8 +74,10 @@ def _table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> str:
 
 def _show_issued(result: dict[str, Any]) -> str:
     t = result["token"]
-    return (f"token {t['id']} ({t['name']}): {t['allocation']} units, expires {_when(t['expires_at'])}\n"
-            f"credential (shown once, store it now):\n{result['credential']}")
+    return (
+        f"token {t['id']} ({t['name']}): {t['allocation']} units, expires {_when(t['expires_at'])}\n"
+        f"credential (shown once, store it now):\n{result['credential']}"
+    )
 
 
 def _limit_args(p: argparse.ArgumentParser) -> None:
@@ -86,13 +89,22 @@ def _limit_args(p: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------ handlers
 def cmd_package_create(a: argparse.Namespace, c: Any) -> Any:
-    return c.create_package(name=a.name, allocation=a.quota, expires_at=_expires_at(a), models=a.models,
-                            ips=a.ips, rate=a.rate, team=a.team)
+    return c.create_package(
+        name=a.name, allocation=a.quota, expires_at=_expires_at(a), models=a.models, ips=a.ips, rate=a.rate, team=a.team
+    )
 
 
 def cmd_split(a: argparse.Namespace, c: Any) -> Any:
-    return c.split(a.parent, name=a.name, allocation=a.quota, expires_at=_expires_at(a), models=a.models,
-                   ips=a.ips, rate=a.rate, team=a.team)
+    return c.split(
+        a.parent,
+        name=a.name,
+        allocation=a.quota,
+        expires_at=_expires_at(a),
+        models=a.models,
+        ips=a.ips,
+        rate=a.rate,
+        team=a.team,
+    )
 
 
 def cmd_list(a: argparse.Namespace, c: Any) -> Any:
@@ -130,9 +142,15 @@ def cmd_keys_rotate(a: argparse.Namespace, c: Any) -> Any:
 
 def cmd_doctor(a: argparse.Namespace, c: Any) -> Any:
     report = c.consistency()
-    mismatched = sorted(k for k in set(report["book"]) | set(report["db"]) if report["book"].get(k) != report["db"].get(k))
-    return {"tokens": len(report["book"]), "mismatched": mismatched, "violations": report["violations"],
-            "healthy": not mismatched and not report["violations"]}
+    mismatched = sorted(
+        k for k in set(report["book"]) | set(report["db"]) if report["book"].get(k) != report["db"].get(k)
+    )
+    return {
+        "tokens": len(report["book"]),
+        "mismatched": mismatched,
+        "violations": report["violations"],
+        "healthy": not mismatched and not report["violations"],
+    }
 
 
 def render(command: str, value: Any) -> str:
@@ -144,10 +162,29 @@ def render(command: str, value: Any) -> str:
         return _table(v, ["id", "name", "team", "parent_id", "allocation", "used", "free", "status", "rate"])
     if command == "token show":
         t = v["token"]
-        body = "\n".join(f"{k:>11}: {t[k]}" for k in ("id", "name", "team", "parent_id", "root_id", "status",
-                                                         "allocation", "used", "delegated", "free", "consumed",
-                                                         "models", "ips", "rate", "children"))
-        return body + f"\n{'expires':>11}: {_when(t['expires_at'])}\n\n" + _table(v["events"], ["ts", "actor", "action"])
+        body = "\n".join(
+            f"{k:>11}: {t[k]}"
+            for k in (
+                "id",
+                "name",
+                "team",
+                "parent_id",
+                "root_id",
+                "status",
+                "allocation",
+                "used",
+                "delegated",
+                "free",
+                "consumed",
+                "models",
+                "ips",
+                "rate",
+                "children",
+            )
+        )
+        return (
+            body + f"\n{'expires':>11}: {_when(t['expires_at'])}\n\n" + _table(v["events"], ["ts", "actor", "action"])
+        )
     if command == "usage":
         return _table(v, ["ts", "token_id", "request_id", "model", "units", "state", "outcome", "client_ip"])
     return json.dumps(v, indent=2, default=str)
@@ -179,9 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = tok.add_parser("list", parents=[common])
     p.add_argument("--package", help="one package's tree")
     p.set_defaults(handler=cmd_list, command="token list")
-    for name, handler, text in (("show", cmd_show, "one token and its recent admin events"),
-                                ("revoke", cmd_revoke, "revoke a token and its subtree"),
-                                ("rotate", cmd_rotate, "issue a new credential; the old one stops working")):
+    for name, handler, text in (
+        ("show", cmd_show, "one token and its recent admin events"),
+        ("revoke", cmd_revoke, "revoke a token and its subtree"),
+        ("rotate", cmd_rotate, "issue a new credential; the old one stops working"),
+    ):
         p = tok.add_parser(name, parents=[common], help=text)
         p.add_argument("token_id")
         p.set_defaults(handler=handler, command=f"token {name}")
@@ -216,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def connect(address: str, settings: LedgerSettings) -> LedgerClient:
     try:
-        ray.init(address=address, namespace=settings.namespace, log_to_driver=False, logging_level="ERROR")
+        ray.init(address=address, namespace=settings.namespace, log_to_driver=False, logging_level=logging.ERROR)
     except (ConnectionError, RuntimeError) as exc:
         raise LedgerUnavailable(f"no running Ray cluster at {address!r} ({exc}); start one with `make serve`") from exc
     return LedgerClient.connect(settings, create=True)
@@ -227,8 +266,9 @@ def ensure_demo(client: LedgerClient) -> dict[str, Any]:
     for t in client.tokens():
         if t.parent_id is None and t.name == DEMO_PACKAGE and t.status == "active":
             return client.rotate(t.id)
-    return client.create_package(name=DEMO_PACKAGE, allocation=10_000, expires_at=time.time() + 30 * 86400,
-                                 rate="pro", team="demo")
+    return client.create_package(
+        name=DEMO_PACKAGE, allocation=10_000, expires_at=time.time() + 30 * 86400, rate="pro", team="demo"
+    )
 
 
 def cmd_serve(args: argparse.Namespace, settings: LedgerSettings) -> int:

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import ray
-from ray.actor import ActorHandle
 from ray.exceptions import RayError
 
 from ledger.actor import LedgerActor, unavailable
@@ -63,7 +62,7 @@ class _Batcher:
 
 
 class LedgerClient:
-    def __init__(self, actor: ActorHandle, *, max_batch: int = 4096, max_inflight: int = 2) -> None:
+    def __init__(self, actor: Any, *, max_batch: int = 4096, max_inflight: int = 2) -> None:
         self.actor = actor
         self._admit = _Batcher(self._send_admissions, max_batch, max_inflight)
         self._settle = _Batcher(self._send_settlements, max_batch, max_inflight)
@@ -74,15 +73,22 @@ class LedgerClient:
         settings = settings.resolved()
         if create:
             actor = LedgerActor.options(  # type: ignore[attr-defined]
-                name=settings.actor_name, namespace=settings.namespace, lifetime="detached", get_if_exists=True,
-                max_restarts=-1, max_task_retries=0, max_concurrency=10_000,
+                name=settings.actor_name,
+                namespace=settings.namespace,
+                lifetime="detached",
+                get_if_exists=True,
+                max_restarts=-1,
+                max_task_retries=0,
+                max_concurrency=10_000,
             ).remote(settings)
         else:
             try:
                 actor = ray.get_actor(settings.actor_name, namespace=settings.namespace)
             except ValueError:
-                raise LedgerUnavailable(f"no ledger actor {settings.actor_name!r} in namespace "
-                                        f"{settings.namespace!r}: is the service running?") from None
+                raise LedgerUnavailable(
+                    f"no ledger actor {settings.actor_name!r} in namespace "
+                    f"{settings.namespace!r}: is the service running?"
+                ) from None
         return cls(actor, **kw)
 
     # ---------------------------------------------------------------- hot path
@@ -96,22 +102,23 @@ class LedgerClient:
 
     async def _send_admissions(self, rows: list[tuple[Any, ...]]) -> list[Any]:
         try:
-            return await self._retrying(self.actor.admit_batch, rows)  # type: ignore[no-any-return]
+            return await self._retrying(self.actor.admit_batch, rows)
         except RayError:
             return [unavailable(r[0], "ledger actor unavailable") for r in rows]
 
     async def _send_settlements(self, rows: list[tuple[Any, ...]]) -> list[Any]:
         try:
-            return await self._retrying(self.actor.settle_batch, rows)  # type: ignore[no-any-return]
+            return await self._retrying(self.actor.settle_batch, rows)
         except RayError:
             return [Code.LEDGER_UNAVAILABLE.value] * len(rows)
 
     @staticmethod
-    async def _retrying(method: Any, rows: list[tuple[Any, ...]]) -> Any:
+    async def _retrying(method: Any, rows: list[tuple[Any, ...]]) -> list[Any]:
         """Resend the same rows while the actor restarts: request ids make this exactly-once."""
         for delay in (*RETRY_DELAYS_S, None):
             try:
-                return await method.remote(rows)
+                results: list[Any] = await method.remote(rows)
+                return results
             except RayError:
                 if delay is None:
                     raise
@@ -120,15 +127,17 @@ class LedgerClient:
 
     def admit_sync(self, items: Sequence[Admission]) -> list[Decision]:
         """Blocking batch admission, for scripts and tests outside an event loop."""
-        return ray.get(self.actor.admit_batch.remote([a.row() for a in items]))  # type: ignore[no-any-return]
+        decisions: list[Decision] = ray.get(self.actor.admit_batch.remote([a.row() for a in items]))
+        return decisions
 
     def settle_sync(self, items: Sequence[Settlement]) -> list[Code]:
-        return [Code(c) for c in ray.get(self.actor.settle_batch.remote([s.row() for s in items]))]
+        codes: list[str] = ray.get(self.actor.settle_batch.remote([s.row() for s in items]))
+        return [Code(c) for c in codes]
 
     # ---------------------------------------------------------------- admin + reads
     def call(self, op: str, **kwargs: Any) -> Any:
         try:
-            reply = ray.get(self.actor.call.remote(op, kwargs))
+            reply: tuple[Any, ...] = ray.get(self.actor.call.remote(op, kwargs))
         except RayError as exc:
             raise LedgerUnavailable(f"ledger actor unavailable: {type(exc).__name__}") from exc
         return _unwrap(reply)
@@ -140,74 +149,137 @@ class LedgerClient:
             raise LedgerUnavailable(f"ledger actor unavailable: {type(exc).__name__}") from exc
         return _unwrap(reply)
 
-    def create_package(self, *, name: str, allocation: int, expires_at: float | None = None,
-                       models: Iterable[str] | None = None, ips: Iterable[str] | None = None,
-                       rate: str | None = None, team: str | None = None,
-                       thresholds: Sequence[int] = DEFAULT_THRESHOLDS,
-                       meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    def create_package(
+        self,
+        *,
+        name: str,
+        allocation: int,
+        expires_at: float | None = None,
+        models: Iterable[str] | None = None,
+        ips: Iterable[str] | None = None,
+        rate: str | None = None,
+        team: str | None = None,
+        thresholds: Sequence[int] = DEFAULT_THRESHOLDS,
+        meta: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Returns {"token": TokenView, "credential": str}; the credential is shown once."""
-        return self.call("create_package", name=name, allocation=allocation, expires_at=expires_at,  # type: ignore[no-any-return]
-                         models=_opt_list(models), ips=_opt_list(ips), rate=rate, team=team,
-                         thresholds=list(thresholds), meta=meta)
+        return cast(
+            "dict[str, Any]",
+            self.call(
+                "create_package",
+                name=name,
+                allocation=allocation,
+                expires_at=expires_at,
+                models=_opt_list(models),
+                ips=_opt_list(ips),
+                rate=rate,
+                team=team,
+                thresholds=list(thresholds),
+                meta=meta,
+            ),
+        )
 
-    def split(self, parent_id: str, *, name: str, allocation: int, expires_at: float | None = None,
-              models: Iterable[str] | None = None, ips: Iterable[str] | None = None, rate: str | None = None,
-              team: str | None = None, thresholds: Sequence[int] = DEFAULT_THRESHOLDS,
-              meta: dict[str, Any] | None = None, actor: str | None = None) -> dict[str, Any]:
-        return self.call("split", parent_id=parent_id, name=name, allocation=allocation,  # type: ignore[no-any-return]
-                         expires_at=expires_at, models=_opt_list(models), ips=_opt_list(ips), rate=rate, team=team,
-                         thresholds=list(thresholds), meta=meta, actor=actor)
+    def split(
+        self,
+        parent_id: str,
+        *,
+        name: str,
+        allocation: int,
+        expires_at: float | None = None,
+        models: Iterable[str] | None = None,
+        ips: Iterable[str] | None = None,
+        rate: str | None = None,
+        team: str | None = None,
+        thresholds: Sequence[int] = DEFAULT_THRESHOLDS,
+        meta: dict[str, Any] | None = None,
+        actor: str | None = None,
+    ) -> dict[str, Any]:
+        return cast(
+            "dict[str, Any]",
+            self.call(
+                "split",
+                parent_id=parent_id,
+                name=name,
+                allocation=allocation,
+                expires_at=expires_at,
+                models=_opt_list(models),
+                ips=_opt_list(ips),
+                rate=rate,
+                team=team,
+                thresholds=list(thresholds),
+                meta=meta,
+                actor=actor,
+            ),
+        )
 
-    def update_limits(self, token_id: str, *, expires_at: float | None = None, models: Iterable[str] | None = None,
-                      ips: Iterable[str] | None = None, rate: str | None = None,
-                      actor: str | None = None) -> TokenView:
-        return self.call("update_limits", token_id=token_id, expires_at=expires_at,  # type: ignore[no-any-return]
-                         models=_opt_list(models), ips=_opt_list(ips), rate=rate, actor=actor)
+    def update_limits(
+        self,
+        token_id: str,
+        *,
+        expires_at: float | None = None,
+        models: Iterable[str] | None = None,
+        ips: Iterable[str] | None = None,
+        rate: str | None = None,
+        actor: str | None = None,
+    ) -> TokenView:
+        return cast(
+            "TokenView",
+            self.call(
+                "update_limits",
+                token_id=token_id,
+                expires_at=expires_at,
+                models=_opt_list(models),
+                ips=_opt_list(ips),
+                rate=rate,
+                actor=actor,
+            ),
+        )
 
     def top_up(self, token_id: str, units: int, actor: str | None = None) -> TokenView:
-        return self.call("top_up", token_id=token_id, units=units, actor=actor)  # type: ignore[no-any-return]
+        return cast("TokenView", self.call("top_up", token_id=token_id, units=units, actor=actor))
 
     def revoke(self, token_id: str, actor: str | None = None) -> dict[str, Any]:
-        return self.call("revoke", token_id=token_id, actor=actor)  # type: ignore[no-any-return]
+        return cast("dict[str, Any]", self.call("revoke", token_id=token_id, actor=actor))
 
     def reclaim(self, token_id: str, units: int | None = None, actor: str | None = None) -> dict[str, Any]:
-        return self.call("reclaim", token_id=token_id, units=units, actor=actor)  # type: ignore[no-any-return]
+        return cast("dict[str, Any]", self.call("reclaim", token_id=token_id, units=units, actor=actor))
 
     def rotate(self, token_id: str, actor: str | None = None) -> dict[str, Any]:
-        return self.call("rotate", token_id=token_id, actor=actor)  # type: ignore[no-any-return]
+        return cast("dict[str, Any]", self.call("rotate", token_id=token_id, actor=actor))
 
     def token(self, token_id: str, actor: str | None = None) -> TokenView:
-        return self.call("token", token_id=token_id, actor=actor)  # type: ignore[no-any-return]
+        return cast("TokenView", self.call("token", token_id=token_id, actor=actor))
 
     def tokens(self, root_id: str | None = None, actor: str | None = None) -> list[TokenView]:
-        return self.call("tokens", root_id=root_id, actor=actor)  # type: ignore[no-any-return]
+        return cast("list[TokenView]", self.call("tokens", root_id=root_id, actor=actor))
 
     def usage(self, **filters: Any) -> list[dict[str, Any]]:
-        return self.call("usage", **filters)  # type: ignore[no-any-return]
+        return cast("list[dict[str, Any]]", self.call("usage", **filters))
 
     def admin_events(self, token_id: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
-        return self.call("admin_events", token_id=token_id, limit=limit)  # type: ignore[no-any-return]
+        return cast("list[dict[str, Any]]", self.call("admin_events", token_id=token_id, limit=limit))
 
     def alerts(self, limit: int = 1000) -> list[dict[str, Any]]:
-        return self.call("alerts", limit=limit)  # type: ignore[no-any-return]
+        return cast("list[dict[str, Any]]", self.call("alerts", limit=limit))
 
     def public_keys(self) -> dict[str, bytes]:
-        return self.call("public_keys")  # type: ignore[no-any-return]
+        return cast("dict[str, bytes]", self.call("public_keys"))
 
     def rotate_keys(self) -> dict[str, Any]:
-        return self.call("rotate_keys")  # type: ignore[no-any-return]
+        return cast("dict[str, Any]", self.call("rotate_keys"))
 
     def issue_admin(self, name: str, ttl_s: float = 12 * 3600.0) -> str:
-        return self.call("issue_admin", name=name, ttl_s=ttl_s)  # type: ignore[no-any-return]
+        return cast("str", self.call("issue_admin", name=name, ttl_s=ttl_s))
 
     def sweep(self) -> dict[str, Any]:
-        return self.call("sweep")  # type: ignore[no-any-return]
+        return cast("dict[str, Any]", self.call("sweep"))
 
     def consistency(self) -> dict[str, Any]:
-        return self.call("consistency")  # type: ignore[no-any-return]
+        return cast("dict[str, Any]", self.call("consistency"))
 
     def stats(self) -> dict[str, Any]:
-        return ray.get(self.actor.stats.remote())  # type: ignore[no-any-return]
+        stats: dict[str, Any] = ray.get(self.actor.stats.remote())
+        return stats
 
 
 def _unwrap(reply: tuple[Any, ...]) -> Any:

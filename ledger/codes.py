@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 
 
-class Code(str, enum.Enum):
+class Code(enum.StrEnum):
     """Outcome of a ledger operation. The value is the wire name used in error bodies."""
 
     OK = "ok"

@@ -7,12 +7,12 @@ book is rebuilt from the database, so the book never claims what the database la
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ledger.book import RECENT_REQUEST_TTL_S, QuotaBook
-from ledger.codes import Code
 from ledger.credentials import KeyRing, issue, new_id, new_jti
 from ledger.entities import DEFAULT_THRESHOLDS, Admission, Decision, Limits, Node, Settlement, TokenView
 from ledger.errors import LedgerUnavailable
@@ -20,10 +20,19 @@ from ledger.limits import RateLimit, normalize_ips, normalize_models
 from ledger.settings import LedgerSettings
 from ledger.store.repository import Store, UsageQuery
 
-def make_limits(expires_at: float | None = None, models: Iterable[str] | None = None,
-                ips: Iterable[str] | None = None, rate: str | None = None) -> Limits:
-    return Limits(expires_at=expires_at, models=normalize_models(models), ips=normalize_ips(ips),
-                  rate=RateLimit.parse(rate) if rate else None)
+
+def make_limits(
+    expires_at: float | None = None,
+    models: Iterable[str] | None = None,
+    ips: Iterable[str] | None = None,
+    rate: str | None = None,
+) -> Limits:
+    return Limits(
+        expires_at=expires_at,
+        models=normalize_models(models),
+        ips=normalize_ips(ips),
+        rate=RateLimit.parse(rate) if rate else None,
+    )
 
 
 class LedgerCore:
@@ -44,7 +53,8 @@ class LedgerCore:
         """Rebuild the book from the database (the truth). Raises LedgerUnavailable."""
         self.ready = False
         nodes, pending, recent, idem, last_id = self.store.load(
-            self.clock(), self.settings.settle_window_s, max(self.settings.recent_window_s, RECENT_REQUEST_TTL_S))
+            self.clock(), self.settings.settle_window_s, max(self.settings.recent_window_s, RECENT_REQUEST_TTL_S)
+        )
         self.book.load(nodes, pending, recent, idem, last_id)
         self.ready = True
 
@@ -65,10 +75,8 @@ class LedgerCore:
             self.store.commit(changes)
         except LedgerUnavailable:
             self.ready = False
-            try:
+            with contextlib.suppress(LedgerUnavailable):
                 self.reload()
-            except LedgerUnavailable:
-                pass
             raise
 
     def close(self) -> None:
@@ -91,8 +99,7 @@ class LedgerCore:
 
     def issue_admin(self, name: str, ttl_s: float) -> str:
         """An admin credential (typ=admin) for the console and admin routes."""
-        return issue(self.ring, sub=f"admin:{name}", pkg="*", jti=new_jti(), typ="admin",
-                     exp=int(self.clock() + ttl_s))
+        return issue(self.ring, sub=f"admin:{name}", pkg="*", jti=new_jti(), typ="admin", exp=int(self.clock() + ttl_s))
 
     def public_keys(self) -> dict[str, bytes]:
         return self.ring.public_keys()
@@ -105,28 +112,72 @@ class LedgerCore:
         return self.book.check_credential(token_id, jti).value
 
     # ---------------------------------------------------------------- tree operations
-    def create_package(self, *, name: str, allocation: int, expires_at: float | None = None,
-                       models: Iterable[str] | None = None, ips: Iterable[str] | None = None,
-                       rate: str | None = None, team: str | None = None,
-                       thresholds: Sequence[int] = DEFAULT_THRESHOLDS, meta: dict[str, Any] | None = None,
-                       actor: str | None = None) -> dict[str, Any]:
-        n = self.book.create_package(token_id=new_id("pkg"), jti=new_jti(), name=name, allocation=allocation,
-                                     limits=make_limits(expires_at, models, ips, rate), team=team,
-                                     thresholds=tuple(thresholds), meta=meta, actor=actor)
+    def create_package(
+        self,
+        *,
+        name: str,
+        allocation: int,
+        expires_at: float | None = None,
+        models: Iterable[str] | None = None,
+        ips: Iterable[str] | None = None,
+        rate: str | None = None,
+        team: str | None = None,
+        thresholds: Sequence[int] = DEFAULT_THRESHOLDS,
+        meta: dict[str, Any] | None = None,
+        actor: str | None = None,
+    ) -> dict[str, Any]:
+        n = self.book.create_package(
+            token_id=new_id("pkg"),
+            jti=new_jti(),
+            name=name,
+            allocation=allocation,
+            limits=make_limits(expires_at, models, ips, rate),
+            team=team,
+            thresholds=tuple(thresholds),
+            meta=meta,
+            actor=actor,
+        )
         return {"token": n.view(), "credential": self._credential(n)}
 
-    def split(self, parent_id: str, *, name: str, allocation: int, expires_at: float | None = None,
-              models: Iterable[str] | None = None, ips: Iterable[str] | None = None, rate: str | None = None,
-              team: str | None = None, thresholds: Sequence[int] = DEFAULT_THRESHOLDS,
-              meta: dict[str, Any] | None = None, actor: str | None = None) -> dict[str, Any]:
-        n = self.book.split(parent_id, token_id=new_id("tok"), jti=new_jti(), name=name, allocation=allocation,
-                            limits=make_limits(expires_at, models, ips, rate), team=team,
-                            thresholds=tuple(thresholds), meta=meta, actor=actor)
+    def split(
+        self,
+        parent_id: str,
+        *,
+        name: str,
+        allocation: int,
+        expires_at: float | None = None,
+        models: Iterable[str] | None = None,
+        ips: Iterable[str] | None = None,
+        rate: str | None = None,
+        team: str | None = None,
+        thresholds: Sequence[int] = DEFAULT_THRESHOLDS,
+        meta: dict[str, Any] | None = None,
+        actor: str | None = None,
+    ) -> dict[str, Any]:
+        n = self.book.split(
+            parent_id,
+            token_id=new_id("tok"),
+            jti=new_jti(),
+            name=name,
+            allocation=allocation,
+            limits=make_limits(expires_at, models, ips, rate),
+            team=team,
+            thresholds=tuple(thresholds),
+            meta=meta,
+            actor=actor,
+        )
         return {"token": n.view(), "credential": self._credential(n)}
 
-    def update_limits(self, token_id: str, *, expires_at: float | None = None, models: Iterable[str] | None = None,
-                      ips: Iterable[str] | None = None, rate: str | None = None,
-                      actor: str | None = None) -> TokenView:
+    def update_limits(
+        self,
+        token_id: str,
+        *,
+        expires_at: float | None = None,
+        models: Iterable[str] | None = None,
+        ips: Iterable[str] | None = None,
+        rate: str | None = None,
+        actor: str | None = None,
+    ) -> TokenView:
         return self.book.update_limits(token_id, make_limits(expires_at, models, ips, rate), actor=actor).view()
 
     def top_up(self, token_id: str, units: int, actor: str | None = None) -> TokenView:
@@ -154,15 +205,24 @@ class LedgerCore:
     def tokens(self, root_id: str | None = None, actor: str | None = None) -> list[TokenView]:
         return self.book.views(root_id, actor)
 
-    def usage(self, *, token_id: str | None = None, model: str | None = None, outcome: str | None = None,
-              since: float | None = None, until: float | None = None, limit: int = 1000,
-              actor: str | None = None) -> list[dict[str, Any]]:
+    def usage(
+        self,
+        *,
+        token_id: str | None = None,
+        model: str | None = None,
+        outcome: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 1000,
+        actor: str | None = None,
+    ) -> list[dict[str, Any]]:
         if actor is not None:
             if token_id is None:
                 token_id = actor
             self.book.node(token_id, actor)  # raises NOT_FOUND outside the actor's subtree
-        return self.store.usage(UsageQuery(token_id=token_id, model=model, outcome=outcome, since=since,
-                                           until=until, limit=limit))
+        return self.store.usage(
+            UsageQuery(token_id=token_id, model=model, outcome=outcome, since=since, until=until, limit=limit)
+        )
 
     def admin_events(self, token_id: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         return self.store.admin_events(token_id, limit)
@@ -174,4 +234,3 @@ class LedgerCore:
         """Book vs database, and the conservation invariant: for tests and `yolo-tokens doctor`."""
         book = {n.id: (n.allocation, n.used, n.status.value) for n in self.book.nodes.values()}
         return {"book": book, "db": self.store.balances(), "violations": self.book.invariant_violations()}
-

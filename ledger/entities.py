@@ -15,13 +15,13 @@ from ledger.limits import Bucket, IPNetwork, RateLimit
 DEFAULT_THRESHOLDS: tuple[int, ...] = (80, 95, 100)
 
 
-class Status(str, enum.Enum):
+class Status(enum.StrEnum):
     ACTIVE = "active"
     REVOKED = "revoked"
     EXPIRED = "expired"
 
 
-class UsageState(str, enum.Enum):
+class UsageState(enum.StrEnum):
     ADMITTED = "admitted"  # debited, work in progress
     SETTLED = "settled"  # work done, debit kept
     REFUNDED = "refunded"  # server-side failure, debit returned
@@ -147,8 +147,17 @@ class Admission:
 
     def row(self) -> tuple[str, str, str, int, str, str | None, str | None, str | None, int]:
         """Wire form (field order); `dataclasses.astuple` deep-copies and is ~10x slower."""
-        return (self.request_id, self.token_id, self.jti, self.units, self.model, self.client_ip, self.idem_key,
-                self.body_hash, self.image_bytes)
+        return (
+            self.request_id,
+            self.token_id,
+            self.jti,
+            self.units,
+            self.model,
+            self.client_ip,
+            self.idem_key,
+            self.body_hash,
+            self.image_bytes,
+        )
 
 
 class Decision(NamedTuple):
@@ -190,8 +199,16 @@ class Settlement:
     result: str | None = None  # JSON kept for idempotent replays
 
     def row(self) -> tuple[str, str, bool, int | None, float, int, float, str | None]:
-        return (self.request_id, self.token_id, self.success, self.charged, self.latency_ms, self.detections,
-                self.gpu_ms, self.result)
+        return (
+            self.request_id,
+            self.token_id,
+            self.success,
+            self.charged,
+            self.latency_ms,
+            self.detections,
+            self.gpu_ms,
+            self.result,
+        )
 
 
 @dataclass(frozen=True, slots=True)

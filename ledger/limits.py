@@ -19,7 +19,9 @@ from ledger.errors import OperationRefused
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*(?:[:,]\s*(?:burst\s*=\s*)?(\d+))?\s*$")
+_RATE_RE = re.compile(
+    r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*(?:[:,]\s*(?:burst\s*=\s*)?(\d+))?\s*$"
+)
 _PERIOD_S = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0, "h": 3600.0, "hour": 3600.0}
 
 
@@ -33,7 +35,9 @@ class RateLimit:
 
     def __post_init__(self) -> None:
         if not (self.rate > 0 and self.burst >= 1):
-            raise OperationRefused(f"rate limit needs rate > 0 and burst >= 1, got {self.rate}/{self.burst}", Code.INVALID_REQUEST)
+            raise OperationRefused(
+                f"rate limit needs rate > 0 and burst >= 1, got {self.rate}/{self.burst}", Code.INVALID_REQUEST
+            )
 
     @classmethod
     def parse(cls, spec: str) -> RateLimit:
@@ -48,7 +52,7 @@ class RateLimit:
                 Code.INVALID_REQUEST,
             )
         rate = float(m.group(1)) / _PERIOD_S[m.group(2)]
-        burst = int(m.group(3)) if m.group(3) else max(1, int(round(float(m.group(1)))))
+        burst = int(m.group(3)) if m.group(3) else max(1, round(float(m.group(1))))
         return cls(rate=rate, burst=burst)
 
     def narrows(self, parent: RateLimit | None) -> bool:

@@ -43,8 +43,16 @@ class LocalRay:
         ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
         if ray_bin is None:
             raise ConfigError("the `ray` command is not installed in this environment")
-        cmd = [ray_bin, "start", "--head", "--block", f"--node-ip-address={LOOPBACK}", f"--port={self.port}",
-               "--include-dashboard=false", "--disable-usage-stats"]
+        cmd = [
+            ray_bin,
+            "start",
+            "--head",
+            "--block",
+            f"--node-ip-address={LOOPBACK}",
+            f"--port={self.port}",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ]
         if self.num_cpus is not None:
             cmd.append(f"--num-cpus={self.num_cpus}")
         out = self.log.open("ab") if self.log else subprocess.DEVNULL
@@ -53,8 +61,9 @@ class LocalRay:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise ConfigError(f"`ray start` exited with {self.proc.returncode}; is port {self.port} in use?")
-            probe = subprocess.run([ray_bin, "status", f"--address={self.address}"], env=ray_env(),
-                                   capture_output=True, check=False)
+            probe = subprocess.run(
+                [ray_bin, "status", f"--address={self.address}"], env=ray_env(), capture_output=True, check=False
+            )
             if probe.returncode == 0:
                 return self.address
             time.sleep(1.0)

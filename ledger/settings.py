@@ -58,5 +58,5 @@ class LedgerSettings:
         url = self.database_url
         prefix = "sqlite:///"
         if url.startswith(prefix) and not url.startswith(prefix + "/") and url != prefix + ":memory:":
-            url = prefix + str(Path(url[len(prefix):]).resolve())
+            url = prefix + str(Path(url[len(prefix) :]).resolve())
         return replace(self, database_url=url, data_dir=self.data_dir.resolve())

@@ -21,8 +21,14 @@ PG_ADMIN_URL = os.environ.get("YT_TEST_PG", "postgresql://postgres@127.0.0.1:543
 def ray_cluster() -> Iterator[None]:
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="yt-tests", _node_ip_address="127.0.0.1",
-             log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        namespace="yt-tests",
+        _node_ip_address="127.0.0.1",
+        log_to_driver=False,
+    )
     yield
     ray.shutdown()
 

@@ -11,9 +11,9 @@ import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, and_, bindparam, create_engine, delete, event, func, insert, select, update
+from sqlalchemy import Engine, Table, and_, bindparam, create_engine, delete, event, func, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -24,19 +24,28 @@ from ledger.limits import RateLimit, normalize_ips
 from ledger.store.migrate import upgrade
 from ledger.store.models import AdminEventRow, AlertRow, Base, IdempotencyRow, TokenRow, UsageEventRow
 
-TOKENS = TokenRow.__table__
-USAGE = UsageEventRow.__table__
-ADMIN = AdminEventRow.__table__
-ALERTS = AlertRow.__table__
-IDEM = IdempotencyRow.__table__
+TOKENS = cast(Table, TokenRow.__table__)
+USAGE = cast(Table, UsageEventRow.__table__)
+ADMIN = cast(Table, AdminEventRow.__table__)
+ALERTS = cast(Table, AlertRow.__table__)
+IDEM = cast(Table, IdempotencyRow.__table__)
 
 
 _UPDATE_TOKEN = (
     update(TOKENS)
     .where(TOKENS.c.id == bindparam("b_id"))
-    .values(allocation=bindparam("allocation"), used=bindparam("used"), status=bindparam("status"),
-            expires_at=bindparam("expires_at"), models=bindparam("models"), ips=bindparam("ips"),
-            rate=bindparam("rate"), jti=bindparam("jti"), fired=bindparam("fired"), meta=bindparam("meta"))
+    .values(
+        allocation=bindparam("allocation"),
+        used=bindparam("used"),
+        status=bindparam("status"),
+        expires_at=bindparam("expires_at"),
+        models=bindparam("models"),
+        ips=bindparam("ips"),
+        rate=bindparam("rate"),
+        jti=bindparam("jti"),
+        fired=bindparam("fired"),
+        meta=bindparam("meta"),
+    )
 )
 
 
@@ -84,10 +93,12 @@ class Store:
         # the hot inserts go straight to the driver's executemany with positional rows:
         # SQLAlchemy's per-row parameter processing would cost more than the insert itself
         mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
-        self._insert_usage = (f"INSERT INTO usage_events ({', '.join(USAGE_COLUMNS)}) "
-                              f"VALUES ({', '.join([mark] * len(USAGE_COLUMNS))})")
-        self._settle_usage = (f"UPDATE usage_events SET {', '.join(f'{c} = {mark}' for c in SETTLE_COLUMNS)} "
-                              f"WHERE id = {mark}")
+        self._insert_usage = (
+            f"INSERT INTO usage_events ({', '.join(USAGE_COLUMNS)}) VALUES ({', '.join([mark] * len(USAGE_COLUMNS))})"
+        )
+        self._settle_usage = (
+            f"UPDATE usage_events SET {', '.join(f'{c} = {mark}' for c in SETTLE_COLUMNS)} WHERE id = {mark}"
+        )
 
     def close(self) -> None:
         self.engine.dispose()
@@ -113,42 +124,73 @@ class Store:
         if ch.dirty:
             conn.execute(_UPDATE_TOKEN, [_node_update(n) for n in ch.dirty.values()])
         if ch.usage:
-            conn.exec_driver_sql(self._insert_usage, ch.usage)  # type: ignore[arg-type]
+            conn.exec_driver_sql(self._insert_usage, ch.usage)
         if ch.settles:
-            conn.exec_driver_sql(self._settle_usage, ch.settles)  # type: ignore[arg-type]
+            conn.exec_driver_sql(self._settle_usage, ch.settles)
         if ch.idem_deleted:
-            conn.execute(delete(IDEM).where(and_(IDEM.c.token_id == bindparam("b_tid"), IDEM.c.key == bindparam("b_key"))),
-                         [{"b_tid": t, "b_key": k} for t, k in ch.idem_deleted])
+            conn.execute(
+                delete(IDEM).where(and_(IDEM.c.token_id == bindparam("b_tid"), IDEM.c.key == bindparam("b_key"))),
+                [{"b_tid": t, "b_key": k} for t, k in ch.idem_deleted],
+            )
         if ch.idem_new:
-            conn.execute(insert(IDEM), [{"token_id": r.token_id, "key": r.key, "body_hash": r.body_hash,
-                                         "request_id": r.request_id, "state": r.state, "result": r.result,
-                                         "created_at": r.created_at} for r in ch.idem_new])
+            conn.execute(
+                insert(IDEM),
+                [
+                    {
+                        "token_id": r.token_id,
+                        "key": r.key,
+                        "body_hash": r.body_hash,
+                        "request_id": r.request_id,
+                        "state": r.state,
+                        "result": r.result,
+                        "created_at": r.created_at,
+                    }
+                    for r in ch.idem_new
+                ],
+            )
         if ch.idem_done:
-            conn.execute(update(IDEM).where(and_(IDEM.c.token_id == bindparam("b_tid"), IDEM.c.key == bindparam("b_key")))
-                         .values(state=bindparam("state"), result=bindparam("result")),
-                         [{"b_tid": r.token_id, "b_key": r.key, "state": r.state, "result": r.result} for r in ch.idem_done])
+            conn.execute(
+                update(IDEM)
+                .where(and_(IDEM.c.token_id == bindparam("b_tid"), IDEM.c.key == bindparam("b_key")))
+                .values(state=bindparam("state"), result=bindparam("result")),
+                [{"b_tid": r.token_id, "b_key": r.key, "state": r.state, "result": r.result} for r in ch.idem_done],
+            )
         if ch.admin_events:
             conn.execute(insert(ADMIN), ch.admin_events)
         if ch.alerts:
             conn.execute(insert(ALERTS), ch.alerts)
 
     # ---------------------------------------------------------------- loading
-    def load(self, now: float, settle_window_s: float, recent_window_s: float) -> tuple[
-            list[Node], list[Pending], list[tuple[str, str, str, float]], list[IdemRecord], int]:
+    def load(
+        self, now: float, settle_window_s: float, recent_window_s: float
+    ) -> tuple[list[Node], list[Pending], list[tuple[str, str, str, float]], list[IdemRecord], int]:
         """Everything the quota book needs to rebuild itself."""
         try:
             with self.engine.connect() as conn:
                 nodes = [_row_node(r) for r in conn.execute(select(TOKENS)).mappings()]
                 last_id = int(conn.execute(select(func.coalesce(func.max(USAGE.c.id), 0))).scalar_one())
-                pending = [Pending(r.request_id, r.token_id, r.units, r.ts, None, r.id) for r in conn.execute(
-                    select(USAGE.c.request_id, USAGE.c.token_id, USAGE.c.units, USAGE.c.ts, USAGE.c.id)
-                    .where(and_(USAGE.c.ts >= now - settle_window_s, USAGE.c.state == "admitted")))]
-                recent = [(r.request_id, r.token_id, r.state, r.settled_at) for r in conn.execute(
-                    select(USAGE.c.request_id, USAGE.c.token_id, USAGE.c.state, USAGE.c.settled_at)
-                    .where(and_(USAGE.c.settled_at >= now - recent_window_s,
-                                USAGE.c.state.in_(("settled", "refunded")))))]
-                idem = [IdemRecord(r.token_id, r.key, r.body_hash, r.request_id, r.created_at, r.state, r.result)
-                        for r in conn.execute(select(IDEM)).mappings()]
+                pending = [
+                    Pending(r.request_id, r.token_id, r.units, r.ts, None, r.id)
+                    for r in conn.execute(
+                        select(USAGE.c.request_id, USAGE.c.token_id, USAGE.c.units, USAGE.c.ts, USAGE.c.id).where(
+                            and_(USAGE.c.ts >= now - settle_window_s, USAGE.c.state == "admitted")
+                        )
+                    )
+                ]
+                recent = [
+                    (r.request_id, r.token_id, r.state, r.settled_at)
+                    for r in conn.execute(
+                        select(USAGE.c.request_id, USAGE.c.token_id, USAGE.c.state, USAGE.c.settled_at).where(
+                            and_(
+                                USAGE.c.settled_at >= now - recent_window_s, USAGE.c.state.in_(("settled", "refunded"))
+                            )
+                        )
+                    )
+                ]
+                idem = [
+                    IdemRecord(r.token_id, r.key, r.body_hash, r.request_id, r.created_at, r.state, r.result)
+                    for r in conn.execute(select(IDEM)).mappings()
+                ]
         except SQLAlchemyError as exc:
             raise LedgerUnavailable(f"database read failed: {type(exc).__name__}") from exc
         by_req = {(i.token_id, i.request_id): i.key for i in idem}
@@ -160,8 +202,10 @@ class Store:
     def balances(self) -> dict[str, tuple[int, int, str]]:
         """token id -> (allocation, used, status), straight from the database."""
         with self.engine.connect() as conn:
-            return {r.id: (r.allocation, r.used, r.status) for r in
-                    conn.execute(select(TOKENS.c.id, TOKENS.c.allocation, TOKENS.c.used, TOKENS.c.status))}
+            return {
+                r.id: (r.allocation, r.used, r.status)
+                for r in conn.execute(select(TOKENS.c.id, TOKENS.c.allocation, TOKENS.c.used, TOKENS.c.status))
+            }
 
     def usage_counts(self, token_id: str | None = None) -> dict[str, tuple[int, int]]:
         """state -> (rows, units), optionally for one token."""
@@ -174,8 +218,14 @@ class Store:
     def charged_request_ids(self) -> set[str]:
         """Request ids whose debit is durable (admitted or settled with units kept)."""
         with self.engine.connect() as conn:
-            return {r[0] for r in conn.execute(select(USAGE.c.request_id).where(
-                and_(USAGE.c.state.in_(("admitted", "settled")), USAGE.c.units > 0)))}
+            return {
+                r[0]
+                for r in conn.execute(
+                    select(USAGE.c.request_id).where(
+                        and_(USAGE.c.state.in_(("admitted", "settled")), USAGE.c.units > 0)
+                    )
+                )
+            }
 
     def usage(self, q: UsageQuery) -> list[dict[str, Any]]:
         stmt = select(USAGE).order_by(USAGE.c.ts.desc()).limit(max(1, min(q.limit, 100_000)))
@@ -224,21 +274,51 @@ def usage_csv(rows: Sequence[dict[str, Any]]) -> Iterator[str]:
 
 
 def _node_row(n: Node) -> dict[str, Any]:
-    return {"id": n.id, "root_id": n.root_id, "parent_id": n.parent_id, "name": n.name, "team": n.team,
-            "created_at": n.created_at, "thresholds": list(n.thresholds), **_node_update(n, key="id")}
+    return {
+        "id": n.id,
+        "root_id": n.root_id,
+        "parent_id": n.parent_id,
+        "name": n.name,
+        "team": n.team,
+        "created_at": n.created_at,
+        "thresholds": list(n.thresholds),
+        **_node_update(n, key="id"),
+    }
 
 
 def _node_update(n: Node, key: str = "b_id") -> dict[str, Any]:
-    return {key: n.id, "allocation": n.allocation, "used": n.used, "status": n.status.value,
-            "expires_at": n.expires_at, "models": sorted(n.models) if n.models is not None else None,
-            "ips": [str(i) for i in n.ips] if n.ips is not None else None,
-            "rate": n.rate.to_json() if n.rate else None, "jti": n.jti, "fired": sorted(n.fired), "meta": n.meta}
+    return {
+        key: n.id,
+        "allocation": n.allocation,
+        "used": n.used,
+        "status": n.status.value,
+        "expires_at": n.expires_at,
+        "models": sorted(n.models) if n.models is not None else None,
+        "ips": [str(i) for i in n.ips] if n.ips is not None else None,
+        "rate": n.rate.to_json() if n.rate else None,
+        "jti": n.jti,
+        "fired": sorted(n.fired),
+        "meta": n.meta,
+    }
 
 
 def _row_node(r: Any) -> Node:
-    return Node(id=r["id"], root_id=r["root_id"], parent_id=r["parent_id"], name=r["name"], team=r["team"],
-                allocation=int(r["allocation"]), used=int(r["used"]), status=Status(r["status"]),
-                expires_at=r["expires_at"], models=frozenset(r["models"]) if r["models"] is not None else None,
-                ips=normalize_ips(r["ips"]), rate=RateLimit.from_json(r["rate"]), jti=r["jti"],
-                created_at=r["created_at"], thresholds=tuple(r["thresholds"]), fired=set(r["fired"]),
-                meta=dict(r["meta"] or {}))
+    return Node(
+        id=r["id"],
+        root_id=r["root_id"],
+        parent_id=r["parent_id"],
+        name=r["name"],
+        team=r["team"],
+        allocation=int(r["allocation"]),
+        used=int(r["used"]),
+        status=Status(r["status"]),
+        expires_at=r["expires_at"],
+        models=frozenset(r["models"]) if r["models"] is not None else None,
+        ips=normalize_ips(r["ips"]),
+        rate=RateLimit.from_json(r["rate"]),
+        jti=r["jti"],
+        created_at=r["created_at"],
+        thresholds=tuple(r["thresholds"]),
+        fired=set(r["fired"]),
+        meta=dict(r["meta"] or {}),
+    )

@@ -28,22 +28,43 @@ def new_book() -> tuple[QuotaBook, Clock]:
 
 def package(book: QuotaBook, allocation: int, limits: Limits | None = None) -> Node:
     i = next(_ids)
-    return book.create_package(token_id=f"pkg{i}", jti=f"j{i}", name=f"p{i}", allocation=allocation,
-                               limits=limits or Limits())
+    return book.create_package(
+        token_id=f"pkg{i}", jti=f"j{i}", name=f"p{i}", allocation=allocation, limits=limits or Limits()
+    )
 
 
-def child(book: QuotaBook, parent: Node, allocation: int, limits: Limits | None = None, actor: str | None = None) -> Node:
+def child(
+    book: QuotaBook, parent: Node, allocation: int, limits: Limits | None = None, actor: str | None = None
+) -> Node:
     i = next(_ids)
-    return book.split(parent.id, token_id=f"tok{i}", jti=f"j{i}", name=f"c{i}", allocation=allocation,
-                      limits=limits or Limits(), actor=actor)
+    return book.split(
+        parent.id,
+        token_id=f"tok{i}",
+        jti=f"j{i}",
+        name=f"c{i}",
+        allocation=allocation,
+        limits=limits or Limits(),
+        actor=actor,
+    )
 
 
-def admit(book: QuotaBook, node: Node, units: int = 1, model: str = "parts@1", ip: str | None = "10.0.0.1",
-          key: str | None = None, body: str | None = None, rid: str | None = None, jti: str | None = None) -> Decision:
+def admit(
+    book: QuotaBook,
+    node: Node,
+    units: int = 1,
+    model: str = "parts@1",
+    ip: str | None = "10.0.0.1",
+    key: str | None = None,
+    body: str | None = None,
+    rid: str | None = None,
+    jti: str | None = None,
+) -> Decision:
     return book.admit(Admission(rid or f"r{next(_ids)}", node.id, jti or node.jti, units, model, ip, key, body))
 
 
 def counters(book: QuotaBook) -> dict[str, tuple[int, int, int, str, float | None]]:
     """Every number a denial must leave alone, including rate-bucket levels."""
-    return {n.id: (n.allocation, n.used, n.delegated, n.status.value, n.bucket.level if n.bucket else None)
-            for n in book.nodes.values()}
+    return {
+        n.id: (n.allocation, n.used, n.delegated, n.status.value, n.bucket.level if n.bucket else None)
+        for n in book.nodes.values()
+    }

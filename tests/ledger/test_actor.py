@@ -30,11 +30,15 @@ class Caller:
     def __init__(self, ledger_actor: Any) -> None:
         self.client = LedgerClient(ledger_actor)
 
-    async def burst(self, token_id: str, jti: str, n: int, prefix: str, key: str | None = None,
-                    body: str | None = None) -> list[tuple[str, str]]:
-        ds = await asyncio.gather(*[
-            self.client.admit(Admission(f"{prefix}-{i}", token_id, jti, 1, "parts@1", "127.0.0.1", key, body))
-            for i in range(n)])
+    async def burst(
+        self, token_id: str, jti: str, n: int, prefix: str, key: str | None = None, body: str | None = None
+    ) -> list[tuple[str, str]]:
+        ds = await asyncio.gather(
+            *[
+                self.client.admit(Admission(f"{prefix}-{i}", token_id, jti, 1, "parts@1", "127.0.0.1", key, body))
+                for i in range(n)
+            ]
+        )
         return [(d.code.value, d.request_id) for d in ds]
 
     async def load(self, token_id: str, jti: str, waves: int, per_wave: int, prefix: str) -> list[tuple[str, str]]:
@@ -61,7 +65,8 @@ def jti_of(client: LedgerClient, credential: str) -> str:
 
 
 def test_given_100_units_when_500_admissions_race_from_two_processes_then_exactly_100_debits(
-        ledger: LedgerClient, settings: LedgerSettings) -> None:
+    ledger: LedgerClient, settings: LedgerSettings
+) -> None:
     pkg = ledger.create_package(name="burst", allocation=100)
     tid, jti = pkg["token"].id, jti_of(ledger, pkg["credential"])
     callers = [Caller.remote(ledger.actor) for _ in range(2)]
@@ -79,7 +84,8 @@ def test_given_100_units_when_500_admissions_race_from_two_processes_then_exactl
 
 
 def test_given_one_idempotency_key_sent_10x_concurrently_then_one_debit_and_conflict_on_other_body(
-        ledger: LedgerClient, settings: LedgerSettings) -> None:
+    ledger: LedgerClient, settings: LedgerSettings
+) -> None:
     pkg = ledger.create_package(name="idem", allocation=50)
     tid, jti = pkg["token"].id, jti_of(ledger, pkg["credential"])
     callers = [Caller.remote(ledger.actor) for _ in range(2)]
@@ -107,7 +113,9 @@ def test_given_revoked_or_rotated_credentials_then_admission_is_refused(ledger: 
     kid_id, old_jti = kid["token"].id, jti_of(ledger, kid["credential"])
     rotated = ledger.rotate(kid_id)
     new_jti = jti_of(ledger, rotated["credential"])
-    d_old, d_new = ledger.admit_sync([Admission("a", kid_id, old_jti, 1, "m@1"), Admission("b", kid_id, new_jti, 1, "m@1")])
+    d_old, d_new = ledger.admit_sync(
+        [Admission("a", kid_id, old_jti, 1, "m@1"), Admission("b", kid_id, new_jti, 1, "m@1")]
+    )
     assert (d_old.code, d_new.code) == (Code.REVOKED_TOKEN, Code.OK)
     assert ledger.revoke(kid_id)["returned"] == 9
     assert ledger.admit_sync([Admission("c", kid_id, new_jti, 1, "m@1")])[0].code is Code.REVOKED_TOKEN
@@ -117,8 +125,7 @@ def test_given_revoked_or_rotated_credentials_then_admission_is_refused(ledger: 
     assert e.value.code is Code.QUOTA_EXHAUSTED
 
 
-def test_given_a_random_concurrent_mix_then_conservation_holds_and_book_equals_database(
-        ledger: LedgerClient) -> None:
+def test_given_a_random_concurrent_mix_then_conservation_holds_and_book_equals_database(ledger: LedgerClient) -> None:
     rng = random.Random(20261128)
     pkg = ledger.create_package(name="mix", allocation=2000)
     root = pkg["token"].id
@@ -143,8 +150,13 @@ def test_given_a_random_concurrent_mix_then_conservation_holds_and_book_equals_d
                 ledger.top_up(t, rng.randint(1, 50))
             elif op == "settle":
                 rows = ledger.usage(limit=20)
-                ledger.settle_sync([Settlement(r["request_id"], r["token_id"], rng.random() < 0.5)
-                                    for r in rows if r["state"] == "admitted"])
+                ledger.settle_sync(
+                    [
+                        Settlement(r["request_id"], r["token_id"], rng.random() < 0.5)
+                        for r in rows
+                        if r["state"] == "admitted"
+                    ]
+                )
         except OperationRefused:
             pass
         report = ledger.consistency()
@@ -153,7 +165,8 @@ def test_given_a_random_concurrent_mix_then_conservation_holds_and_book_equals_d
 
 
 def test_given_load_when_the_actor_is_sigkilled_then_it_restarts_and_every_ok_has_its_durable_debit(
-        ledger: LedgerClient, settings: LedgerSettings) -> None:
+    ledger: LedgerClient, settings: LedgerSettings
+) -> None:
     pkg = ledger.create_package(name="kill", allocation=1_000_000)
     tid, jti = pkg["token"].id, jti_of(ledger, pkg["credential"])
     callers = [Caller.remote(ledger.actor) for _ in range(2)]

@@ -123,8 +123,17 @@ def test_given_thresholds_when_one_admission_crosses_two_then_each_fires_exactly
 def test_given_one_limit_denies_then_no_counter_of_any_other_limit_moves(field: str) -> None:
     book, clock = new_book()
     root = package(book, 100, Limits(rate=RateLimit(rate=1.0, burst=1)))
-    kid = child(book, root, 50, Limits(models=normalize_models(["parts"]), ips=normalize_ips(["10.0.0.0/8"]),
-                                       expires_at=clock.t + 100, rate=RateLimit(rate=1.0, burst=1)))
+    kid = child(
+        book,
+        root,
+        50,
+        Limits(
+            models=normalize_models(["parts"]),
+            ips=normalize_ips(["10.0.0.0/8"]),
+            expires_at=clock.t + 100,
+            rate=RateLimit(rate=1.0, burst=1),
+        ),
+    )
     mid = child(book, kid, 10)
     if field == "rate":
         assert admit(book, mid).code is Code.OK
@@ -136,8 +145,14 @@ def test_given_one_limit_denies_then_no_counter_of_any_other_limit_moves(field: 
     if field == "ancestor_revoked":
         kid.status = Status.REVOKED
         before = counters(book)
-    expected = {"rate": Code.RATE_LIMITED, "model": Code.MODEL_NOT_ALLOWED, "ip": Code.IP_NOT_ALLOWED,
-                "expiry": Code.EXPIRED_TOKEN, "ancestor_revoked": Code.REVOKED_TOKEN, "jti": Code.REVOKED_TOKEN}[field]
+    expected = {
+        "rate": Code.RATE_LIMITED,
+        "model": Code.MODEL_NOT_ALLOWED,
+        "ip": Code.IP_NOT_ALLOWED,
+        "expiry": Code.EXPIRED_TOKEN,
+        "ancestor_revoked": Code.REVOKED_TOKEN,
+        "jti": Code.REVOKED_TOKEN,
+    }[field]
     model = "other@1" if field == "model" else "parts@1"
     ip = "192.168.1.1" if field == "ip" else "10.1.2.3"
     d = admit(book, mid, model=model, ip=ip, jti="rotated-out" if field == "jti" else None)
@@ -168,19 +183,30 @@ def test_given_a_quota_denial_then_rate_tokens_are_not_consumed() -> None:
     assert root.bucket.level == level  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("limits", [
-    Limits(expires_at=2_000_000.0),
-    Limits(models=normalize_models(["parts", "yolov8n"])),
-    Limits(models=normalize_models(["yolov8n@1"])),
-    Limits(ips=normalize_ips(["10.0.0.0/7"])),
-    Limits(ips=normalize_ips(["192.168.0.1"])),
-    Limits(rate=RateLimit(rate=20.0, burst=20)),
-    Limits(rate=RateLimit(rate=5.0, burst=100)),
-])
+@pytest.mark.parametrize(
+    "limits",
+    [
+        Limits(expires_at=2_000_000.0),
+        Limits(models=normalize_models(["parts", "yolov8n"])),
+        Limits(models=normalize_models(["yolov8n@1"])),
+        Limits(ips=normalize_ips(["10.0.0.0/7"])),
+        Limits(ips=normalize_ips(["192.168.0.1"])),
+        Limits(rate=RateLimit(rate=20.0, burst=20)),
+        Limits(rate=RateLimit(rate=5.0, burst=100)),
+    ],
+)
 def test_given_a_narrow_parent_when_a_child_asks_for_wider_limits_then_refused(limits: Limits) -> None:
     book, clock = new_book()
-    root = package(book, 100, Limits(expires_at=clock.t + 1000, models=normalize_models(["parts"]),
-                                     ips=normalize_ips(["10.0.0.0/8"]), rate=RateLimit(rate=10.0, burst=20)))
+    root = package(
+        book,
+        100,
+        Limits(
+            expires_at=clock.t + 1000,
+            models=normalize_models(["parts"]),
+            ips=normalize_ips(["10.0.0.0/8"]),
+            rate=RateLimit(rate=10.0, burst=20),
+        ),
+    )
     before = counters(book)
     with pytest.raises(OperationRefused) as e:
         child(book, root, 10, limits)
@@ -190,10 +216,24 @@ def test_given_a_narrow_parent_when_a_child_asks_for_wider_limits_then_refused(l
 
 def test_given_a_narrow_parent_when_a_child_narrows_every_limit_then_allowed_and_expiry_inherited() -> None:
     book, clock = new_book()
-    root = package(book, 100, Limits(expires_at=clock.t + 1000, models=normalize_models(["parts"]),
-                                     ips=normalize_ips(["10.0.0.0/8"]), rate=RateLimit(rate=10.0, burst=20)))
-    kid = child(book, root, 10, Limits(models=normalize_models(["parts@1"]), ips=normalize_ips(["10.1.0.0/16"]),
-                                       rate=RateLimit(rate=1.0, burst=2)))
+    root = package(
+        book,
+        100,
+        Limits(
+            expires_at=clock.t + 1000,
+            models=normalize_models(["parts"]),
+            ips=normalize_ips(["10.0.0.0/8"]),
+            rate=RateLimit(rate=10.0, burst=20),
+        ),
+    )
+    kid = child(
+        book,
+        root,
+        10,
+        Limits(
+            models=normalize_models(["parts@1"]), ips=normalize_ips(["10.1.0.0/16"]), rate=RateLimit(rate=1.0, burst=2)
+        ),
+    )
     assert kid.expires_at == clock.t + 1000
     assert admit(book, kid, model="parts@1", ip="10.1.9.9").code is Code.OK
     assert admit(book, kid, model="parts@2", ip="10.1.9.9").code is Code.MODEL_NOT_ALLOWED
@@ -247,8 +287,12 @@ def test_given_a_token_actor_then_it_sees_and_steers_only_its_own_subtree() -> N
     a = package(book, 100)
     b = package(book, 100)
     a1 = child(book, a, 10)
-    for op in (lambda: book.node(b.id, actor=a1.id), lambda: book.revoke(a.id, actor=a1.id),
-               lambda: book.top_up(b.id, 1, actor=a.id), lambda: child(book, b, 1, actor=a.id)):
+    for op in (
+        lambda: book.node(b.id, actor=a1.id),
+        lambda: book.revoke(a.id, actor=a1.id),
+        lambda: book.top_up(b.id, 1, actor=a.id),
+        lambda: child(book, b, 1, actor=a.id),
+    ):
         with pytest.raises(OperationRefused) as e:
             op()
         assert e.value.code is Code.NOT_FOUND

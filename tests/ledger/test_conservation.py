@@ -145,8 +145,10 @@ class Conservation(RuleBasedStateMachine):
             assert n.allocation == self.model.alloc[t] >= 0
             assert (n.free if n.live else 0) == self.model.free(t) >= 0
         for root in self.book.roots.values():
-            assert self.model.spent(root.id) + sum(self.model.free(x) for x in self.model.subtree(root.id)) == \
-                self.model.alloc[root.id]
+            assert (
+                self.model.spent(root.id) + sum(self.model.free(x) for x in self.model.subtree(root.id))
+                == self.model.alloc[root.id]
+            )
 
 
 Conservation.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None, derandomize=True)
