@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_AUTH_MODE"] = "token"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import ray

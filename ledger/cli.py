@@ -254,10 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def connect(address: str, settings: LedgerSettings) -> LedgerClient:
-    try:
-        ray.init(address=address, namespace=settings.namespace, log_to_driver=False, logging_level=logging.ERROR)
-    except (ConnectionError, RuntimeError) as exc:
-        raise LedgerUnavailable(f"no running Ray cluster at {address!r} ({exc}); start one with `make serve`") from exc
+    """Join the running cluster (unless this process already has) and attach to the ledger actor."""
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address, namespace=settings.namespace, log_to_driver=False, logging_level=logging.ERROR)
+        except (ConnectionError, RuntimeError) as exc:
+            raise LedgerUnavailable(
+                f"no running Ray cluster at {address!r} ({exc}); start one with `make serve`"
+            ) from exc
     return LedgerClient.connect(settings, create=True)
 
 

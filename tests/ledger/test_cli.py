@@ -1,0 +1,134 @@
+"""`yolo-tokens` against a running cluster: in-process for most commands, as a real binary for some."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+
+from ledger.cli import main, parse_duration
+from ledger.settings import LedgerSettings
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture
+def cli(ledger: Any, settings: LedgerSettings, capsys: pytest.CaptureFixture[str]) -> Any:
+    def run(*argv: str) -> tuple[int, Any, str]:
+        code = main(list(argv), settings=settings)
+        out, err = capsys.readouterr()
+        try:
+            return code, json.loads(out), err
+        except json.JSONDecodeError:
+            return code, out, err
+
+    return run
+
+
+def test_given_a_cluster_when_a_package_is_created_and_split_then_the_tree_shows_it(cli: Any) -> None:
+    code, pkg, _ = cli(
+        "package",
+        "create",
+        "--name",
+        "acme",
+        "--quota",
+        "10000",
+        "--expires-in",
+        "30d",
+        "--rate",
+        "pro",
+        "--models",
+        "parts",
+        "--ip",
+        "10.0.0.0/8",
+        "--json",
+    )
+    assert code == 0
+    root = pkg["token"]["id"]
+    assert pkg["credential"].count(".") == 2
+    code, child, _ = cli("token", "split", root, "--name", "frontend", "--quota", "3000", "--rate", "basic", "--json")
+    assert code == 0 and child["token"]["parent_id"] == root
+    code, tree, _ = cli("token", "list", "--package", root, "--json")
+    assert {t["name"]: t["free"] for t in tree} == {"acme": 7000, "frontend": 3000}
+    code, text, _ = cli("token", "list", "--package", root)
+    assert "frontend" in text and "7000" in text
+
+
+def test_given_refused_operations_then_the_cli_exits_non_zero_with_the_code(cli: Any) -> None:
+    _, pkg, _ = cli("package", "create", "--name", "small", "--quota", "10", "--rate", "basic", "--json")
+    root = pkg["token"]["id"]
+    code, _, err = cli("token", "split", root, "--name", "big", "--quota", "11")
+    assert code == 2 and "quota_exhausted" in err
+    code, _, err = cli("token", "split", root, "--name", "fast", "--quota", "1", "--rate", "pro")
+    assert code == 2 and "limit_widening" in err
+    code, _, err = cli("token", "show", "tok_does_not_exist", "--json")
+    assert code == 2 and json.loads(err)["error"]["code"] == "not_found"
+
+
+def test_given_a_child_when_rotated_reclaimed_and_revoked_then_balances_follow(cli: Any) -> None:
+    _, pkg, _ = cli("package", "create", "--name", "p", "--quota", "100", "--json")
+    root = pkg["token"]["id"]
+    _, child, _ = cli("token", "split", root, "--name", "c", "--quota", "40", "--json")
+    cid = child["token"]["id"]
+    _, rotated, _ = cli("token", "rotate", cid, "--json")
+    assert rotated["credential"] != child["credential"]
+    _, rec, _ = cli("token", "reclaim", cid, "--units", "15", "--json")
+    assert rec["returned"] == 15 and rec["token"]["allocation"] == 25
+    _, rev, _ = cli("token", "revoke", cid, "--json")
+    assert rev["returned"] == 25 and rev["token"]["status"] == "revoked"
+    _, shown, _ = cli("token", "show", root, "--json")
+    assert shown["token"]["free"] == 100
+    actions = [e["action"] for e in cli("token", "show", cid, "--json")[1]["events"]]
+    assert actions == ["token.revoke", "token.reclaim", "token.rotate", "token.split"]
+    code, doctor, _ = cli("doctor", "--json")
+    assert code == 0 and doctor["healthy"]
+    code, keys, _ = cli("keys", "rotate", "--json")
+    assert code == 0 and keys["active_kid"].startswith("key_")
+
+
+def test_given_the_installed_binary_then_it_talks_to_the_running_cluster(
+    ledger: Any, settings: LedgerSettings, tmp_path: Path
+) -> None:
+    env = {
+        **os.environ,
+        "YT_DATABASE_URL": settings.resolved().database_url,
+        "YT_DATA_DIR": str(settings.data_dir),
+        "YT_LEDGER_NAME": settings.actor_name,
+        "YT_NAMESPACE": settings.namespace,
+    }
+    address = ray.get_runtime_context().gcs_address
+    exe = Path(sys.executable).parent / "yolo-tokens"
+    done = subprocess.run(
+        [str(exe), "--address", address, "package", "create", "--name", "bin", "--quota", "5", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    token_id = json.loads(done.stdout)["token"]["id"]
+    assert ledger.token(token_id).allocation == 5
+    bad = subprocess.run(
+        [str(exe), "--address", address, "token", "split", token_id, "--name", "x", "--quota", "6"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "error: quota_exhausted: parent has 5 free units, 6 requested"
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("30d", 2592000), ("12h", 43200), ("90m", 5400), ("45", 45), ("2w", 1209600)]
+)
+def test_given_durations_then_they_parse(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds

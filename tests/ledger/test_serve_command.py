@@ -1,0 +1,59 @@
+"""`yolo-tokens serve` (what `make serve` runs): a real Ray head on loopback, started and stopped by pid."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.ray
+
+PORT = 6391
+
+
+def test_given_serve_when_started_then_demo_token_is_printed_and_ctrl_c_stops_every_process(tmp_path: Path) -> None:
+    exe = str(Path(sys.executable).parent / "yolo-tokens")
+    env = {**os.environ, "YT_DATA_DIR": str(tmp_path / "var"), "YT_NAMESPACE": "yt-serve-test"}
+    log = (tmp_path / "serve.log").open("w+")
+    proc = subprocess.Popen(
+        [exe, "serve", "--port", str(PORT)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path
+    )
+    try:
+        deadline = time.monotonic() + 120
+        text = ""
+        while "Ctrl-C" not in text:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+            assert time.monotonic() < deadline, text
+            time.sleep(1)
+            text = (tmp_path / "serve.log").read_text()
+        assert "(demo): 10000 units" in text
+        credential = text.split("store it now):\n", 1)[1].splitlines()[0]
+        assert credential.count(".") == 2
+        descendants = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
+        assert descendants, "ray start should run under serve"
+        listed = subprocess.run(
+            [exe, "--address", f"127.0.0.1:{PORT}", "token", "list", "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert listed.returncode == 0, listed.stderr
+        assert [t["name"] for t in json.loads(listed.stdout)] == ["demo"]
+        assert (tmp_path / "var" / "ledger.db").exists()
+        assert oct((tmp_path / "var" / "keys").stat().st_mode & 0o777) == "0o700"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=90)
+    assert "stopped." in (tmp_path / "serve.log").read_text()
+    time.sleep(2)
+    alive = [pid for pid in descendants if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    assert alive == [], f"left running: {alive}"
