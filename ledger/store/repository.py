@@ -228,7 +228,7 @@ class Store:
             }
 
     def usage(self, q: UsageQuery) -> list[dict[str, Any]]:
-        stmt = select(USAGE).order_by(USAGE.c.ts.desc()).limit(max(1, min(q.limit, 100_000)))
+        stmt = select(USAGE).order_by(USAGE.c.ts.desc(), USAGE.c.id.desc()).limit(max(1, min(q.limit, 100_000)))
         if q.token_id is not None:
             stmt = stmt.where(USAGE.c.token_id == q.token_id)
         if q.root_ids is not None:
@@ -256,7 +256,12 @@ class Store:
 
     def alerts(self, limit: int = 1000) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
-            return [dict(r) for r in conn.execute(select(ALERTS).order_by(ALERTS.c.ts.desc()).limit(limit)).mappings()]
+            return [
+                dict(r)
+                for r in conn.execute(
+                    select(ALERTS).order_by(ALERTS.c.ts.desc(), ALERTS.c.id.desc()).limit(limit)
+                ).mappings()
+            ]
 
 
 def usage_csv(rows: Sequence[dict[str, Any]]) -> Iterator[str]:
