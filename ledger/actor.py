@@ -102,14 +102,15 @@ class _Flusher:
                 for op, fut in batch:
                     try:
                         results.append((fut, op(), None))
-                    except LedgerError as exc:
+                    except Exception as exc:  # refusals and bugs alike go to their caller, never stop the loop
                         results.append((fut, None, exc))
                 try:
                     await loop.run_in_executor(self.pool, self.core.commit)
-                except LedgerUnavailable as exc:
+                except Exception as exc:  # LedgerUnavailable, or a bug: nobody is told "done"
+                    down = exc if isinstance(exc, LedgerUnavailable) else LedgerUnavailable(f"commit failed: {exc!r}")
                     for fut, _, _ in results:
                         if not fut.done():
-                            fut.set_exception(exc)
+                            fut.set_exception(down)
                     continue
                 self.commits += 1
                 self.ops += len(batch)

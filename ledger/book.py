@@ -34,7 +34,8 @@ from ledger.errors import OperationRefused
 from ledger.limits import Bucket, ip_allowed, ips_narrow, model_allowed, models_narrow
 
 IDEMPOTENCY_TTL_S = 24 * 3600.0
-RECENT_REQUEST_TTL_S = 300.0
+RECENT_REQUEST_TTL_S = 120.0  # retries (proxy, client, actor restart) come within seconds
+MAX_RECENT = 1_000_000  # bound memory under sustained load: the oldest settled ids are forgotten first
 MAX_UNITS = 10**12
 
 _ADMITTED = UsageState.ADMITTED.value
@@ -291,7 +292,10 @@ class QuotaBook:
         if refund:
             self._refund(node, refund)
         state = UsageState.SETTLED.value if s.success else UsageState.REFUNDED.value
-        self.recent[s.request_id] = (p.token_id, state, now)
+        recent = self.recent
+        recent[s.request_id] = (p.token_id, state, now)
+        if len(recent) > MAX_RECENT:
+            del recent[next(iter(recent))]
         self.out.settles.append((state, keep, s.latency_ms, s.detections, s.gpu_ms, now, p.row_id))
         if p.idem_key is not None:
             rec = self.idem.get((p.token_id, p.idem_key))
@@ -585,8 +589,9 @@ class QuotaBook:
         self._event(now, actor, action, n, returned=returned, subtree=len(sub))
         return returned
 
-    def prune(self, now: float | None = None) -> None:
-        """Forget idempotency records past 24 h and settled request ids past the retry window."""
+    def prune(self, now: float | None = None, settle_window_s: float = 3600.0) -> None:
+        """Forget idempotency records past 24 h, settled request ids past the retry window, and
+        unsettled admissions past the settle window (they stay charged; the caller never settled)."""
         now = self.clock() if now is None else now
         for key in [k for k, r in self.idem.items() if now - r.created_at >= IDEMPOTENCY_TTL_S]:
             del self.idem[key]
@@ -594,6 +599,9 @@ class QuotaBook:
         cutoff = now - RECENT_REQUEST_TTL_S
         for rid in [r for r, (_, _, ts) in self.recent.items() if ts < cutoff]:
             del self.recent[rid]
+        stale = now - settle_window_s
+        for rid in [r for r, p in self.pending.items() if p.ts < stale]:
+            del self.pending[rid]
 
     # ------------------------------------------------------------------ reads & checks
     def check_credential(self, token_id: str, jti: str) -> Code:

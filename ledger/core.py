@@ -73,7 +73,7 @@ class LedgerCore:
             return
         try:
             self.store.commit(changes)
-        except LedgerUnavailable:
+        except Exception:
             self.ready = False
             with contextlib.suppress(LedgerUnavailable):
                 self.reload()
@@ -195,7 +195,7 @@ class LedgerCore:
 
     def sweep(self) -> dict[str, Any]:
         expired = self.book.expire_due()
-        self.book.prune()
+        self.book.prune(settle_window_s=self.settings.settle_window_s)
         return {"expired": expired}
 
     # ---------------------------------------------------------------- reads
