@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pickle
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -157,6 +158,14 @@ class LedgerActor:
         except LedgerUnavailable as exc:
             return [unavailable(r[0], exc.message) for r in rows]
         return result
+
+    async def admit_packed(self, blob: bytes) -> bytes:
+        """`admit_batch` with both sides pickled as one bytes object.
+
+        Ray's cloudpickle calls back into Python for every tuple of a list result; one plain
+        pickle of the whole batch costs a fraction of that on the actor's busy thread.
+        """
+        return pickle.dumps(await self.admit_batch(pickle.loads(blob)), protocol=pickle.HIGHEST_PROTOCOL)
 
     async def settle_batch(self, rows: list[tuple[Any, ...]]) -> list[str]:
         """Settlements as tuples (fields of `Settlement`); returns code values, all durable."""

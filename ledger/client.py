@@ -9,6 +9,7 @@ does not pay one Ray round trip per request. Admin operations are plain calls th
 from __future__ import annotations
 
 import asyncio
+import pickle
 from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
@@ -102,23 +103,25 @@ class LedgerClient:
 
     async def _send_admissions(self, rows: list[tuple[Any, ...]]) -> list[Any]:
         try:
-            return await self._retrying(self.actor.admit_batch, rows)
+            blob = await self._retrying(self.actor.admit_packed, pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL))
+            decisions: list[Decision] = pickle.loads(blob)
+            return decisions
         except RayError:
             return [unavailable(r[0], "ledger actor unavailable") for r in rows]
 
     async def _send_settlements(self, rows: list[tuple[Any, ...]]) -> list[Any]:
         try:
-            return await self._retrying(self.actor.settle_batch, rows)
+            codes: list[str] = await self._retrying(self.actor.settle_batch, rows)
+            return codes
         except RayError:
             return [Code.LEDGER_UNAVAILABLE.value] * len(rows)
 
     @staticmethod
-    async def _retrying(method: Any, rows: list[tuple[Any, ...]]) -> list[Any]:
+    async def _retrying(method: Any, payload: Any) -> Any:
         """Resend the same rows while the actor restarts: request ids make this exactly-once."""
         for delay in (*RETRY_DELAYS_S, None):
             try:
-                results: list[Any] = await method.remote(rows)
-                return results
+                return await method.remote(payload)
             except RayError:
                 if delay is None:
                     raise
