@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -25,6 +26,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+import psycopg
 import ray
 
 from ledger.client import LedgerClient
@@ -87,14 +89,20 @@ def measure(mode: str, callers: list[Any], token_id: str, jti: str, concurrency:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
-    ap.add_argument("--pg-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    ap.add_argument("--pg-server", default="postgres@127.0.0.1:5432", help="a scratch database is made and dropped")
     ap.add_argument("--callers", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=256)
     ap.add_argument("--seconds", type=float, default=5.0)
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="yt-bench-"))
-    url = f"sqlite:///{tmp / 'ledger.db'}" if args.db == "sqlite" else args.pg_url
+    scratch = f"yt_bench_{uuid.uuid4().hex[:8]}"
+    if args.db == "postgres":
+        with psycopg.connect(f"postgresql://{args.pg_server}/postgres", autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{scratch}"')
+    url = (
+        f"sqlite:///{tmp / 'ledger.db'}" if args.db == "sqlite" else f"postgresql+psycopg://{args.pg_server}/{scratch}"
+    )
     settings = LedgerSettings(
         database_url=url,
         data_dir=tmp,
@@ -148,6 +156,10 @@ def main() -> None:
         print(json.dumps(summary), flush=True)
     finally:
         ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+        if args.db == "postgres":
+            with psycopg.connect(f"postgresql://{args.pg_server}/postgres", autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{scratch}" WITH (FORCE)')
 
 
 if __name__ == "__main__":
