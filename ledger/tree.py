@@ -1,0 +1,351 @@
+"""Tree: the token tree of every package and the operations that reshape it (DESIGN §3).
+
+Split, top-up, limits, reclaim, revoke, expire and rotate; who may do what to which node;
+the conservation invariant. `QuotaBook` (book.py) adds admission and settlement on top.
+Dead (revoked/expired) nodes are shrunk to what their subtree spent, so their unspent
+allocation is back in the nearest live ancestor's `free`. No I/O; every change goes to
+the outbox `out`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from ledger.changes import Changes
+from ledger.codes import Code
+from ledger.entities import DEFAULT_THRESHOLDS, Limits, Node, Status, TokenView
+from ledger.errors import OperationRefused
+from ledger.limits import Bucket, ips_narrow, models_narrow
+
+MAX_UNITS = 10**12
+
+
+class Tree:
+    """Package trees, partitioned by root (`roots`) so they can later be sharded."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.nodes: dict[str, Node] = {}
+        self.roots: dict[str, Node] = {}
+        self.out = Changes()
+
+    def link(self, nodes: Iterable[Node]) -> None:
+        """Replace the trees with stored nodes (any order); derived fields are recomputed."""
+        self.nodes = {n.id: n for n in nodes}
+        self.roots = {}
+        now = self.clock()
+        for n in self.nodes.values():
+            n.children, n.parent, n.delegated, n.consumed, n.ancestry = [], None, 0, 0, ()
+            n.bucket = Bucket(n.rate, now) if n.rate else None
+        for n in self.nodes.values():
+            if n.parent_id is None:
+                self.roots[n.id] = n
+            else:
+                parent = self.nodes[n.parent_id]
+                n.parent = parent
+                parent.children.append(n)
+        for n in self.nodes.values():
+            if n.parent is not None:
+                n.parent.delegated += n.allocation
+            for a in n.path():
+                a.consumed += n.used
+
+    def node(self, token_id: str, actor: str | None = None) -> Node:
+        """Look up a node the actor may see: admin (None) sees all, a token its own subtree."""
+        n = self.nodes.get(token_id)
+        if n is None or (actor is not None and not self._within(actor, n)):
+            raise OperationRefused(f"token {token_id!r} not found", Code.NOT_FOUND)
+        return n
+
+    def _within(self, actor: str, n: Node) -> bool:
+        return any(a.id == actor for a in n.path())
+
+    def _strict_descendant(self, token_id: str, actor: str | None) -> Node:
+        n = self.node(token_id, actor)
+        if actor is not None and n.id == actor:
+            raise OperationRefused("a token cannot do this to itself; ask its parent", Code.FORBIDDEN)
+        return n
+
+    def _require_usable(self, n: Node, now: float) -> None:
+        for a in n.path():
+            if a.status is not Status.ACTIVE:
+                raise OperationRefused(f"token {n.id} or an ancestor is {a.status.value}", Code.REVOKED_TOKEN)
+            if a.expires_at is not None and now >= a.expires_at:
+                raise OperationRefused(f"token {n.id} or an ancestor has expired", Code.EXPIRED_TOKEN)
+
+    @staticmethod
+    def _check_units(units: object, what: str) -> int:
+        if type(units) is not int or not 0 < units <= MAX_UNITS:
+            raise OperationRefused(f"{what} must be an integer in 1..{MAX_UNITS}", Code.INVALID_REQUEST)
+        return units
+
+    def _event(self, now: float, actor: str | None, action: str, n: Node, **detail: Any) -> None:
+        self.out.admin_events.append(
+            {
+                "ts": now,
+                "actor": actor or "admin",
+                "action": action,
+                "token_id": n.id,
+                "root_id": n.root_id,
+                "detail": detail,
+            }
+        )
+
+    def create_package(
+        self,
+        *,
+        token_id: str,
+        jti: str,
+        name: str,
+        allocation: int,
+        limits: Limits,
+        team: str | None = None,
+        thresholds: tuple[int, ...] = DEFAULT_THRESHOLDS,
+        meta: dict[str, Any] | None = None,
+        actor: str | None = None,
+    ) -> Node:
+        if actor is not None:
+            raise OperationRefused("only an admin may create packages", Code.FORBIDDEN)
+        self._check_units(allocation, "allocation")
+        now = self.clock()
+        if limits.expires_at is not None and limits.expires_at <= now:
+            raise OperationRefused("expiry must be in the future", Code.INVALID_REQUEST)
+        if token_id in self.nodes:
+            raise OperationRefused(f"token id {token_id} exists", Code.INVALID_REQUEST)
+        n = Node(
+            id=token_id,
+            root_id=token_id,
+            parent_id=None,
+            name=name,
+            allocation=allocation,
+            jti=jti,
+            expires_at=limits.expires_at,
+            models=limits.models,
+            ips=limits.ips,
+            rate=limits.rate,
+            team=team,
+            created_at=now,
+            thresholds=_thresholds(thresholds),
+            meta=dict(meta or {}),
+        )
+        n.bucket = Bucket(n.rate, now) if n.rate else None
+        self.nodes[n.id] = n
+        self.roots[n.id] = n
+        self.out.new_nodes.append(n)
+        self._event(now, actor, "package.create", n, allocation=allocation, name=name)
+        return n
+
+    def split(
+        self,
+        parent_id: str,
+        *,
+        token_id: str,
+        jti: str,
+        name: str,
+        allocation: int,
+        limits: Limits,
+        team: str | None = None,
+        thresholds: tuple[int, ...] = DEFAULT_THRESHOLDS,
+        meta: dict[str, Any] | None = None,
+        actor: str | None = None,
+    ) -> Node:
+        """Carve `allocation` units of the parent's free quota into a new child token."""
+        parent = self.node(parent_id, actor)
+        now = self.clock()
+        self._require_usable(parent, now)
+        self._check_units(allocation, "allocation")
+        if token_id in self.nodes:
+            raise OperationRefused(f"token id {token_id} exists", Code.INVALID_REQUEST)
+        if allocation > parent.free:
+            raise OperationRefused(f"parent has {parent.free} free units, {allocation} requested", Code.QUOTA_EXHAUSTED)
+        expires_at = self._narrow_limits(parent, limits, now)
+        n = Node(
+            id=token_id,
+            root_id=parent.root_id,
+            parent_id=parent.id,
+            name=name,
+            allocation=allocation,
+            jti=jti,
+            expires_at=expires_at,
+            models=limits.models,
+            ips=limits.ips,
+            rate=limits.rate,
+            team=team if team is not None else parent.team,
+            created_at=now,
+            thresholds=_thresholds(thresholds),
+            meta=dict(meta or {}),
+            parent=parent,
+        )
+        n.bucket = Bucket(n.rate, now) if n.rate else None
+        parent.children.append(n)
+        parent.delegated += allocation
+        self.nodes[n.id] = n
+        self.out.new_nodes.append(n)
+        self._event(now, actor, "token.split", n, parent=parent.id, allocation=allocation, name=name)
+        return n
+
+    def _narrow_limits(self, parent: Node, limits: Limits, now: float) -> float | None:
+        """Refuse anything wider than the parent's effective limits; return the child's expiry."""
+        eff_exp = min((a.expires_at for a in parent.path() if a.expires_at is not None), default=None)
+        expires_at = limits.expires_at if limits.expires_at is not None else eff_exp
+        if expires_at is not None and expires_at <= now:
+            raise OperationRefused("expiry must be in the future", Code.INVALID_REQUEST)
+        if eff_exp is not None and expires_at is not None and expires_at > eff_exp:
+            raise OperationRefused("a child cannot expire after its parent", Code.LIMIT_WIDENING)
+        for a in parent.path():
+            if limits.models is not None and not models_narrow(limits.models, a.models):
+                raise OperationRefused("a child cannot allow models its parent does not", Code.LIMIT_WIDENING)
+            if limits.ips is not None and not ips_narrow(limits.ips, a.ips):
+                raise OperationRefused("a child cannot allow IPs its parent does not", Code.LIMIT_WIDENING)
+            if limits.rate is not None and not limits.rate.narrows(a.rate):
+                raise OperationRefused("a child cannot have a higher rate than its parent", Code.LIMIT_WIDENING)
+        return expires_at
+
+    def update_limits(self, token_id: str, limits: Limits, actor: str | None = None) -> Node:
+        """Change limits of a node (fields left None stay as they are); children may only narrow."""
+        n = self._strict_descendant(token_id, actor)
+        now = self.clock()
+        self._require_usable(n, now)
+        if n.parent is not None:
+            self._narrow_limits(n.parent, limits, now)
+        elif limits.expires_at is not None and limits.expires_at <= now:
+            raise OperationRefused("expiry must be in the future", Code.INVALID_REQUEST)
+        if limits.expires_at is not None:
+            n.expires_at = limits.expires_at
+        if limits.models is not None:
+            n.models = limits.models
+        if limits.ips is not None:
+            n.ips = limits.ips
+        if limits.rate is not None:
+            n.rate = limits.rate
+            n.bucket = Bucket(limits.rate, now)
+        self.out.dirty[n.id] = n
+        self._event(
+            now,
+            actor,
+            "token.limits",
+            n,
+            expires_at=limits.expires_at,
+            models=sorted(limits.models) if limits.models is not None else None,
+            ips=[str(i) for i in limits.ips] if limits.ips is not None else None,
+            rate=limits.rate.describe() if limits.rate else None,
+        )
+        return n
+
+    def top_up(self, token_id: str, units: int, actor: str | None = None) -> Node:
+        """Root: grant new units. Child: move units from the parent's free quota."""
+        n = self._strict_descendant(token_id, actor)
+        self._check_units(units, "units")
+        now = self.clock()
+        self._require_usable(n, now)
+        if n.parent is not None:
+            if n.parent.free < units:
+                raise OperationRefused(
+                    f"parent has {n.parent.free} free units, {units} requested", Code.QUOTA_EXHAUSTED
+                )
+            n.parent.delegated += units
+        elif actor is not None:
+            raise OperationRefused("only an admin may top up a package", Code.FORBIDDEN)
+        n.allocation += units
+        # thresholds now below consumption are re-armed, so the next crossing alerts again
+        n.fired = {t for t in n.fired if n.consumed * 100 >= t * n.allocation}
+        self.out.dirty[n.id] = n
+        self._event(now, actor, "token.top_up", n, units=units, allocation=n.allocation)
+        return n
+
+    def reclaim(self, token_id: str, units: int | None = None, actor: str | None = None) -> int:
+        """Return unspent allocation of a child to its parent; returns the units moved.
+
+        A live child gives back `units` (default: all) of its free quota and stays active.
+        A dead or expired child gives back everything its subtree did not spend.
+        """
+        n = self._strict_descendant(token_id, actor)
+        if n.parent is None:
+            raise OperationRefused("a package root has no parent to reclaim into", Code.INVALID_REQUEST)
+        now = self.clock()
+        if not n.live or (n.expires_at is not None and now >= n.expires_at):
+            return self._retire(n, Status.EXPIRED if n.live else n.status, now, actor, "token.reclaim")
+        take = n.free if units is None else self._check_units(units, "units")
+        if take > n.free:
+            raise OperationRefused(f"token has {n.free} free units, {take} requested", Code.QUOTA_EXHAUSTED)
+        n.allocation -= take
+        n.parent.delegated -= take
+        self.out.dirty[n.id] = n
+        self._event(now, actor, "token.reclaim", n, units=take)
+        return take
+
+    def revoke(self, token_id: str, actor: str | None = None) -> int:
+        """Revoke a node and its subtree at once; their unspent allocation returns to the parent."""
+        n = self.node(token_id, actor)
+        if n.status is Status.REVOKED:
+            return 0
+        return self._retire(n, Status.REVOKED, self.clock(), actor, "token.revoke")
+
+    def rotate(self, token_id: str, jti: str, actor: str | None = None) -> Node:
+        """Replace the node's credential id: the old credential stops working at once."""
+        n = self.node(token_id, actor)
+        self._require_usable(n, self.clock())
+        n.jti = jti
+        self.out.dirty[n.id] = n
+        self._event(self.clock(), actor, "token.rotate", n)
+        return n
+
+    def expire_due(self) -> list[str]:
+        """Sweep: retire every live node past its expiry, returning its unspent units upward."""
+        now = self.clock()
+        due = [n for n in self.nodes.values() if n.live and n.expires_at is not None and now >= n.expires_at]
+        done: list[str] = []
+        for n in due:
+            if n.live:  # may have been retired as part of an ancestor's subtree
+                self._retire(n, Status.EXPIRED, now, None, "token.expire")
+                done.append(n.id)
+        return done
+
+    def _retire(self, n: Node, status: Status, now: float, actor: str | None, action: str) -> int:
+        """Mark the subtree dead and shrink each node to what it spent (children first)."""
+        sub = n.subtree()
+        before = n.allocation
+        for x in reversed(sub):  # children first, so x.delegated is already their spend
+            if x.live:
+                x.status = status
+            shrunk = x.allocation - (x.used + x.delegated)
+            x.allocation -= shrunk
+            if x.parent is not None:
+                x.parent.delegated -= shrunk  # a root has no parent: its unspent units are withdrawn
+            self.out.dirty[x.id] = x
+        returned = before - n.allocation
+        self._event(now, actor, action, n, returned=returned, subtree=len(sub))
+        return returned
+
+    def views(self, root_id: str | None = None, actor: str | None = None) -> list[TokenView]:
+        if actor is not None:
+            return [x.view() for x in self.node(actor).subtree()]
+        if root_id is not None:
+            return [x.view() for x in self.node(root_id).subtree()]
+        return [x.view() for r in self.roots.values() for x in r.subtree()]
+
+    def invariant_violations(self) -> list[str]:
+        """DESIGN §3 conservation, per root, and non-negativity. Empty list means healthy."""
+        bad: list[str] = []
+        for root in self.roots.values():
+            sub = root.subtree()
+            used = sum(x.used for x in sub)
+            free = sum(x.free for x in sub if x.live)
+            if used + free != root.allocation:
+                bad.append(f"root {root.id}: used {used} + free {free} != allocation {root.allocation}")
+            for x in sub:
+                if x.used < 0 or x.allocation < 0 or x.delegated < 0 or (x.live and x.free < 0):
+                    bad.append(f"node {x.id}: negative balance {x.view()}")
+                if not x.live and x.free != 0:
+                    bad.append(f"dead node {x.id} holds {x.free} free units")
+                if x.delegated != sum(c.allocation for c in x.children):
+                    bad.append(f"node {x.id}: delegated {x.delegated} != children's allocation")
+        return bad
+
+
+def _thresholds(values: Iterable[int]) -> tuple[int, ...]:
+    out = tuple(sorted({int(v) for v in values}))
+    if any(not 0 < v <= 100 for v in out):
+        raise OperationRefused("alert thresholds must be percentages in 1..100", Code.INVALID_REQUEST)
+    return out
