@@ -31,7 +31,7 @@ import ray
 
 from ledger.client import LedgerClient
 from ledger.credentials import Verifier
-from ledger.entities import Admission
+from ledger.entities import Admission, TokenSpec
 from ledger.settings import LedgerSettings
 
 
@@ -120,7 +120,7 @@ def main() -> None:
     )
     try:
         client = LedgerClient.connect(settings)
-        pkg = client.create_package(name="bench", allocation=10**11)
+        pkg = client.create_package(TokenSpec("bench", 10**11))
         tid = pkg["token"].id
         jti = Verifier(client.public_keys()).verify(pkg["credential"]).jti
         callers = [Caller.remote(client.actor) for _ in range(args.callers)]

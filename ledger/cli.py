@@ -24,6 +24,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")  # local clusters use token auth
 import ray
 
 from ledger.client import LedgerClient
+from ledger.entities import TokenSpec
 from ledger.errors import LedgerError, LedgerUnavailable, OperationRefused
 from ledger.local import LocalRay
 from ledger.settings import LedgerSettings
@@ -88,23 +89,18 @@ def _limit_args(p: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------------ handlers
-def cmd_package_create(a: argparse.Namespace, c: Any) -> Any:
-    return c.create_package(
-        name=a.name, allocation=a.quota, expires_at=_expires_at(a), models=a.models, ips=a.ips, rate=a.rate, team=a.team
+def _spec(a: argparse.Namespace) -> TokenSpec:
+    return TokenSpec.build(
+        a.name, a.quota, expires_at=_expires_at(a), models=a.models, ips=a.ips, rate=a.rate, team=a.team
     )
 
 
-def cmd_split(a: argparse.Namespace, c: Any) -> Any:
-    return c.split(
-        a.parent,
-        name=a.name,
-        allocation=a.quota,
-        expires_at=_expires_at(a),
-        models=a.models,
-        ips=a.ips,
-        rate=a.rate,
-        team=a.team,
-    )
+def cmd_package_create(a: argparse.Namespace, c: LedgerClient) -> Any:
+    return c.create_package(_spec(a))
+
+
+def cmd_split(a: argparse.Namespace, c: LedgerClient) -> Any:
+    return c.split(a.parent, _spec(a))
 
 
 def cmd_list(a: argparse.Namespace, c: Any) -> Any:
@@ -271,7 +267,7 @@ def ensure_demo(client: LedgerClient) -> dict[str, Any]:
         if t.parent_id is None and t.name == DEMO_PACKAGE and t.status == "active":
             return client.rotate(t.id)
     return client.create_package(
-        name=DEMO_PACKAGE, allocation=10_000, expires_at=time.time() + 30 * 86400, rate="pro", team="demo"
+        TokenSpec.build(DEMO_PACKAGE, 10_000, expires_at=time.time() + 30 * 86400, rate="pro", team="demo")
     )
 
 

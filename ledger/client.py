@@ -18,7 +18,7 @@ from ray.exceptions import RayError
 
 from ledger.actor import LedgerActor, unavailable
 from ledger.codes import Code
-from ledger.entities import DEFAULT_THRESHOLDS, Admission, Decision, Settlement, TokenView
+from ledger.entities import Admission, Decision, Settlement, TokenSpec, TokenView
 from ledger.errors import LedgerUnavailable, OperationRefused
 from ledger.settings import LedgerSettings
 
@@ -152,68 +152,12 @@ class LedgerClient:
             raise LedgerUnavailable(f"ledger actor unavailable: {type(exc).__name__}") from exc
         return _unwrap(reply)
 
-    def create_package(
-        self,
-        *,
-        name: str,
-        allocation: int,
-        expires_at: float | None = None,
-        models: Iterable[str] | None = None,
-        ips: Iterable[str] | None = None,
-        rate: str | None = None,
-        team: str | None = None,
-        thresholds: Sequence[int] = DEFAULT_THRESHOLDS,
-        meta: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
+    def create_package(self, spec: TokenSpec) -> dict[str, Any]:
         """Returns {"token": TokenView, "credential": str}; the credential is shown once."""
-        return cast(
-            "dict[str, Any]",
-            self.call(
-                "create_package",
-                name=name,
-                allocation=allocation,
-                expires_at=expires_at,
-                models=_opt_list(models),
-                ips=_opt_list(ips),
-                rate=rate,
-                team=team,
-                thresholds=list(thresholds),
-                meta=meta,
-            ),
-        )
+        return cast("dict[str, Any]", self.call("create_package", spec=spec))
 
-    def split(
-        self,
-        parent_id: str,
-        *,
-        name: str,
-        allocation: int,
-        expires_at: float | None = None,
-        models: Iterable[str] | None = None,
-        ips: Iterable[str] | None = None,
-        rate: str | None = None,
-        team: str | None = None,
-        thresholds: Sequence[int] = DEFAULT_THRESHOLDS,
-        meta: dict[str, Any] | None = None,
-        actor: str | None = None,
-    ) -> dict[str, Any]:
-        return cast(
-            "dict[str, Any]",
-            self.call(
-                "split",
-                parent_id=parent_id,
-                name=name,
-                allocation=allocation,
-                expires_at=expires_at,
-                models=_opt_list(models),
-                ips=_opt_list(ips),
-                rate=rate,
-                team=team,
-                thresholds=list(thresholds),
-                meta=meta,
-                actor=actor,
-            ),
-        )
+    def split(self, parent_id: str, spec: TokenSpec, actor: str | None = None) -> dict[str, Any]:
+        return cast("dict[str, Any]", self.call("split", parent_id=parent_id, spec=spec, actor=actor))
 
     def update_limits(
         self,

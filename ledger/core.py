@@ -14,25 +14,10 @@ from typing import Any
 
 from ledger.book import RECENT_REQUEST_TTL_S, QuotaBook
 from ledger.credentials import KeyRing, issue, new_id, new_jti
-from ledger.entities import DEFAULT_THRESHOLDS, Admission, Decision, Limits, Node, Settlement, TokenView
+from ledger.entities import Admission, Decision, Node, Settlement, TokenSpec, TokenView, make_limits
 from ledger.errors import LedgerUnavailable
-from ledger.limits import RateLimit, normalize_ips, normalize_models
 from ledger.settings import LedgerSettings
 from ledger.store.repository import Store, UsageQuery
-
-
-def make_limits(
-    expires_at: float | None = None,
-    models: Iterable[str] | None = None,
-    ips: Iterable[str] | None = None,
-    rate: str | None = None,
-) -> Limits:
-    return Limits(
-        expires_at=expires_at,
-        models=normalize_models(models),
-        ips=normalize_ips(ips),
-        rate=RateLimit.parse(rate) if rate else None,
-    )
 
 
 class LedgerCore:
@@ -112,60 +97,14 @@ class LedgerCore:
         return self.book.check_credential(token_id, jti).value
 
     # ---------------------------------------------------------------- tree operations
-    def create_package(
-        self,
-        *,
-        name: str,
-        allocation: int,
-        expires_at: float | None = None,
-        models: Iterable[str] | None = None,
-        ips: Iterable[str] | None = None,
-        rate: str | None = None,
-        team: str | None = None,
-        thresholds: Sequence[int] = DEFAULT_THRESHOLDS,
-        meta: dict[str, Any] | None = None,
-        actor: str | None = None,
-    ) -> dict[str, Any]:
-        n = self.book.create_package(
-            token_id=new_id("pkg"),
-            jti=new_jti(),
-            name=name,
-            allocation=allocation,
-            limits=make_limits(expires_at, models, ips, rate),
-            team=team,
-            thresholds=tuple(thresholds),
-            meta=meta,
-            actor=actor,
-        )
+    def create_package(self, spec: TokenSpec, actor: str | None = None) -> dict[str, Any]:
+        """A new package; returns {"token": TokenView, "credential": str} (shown once)."""
+        n = self.book.create_package(new_id("pkg"), new_jti(), spec, actor=actor)
         return {"token": n.view(), "credential": self._credential(n)}
 
-    def split(
-        self,
-        parent_id: str,
-        *,
-        name: str,
-        allocation: int,
-        expires_at: float | None = None,
-        models: Iterable[str] | None = None,
-        ips: Iterable[str] | None = None,
-        rate: str | None = None,
-        team: str | None = None,
-        thresholds: Sequence[int] = DEFAULT_THRESHOLDS,
-        meta: dict[str, Any] | None = None,
-        actor: str | None = None,
-    ) -> dict[str, Any]:
-        n = self.book.split(
-            parent_id,
-            token_id=new_id("tok"),
-            jti=new_jti(),
-            name=name,
-            allocation=allocation,
-            limits=make_limits(expires_at, models, ips, rate),
-            team=team,
-            thresholds=tuple(thresholds),
-            meta=meta,
-            actor=actor,
-        )
+    def split(self, parent_id: str, spec: TokenSpec, actor: str | None = None) -> dict[str, Any]:
+        """A child token carved from the parent's free units; same return shape as create_package."""
+        n = self.book.split(parent_id, new_id("tok"), new_jti(), spec, actor=actor)
         return {"token": n.view(), "credential": self._credential(n)}
 
     def update_limits(

@@ -6,11 +6,12 @@ Nothing here does I/O. Times are epoch seconds (UTC) as floats.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from ledger.codes import Code
-from ledger.limits import Bucket, IPNetwork, RateLimit
+from ledger.limits import Bucket, IPNetwork, RateLimit, normalize_ips, normalize_models
 
 DEFAULT_THRESHOLDS: tuple[int, ...] = (80, 95, 100)
 
@@ -219,3 +220,47 @@ class Limits:
     models: frozenset[str] | None = None
     ips: tuple[IPNetwork, ...] | None = None
     rate: RateLimit | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSpec:
+    """What a new token gets: a name, its units, and limits that may only narrow its parent's."""
+
+    name: str
+    allocation: int
+    limits: Limits = Limits()
+    team: str | None = None
+    thresholds: tuple[int, ...] = DEFAULT_THRESHOLDS
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls,
+        name: str,
+        allocation: int,
+        *,
+        expires_at: float | None = None,
+        models: Iterable[str] | None = None,
+        ips: Iterable[str] | None = None,
+        rate: str | None = None,
+        team: str | None = None,
+        thresholds: Iterable[int] = DEFAULT_THRESHOLDS,
+        meta: dict[str, Any] | None = None,
+    ) -> TokenSpec:
+        """From plain values (CLI, HTTP, console); raises OperationRefused(INVALID_REQUEST) on bad ones."""
+        return cls(name, allocation, make_limits(expires_at, models, ips, rate), team, tuple(thresholds), meta or {})
+
+
+def make_limits(
+    expires_at: float | None = None,
+    models: Iterable[str] | None = None,
+    ips: Iterable[str] | None = None,
+    rate: str | None = None,
+) -> Limits:
+    """Validated `Limits` from plain values; `None` leaves a field inherited / unchanged."""
+    return Limits(
+        expires_at=expires_at,
+        models=normalize_models(models),
+        ips=normalize_ips(ips),
+        rate=RateLimit.parse(rate) if rate else None,
+    )

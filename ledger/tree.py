@@ -14,7 +14,7 @@ from typing import Any
 
 from ledger.changes import Changes
 from ledger.codes import Code
-from ledger.entities import DEFAULT_THRESHOLDS, Limits, Node, Status, TokenView
+from ledger.entities import Limits, Node, Status, TokenSpec, TokenView
 from ledger.errors import OperationRefused
 from ledger.limits import Bucket, ips_narrow, models_narrow
 
@@ -92,97 +92,62 @@ class Tree:
             }
         )
 
-    def create_package(
-        self,
-        *,
-        token_id: str,
-        jti: str,
-        name: str,
-        allocation: int,
-        limits: Limits,
-        team: str | None = None,
-        thresholds: tuple[int, ...] = DEFAULT_THRESHOLDS,
-        meta: dict[str, Any] | None = None,
-        actor: str | None = None,
-    ) -> Node:
+    def create_package(self, token_id: str, jti: str, spec: TokenSpec, actor: str | None = None) -> Node:
+        """A new package root holding `spec.allocation` freshly granted units."""
         if actor is not None:
             raise OperationRefused("only an admin may create packages", Code.FORBIDDEN)
-        self._check_units(allocation, "allocation")
         now = self.clock()
-        if limits.expires_at is not None and limits.expires_at <= now:
+        if spec.limits.expires_at is not None and spec.limits.expires_at <= now:
             raise OperationRefused("expiry must be in the future", Code.INVALID_REQUEST)
-        if token_id in self.nodes:
-            raise OperationRefused(f"token id {token_id} exists", Code.INVALID_REQUEST)
-        n = Node(
-            id=token_id,
-            root_id=token_id,
-            parent_id=None,
-            name=name,
-            allocation=allocation,
-            jti=jti,
-            expires_at=limits.expires_at,
-            models=limits.models,
-            ips=limits.ips,
-            rate=limits.rate,
-            team=team,
-            created_at=now,
-            thresholds=_thresholds(thresholds),
-            meta=dict(meta or {}),
-        )
-        n.bucket = Bucket(n.rate, now) if n.rate else None
-        self.nodes[n.id] = n
+        n = self._add(token_id, jti, spec, None, spec.limits.expires_at, now)
         self.roots[n.id] = n
-        self.out.new_nodes.append(n)
-        self._event(now, actor, "package.create", n, allocation=allocation, name=name)
+        self._event(now, actor, "package.create", n, allocation=spec.allocation, name=spec.name)
         return n
 
-    def split(
-        self,
-        parent_id: str,
-        *,
-        token_id: str,
-        jti: str,
-        name: str,
-        allocation: int,
-        limits: Limits,
-        team: str | None = None,
-        thresholds: tuple[int, ...] = DEFAULT_THRESHOLDS,
-        meta: dict[str, Any] | None = None,
-        actor: str | None = None,
-    ) -> Node:
-        """Carve `allocation` units of the parent's free quota into a new child token."""
+    def split(self, parent_id: str, token_id: str, jti: str, spec: TokenSpec, actor: str | None = None) -> Node:
+        """Carve `spec.allocation` units of the parent's free quota into a new child token."""
         parent = self.node(parent_id, actor)
         now = self.clock()
         self._require_usable(parent, now)
-        self._check_units(allocation, "allocation")
+        self._check_units(spec.allocation, "allocation")
+        if spec.allocation > parent.free:
+            raise OperationRefused(
+                f"parent has {parent.free} free units, {spec.allocation} requested", Code.QUOTA_EXHAUSTED
+            )
+        expires_at = self._narrow_limits(parent, spec.limits, now)
+        n = self._add(token_id, jti, spec, parent, expires_at, now)
+        parent.children.append(n)
+        parent.delegated += spec.allocation
+        self._event(now, actor, "token.split", n, parent=parent.id, allocation=spec.allocation, name=spec.name)
+        return n
+
+    def _add(
+        self, token_id: str, jti: str, spec: TokenSpec, parent: Node | None, expires_at: float | None, now: float
+    ) -> Node:
+        self._check_units(spec.allocation, "allocation")
         if token_id in self.nodes:
             raise OperationRefused(f"token id {token_id} exists", Code.INVALID_REQUEST)
-        if allocation > parent.free:
-            raise OperationRefused(f"parent has {parent.free} free units, {allocation} requested", Code.QUOTA_EXHAUSTED)
-        expires_at = self._narrow_limits(parent, limits, now)
+        lim = spec.limits
         n = Node(
             id=token_id,
-            root_id=parent.root_id,
-            parent_id=parent.id,
-            name=name,
-            allocation=allocation,
+            root_id=parent.root_id if parent else token_id,
+            parent_id=parent.id if parent else None,
+            name=spec.name,
+            allocation=spec.allocation,
             jti=jti,
             expires_at=expires_at,
-            models=limits.models,
-            ips=limits.ips,
-            rate=limits.rate,
-            team=team if team is not None else parent.team,
+            models=lim.models,
+            ips=lim.ips,
+            rate=lim.rate,
+            team=spec.team if spec.team is not None or parent is None else parent.team,
             created_at=now,
-            thresholds=_thresholds(thresholds),
-            meta=dict(meta or {}),
+            thresholds=_thresholds(spec.thresholds),
+            meta=dict(spec.meta),
             parent=parent,
         )
         n.bucket = Bucket(n.rate, now) if n.rate else None
-        parent.children.append(n)
-        parent.delegated += allocation
         self.nodes[n.id] = n
         self.out.new_nodes.append(n)
-        self._event(now, actor, "token.split", n, parent=parent.id, allocation=allocation, name=name)
         return n
 
     def _narrow_limits(self, parent: Node, limits: Limits, now: float) -> float | None:

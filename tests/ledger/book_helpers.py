@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 
 from ledger.book import QuotaBook
-from ledger.entities import Admission, Decision, Limits, Node
+from ledger.entities import Admission, Decision, Limits, Node, TokenSpec
 
 _ids = itertools.count()
 
@@ -28,24 +28,14 @@ def new_book() -> tuple[QuotaBook, Clock]:
 
 def package(book: QuotaBook, allocation: int, limits: Limits | None = None) -> Node:
     i = next(_ids)
-    return book.create_package(
-        token_id=f"pkg{i}", jti=f"j{i}", name=f"p{i}", allocation=allocation, limits=limits or Limits()
-    )
+    return book.create_package(f"pkg{i}", f"j{i}", TokenSpec(f"p{i}", allocation, limits or Limits()))
 
 
 def child(
     book: QuotaBook, parent: Node, allocation: int, limits: Limits | None = None, actor: str | None = None
 ) -> Node:
     i = next(_ids)
-    return book.split(
-        parent.id,
-        token_id=f"tok{i}",
-        jti=f"j{i}",
-        name=f"c{i}",
-        allocation=allocation,
-        limits=limits or Limits(),
-        actor=actor,
-    )
+    return book.split(parent.id, f"tok{i}", f"j{i}", TokenSpec(f"c{i}", allocation, limits or Limits()), actor=actor)
 
 
 def admit(

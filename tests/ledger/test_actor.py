@@ -15,7 +15,7 @@ import ray
 from ledger.client import LedgerClient
 from ledger.codes import Code
 from ledger.credentials import Verifier
-from ledger.entities import Admission, Settlement
+from ledger.entities import Admission, Settlement, TokenSpec
 from ledger.errors import OperationRefused
 from ledger.settings import LedgerSettings
 from ledger.store.repository import Store
@@ -67,7 +67,7 @@ def jti_of(client: LedgerClient, credential: str) -> str:
 def test_given_100_units_when_500_admissions_race_from_two_processes_then_exactly_100_debits(
     ledger: LedgerClient, settings: LedgerSettings
 ) -> None:
-    pkg = ledger.create_package(name="burst", allocation=100)
+    pkg = ledger.create_package(TokenSpec("burst", 100))
     tid, jti = pkg["token"].id, jti_of(ledger, pkg["credential"])
     callers = [Caller.remote(ledger.actor) for _ in range(2)]
     results = ray.get([c.burst.remote(tid, jti, 250, f"c{i}") for i, c in enumerate(callers)])
@@ -86,7 +86,7 @@ def test_given_100_units_when_500_admissions_race_from_two_processes_then_exactl
 def test_given_one_idempotency_key_sent_10x_concurrently_then_one_debit_and_conflict_on_other_body(
     ledger: LedgerClient, settings: LedgerSettings
 ) -> None:
-    pkg = ledger.create_package(name="idem", allocation=50)
+    pkg = ledger.create_package(TokenSpec("idem", 50))
     tid, jti = pkg["token"].id, jti_of(ledger, pkg["credential"])
     callers = [Caller.remote(ledger.actor) for _ in range(2)]
     results = ray.get([c.burst.remote(tid, jti, 5, f"i{i}", "key-1", "hash-a") for i, c in enumerate(callers)])
@@ -107,9 +107,9 @@ def test_given_one_idempotency_key_sent_10x_concurrently_then_one_debit_and_conf
 
 
 def test_given_revoked_or_rotated_credentials_then_admission_is_refused(ledger: LedgerClient) -> None:
-    pkg = ledger.create_package(name="rev", allocation=50)
+    pkg = ledger.create_package(TokenSpec("rev", 50))
     tid = pkg["token"].id
-    kid = ledger.split(tid, name="team", allocation=10)
+    kid = ledger.split(tid, TokenSpec("team", 10))
     kid_id, old_jti = kid["token"].id, jti_of(ledger, kid["credential"])
     rotated = ledger.rotate(kid_id)
     new_jti = jti_of(ledger, rotated["credential"])
@@ -121,13 +121,13 @@ def test_given_revoked_or_rotated_credentials_then_admission_is_refused(ledger: 
     assert ledger.admit_sync([Admission("c", kid_id, new_jti, 1, "m@1")])[0].code is Code.REVOKED_TOKEN
     assert ledger.token(tid).free == 49
     with pytest.raises(OperationRefused) as e:
-        ledger.split(tid, name="too-big", allocation=1000)
+        ledger.split(tid, TokenSpec("too-big", 1000))
     assert e.value.code is Code.QUOTA_EXHAUSTED
 
 
 def test_given_a_random_concurrent_mix_then_conservation_holds_and_book_equals_database(ledger: LedgerClient) -> None:
     rng = random.Random(20261128)
-    pkg = ledger.create_package(name="mix", allocation=2000)
+    pkg = ledger.create_package(TokenSpec("mix", 2000))
     root = pkg["token"].id
     creds = {root: jti_of(ledger, pkg["credential"])}
     callers = [Caller.remote(ledger.actor) for _ in range(2)]
@@ -137,7 +137,7 @@ def test_given_a_random_concurrent_mix_then_conservation_holds_and_book_equals_d
         t = rng.choice(ids)
         try:
             if op == "split":
-                c = ledger.split(t, name=f"s{step}", allocation=rng.randint(1, 200))
+                c = ledger.split(t, TokenSpec(f"s{step}", rng.randint(1, 200)))
                 creds[c["token"].id] = jti_of(ledger, c["credential"])
             elif op == "admit":
                 refs = [cl.burst.remote(rng.choice(ids), creds[t], 20, f"m{step}-{i}") for i, cl in enumerate(callers)]
@@ -167,7 +167,7 @@ def test_given_a_random_concurrent_mix_then_conservation_holds_and_book_equals_d
 def test_given_load_when_the_actor_is_sigkilled_then_it_restarts_and_every_ok_has_its_durable_debit(
     ledger: LedgerClient, settings: LedgerSettings
 ) -> None:
-    pkg = ledger.create_package(name="kill", allocation=1_000_000)
+    pkg = ledger.create_package(TokenSpec("kill", 1_000_000))
     tid, jti = pkg["token"].id, jti_of(ledger, pkg["credential"])
     callers = [Caller.remote(ledger.actor) for _ in range(2)]
     refs = [c.load.remote(tid, jti, 40, 200, f"k{i}") for i, c in enumerate(callers)]

@@ -10,7 +10,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from ledger.book import QuotaBook
 from ledger.codes import Code
-from ledger.entities import Admission, Limits, Settlement
+from ledger.entities import Admission, Settlement, TokenSpec
 from ledger.errors import OperationRefused
 from tests.ledger.book_helpers import Clock
 
@@ -64,7 +64,7 @@ class Conservation(RuleBasedStateMachine):
         self.pending: list[tuple[str, str, int]] = []
         for _ in range(2):
             tid = f"pkg{next(self.ids)}"
-            self.book.create_package(token_id=tid, jti="j", name=tid, allocation=50, limits=Limits())
+            self.book.create_package(tid, "j", TokenSpec(tid, 50))
             self.model.alloc[tid], self.model.used[tid], self.model.parent[tid] = 50, 0, None
 
     def pick(self, i: int) -> str:
@@ -76,7 +76,7 @@ class Conservation(RuleBasedStateMachine):
         parent = self.pick(i)
         tid = f"tok{next(self.ids)}"
         try:
-            self.book.split(parent, token_id=tid, jti="j", name=tid, allocation=units, limits=Limits())
+            self.book.split(parent, tid, "j", TokenSpec(tid, units))
         except OperationRefused:
             assert parent in self.model.dead or self.model.free(parent) < units or self._dead_above(parent)
             return

@@ -11,7 +11,7 @@ from ledger.actor import _Flusher
 from ledger.changes import Changes
 from ledger.codes import Code
 from ledger.core import LedgerCore
-from ledger.entities import Admission
+from ledger.entities import Admission, TokenSpec
 from ledger.errors import LedgerUnavailable
 from ledger.settings import LedgerSettings
 
@@ -28,7 +28,7 @@ def _rows(token_id: str, jti: str, n: int, prefix: str) -> list[tuple[object, ..
 
 
 async def test_given_concurrent_calls_then_they_share_one_commit_and_answers_come_after_it(core: LedgerCore) -> None:
-    pkg = core.create_package(name="p", allocation=100)
+    pkg = core.create_package(TokenSpec("p", 100))
     core.commit()
     tid, jti = pkg["token"].id, core.book.nodes[pkg["token"].id].jti
     flusher = _Flusher(core)
@@ -50,7 +50,7 @@ async def test_given_concurrent_calls_then_they_share_one_commit_and_answers_com
 
 
 async def test_given_a_failed_write_then_callers_get_unavailable_and_the_book_is_rebuilt(core: LedgerCore) -> None:
-    pkg = core.create_package(name="p", allocation=10)
+    pkg = core.create_package(TokenSpec("p", 10))
     core.commit()
     tid, jti = pkg["token"].id, core.book.nodes[pkg["token"].id].jti
     flusher = _Flusher(core)

@@ -9,8 +9,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import text
 
 from ledger.book import QuotaBook
-from ledger.entities import Admission, Limits, Settlement
-from ledger.limits import RateLimit, normalize_ips, normalize_models
+from ledger.entities import Admission, Settlement, TokenSpec
 from ledger.store.models import Base
 from ledger.store.repository import Store, UsageQuery, usage_csv
 
@@ -32,20 +31,11 @@ def test_given_book_changes_when_committed_and_reloaded_then_everything_round_tr
     store.migrate()
     now = time.time()
     book = QuotaBook(lambda: now)
-    root = book.create_package(
-        token_id="pkg1",
-        jti="j1",
-        name="acme",
-        allocation=100,
-        team="vision",
-        limits=Limits(
-            expires_at=now + 3600,
-            models=normalize_models(["parts"]),
-            ips=normalize_ips(["10.0.0.0/8"]),
-            rate=RateLimit.parse("pro"),
-        ),
+    spec = TokenSpec.build(
+        "acme", 100, expires_at=now + 3600, models=["parts"], ips=["10.0.0.0/8"], rate="pro", team="vision"
     )
-    kid = book.split(root.id, token_id="tok1", jti="j2", name="fe", allocation=10, limits=Limits())
+    root = book.create_package("pkg1", "j1", spec)
+    kid = book.split(root.id, "tok1", "j2", TokenSpec("fe", 10))
     book.admit(Admission("r1", kid.id, "j2", 9, "parts@1", "10.0.0.1", "key", "hash"))
     book.admit(Admission("r2", kid.id, "j2", 1, "parts@1", "10.0.0.1"))
     book.admit(Admission("r3", kid.id, "j2", 1, "parts@1", "10.0.0.1"))  # denied: quota
