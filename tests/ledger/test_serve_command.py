@@ -18,6 +18,13 @@ pytestmark = pytest.mark.ray
 PORT = 6391
 
 
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def test_given_serve_when_started_then_demo_token_is_printed_and_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     exe = str(Path(sys.executable).parent / "yolo-tokens")
     env = {**os.environ, "YT_DATA_DIR": str(tmp_path / "var"), "YT_NAMESPACE": "yt-serve-test"}
@@ -57,8 +64,8 @@ def test_given_serve_when_started_then_demo_token_is_printed_and_ctrl_c_stops_ev
     assert "stopped." in log_text, log_text
     deadline = time.monotonic() + 20
     while True:  # Ray's own children may take a moment after `ray start` has exited
-        alive = [pid for pid in descendants if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+        alive = [pid for pid in descendants if _running(pid)]
         if not alive or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert alive == [], f"left running: {[psutil.Process(p).cmdline()[:3] for p in alive]}"
+    assert alive == [], f"left running: {alive}"
