@@ -1,0 +1,1 @@
+"""yolo-tokens serving: the Ray Serve graph, the pure inference engine and image decoding."""

@@ -1,0 +1,87 @@
+"""Image decoding for detection requests: bounded, by magic bytes, before any charge. No Ray.
+
+* The format is sniffed from the first bytes (JPEG, PNG, WebP, BMP); Content-Type is ignored.
+* Body size and pixel count are bounded; the pixel count is read from the header and checked
+  BEFORE the pixels are allocated, so decompression bombs cost nothing.
+* EXIF orientation is applied; the result is RGB uint8, shape (H, W, 3).
+Every failure is an `ApiError` from the one error table (400 / 413 / 415).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from serve_app.errors import ApiError
+
+_FORMATS: tuple[tuple[bytes, str], ...] = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"BM", "BMP"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageLimits:
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    max_side: int = 16_384
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedImage:
+    pixels: np.ndarray  # RGB uint8, (H, W, 3), orientation applied
+    format: str
+    nbytes: int
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+
+def sniff(data: bytes) -> str:
+    """The container format by magic bytes, or 415."""
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    for magic, fmt in _FORMATS:
+        if data.startswith(magic):
+            return fmt
+    raise ApiError("unsupported_media_type", "image must be JPEG, PNG, WebP or BMP (detected by its bytes)")
+
+
+def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedImage:
+    if len(data) > limits.max_bytes:
+        raise ApiError("payload_too_large", f"image is {len(data)} bytes; the limit is {limits.max_bytes}")
+    if not data:
+        raise ApiError("invalid_image", "empty image")
+    fmt = sniff(data)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=[fmt])  # reads the header only
+            w, h = img.size
+            if w <= 0 or h <= 0:
+                raise ApiError("invalid_image", "image has no pixels")
+            if w > limits.max_side or h > limits.max_side or w * h > limits.max_pixels:
+                raise ApiError(
+                    "image_too_large",
+                    f"image is {w}x{h}; the limit is {limits.max_pixels} pixels, {limits.max_side} a side",
+                )
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            pixels = np.asarray(img.convert("RGB"))
+    except ApiError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ApiError("image_too_large", "image would decompress beyond the pixel limit") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ApiError("invalid_image", f"corrupt or truncated {fmt} image ({type(exc).__name__})") from None
+    return DecodedImage(pixels=pixels, format=fmt, nbytes=len(data))
