@@ -42,22 +42,35 @@ ERRORS: dict[str, int] = {
 class ApiError(Exception):
     """A client-visible failure with a code from `ERRORS`."""
 
-    def __init__(self, code: str, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self, code: str, message: str, *, retry_after: float | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         if code not in ERRORS:
             raise ValueError(f"{code!r} is not in the error table")
         super().__init__(message)
         self.code = code
         self.message = message
         self.retry_after = retry_after
+        self.headers = dict(headers or {})  # e.g. quota and rate-limit headers of a 429
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # keep code and retry_after when the error crosses a process boundary (handle calls)
+        return (_rebuild, (self.code, self.message, self.retry_after, self.headers))
 
     @property
     def status(self) -> int:
         return ERRORS[self.code]
 
     @classmethod
-    def from_code(cls, code: Code, message: str, retry_after: float | None = None) -> ApiError:
+    def from_code(
+        cls, code: Code, message: str, retry_after: float | None = None, headers: dict[str, str] | None = None
+    ) -> ApiError:
         """A ledger verdict as an API error (every non-OK ledger code is in the table)."""
-        return cls(code.value, message or code.value.replace("_", " "), retry_after=retry_after)
+        return cls(code.value, message or code.value.replace("_", " "), retry_after=retry_after, headers=headers)
 
     def body(self, request_id: str) -> dict[str, Any]:
         return {"error": {"code": self.code, "message": self.message, "request_id": request_id}}
+
+
+def _rebuild(code: str, message: str, retry_after: float | None, headers: dict[str, str]) -> ApiError:
+    return ApiError(code, message, retry_after=retry_after, headers=headers)

@@ -1,0 +1,109 @@
+"""Typed application arguments: what `ray_config.yaml`'s `args:` and `build_app` accept.
+
+Built once at the edge (Serve's config loader, `make serve`, tests) and passed in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ledger.settings import LedgerSettings
+
+DEMO_WEIGHTS = Path(__file__).resolve().parent / "demo" / "weights" / "parts_v1.pt"
+
+
+class Autoscaling(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(4.0, gt=0)
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+
+    def serve_config(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+class ModelSpec(BaseModel):
+    """One model version = one Detector deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    version: str = Field("1", pattern=r"^[A-Za-z0-9_.\-]+$")
+    weights: Path
+    backend: Literal["torch", "onnx", "tensorrt"] = "torch"
+    imgsz: int = Field(640, ge=32, le=4096)
+    half: bool = False
+    cost_units: int = Field(1, ge=1)
+    num_gpus: float = Field(0.0, ge=0)
+    num_cpus: float = Field(1.0, ge=0)
+    max_batch_size: int = Field(8, ge=1, le=256)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    autoscaling: Autoscaling = Autoscaling()
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def deployment_name(self) -> str:
+        return f"Detector-{self.name}-{self.version}".replace(".", "_")
+
+    def check_weights(self) -> None:
+        """A missing weights file is a clear startup error naming the path."""
+        if not self.weights.is_file():
+            raise FileNotFoundError(f"model {self.key}: weights file not found: {self.weights.resolve()}")
+
+    def deployment_options(self) -> dict[str, Any]:
+        return {
+            "name": self.deployment_name,
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "autoscaling_config": self.autoscaling.serve_config(),
+            "max_ongoing_requests": max(2 * self.max_batch_size, 8),
+        }
+
+
+class Limits(BaseModel):
+    """Request bounds and network policy of the ingress."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_pixels: int = Field(40_000_000, ge=1024)
+    max_images: int = Field(16, ge=1, le=256)
+    # peers whose X-Forwarded-For is believed; nobody's by default
+    trusted_proxies: list[str] = []
+    auth: bool = True  # False only for the overhead benchmark's baseline route
+
+
+class AppArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    database_url: str = LedgerSettings().database_url
+    data_dir: Path = LedgerSettings().data_dir
+    ledger_name: str = LedgerSettings().actor_name
+    namespace: str = LedgerSettings().namespace
+    default_model: str = "parts"
+    models: list[ModelSpec] = [ModelSpec(name="parts", version="1", weights=DEMO_WEIGHTS, imgsz=320)]
+    limits: Limits = Limits()
+
+    @field_validator("models")
+    @classmethod
+    def _unique(cls, models: list[ModelSpec]) -> list[ModelSpec]:
+        keys = [m.key for m in models]
+        if len(set(keys)) != len(keys) or not models:
+            raise ValueError(f"model versions must be unique and at least one: {keys}")
+        return models
+
+    def ledger_settings(self) -> LedgerSettings:
+        return LedgerSettings(
+            database_url=self.database_url,
+            data_dir=self.data_dir,
+            actor_name=self.ledger_name,
+            namespace=self.namespace,
+        ).resolved()

@@ -1,0 +1,203 @@
+"""Ingress: the FastAPI routes of DESIGN §5 and the handle API, on one Serve deployment.
+
+Routes stay thin: they parse the transport and call `Pipeline` (detection) or the gate's
+token-scoped ledger operations. Every failure leaves through the one error table.
+"""
+
+# No `from __future__ import annotations` here: FastAPI resolves route annotations at runtime,
+# and the methods Serve rebinds for @serve.ingress no longer see this module's globals.
+
+import ipaddress
+import re
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from ray import serve
+
+from ledger.entities import TokenSpec
+from ledger.errors import LedgerError, OperationRefused
+from serve_app.config import AppArgs
+from serve_app.engine import InferenceParams
+from serve_app.errors import ApiError
+from serve_app.http import client_ip, images_from_body, plain, read_body
+from serve_app.pipeline import DetectCall, Pipeline, new_request_id
+
+_IDEM_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+api = FastAPI(title="yolo-tokens", version="1", description="YOLO detection paid from token packages.")
+
+
+class SplitBody(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+    quota: int = Field(ge=1)
+    expires_in_s: float | None = Field(None, gt=0)
+    models: list[str] | None = None
+    ips: list[str] | None = None
+    rate: str | None = None
+    team: str | None = None
+
+
+class ReclaimBody(BaseModel):
+    units: int | None = Field(None, ge=1)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    rid = getattr(request.state, "request_id", "")
+    headers: dict[str, str] = {}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = str(int(exc.retry_after))
+    headers.update(exc.headers)
+    return JSONResponse(exc.body(rid), status_code=exc.status, headers=headers)
+
+
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.5})
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, gate: Any, detectors: dict[str, Any], args: AppArgs) -> None:
+        self.args = args
+        self.gate = gate
+        self.trusted = [ipaddress.ip_network(p, strict=False) for p in args.limits.trusted_proxies]
+        self.pipeline = Pipeline(args, gate, detectors, {})
+        self.pipeline.keys_at = 0.0  # first request loads the keys
+
+    # ------------------------------------------------------------ helpers
+    def _start(self, request: Request) -> str:
+        rid = new_request_id()
+        request.state.request_id = rid
+        return rid
+
+    async def _claims(self, request: Request, typ: str = "access") -> Any:
+        return await self.pipeline.verify(request.headers.get("authorization"), typ)
+
+    async def _ledger(self, op: str, **kwargs: Any) -> Any:
+        try:
+            return await self.gate.call.remote(op, kwargs)
+        except OperationRefused as exc:
+            raise ApiError.from_code(exc.code, exc.message) from None
+        except LedgerError as exc:
+            raise ApiError.from_code(exc.code, exc.message) from None
+
+    # ------------------------------------------------------------ routes
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.post("/v1/detect")
+    async def detect_http(
+        self, request: Request, model: str | None = None, conf: float = 0.25, iou: float = 0.7, max_det: int = 300
+    ) -> JSONResponse:
+        rid = self._start(request)
+        if not (0.0 <= conf <= 1.0 and 0.0 <= iou <= 1.0 and 1 <= max_det <= 1000):
+            raise ApiError("invalid_request", "conf and iou must be in [0, 1], max_det in [1, 1000]")
+        idem = request.headers.get("idempotency-key")
+        if idem is not None and not _IDEM_KEY.match(idem):
+            raise ApiError("invalid_request", "Idempotency-Key must be 1-255 printable ASCII characters")
+        credential = request.headers.get("authorization")
+        await self.pipeline.verify(credential)  # 401 before reading a byte of the body
+        body = await read_body(request, self.args.limits.max_body_bytes)
+        call = DetectCall(
+            rid,
+            credential,
+            images_from_body(request.headers.get("content-type", ""), body),
+            model,
+            InferenceParams(conf, iou, max_det),
+            client_ip(request, self.trusted),
+            idem,
+        )
+        out = await self.pipeline.detect(call)
+        return JSONResponse(out.body, headers=out.headers)
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> dict[str, Any]:
+        self._start(request)
+        await self._claims(request)
+        return {
+            "default": self.args.default_model,
+            "models": [
+                {
+                    "name": m.name,
+                    "version": m.version,
+                    "key": m.key,
+                    "cost_units": m.cost_units,
+                    "imgsz": m.imgsz,
+                    "backend": m.backend,
+                }
+                for m in self.args.models
+            ],
+        }
+
+    @api.get("/v1/usage")
+    async def usage(self, request: Request, limit: int = 100) -> dict[str, Any]:
+        self._start(request)
+        claims = await self._claims(request)
+        tree = await self._ledger("tokens", actor=claims.sub)
+        events = await self._ledger("usage", actor=claims.sub, limit=max(1, min(limit, 1000)))
+        return {"tokens": [plain(t) for t in tree], "events": events}
+
+    @api.get("/v1/tokens/{token_id}")
+    async def token(self, request: Request, token_id: str) -> dict[str, Any]:
+        self._start(request)
+        claims = await self._claims(request)
+        return plain(await self._ledger("token", token_id=token_id, actor=claims.sub))
+
+    @api.post("/v1/tokens", status_code=201)
+    async def split(self, request: Request, body: SplitBody) -> dict[str, Any]:
+        self._start(request)
+        claims = await self._claims(request)
+        try:
+            spec = TokenSpec.build(
+                body.name,
+                body.quota,
+                models=body.models,
+                ips=body.ips,
+                rate=body.rate,
+                team=body.team,
+                expires_at=time.time() + body.expires_in_s if body.expires_in_s else None,
+            )
+        except OperationRefused as exc:
+            raise ApiError.from_code(exc.code, exc.message) from None
+        out = await self._ledger("split", parent_id=claims.sub, spec=spec, actor=claims.sub)
+        return {"token": plain(out["token"]), "credential": out["credential"]}
+
+    @api.post("/v1/tokens/{token_id}/revoke")
+    async def revoke(self, request: Request, token_id: str) -> dict[str, Any]:
+        self._start(request)
+        claims = await self._claims(request)
+        out = await self._ledger("revoke", token_id=token_id, actor=claims.sub)
+        return {"returned": out["returned"], "token": plain(out["token"])}
+
+    @api.post("/v1/tokens/{token_id}/reclaim")
+    async def reclaim(self, request: Request, token_id: str, body: ReclaimBody | None = None) -> dict[str, Any]:
+        self._start(request)
+        claims = await self._claims(request)
+        out = await self._ledger("reclaim", token_id=token_id, units=body.units if body else None, actor=claims.sub)
+        return {"returned": out["returned"], "token": plain(out["token"])}
+
+    @api.post("/v1/tokens/{token_id}/rotate")
+    async def rotate(self, request: Request, token_id: str) -> dict[str, Any]:
+        self._start(request)
+        claims = await self._claims(request)
+        out = await self._ledger("rotate", token_id=token_id, actor=claims.sub)
+        return {"token": plain(out["token"]), "credential": out["credential"]}
+
+    # ------------------------------------------------------------ handle API (Ray jobs)
+    async def detect(
+        self,
+        token: str,
+        images: list[bytes],
+        model: str | None = None,
+        conf: float = 0.25,
+        iou: float = 0.7,
+        max_det: int = 300,
+        request_id: str | None = None,
+    ) -> dict[str, Any]:
+        """Same checks and accounting as HTTP. `request_id` is the idempotency key of handle calls.
+        Denials raise `ApiError` (its `code` and `status` from the one error table)."""
+        call = DetectCall(
+            new_request_id(), token, list(images), model, InferenceParams(conf, iou, max_det), None, request_id
+        )
+        return (await self.pipeline.detect(call)).body
