@@ -8,6 +8,7 @@ STAMP  := $(VENV)/.installed
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export YOLO_OFFLINE := 1
+export FORWARDED_ALLOW_IPS :=
 
 .PHONY: venv serve test lint bench clean
 

@@ -143,14 +143,18 @@ class LedgerClient:
             reply: tuple[Any, ...] = ray.get(self.actor.call.remote(op, kwargs))
         except RayError as exc:
             raise LedgerUnavailable(f"ledger actor unavailable: {type(exc).__name__}") from exc
-        return _unwrap(reply)
+        return unwrap(reply)
 
     async def acall(self, op: str, **kwargs: Any) -> Any:
+        return unwrap(await self.acall_reply(op, **kwargs))
+
+    async def acall_reply(self, op: str, **kwargs: Any) -> tuple[Any, ...]:
+        """The raw reply tuple: for relaying across another process without losing the error code."""
         try:
-            reply = await self.actor.call.remote(op, kwargs)
+            reply: tuple[Any, ...] = await self.actor.call.remote(op, kwargs)
         except RayError as exc:
-            raise LedgerUnavailable(f"ledger actor unavailable: {type(exc).__name__}") from exc
-        return _unwrap(reply)
+            return ("err", Code.LEDGER_UNAVAILABLE.value, f"ledger actor unavailable: {type(exc).__name__}")
+        return reply
 
     def create_package(self, spec: TokenSpec) -> dict[str, Any]:
         """Returns {"token": TokenView, "credential": str}; the credential is shown once."""
@@ -229,7 +233,8 @@ class LedgerClient:
         return stats
 
 
-def _unwrap(reply: tuple[Any, ...]) -> Any:
+def unwrap(reply: tuple[Any, ...]) -> Any:
+    """An actor reply ("ok", value) | ("err", code, message) as a value or a typed exception."""
     if reply[0] == "ok":
         return reply[1]
     code = Code(reply[1])

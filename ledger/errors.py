@@ -24,6 +24,10 @@ class LedgerError(Exception):
         if code is not None:
             self.code = code
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # keep `code` when the error crosses a process boundary (Ray, Serve handles)
+        return (type(self), (self.message, self.code))
+
     @property
     def message(self) -> str:
         return str(self.args[0]) if self.args else ""

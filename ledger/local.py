@@ -23,6 +23,10 @@ def ray_env() -> dict[str, str]:
     env.setdefault("RAY_AUTH_MODE", "token")
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env.setdefault("YOLO_OFFLINE", "1")
+    # Serve's HTTP proxy is uvicorn, which by default rewrites the client address from
+    # X-Forwarded-For for loopback peers: anyone on this host could then claim any IP and
+    # pass an IP allowlist. Trust no proxy there; the ingress honours only `trusted_proxies`.
+    env["FORWARDED_ALLOW_IPS"] = ""
     return env
 
 

@@ -33,6 +33,7 @@ class TokenGate:
         keys: dict[str, bytes] = await self.client.acall("public_keys")
         return keys
 
-    async def call(self, op: str, kwargs: dict[str, Any]) -> Any:
-        """Token-scoped tree operations and reads for the HTTP routes (`actor` is always set by the caller)."""
-        return await self.client.acall(op, **kwargs)
+    async def call(self, op: str, kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        """Token-scoped tree operations and reads for the HTTP routes (`actor` is always set by the caller).
+        Returns the ledger's reply tuple; the caller unwraps it (`ledger.client.unwrap`)."""
+        return await self.client.acall_reply(op, **kwargs)

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from ray import serve
 
+from ledger.client import unwrap
 from ledger.entities import TokenSpec
 from ledger.errors import LedgerError, OperationRefused
 from serve_app.config import AppArgs
@@ -75,9 +76,7 @@ class Ingress:
 
     async def _ledger(self, op: str, **kwargs: Any) -> Any:
         try:
-            return await self.gate.call.remote(op, kwargs)
-        except OperationRefused as exc:
-            raise ApiError.from_code(exc.code, exc.message) from None
+            return unwrap(await self.gate.call.remote(op, kwargs))
         except LedgerError as exc:
             raise ApiError.from_code(exc.code, exc.message) from None
 

@@ -318,3 +318,10 @@ def test_given_rate_specs_then_tiers_and_custom_rates_parse() -> None:
     assert RateLimit.parse("5/s:10") == RateLimit(rate=5.0, burst=10)
     with pytest.raises(OperationRefused):
         RateLimit.parse("fast")
+
+
+def test_given_a_refusal_when_pickled_across_processes_then_its_code_survives() -> None:
+    import pickle
+
+    err = pickle.loads(pickle.dumps(OperationRefused("nope", Code.NOT_FOUND)))
+    assert (type(err), err.code, err.message) == (OperationRefused, Code.NOT_FOUND, "nope")

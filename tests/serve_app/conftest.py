@@ -1,0 +1,72 @@
+"""A real Ray Serve app on 127.0.0.1 for the HTTP and handle tests (one per module)."""
+
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from serve_app.config import DEMO_WEIGHTS, AppArgs, Autoscaling, Limits, ModelSpec
+
+HTTP_PORT = 8123
+
+
+@dataclass
+class LiveApp:
+    url: str
+    args: AppArgs
+    ledger: Any  # LedgerClient
+
+
+def jpeg(w: int = 160, h: int = 120, color: tuple[int, int, int] = (120, 120, 120)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def live_app(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveApp]:
+    import ray
+    from ray import serve
+
+    from ledger.client import LedgerClient
+    from serve_app.app import APP_NAME, build_app
+
+    tmp: Path = tmp_path_factory.mktemp("serve")
+    args = AppArgs(
+        database_url=f"sqlite:///{tmp / 'ledger.db'}",
+        data_dir=tmp,
+        ledger_name=f"ledger-{uuid.uuid4().hex[:8]}",
+        namespace="yt-tests",
+        models=[
+            ModelSpec(
+                name="parts",
+                version="1",
+                weights=DEMO_WEIGHTS,
+                imgsz=320,
+                autoscaling=Autoscaling(min_replicas=1, max_replicas=1),
+            ),
+            ModelSpec(
+                name="parts",
+                version="2",
+                weights=DEMO_WEIGHTS,
+                imgsz=320,
+                cost_units=2,
+                autoscaling=Autoscaling(min_replicas=0, max_replicas=1, downscale_delay_s=600),
+            ),
+        ],
+        default_model="parts@1",
+        limits=Limits(max_body_bytes=2 * 1024 * 1024, trusted_proxies=["127.0.0.2/32"]),
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    client = LedgerClient.connect(args.ledger_settings())
+    yield LiveApp(f"http://127.0.0.1:{HTTP_PORT}", args, client)
+    serve.delete(APP_NAME)
+    ray.kill(client.actor, no_restart=True)

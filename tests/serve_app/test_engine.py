@@ -1,0 +1,80 @@
+"""YoloEngine against ultralytics' own predict(), and against generated images with known boxes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from ultralytics import YOLO
+
+from serve_app.config import DEMO_WEIGHTS
+from serve_app.demo.synth import render
+from serve_app.engine import EngineUnavailable, InferenceParams, ModelFileMissing, YoloEngine
+
+
+@pytest.fixture(scope="module")
+def engine() -> YoloEngine:
+    return YoloEngine(DEMO_WEIGHTS, imgsz=320)
+
+
+def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def test_given_the_same_images_then_engine_equals_ultralytics_predict(engine: YoloEngine) -> None:
+    model = YOLO(str(DEMO_WEIGHTS))
+    images = [np.asarray(render(7, "check", i, size)[0]) for i, size in enumerate([320, 320, 480, 256])]
+    ours, _ = engine.detect(images, InferenceParams(conf=0.25, iou=0.7))
+    compared = 0
+    for im, dets in zip(images, ours, strict=True):
+        ref = model.predict(im[..., ::-1].copy(), imgsz=320, conf=0.25, iou=0.7, device="cpu", verbose=False)[0]
+        ref_boxes = ref.boxes.xyxy.numpy().tolist()
+        ref_cls = ref.boxes.cls.numpy().astype(int).tolist()
+        ref_conf = ref.boxes.conf.numpy().tolist()
+        assert len(dets) == len(ref_boxes)
+        for d in dets:  # match each of ours to the reference box of the same class with the highest IoU
+            j = max(
+                range(len(ref_boxes)),
+                key=lambda k: iou((d.x1, d.y1, d.x2, d.y2), tuple(ref_boxes[k])) if ref_cls[k] == d.class_id else -1.0,
+            )
+            assert ref_cls[j] == d.class_id
+            assert np.allclose([d.x1, d.y1, d.x2, d.y2], ref_boxes[j], atol=1.0)
+            assert abs(d.confidence - ref_conf[j]) <= 0.01
+            compared += 1
+    assert compared > 0
+
+
+def test_given_generated_images_with_known_boxes_then_recall_at_iou_half_is_high(engine: YoloEngine) -> None:
+    found = total = 0
+    for i in range(30):
+        img, truth = render(4242, "recall", i, 320)
+        dets, _ = engine.detect([np.asarray(img)], InferenceParams(conf=0.25))
+        for t in truth:
+            total += 1
+            found += any(
+                d.class_id == t.cls and iou((d.x1, d.y1, d.x2, d.y2), (t.x1, t.y1, t.x2, t.y2)) >= 0.5 for d in dets[0]
+            )
+    assert found / total >= 0.9, f"recall {found}/{total}"
+
+
+def test_given_a_batch_then_results_equal_one_by_one(engine: YoloEngine) -> None:
+    images = [np.asarray(render(9, "batch", i, 320)[0]) for i in range(3)]
+    batched, _ = engine.detect(images)
+    single = [engine.detect([im])[0][0] for im in images]
+    for a, b in zip(batched, single, strict=True):
+        assert [(d.class_id, round(d.x1), round(d.y1)) for d in a] == [
+            (d.class_id, round(d.x1), round(d.y1)) for d in b
+        ]
+
+
+def test_given_a_missing_weights_file_then_the_error_names_the_path(tmp_path: object) -> None:
+    with pytest.raises(ModelFileMissing, match=r"nope\.pt"):
+        YoloEngine(DEMO_WEIGHTS.with_name("nope.pt"))
+
+
+def test_given_tensorrt_without_a_gpu_then_a_clear_error_and_no_fallback() -> None:
+    with pytest.raises(EngineUnavailable, match="CUDA"):
+        YoloEngine(DEMO_WEIGHTS, backend="tensorrt")
