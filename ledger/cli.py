@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import re
-import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -26,10 +25,7 @@ import ray
 from ledger.client import LedgerClient
 from ledger.entities import TokenSpec
 from ledger.errors import LedgerError, LedgerUnavailable, OperationRefused
-from ledger.local import LocalRay
 from ledger.settings import LedgerSettings
-
-DEMO_PACKAGE = "demo"
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -49,15 +45,15 @@ def _expires_at(args: argparse.Namespace) -> float | None:
     return time.time() + args.expires_in if getattr(args, "expires_in", None) else None
 
 
-def _plain(value: Any) -> Any:
+def to_plain(value: Any) -> Any:
     if is_dataclass(value) and not isinstance(value, type):
         return asdict(value)
     if isinstance(value, bytes):
         return value.decode()
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: to_plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [to_plain(v) for v in value]
     return value
 
 
@@ -73,7 +69,7 @@ def _table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def _show_issued(result: dict[str, Any]) -> str:
+def show_issued(result: dict[str, Any]) -> str:
     t = result["token"]
     return (
         f"token {t['id']} ({t['name']}): {t['allocation']} units, expires {_when(t['expires_at'])}\n"
@@ -151,9 +147,9 @@ def cmd_doctor(a: argparse.Namespace, c: Any) -> Any:
 
 def render(command: str, value: Any) -> str:
     """Human output for each command."""
-    v = _plain(value)
+    v = to_plain(value)
     if command in ("package create", "token split", "token rotate"):
-        return _show_issued(v)
+        return show_issued(v)
     if command == "token list":
         return _table(v, ["id", "name", "team", "parent_id", "allocation", "used", "free", "status", "rate"])
     if command == "token show":
@@ -241,9 +237,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = keys.add_parser("rotate", parents=[common], help="new signing key; old ones verify until their tokens expire")
     p.set_defaults(handler=cmd_keys_rotate, command="keys rotate")
 
-    p = sub.add_parser("serve", help="start a local Ray head on 127.0.0.1 with the ledger (Ctrl-C stops it)")
-    p.add_argument("--port", type=int, default=6380)
-
     p = sub.add_parser("doctor", parents=[common], help="compare the in-memory book with the database")
     p.set_defaults(handler=cmd_doctor, command="doctor")
     return ap
@@ -261,52 +254,12 @@ def connect(address: str, settings: LedgerSettings) -> LedgerClient:
     return LedgerClient.connect(settings, create=True)
 
 
-def ensure_demo(client: LedgerClient) -> dict[str, Any]:
-    """The demo package: created on first start; later starts rotate it to show a fresh credential."""
-    for t in client.tokens():
-        if t.parent_id is None and t.name == DEMO_PACKAGE and t.status == "active":
-            return client.rotate(t.id)
-    return client.create_package(
-        TokenSpec.build(DEMO_PACKAGE, 10_000, expires_at=time.time() + 30 * 86400, rate="pro", team="demo")
-    )
-
-
-def cmd_serve(args: argparse.Namespace, settings: LedgerSettings) -> int:
-    """Start a local Ray head on loopback with the ledger; block until Ctrl-C; stop what we started."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    local = LocalRay(port=args.port, log=settings.data_dir / "ray.log")
-    stop = {"now": False}
-
-    def _stop(_sig: int, _frame: Any) -> None:
-        stop["now"] = True
-
-    print(f"starting Ray on {local.address} (log: {settings.data_dir / 'ray.log'}) ...", flush=True)
-    address = local.start()
-    try:
-        client = connect(address, settings)
-        # after ray.init, which installs handlers of its own
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
-        demo = ensure_demo(client)
-        print(f"ledger ready: {settings.database_url}")
-        print(_show_issued(_plain(demo)))
-        print("\ntry:  yolo-tokens --address", address, "token list")
-        print("Ctrl-C stops everything started here.", flush=True)
-        while not stop["now"]:
-            time.sleep(0.5)
-    finally:
-        print("stopping Ray (it drains for up to 30 s) ...", flush=True)
-        ray.shutdown()
-        local.stop()
-        print("stopped.", flush=True)
-    return 0
-
-
 def main(argv: Sequence[str] | None = None, settings: LedgerSettings | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    settings = settings or LedgerSettings.from_env()
-    if args.group == "serve":
-        return cmd_serve(args, settings)
+    return run(build_parser().parse_args(argv), settings or LedgerSettings.from_env())
+
+
+def run(args: argparse.Namespace, settings: LedgerSettings) -> int:
+    """Run one parsed ledger command against the running cluster; returns the exit code."""
     try:
         client = connect(args.address, settings)
         result = args.handler(args, client)
@@ -317,7 +270,7 @@ def main(argv: Sequence[str] | None = None, settings: LedgerSettings | None = No
         _fail(args, exc)
         return 3
     if args.json:
-        print(json.dumps(_plain(result), indent=2, default=str))
+        print(json.dumps(to_plain(result), indent=2, default=str))
     else:
         print(render(args.command, result))
     if args.command == "doctor" and not result["healthy"]:

@@ -1,4 +1,5 @@
-"""`yolo-tokens serve` (what `make serve` runs): a real Ray head on loopback, started and stopped by pid."""
+"""`yolo-tokens serve` (what `make serve` runs): Ray on loopback, the ledger and the Serve app from a
+ray_config.yaml, a demo token that works with the printed curl command, everything stopped by pid."""
 
 from __future__ import annotations
 
@@ -10,12 +11,19 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
+import yaml
+
+from serve_app.config import DEMO_WEIGHTS
+from tests.serve_app.conftest import jpeg
 
 pytestmark = pytest.mark.ray
 
 PORT = 6391
+HTTP_PORT = 8124
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _running(pid: int) -> bool:
@@ -27,13 +35,23 @@ def _running(pid: int) -> bool:
 
 def test_given_serve_when_started_then_demo_token_is_printed_and_ctrl_c_stops_every_process(tmp_path: Path) -> None:
     exe = str(Path(sys.executable).parent / "yolo-tokens")
-    env = {**os.environ, "YT_DATA_DIR": str(tmp_path / "var"), "YT_NAMESPACE": "yt-serve-test"}
+    config = yaml.safe_load((REPO / "ray_config.yaml").read_text())  # the shipped file, pointed at tmp_path
+    config["http_options"]["port"] = HTTP_PORT
+    app_args = config["applications"][0]["args"]
+    app_args.update(database_url=f"sqlite:///{tmp_path / 'var' / 'ledger.db'}", data_dir=str(tmp_path / "var"))
+    app_args["models"][0]["weights"] = str(DEMO_WEIGHTS)
+    (tmp_path / "ray_config.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "YT_DATABASE_URL": app_args["database_url"], "YT_DATA_DIR": app_args["data_dir"]}
     log = (tmp_path / "serve.log").open("w+")
     proc = subprocess.Popen(
-        [exe, "serve", "--port", str(PORT)], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path
+        [exe, "serve", "--port", str(PORT), "--config", str(tmp_path / "ray_config.yaml")],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
     )
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         text = ""
         while "Ctrl-C" not in text:
             assert proc.poll() is None, (tmp_path / "serve.log").read_text()
@@ -43,6 +61,15 @@ def test_given_serve_when_started_then_demo_token_is_printed_and_ctrl_c_stops_ev
         assert "(demo): 10000 units" in text
         credential = text.split("store it now):\n", 1)[1].splitlines()[0]
         assert credential.count(".") == 2
+        assert f'curl -s -X POST "http://127.0.0.1:{HTTP_PORT}/v1/detect"' in text
+        r = httpx.post(
+            f"http://127.0.0.1:{HTTP_PORT}/v1/detect",
+            content=jpeg(),
+            headers={"Authorization": f"Bearer {credential}", "Content-Type": "image/jpeg"},
+            timeout=120,
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["remaining"] == 9999
         descendants = [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
         assert descendants, "ray start should run under serve"
         listed = subprocess.run(
