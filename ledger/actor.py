@@ -22,7 +22,7 @@ import ray
 from ledger.codes import Code
 from ledger.core import LedgerCore
 from ledger.entities import Decision
-from ledger.errors import LedgerError, LedgerUnavailable
+from ledger.errors import LedgerError, LedgerUnavailable, OperationRefused
 from ledger.settings import LedgerSettings
 
 # wire result of an admin call: ("ok", value) or ("err", code, message)
@@ -44,7 +44,7 @@ ADMIN_OPS = frozenset(
         "consistency",
     }
 )
-# in-memory reads, answered on the event loop between flushes
+# in-memory reads, queued like writes so that they never see a book being applied or rebuilt
 BOOK_READS = frozenset({"token", "tokens", "public_keys", "check_credential"})
 # database reads, answered on a reader thread
 DB_READS = frozenset({"usage", "admin_events", "alerts"})
@@ -76,7 +76,9 @@ class _Flusher:
             asyncio.get_running_loop().create_task(self._flush())
         return await fut
 
-    async def ensure_ready(self) -> bool:
+    async def _ensure_ready(self) -> bool:
+        """Rebuild the book if a failed write or a cold start left it unready. Only the flush
+        loop calls this, between batches, so no batch is ever applied to a book being reloaded."""
         if self.core.ready:
             return True
         now = time.monotonic()
@@ -84,7 +86,7 @@ class _Flusher:
             return False
         self.last_reload = now
         try:
-            await asyncio.get_running_loop().run_in_executor(self.pool, self.core.reload)
+            await asyncio.get_running_loop().run_in_executor(self.pool, self.core.start)
         except LedgerUnavailable:
             return False
         return True
@@ -94,24 +96,32 @@ class _Flusher:
         try:
             while self.queue:
                 batch, self.queue = self.queue, []
-                if not await self.ensure_ready():
+                if not await self._ensure_ready():
                     for _, fut in batch:
                         if not fut.done():
                             fut.set_exception(LedgerUnavailable("ledger database unavailable"))
                     continue
                 results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+                broken: Exception | None = None
                 for op, fut in batch:
                     try:
                         results.append((fut, op(), None))
-                    except Exception as exc:  # refusals and bugs alike go to their caller, never stop the loop
+                    except OperationRefused as exc:  # refused before anything changed
                         results.append((fut, None, exc))
+                    except Exception as exc:  # a bug may have half-changed the book: this batch is not committed
+                        results.append((fut, None, exc))
+                        broken = exc
                 try:
+                    if broken is not None:
+                        raise LedgerUnavailable(f"operation failed: {broken!r}")
                     await loop.run_in_executor(self.pool, self.core.commit)
                 except Exception as exc:  # LedgerUnavailable, or a bug: nobody is told "done"
                     down = exc if isinstance(exc, LedgerUnavailable) else LedgerUnavailable(f"commit failed: {exc!r}")
-                    for fut, _, _ in results:
+                    # the book goes back to what the database holds (or stays unready while it is down)
+                    await loop.run_in_executor(self.pool, self.core.discard)
+                    for fut, _, err in results:
                         if not fut.done():
-                            fut.set_exception(down)
+                            fut.set_exception(err if isinstance(err, OperationRefused) else down)
                     continue
                 self.commits += 1
                 self.ops += len(batch)
@@ -181,20 +191,26 @@ class LedgerActor:
         if op not in ADMIN_OPS and op not in BOOK_READS and op not in DB_READS:
             return ("err", Code.INVALID_REQUEST.value, f"unknown ledger operation {op!r}")
         fn = getattr(self.core, op)
+        kwargs = dict(kwargs)
+        actor, actor_jti = kwargs.get("actor"), kwargs.pop("actor_jti", None)
         try:
-            if op in ADMIN_OPS:
-                value = await self.flusher.run(lambda: fn(**kwargs))
-            elif not await self.flusher.ensure_ready():
+            if op in ADMIN_OPS or op in BOOK_READS:
+                value = await self.flusher.run(lambda: self._as(actor, actor_jti, lambda: fn(**kwargs)))
+            elif not self.core.ready:
                 raise LedgerUnavailable("ledger database unavailable")
-            elif op in BOOK_READS:
-                value = fn(**kwargs)
             else:
+                self.core.authenticate(actor, actor_jti)
                 value = await asyncio.get_running_loop().run_in_executor(self.readers, lambda: fn(**kwargs))
         except LedgerError as exc:
             return ("err", exc.code.value, exc.message)
         except TypeError as exc:
             return ("err", Code.INVALID_REQUEST.value, f"bad arguments for {op}: {exc}")
         return ("ok", value)
+
+    def _as(self, actor: str | None, actor_jti: str | None, op: Callable[[], Any]) -> Any:
+        """Run `op` for a token actor only while that actor's credential is current and usable."""
+        self.core.authenticate(actor, actor_jti)
+        return op()
 
     async def stats(self) -> dict[str, Any]:
         return {

@@ -92,7 +92,10 @@ class QuotaBook(Tree):
             return self._decision(Code.REPLAY, a.request_id, node, 0, message=f"request already {seen[1]}")
         if a.idem_key is not None:
             rec = self.idem.get((a.token_id, a.idem_key))
-            if rec is not None and now - rec.created_at < IDEMPOTENCY_TTL_S:
+            if rec is not None and now - rec.created_at >= IDEMPOTENCY_TTL_S:
+                self._forget_idem((a.token_id, a.idem_key))  # expired: the new request replaces its row
+                rec = None
+            if rec is not None:
                 if rec.body_hash != (a.body_hash or ""):
                     return self._deny(
                         a, node, Code.IDEMPOTENCY_CONFLICT, "Idempotency-Key reused with a different request body", now
@@ -262,7 +265,8 @@ class QuotaBook(Tree):
         if p is None or p.token_id != s.token_id:
             return Code.NOT_FOUND
         del self.pending[s.request_id]
-        keep = (p.units if s.charged is None else max(0, min(s.charged, p.units))) if s.success else 0
+        charged = s.charged if type(s.charged) is int else None
+        keep = (p.units if charged is None else max(0, min(charged, p.units))) if s.success else 0
         refund = p.units - keep
         node = self.nodes[p.token_id]
         if refund:
@@ -280,9 +284,15 @@ class QuotaBook(Tree):
                     rec.state, rec.result = "done", s.result
                     self.out.idem_done.append(rec)
                 else:  # a failed request may be retried with the same key
-                    del self.idem[(p.token_id, p.idem_key)]
-                    self.out.idem_deleted.append((p.token_id, p.idem_key))
+                    self._forget_idem((p.token_id, p.idem_key))
         return Code.OK
+
+    def _forget_idem(self, key: tuple[str, str]) -> None:
+        rec = self.idem.pop(key)
+        if any(r is rec for r in self.out.idem_new):  # never written: just do not write it
+            self.out.idem_new = [r for r in self.out.idem_new if r is not rec]
+        else:
+            self.out.idem_deleted.append(key)
 
     def _refund(self, node: Node, units: int) -> None:
         node.used -= units
@@ -297,19 +307,25 @@ class QuotaBook(Tree):
                     n.parent.delegated -= units
             n = n.parent
 
-    def prune(self, now: float | None = None, settle_window_s: float = 3600.0) -> None:
+    def prune(
+        self, now: float | None = None, settle_window_s: float = 3600.0, recent_window_s: float = RECENT_REQUEST_TTL_S
+    ) -> None:
         """Forget idempotency records past 24 h, settled request ids past the retry window, and
         unsettled admissions past the settle window (they stay charged; the caller never settled)."""
         now = self.clock() if now is None else now
         for key in [k for k, r in self.idem.items() if now - r.created_at >= IDEMPOTENCY_TTL_S]:
-            del self.idem[key]
-            self.out.idem_deleted.append(key)
-        cutoff = now - RECENT_REQUEST_TTL_S
+            self._forget_idem(key)
+        cutoff = now - recent_window_s
         for rid in [r for r, (_, _, ts) in self.recent.items() if ts < cutoff]:
             del self.recent[rid]
         stale = now - settle_window_s
         for rid in [r for r, p in self.pending.items() if p.ts < stale]:
-            del self.pending[rid]
+            p = self.pending.pop(rid)
+            if p.idem_key is None:
+                continue
+            stale_key = (p.token_id, p.idem_key)
+            if stale_key in self.idem and self.idem[stale_key].request_id == rid:
+                self._forget_idem(stale_key)  # never settled: let the client retry with the same key
 
     def check_credential(self, token_id: str, jti: str) -> Code:
         n = self.nodes.get(token_id)

@@ -36,8 +36,8 @@ Handler = Callable[[argparse.Namespace, Any], Any]
 def parse_duration(text: str) -> float:
     """`30d`, `12h`, `90m`, `45s`, `2w` or plain seconds."""
     m = _DURATION.match(text)
-    if m is None:
-        raise argparse.ArgumentTypeError(f"bad duration {text!r}: use e.g. 30d, 12h, 90m, 45s")
+    if m is None or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"bad duration {text!r}: use a positive amount, e.g. 30d, 12h, 90m, 45s")
     return float(m.group(1)) * _UNIT_S[m.group(2)]
 
 
@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def connect(address: str, settings: LedgerSettings) -> LedgerClient:
+def connect(address: str, settings: LedgerSettings, *, create: bool = False) -> LedgerClient:
     """Join the running cluster (unless this process already has) and attach to the ledger actor."""
     if not ray.is_initialized():
         try:
@@ -251,7 +251,7 @@ def connect(address: str, settings: LedgerSettings) -> LedgerClient:
             raise LedgerUnavailable(
                 f"no running Ray cluster at {address!r} ({exc}); start one with `make serve`"
             ) from exc
-    return LedgerClient.connect(settings, create=True)
+    return LedgerClient.connect(settings, create=create)
 
 
 def main(argv: Sequence[str] | None = None, settings: LedgerSettings | None = None) -> int:

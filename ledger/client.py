@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 import ray
-from ray.exceptions import RayError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayError
 
 from ledger.actor import LedgerActor, unavailable
 from ledger.codes import Code
@@ -122,7 +122,7 @@ class LedgerClient:
         for delay in (*RETRY_DELAYS_S, None):
             try:
                 return await method.remote(payload)
-            except RayError:
+            except (RayActorError, ActorUnavailableError):  # restarting: resend; a RayTaskError is final
                 if delay is None:
                     raise
                 await asyncio.sleep(delay)
@@ -139,6 +139,8 @@ class LedgerClient:
 
     # ---------------------------------------------------------------- admin + reads
     def call(self, op: str, **kwargs: Any) -> Any:
+        """An admin operation or read by name. Token-scoped calls pass `actor` (token id) AND
+        `actor_jti` (its current credential id): the ledger refuses stale or revoked actors."""
         try:
             reply: tuple[Any, ...] = ray.get(self.actor.call.remote(op, kwargs))
         except RayError as exc:
@@ -160,8 +162,8 @@ class LedgerClient:
         """Returns {"token": TokenView, "credential": str}; the credential is shown once."""
         return cast("dict[str, Any]", self.call("create_package", spec=spec))
 
-    def split(self, parent_id: str, spec: TokenSpec, actor: str | None = None) -> dict[str, Any]:
-        return cast("dict[str, Any]", self.call("split", parent_id=parent_id, spec=spec, actor=actor))
+    def split(self, parent_id: str, spec: TokenSpec) -> dict[str, Any]:
+        return cast("dict[str, Any]", self.call("split", parent_id=parent_id, spec=spec))
 
     def update_limits(
         self,
@@ -186,23 +188,23 @@ class LedgerClient:
             ),
         )
 
-    def top_up(self, token_id: str, units: int, actor: str | None = None) -> TokenView:
-        return cast("TokenView", self.call("top_up", token_id=token_id, units=units, actor=actor))
+    def top_up(self, token_id: str, units: int) -> TokenView:
+        return cast("TokenView", self.call("top_up", token_id=token_id, units=units))
 
-    def revoke(self, token_id: str, actor: str | None = None) -> dict[str, Any]:
-        return cast("dict[str, Any]", self.call("revoke", token_id=token_id, actor=actor))
+    def revoke(self, token_id: str) -> dict[str, Any]:
+        return cast("dict[str, Any]", self.call("revoke", token_id=token_id))
 
-    def reclaim(self, token_id: str, units: int | None = None, actor: str | None = None) -> dict[str, Any]:
-        return cast("dict[str, Any]", self.call("reclaim", token_id=token_id, units=units, actor=actor))
+    def reclaim(self, token_id: str, units: int | None = None) -> dict[str, Any]:
+        return cast("dict[str, Any]", self.call("reclaim", token_id=token_id, units=units))
 
-    def rotate(self, token_id: str, actor: str | None = None) -> dict[str, Any]:
-        return cast("dict[str, Any]", self.call("rotate", token_id=token_id, actor=actor))
+    def rotate(self, token_id: str) -> dict[str, Any]:
+        return cast("dict[str, Any]", self.call("rotate", token_id=token_id))
 
-    def token(self, token_id: str, actor: str | None = None) -> TokenView:
-        return cast("TokenView", self.call("token", token_id=token_id, actor=actor))
+    def token(self, token_id: str) -> TokenView:
+        return cast("TokenView", self.call("token", token_id=token_id))
 
-    def tokens(self, root_id: str | None = None, actor: str | None = None) -> list[TokenView]:
-        return cast("list[TokenView]", self.call("tokens", root_id=root_id, actor=actor))
+    def tokens(self, root_id: str | None = None) -> list[TokenView]:
+        return cast("list[TokenView]", self.call("tokens", root_id=root_id))
 
     def usage(self, **filters: Any) -> list[dict[str, Any]]:
         return cast("list[dict[str, Any]]", self.call("usage", **filters))

@@ -12,10 +12,11 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from ledger.book import RECENT_REQUEST_TTL_S, QuotaBook
+from ledger.book import QuotaBook
+from ledger.codes import Code
 from ledger.credentials import KeyRing, issue, new_id, new_jti
 from ledger.entities import Admission, Decision, Node, Settlement, TokenSpec, TokenView, make_limits
-from ledger.errors import LedgerUnavailable
+from ledger.errors import LedgerUnavailable, OperationRefused
 from ledger.settings import LedgerSettings
 from ledger.store.repository import Store, UsageQuery
 
@@ -38,20 +39,31 @@ class LedgerCore:
         """Rebuild the book from the database (the truth). Raises LedgerUnavailable."""
         self.ready = False
         nodes, pending, recent, idem, last_id = self.store.load(
-            self.clock(), self.settings.settle_window_s, max(self.settings.recent_window_s, RECENT_REQUEST_TTL_S)
+            self.clock(), self.settings.settle_window_s, self.settings.recent_window_s
         )
         self.book.load(nodes, pending, recent, idem, last_id)
         self.ready = True
 
-    def require_ready(self) -> None:
-        if not self.ready:
+    def discard(self) -> None:
+        """Drop unwritten changes and rebuild from the database (or stay unready if it is down)."""
+        self.book.drain()
+        self.ready = False
+        with contextlib.suppress(LedgerUnavailable):
             self.reload()
+
+    def authenticate(self, actor: str | None, actor_jti: str | None) -> None:
+        """A token acting on the tree must hold its current credential, on a live path."""
+        if actor is None:
+            return
+        code = self.book.check_credential(actor, actor_jti or "")
+        if code is not Code.OK:
+            raise OperationRefused(f"credential is {code.value.replace('_', ' ')}", code)
 
     def commit(self) -> None:
         """Persist everything changed since the last commit, in one transaction.
 
-        On failure the book is rebuilt from the database (or left not-ready if that fails
-        too) and LedgerUnavailable propagates: no caller may be told "admitted".
+        On failure the book is marked unready and the error propagates: no caller may be told
+        "admitted"; the owner calls `discard()` to rebuild the book from the database.
         """
         changes = self.book.drain()
         if not changes:
@@ -60,8 +72,6 @@ class LedgerCore:
             self.store.commit(changes)
         except Exception:
             self.ready = False
-            with contextlib.suppress(LedgerUnavailable):
-                self.reload()
             raise
 
     def close(self) -> None:
@@ -69,9 +79,10 @@ class LedgerCore:
 
     # ---------------------------------------------------------------- hot path
     def admit_rows(self, rows: Iterable[Sequence[Any]]) -> list[Decision]:
+        """Admissions in wire form; a malformed row is refused on its own and records nothing."""
         now = self.clock()
         admit = self.book.admit
-        return [admit(Admission(*r), now) for r in rows]
+        return [admit(Admission(*r), now) if _well_formed(r) else _malformed(r) for r in rows]
 
     def settle_rows(self, rows: Iterable[Sequence[Any]]) -> list[str]:
         now = self.clock()
@@ -134,7 +145,7 @@ class LedgerCore:
 
     def sweep(self) -> dict[str, Any]:
         expired = self.book.expire_due()
-        self.book.prune(settle_window_s=self.settings.settle_window_s)
+        self.book.prune(settle_window_s=self.settings.settle_window_s, recent_window_s=self.settings.recent_window_s)
         return {"expired": expired}
 
     # ---------------------------------------------------------------- reads
@@ -173,3 +184,33 @@ class LedgerCore:
         """Book vs database, and the conservation invariant: for tests and `yolo-tokens doctor`."""
         book = {n.id: (n.allocation, n.used, n.status.value) for n in self.book.nodes.values()}
         return {"book": book, "db": self.store.balances(), "violations": self.book.invariant_violations()}
+
+
+def _opt_str(v: object, limit: int) -> bool:
+    return v is None or (isinstance(v, str) and len(v) <= limit)
+
+
+def _well_formed(r: Sequence[Any]) -> bool:
+    """Types and sizes of an admission row, so that a bad caller can neither crash a batch nor the write."""
+    return (
+        len(r) == 9
+        and isinstance(r[0], str)
+        and 0 < len(r[0]) <= 64
+        and isinstance(r[1], str)
+        and len(r[1]) <= 40
+        and isinstance(r[2], str)
+        and len(r[2]) <= 64
+        and type(r[3]) is int
+        and isinstance(r[4], str)
+        and 0 < len(r[4]) <= 200
+        and _opt_str(r[5], 64)
+        and _opt_str(r[6], 255)
+        and _opt_str(r[7], 128)
+        and type(r[8]) is int
+        and r[8] >= 0
+    )
+
+
+def _malformed(r: Sequence[Any]) -> Decision:
+    rid = r[0] if len(r) > 0 and isinstance(r[0], str) else ""
+    return Decision(Code.INVALID_REQUEST, rid, message="malformed admission")

@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from ledger.codes import Code
+from ledger.errors import OperationRefused
 from ledger.limits import Bucket, IPNetwork, RateLimit, normalize_ips, normalize_models
 
 DEFAULT_THRESHOLDS: tuple[int, ...] = (80, 95, 100)
+MAX_EPOCH_S = 32503680000.0  # year 3000: later "expiries" are typos, and JWT exp must stay an exact integer
 
 
 class Status(enum.StrEnum):
@@ -258,6 +260,8 @@ def make_limits(
     rate: str | None = None,
 ) -> Limits:
     """Validated `Limits` from plain values; `None` leaves a field inherited / unchanged."""
+    if expires_at is not None and not (isinstance(expires_at, int | float) and 0 < expires_at < MAX_EPOCH_S):
+        raise OperationRefused(f"expiry {expires_at!r} is not a time", Code.INVALID_REQUEST)
     return Limits(
         expires_at=expires_at,
         models=normalize_models(models),

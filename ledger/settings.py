@@ -29,7 +29,7 @@ class LedgerSettings:
     # unsettled admissions older than this are kept charged and no longer refundable after a restart
     settle_window_s: float = 3600.0
     # settled request ids remembered so that a retried request is not charged twice
-    recent_window_s: float = 300.0
+    recent_window_s: float = 120.0
     # credential lifetime for tokens that have no expiry of their own
     default_credential_ttl_s: float = 365 * 24 * 3600.0
     # how often the actor sweeps expired tokens and prunes idempotency records

@@ -19,6 +19,7 @@ from ledger.errors import OperationRefused
 from ledger.limits import Bucket, ips_narrow, models_narrow
 
 MAX_UNITS = 10**12
+MIN_LIFETIME_S = 1.0
 
 
 class Tree:
@@ -97,8 +98,8 @@ class Tree:
         if actor is not None:
             raise OperationRefused("only an admin may create packages", Code.FORBIDDEN)
         now = self.clock()
-        if spec.limits.expires_at is not None and spec.limits.expires_at <= now:
-            raise OperationRefused("expiry must be in the future", Code.INVALID_REQUEST)
+        if spec.limits.expires_at is not None and spec.limits.expires_at <= now + MIN_LIFETIME_S:
+            raise OperationRefused("expiry must be at least a second in the future", Code.INVALID_REQUEST)
         n = self._add(token_id, jti, spec, None, spec.limits.expires_at, now)
         self.roots[n.id] = n
         self._event(now, actor, "package.create", n, allocation=spec.allocation, name=spec.name)
@@ -154,8 +155,8 @@ class Tree:
         """Refuse anything wider than the parent's effective limits; return the child's expiry."""
         eff_exp = min((a.expires_at for a in parent.path() if a.expires_at is not None), default=None)
         expires_at = limits.expires_at if limits.expires_at is not None else eff_exp
-        if expires_at is not None and expires_at <= now:
-            raise OperationRefused("expiry must be in the future", Code.INVALID_REQUEST)
+        if expires_at is not None and expires_at <= now + MIN_LIFETIME_S:
+            raise OperationRefused("expiry must be at least a second in the future", Code.INVALID_REQUEST)
         if eff_exp is not None and expires_at is not None and expires_at > eff_exp:
             raise OperationRefused("a child cannot expire after its parent", Code.LIMIT_WIDENING)
         for a in parent.path():
@@ -174,8 +175,8 @@ class Tree:
         self._require_usable(n, now)
         if n.parent is not None:
             self._narrow_limits(n.parent, limits, now)
-        elif limits.expires_at is not None and limits.expires_at <= now:
-            raise OperationRefused("expiry must be in the future", Code.INVALID_REQUEST)
+        elif limits.expires_at is not None and limits.expires_at <= now + MIN_LIFETIME_S:
+            raise OperationRefused("expiry must be at least a second in the future", Code.INVALID_REQUEST)
         if limits.expires_at is not None:
             n.expires_at = limits.expires_at
         if limits.models is not None:

@@ -62,9 +62,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
         stop["now"] = True
 
     print(f"starting Ray on {local.address} (log: {settings.data_dir / 'ray.log'}) ...", flush=True)
-    address = local.start()
     try:
-        client = ledger_cli.connect(address, settings)
+        address = local.start()  # inside the try: Ctrl-C during start-up still stops what started
+        client = ledger_cli.connect(address, settings, create=True)
         signal.signal(signal.SIGTERM, _stop)  # after ray.init, which installs handlers of its own
         signal.signal(signal.SIGINT, _stop)
         serve.start(http_options={"host": http["host"], "port": int(http["port"])})

@@ -74,7 +74,9 @@ class Ingress:
     async def _claims(self, request: Request, typ: str = "access") -> Any:
         return await self.pipeline.verify(request.headers.get("authorization"), typ)
 
-    async def _ledger(self, op: str, **kwargs: Any) -> Any:
+    async def _ledger(self, op: str, claims: Any, **kwargs: Any) -> Any:
+        """A ledger operation on behalf of the calling token (its id AND current credential id)."""
+        kwargs.update(actor=claims.sub, actor_jti=claims.jti)
         try:
             return unwrap(await self.gate.call.remote(op, kwargs))
         except LedgerError as exc:
@@ -133,15 +135,21 @@ class Ingress:
     async def usage(self, request: Request, limit: int = 100) -> dict[str, Any]:
         self._start(request)
         claims = await self._claims(request)
-        tree = await self._ledger("tokens", actor=claims.sub)
-        events = await self._ledger("usage", actor=claims.sub, limit=max(1, min(limit, 1000)))
+        tree = await self._ledger("tokens", claims)
+        events = await self._ledger("usage", claims, limit=max(1, min(limit, 1000)))
         return {"tokens": [plain(t) for t in tree], "events": events}
 
     @api.get("/v1/tokens/{token_id}")
     async def token(self, request: Request, token_id: str) -> dict[str, Any]:
         self._start(request)
         claims = await self._claims(request)
-        return plain(await self._ledger("token", token_id=token_id, actor=claims.sub))
+        return plain(
+            await self._ledger(
+                "token",
+                claims,
+                token_id=token_id,
+            )
+        )
 
     @api.post("/v1/tokens", status_code=201)
     async def split(self, request: Request, body: SplitBody) -> dict[str, Any]:
@@ -159,28 +167,46 @@ class Ingress:
             )
         except OperationRefused as exc:
             raise ApiError.from_code(exc.code, exc.message) from None
-        out = await self._ledger("split", parent_id=claims.sub, spec=spec, actor=claims.sub)
+        out = await self._ledger(
+            "split",
+            claims,
+            parent_id=claims.sub,
+            spec=spec,
+        )
         return {"token": plain(out["token"]), "credential": out["credential"]}
 
     @api.post("/v1/tokens/{token_id}/revoke")
     async def revoke(self, request: Request, token_id: str) -> dict[str, Any]:
         self._start(request)
         claims = await self._claims(request)
-        out = await self._ledger("revoke", token_id=token_id, actor=claims.sub)
+        out = await self._ledger(
+            "revoke",
+            claims,
+            token_id=token_id,
+        )
         return {"returned": out["returned"], "token": plain(out["token"])}
 
     @api.post("/v1/tokens/{token_id}/reclaim")
     async def reclaim(self, request: Request, token_id: str, body: ReclaimBody | None = None) -> dict[str, Any]:
         self._start(request)
         claims = await self._claims(request)
-        out = await self._ledger("reclaim", token_id=token_id, units=body.units if body else None, actor=claims.sub)
+        out = await self._ledger(
+            "reclaim",
+            claims,
+            token_id=token_id,
+            units=body.units if body else None,
+        )
         return {"returned": out["returned"], "token": plain(out["token"])}
 
     @api.post("/v1/tokens/{token_id}/rotate")
     async def rotate(self, request: Request, token_id: str) -> dict[str, Any]:
         self._start(request)
         claims = await self._claims(request)
-        out = await self._ledger("rotate", token_id=token_id, actor=claims.sub)
+        out = await self._ledger(
+            "rotate",
+            claims,
+            token_id=token_id,
+        )
         return {"token": plain(out["token"]), "credential": out["credential"]}
 
     # ------------------------------------------------------------ handle API (Ray jobs)

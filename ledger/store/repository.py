@@ -104,7 +104,10 @@ class Store:
         self.engine.dispose()
 
     def migrate(self) -> None:
-        upgrade(self.engine)
+        try:
+            upgrade(self.engine)
+        except SQLAlchemyError as exc:
+            raise LedgerUnavailable(f"database migration failed: {type(exc).__name__}") from exc
 
     def create_all(self) -> None:
         """Create tables without Alembic (fast path for unit tests)."""

@@ -190,3 +190,19 @@ def test_given_load_when_the_actor_is_sigkilled_then_it_restarts_and_every_ok_ha
     assert report["book"] == report["db"]
     assert store.balances()[tid][1] == len(charged)
     store.close()
+
+
+def test_given_a_rotated_out_credential_then_it_can_no_longer_steer_its_subtree(ledger: LedgerClient) -> None:
+    pkg = ledger.create_package(TokenSpec("stale", 100))
+    tid, old_jti = pkg["token"].id, jti_of(ledger, pkg["credential"])
+    new_jti = jti_of(ledger, ledger.rotate(tid)["credential"])
+    for op, kw in (
+        ("split", {"parent_id": tid, "spec": TokenSpec("x", 1)}),
+        ("rotate", {"token_id": tid}),
+        ("tokens", {}),
+        ("usage", {}),
+    ):
+        with pytest.raises(OperationRefused) as e:
+            ledger.call(op, actor=tid, actor_jti=old_jti, **kw)
+        assert e.value.code is Code.REVOKED_TOKEN, op
+    assert ledger.call("split", parent_id=tid, spec=TokenSpec("ok", 1), actor=tid, actor_jti=new_jti)["token"]

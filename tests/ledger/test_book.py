@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
+from ledger.book import IDEMPOTENCY_TTL_S, QuotaBook
 from ledger.codes import Code
-from ledger.entities import Limits, Settlement, Status
+from ledger.entities import Limits, Settlement, Status, TokenSpec
 from ledger.errors import OperationRefused
 from ledger.limits import RateLimit, normalize_ips, normalize_models
+from ledger.store.repository import Store
 from tests.ledger.book_helpers import admit, child, counters, new_book, package
 
 
@@ -325,3 +329,65 @@ def test_given_a_refusal_when_pickled_across_processes_then_its_code_survives() 
 
     err = pickle.loads(pickle.dumps(OperationRefused("nope", Code.NOT_FOUND)))
     assert (type(err), err.code, err.message) == (OperationRefused, Code.NOT_FOUND, "nope")
+
+
+def test_given_an_expired_idempotency_key_when_reused_then_the_new_request_replaces_it(tmp_path: Any) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'l.db'}")
+    store.migrate()
+    book, clock = new_book()
+    root = package(book, 10)
+    d = admit(book, root, key="k", body="h")
+    book.settle(Settlement(d.request_id, root.id, success=True, result="{}"))
+    store.commit(book.drain())
+    clock.advance(IDEMPOTENCY_TTL_S + 1)
+    assert admit(book, root, key="k", body="other").code is Code.OK  # a new request, not a conflict
+    store.commit(book.drain())  # the old row is deleted before the new one is written
+    again = QuotaBook(clock)
+    again.load(*store.load(clock.t, 3600, 120))
+    assert again.idem[(root.id, "k")].body_hash == "other"
+
+
+def test_given_admit_and_failed_settle_in_one_commit_then_no_idempotency_row_is_left(tmp_path: Any) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'l.db'}")
+    store.migrate()
+    book, clock = new_book()
+    root = package(book, 10)
+    d = admit(book, root, key="k", body="h")
+    book.settle(Settlement(d.request_id, root.id, success=False))
+    store.commit(book.drain())
+    again = QuotaBook(clock)
+    again.load(*store.load(clock.t, 3600, 120))
+    assert again.idem == {}
+
+
+def test_given_a_stale_unsettled_admission_when_pruned_then_its_key_can_be_retried() -> None:
+    book, clock = new_book()
+    root = package(book, 10)
+    admit(book, root, key="k", body="h")
+    clock.advance(3601)
+    book.prune(settle_window_s=3600)
+    assert book.pending == {}
+    assert admit(book, root, key="k", body="h").code is Code.OK
+    assert root.used == 2  # the first stays charged: its caller never settled it
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), -1.0, 10.0**17])
+def test_given_an_impossible_expiry_then_refused_before_anything_changes(bad: float) -> None:
+    with pytest.raises(OperationRefused) as e:
+        TokenSpec.build("x", 1, expires_at=bad)
+    assert e.value.code is Code.INVALID_REQUEST
+
+
+def test_given_an_expiry_less_than_a_second_ahead_then_refused() -> None:
+    book, clock = new_book()
+    root = package(book, 10)
+    with pytest.raises(OperationRefused):
+        child(book, root, 1, Limits(expires_at=clock.t + 0.5))
+
+
+def test_given_a_fractional_charge_then_it_is_ignored_and_the_debit_kept_whole() -> None:
+    book, _ = new_book()
+    root = package(book, 10)
+    d = admit(book, root, units=3)
+    book.settle(Settlement(d.request_id, root.id, success=True, charged=1.5))  # type: ignore[arg-type]
+    assert root.used == 3

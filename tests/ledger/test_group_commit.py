@@ -68,3 +68,41 @@ async def test_given_a_failed_write_then_callers_get_unavailable_and_the_book_is
     decisions = await flusher.run(lambda: core.admit_rows(_rows(tid, jti, 4, "y")))
     assert [d.code for d in decisions] == [Code.OK] * 4
     assert core.consistency()["book"] == core.consistency()["db"]
+
+
+async def test_given_malformed_rows_in_a_batch_then_only_they_are_refused_and_the_rest_commit(core: LedgerCore) -> None:
+    pkg = core.create_package(TokenSpec("p", 10))
+    core.commit()
+    tid, jti = pkg["token"].id, core.book.nodes[pkg["token"].id].jti
+    flusher = _Flusher(core)
+    rows = [*_rows(tid, jti, 2, "ok"), ("bad", tid, jti, 1, None, None, None, None, 0), ("short",), (1, 2, 3)]
+    decisions = await flusher.run(lambda: core.admit_rows(rows))
+    assert [d.code for d in decisions] == [Code.OK, Code.OK] + [Code.INVALID_REQUEST] * 3
+    assert core.store.balances()[tid][1] == 2
+
+
+async def test_given_a_bug_in_an_operation_then_its_batch_is_not_committed_and_the_book_is_rebuilt(
+    core: LedgerCore,
+) -> None:
+    pkg = core.create_package(TokenSpec("p", 10))
+    core.commit()
+    tid, jti = pkg["token"].id, core.book.nodes[pkg["token"].id].jti
+    flusher = _Flusher(core)
+
+    def half_done() -> None:
+        core.admit_rows(_rows(tid, jti, 3, "h"))
+        raise RuntimeError("boom after the debit")
+
+    results = await asyncio.gather(
+        flusher.run(half_done), flusher.run(lambda: core.admit_rows(_rows(tid, jti, 1, "z"))), return_exceptions=True
+    )
+    assert all(isinstance(r, Exception) for r in results)
+    assert core.book.nodes[tid].used == 0 == core.store.balances()[tid][1]
+
+
+def test_given_the_database_down_at_start_then_unavailable_not_a_driver_error(tmp_path: Path) -> None:
+    settings = LedgerSettings(database_url="postgresql+psycopg://postgres@127.0.0.1:1/none", data_dir=tmp_path)
+    c = LedgerCore(settings)
+    with pytest.raises(LedgerUnavailable):
+        c.start()
+    assert not c.ready
