@@ -13,7 +13,8 @@ import numpy as np
 from ray import serve
 
 from serve_app.config import ModelSpec
-from serve_app.engine import InferenceParams, YoloEngine
+from serve_app.engine import YoloEngine
+from serve_app.results import InferenceParams
 
 
 @serve.deployment

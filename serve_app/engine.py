@@ -15,9 +15,7 @@ import importlib.util
 import os
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # before ultralytics reads its settings: never download
 
@@ -28,6 +26,9 @@ from ultralytics.data.augment import LetterBox
 from ultralytics.nn.autobackend import AutoBackend
 from ultralytics.utils import nms, ops
 
+from serve_app.results import Detection, InferenceParams
+
+DEFAULT_PARAMS = InferenceParams()
 BACKENDS = ("torch", "onnx", "tensorrt")
 _EXPORT_LOCK = threading.Lock()
 
@@ -42,32 +43,6 @@ class ModelFileMissing(EngineError):
 
 class EngineUnavailable(EngineError):
     """The requested backend cannot run here (no GPU, package missing, export failed)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Detection:
-    class_id: int
-    class_name: str
-    confidence: float
-    x1: float
-    y1: float
-    x2: float
-    y2: float
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "class_id": self.class_id,
-            "class_name": self.class_name,
-            "confidence": round(self.confidence, 5),
-            "box": {"x1": round(self.x1, 2), "y1": round(self.y1, 2), "x2": round(self.x2, 2), "y2": round(self.y2, 2)},
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class InferenceParams:
-    conf: float = 0.25
-    iou: float = 0.7
-    max_det: int = 300
 
 
 class YoloEngine:
@@ -124,7 +99,7 @@ class YoloEngine:
         return target
 
     def detect(
-        self, images: list[np.ndarray], params: InferenceParams | list[InferenceParams] = InferenceParams()
+        self, images: list[np.ndarray], params: InferenceParams | list[InferenceParams] = DEFAULT_PARAMS
     ) -> tuple[list[list[Detection]], float]:
         """RGB uint8 images (H, W, 3) → detections per image (original pixels), and forward ms.
 

@@ -14,10 +14,19 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import BmpImagePlugin, Image, ImageFile, ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
 from serve_app.errors import ApiError
 
+# The decoder is picked from the magic bytes and called directly: never `Image.open`, which
+# tries every registered format and which ultralytics monkey-patches (it would try to install
+# pi-heif on an unidentified image).
+_DECODERS: dict[str, type[ImageFile.ImageFile]] = {
+    "JPEG": JpegImagePlugin.JpegImageFile,
+    "PNG": PngImagePlugin.PngImageFile,
+    "WEBP": WebPImagePlugin.WebPImageFile,
+    "BMP": BmpImagePlugin.BmpImageFile,
+}
 _FORMATS: tuple[tuple[bytes, str], ...] = (
     (b"\xff\xd8\xff", "JPEG"),
     (b"\x89PNG\r\n\x1a\n", "PNG"),
@@ -66,7 +75,7 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedIma
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=[fmt])  # reads the header only
+            img = _DECODERS[fmt](io.BytesIO(data))  # reads the header only
             w, h = img.size
             if w <= 0 or h <= 0:
                 raise ApiError("invalid_image", "image has no pixels")
@@ -82,6 +91,6 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedIma
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ApiError("image_too_large", "image would decompress beyond the pixel limit") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+    except Exception as exc:  # untrusted bytes: any decoder failure is the client's bad image
         raise ApiError("invalid_image", f"corrupt or truncated {fmt} image ({type(exc).__name__})") from None
     return DecodedImage(pixels=pixels, format=fmt, nbytes=len(data))

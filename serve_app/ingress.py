@@ -21,10 +21,10 @@ from ledger.client import unwrap
 from ledger.entities import TokenSpec
 from ledger.errors import LedgerError, OperationRefused
 from serve_app.config import AppArgs
-from serve_app.engine import InferenceParams
 from serve_app.errors import ApiError
 from serve_app.http import client_ip, images_from_body, plain, read_body
 from serve_app.pipeline import DetectCall, Pipeline, new_request_id
+from serve_app.results import InferenceParams
 
 _IDEM_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 

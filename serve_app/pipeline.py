@@ -22,9 +22,9 @@ from ledger.credentials import Claims, Verifier
 from ledger.entities import Admission, Decision, Settlement
 from ledger.errors import CredentialError
 from serve_app.config import AppArgs, ModelSpec
-from serve_app.engine import InferenceParams
 from serve_app.errors import ApiError
 from serve_app.imaging import DecodedImage, ImageLimits, decode_image
+from serve_app.results import InferenceParams
 
 KEY_REFRESH_INTERVAL_S = 5.0
 

@@ -8,7 +8,8 @@ from ultralytics import YOLO
 
 from serve_app.config import DEMO_WEIGHTS
 from serve_app.demo.synth import render
-from serve_app.engine import EngineUnavailable, InferenceParams, ModelFileMissing, YoloEngine
+from serve_app.engine import EngineUnavailable, ModelFileMissing, YoloEngine
+from serve_app.results import InferenceParams
 
 
 @pytest.fixture(scope="module")
