@@ -1,4 +1,4 @@
-"""A real Ray Serve app on 127.0.0.1 for the HTTP and handle tests (one per module)."""
+"""A real Ray Serve app on 127.0.0.1 for the HTTP and handle tests (one per test session)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def jpeg(w: int = 160, h: int = 120, color: tuple[int, int, int] = (120, 120, 12
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def live_app(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveApp]:
     import ray
     from ray import serve
