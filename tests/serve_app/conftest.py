@@ -58,7 +58,20 @@ def live_app(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Ite
                 weights=DEMO_WEIGHTS,
                 imgsz=320,
                 cost_units=2,
+                num_cpus=0.5,
                 autoscaling=Autoscaling(min_replicas=0, max_replicas=1, downscale_delay_s=600),
+            ),
+            # short delays so that the autoscaling test sees it go up under load and back down
+            ModelSpec(
+                name="scaler",
+                version="1",
+                weights=DEMO_WEIGHTS,
+                imgsz=320,
+                num_cpus=0.5,
+                max_batch_size=1,
+                autoscaling=Autoscaling(
+                    min_replicas=1, max_replicas=2, target_ongoing_requests=1, upscale_delay_s=0, downscale_delay_s=3
+                ),
             ),
         ],
         default_model="parts@1",

@@ -187,5 +187,9 @@ def test_given_token_routes_then_a_token_steers_only_its_own_subtree(live_app: L
 def test_given_models_route_then_versions_and_costs_are_listed(live_app: LiveApp) -> None:
     _, cred = package(live_app, 1)
     r = httpx.get(f"{live_app.url}/v1/models", headers={"Authorization": f"Bearer {cred}"})
-    assert [(m["key"], m["cost_units"]) for m in r.json()["models"]] == [("parts@1", 1), ("parts@2", 2)]
+    assert [(m["key"], m["cost_units"]) for m in r.json()["models"]] == [
+        ("parts@1", 1),
+        ("parts@2", 2),
+        ("scaler@1", 1),
+    ]
     assert httpx.get(f"{live_app.url}/openapi.json").status_code == 200
