@@ -89,15 +89,25 @@ def _draw_part(draw: ImageDraw.ImageDraw, rng: random.Random, cls: int, cx: floa
             draw.line(_rot([(x, -r * 0.16), (x + r * 0.06, r * 0.16)], angle, cx, cy), fill=dark, width=2)
         draw.polygon(head, fill=color, outline=dark)
         return head + shank_pts
-    if cls == 1:  # nut: hexagon with a round hole
+    if cls == 1:  # nut: a thick hexagon, bevel ring and a small threaded hole, darker steel
         outer = _rot(_hexagon(r * 0.6), angle, cx, cy)
-        draw.polygon(outer, fill=color, outline=dark)
-        draw.ellipse([cx - r * 0.28, cy - r * 0.28, cx + r * 0.28, cy + r * 0.28], fill=dark)
+        steel = tuple(max(0, c - 45) for c in color)
+        draw.polygon(outer, fill=steel, outline=dark, width=max(2, int(r * 0.08)))
+        for x, y in outer:  # facet edges
+            draw.line([(cx + (x - cx) * 0.75, cy + (y - cy) * 0.75), (x, y)], fill=dark, width=1)
+        b = r * 0.45
+        draw.ellipse([cx - b, cy - b, cx + b, cy + b], outline=color, width=max(1, int(r * 0.05)))
+        h = r * 0.2
+        draw.ellipse([cx - h, cy - h, cx + h, cy + h], fill=(20, 20, 20))
         return outer
     outer_r, inner_r = r * 0.6, r * 0.3
-    if cls == 2:  # washer: flat ring
-        draw.ellipse([cx - outer_r, cy - outer_r, cx + outer_r, cy + outer_r], fill=color, outline=dark)
-        draw.ellipse([cx - inner_r, cy - inner_r, cx + inner_r, cy + inner_r], fill=dark)
+    if cls == 2:  # washer: a thin, bright, round ring with a large hole
+        bright = tuple(min(255, c + 35) for c in color)
+        hole = r * 0.36
+        draw.ellipse([cx - outer_r, cy - outer_r, cx + outer_r, cy + outer_r], fill=bright, outline=dark)
+        draw.arc([cx - outer_r * 0.8, cy - outer_r * 0.8, cx + outer_r * 0.8, cy + outer_r * 0.8], 200, 320,
+                 fill=(255, 255, 255), width=max(1, int(r * 0.05)))
+        draw.ellipse([cx - hole, cy - hole, cx + hole, cy + hole], fill=dark)
         return [(cx - outer_r, cy - outer_r), (cx + outer_r, cy + outer_r)]
     # defect: a cracked, rusted washer: open ring with a wedge missing, rust patches
     rust = (rng.randint(140, 190), rng.randint(60, 95), rng.randint(20, 45))
@@ -128,7 +138,7 @@ def render(seed: int, split: str, index: int, size: int = 320) -> tuple[Image.Im
     placed: list[tuple[float, float, float]] = []
     for _ in range(rng.randint(1, 6)):
         cls = rng.randrange(len(CLASSES))
-        r = rng.uniform(size * 0.07, size * 0.16)
+        r = rng.uniform(size * 0.09, size * 0.17)
         for _attempt in range(20):
             cx, cy = rng.uniform(r, size - r), rng.uniform(r, size - r)
             if all(math.hypot(cx - x, cy - y) > (r + pr) * 0.9 for x, y, pr in placed):

@@ -37,13 +37,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=None, help="keep the dataset and run here")
+    ap.add_argument("--init", type=Path, default=None, help="start from these weights instead of random (fine-tune)")
     a = ap.parse_args()
 
     work = a.work or Path(tempfile.mkdtemp(prefix="parts-train-"))
     data = write_dataset(work / "data", seed=a.seed, train=a.train, val=a.val, size=a.imgsz)
     test = write_dataset(work / "test", seed=a.seed + 1000, train=0, val=a.test, size=a.imgsz)
     t0 = time.time()
-    model = YOLO(ARCH)
+    model = YOLO(str(a.init) if a.init else ARCH)
     model.train(
         data=str(data),
         epochs=a.epochs,
@@ -86,6 +87,7 @@ def main() -> None:
         "model": "parts",
         "version": 1,
         "arch": ARCH,
+        "init": a.init.name if a.init else None,
         "classes": list(CLASSES),
         "imgsz": a.imgsz,
         "epochs": a.epochs,
