@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 from ultralytics import YOLO
@@ -66,3 +69,22 @@ def test_given_a_missing_weights_file_then_the_error_names_the_path(tmp_path: ob
 def test_given_tensorrt_without_a_gpu_then_a_clear_error_and_no_fallback() -> None:
     with pytest.raises(EngineUnavailable, match="CUDA"):
         YoloEngine(DEMO_WEIGHTS, backend="tensorrt")
+
+
+def test_given_the_onnx_backend_then_it_is_exported_once_beside_the_weights_and_agrees_with_torch(
+    tmp_path: Path, engine: YoloEngine
+) -> None:
+    weights = tmp_path / "parts.pt"
+    shutil.copy(DEMO_WEIGHTS, weights)
+    onnx_engine = YoloEngine(weights, backend="onnx", imgsz=320)
+    exported = weights.with_suffix(".onnx")
+    assert exported.is_file()
+    stamp = exported.stat().st_mtime
+    YoloEngine(weights, backend="onnx", imgsz=320)  # cached: not exported again
+    assert exported.stat().st_mtime == stamp
+    images = [np.asarray(render(21, "onnx", i, 320)[0]) for i in range(3)]
+    for a, b in zip(onnx_engine.detect(images)[0], engine.detect(images)[0], strict=True):
+        assert [d.class_id for d in a] == [d.class_id for d in b]
+        for p, q in zip(a, b, strict=True):
+            assert np.allclose([p.x1, p.y1, p.x2, p.y2], [q.x1, q.y1, q.x2, q.y2], atol=1.0)
+            assert abs(p.confidence - q.confidence) <= 0.01
