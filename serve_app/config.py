@@ -78,7 +78,9 @@ class Limits(BaseModel):
     max_images: int = Field(16, ge=1, le=256)
     # peers whose X-Forwarded-For is believed; nobody's by default
     trusted_proxies: list[str] = []
-    auth: bool = True  # False only for the overhead benchmark's baseline route
+    # False serves detections with NO token check and NO charge: only for the overhead
+    # benchmark's baseline app (bench/serving.py); never set it in a deployment
+    auth: bool = True
 
 
 class AppArgs(BaseModel):

@@ -98,7 +98,8 @@ class Ingress:
         if idem is not None and not _IDEM_KEY.match(idem):
             raise ApiError("invalid_request", "Idempotency-Key must be 1-255 printable ASCII characters")
         credential = request.headers.get("authorization")
-        await self.pipeline.verify(credential)  # 401 before reading a byte of the body
+        if self.args.limits.auth:
+            await self.pipeline.verify(credential)  # 401 before reading a byte of the body
         body = await read_body(request, self.args.limits.max_body_bytes)
         call = DetectCall(
             rid,
@@ -109,7 +110,7 @@ class Ingress:
             client_ip(request, self.trusted),
             idem,
         )
-        out = await self.pipeline.detect(call)
+        out = await (self.pipeline.detect(call) if self.args.limits.auth else self.pipeline.detect_unmetered(call))
         return JSONResponse(out.body, headers=out.headers)
 
     @api.get("/v1/models")

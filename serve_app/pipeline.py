@@ -101,6 +101,24 @@ class Pipeline:
         return [decode_image(b, self.image_limits) for b in blobs]
 
     # ------------------------------------------------------------ the whole request
+    async def detect_unmetered(self, call: DetectCall) -> DetectOutcome:
+        """Decode and infer only: the baseline of the overhead benchmark (`limits.auth: false`)."""
+        t0 = time.perf_counter()
+        images = self.decode(call.images)
+        spec = self.resolve_model(call.model)
+        result = await self.detectors[spec.key].detect.remote([i.pixels for i in images], call.params)
+        body = {
+            "request_id": call.request_id,
+            "model": {"name": spec.name, "version": spec.version},
+            "images": [
+                {"width": im.width, "height": im.height, "detections": [d.to_json() for d in dets]}
+                for im, dets in zip(images, result["detections"], strict=True)
+            ],
+            "usage": None,
+            "timing_ms": {"total": _ms(t0, time.perf_counter())},
+        }
+        return DetectOutcome(body)
+
     async def detect(self, call: DetectCall) -> DetectOutcome:
         t0 = time.perf_counter()
         claims = await self.verify(call.credential)

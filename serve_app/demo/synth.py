@@ -105,8 +105,13 @@ def _draw_part(draw: ImageDraw.ImageDraw, rng: random.Random, cls: int, cx: floa
         bright = tuple(min(255, c + 35) for c in color)
         hole = r * 0.36
         draw.ellipse([cx - outer_r, cy - outer_r, cx + outer_r, cy + outer_r], fill=bright, outline=dark)
-        draw.arc([cx - outer_r * 0.8, cy - outer_r * 0.8, cx + outer_r * 0.8, cy + outer_r * 0.8], 200, 320,
-                 fill=(255, 255, 255), width=max(1, int(r * 0.05)))
+        draw.arc(
+            [cx - outer_r * 0.8, cy - outer_r * 0.8, cx + outer_r * 0.8, cy + outer_r * 0.8],
+            200,
+            320,
+            fill=(255, 255, 255),
+            width=max(1, int(r * 0.05)),
+        )
         draw.ellipse([cx - hole, cy - hole, cx + hole, cy + hole], fill=dark)
         return [(cx - outer_r, cy - outer_r), (cx + outer_r, cy + outer_r)]
     # defect: a cracked, rusted washer: open ring with a wedge missing, rust patches
