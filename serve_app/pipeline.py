@@ -24,7 +24,7 @@ from ledger.errors import CredentialError
 from serve_app.config import AppArgs, ModelSpec
 from serve_app.errors import ApiError
 from serve_app.imaging import DecodedImage, ImageLimits, decode_image
-from serve_app.results import InferenceParams
+from serve_app.results import Detection, InferenceParams
 
 KEY_REFRESH_INTERVAL_S = 5.0
 
@@ -107,16 +107,8 @@ class Pipeline:
         images = self.decode(call.images)
         spec = self.resolve_model(call.model)
         result = await self.detectors[spec.key].detect.remote([i.pixels for i in images], call.params)
-        body = {
-            "request_id": call.request_id,
-            "model": {"name": spec.name, "version": spec.version},
-            "images": [
-                {"width": im.width, "height": im.height, "detections": [d.to_json() for d in dets]}
-                for im, dets in zip(images, result["detections"], strict=True)
-            ],
-            "usage": None,
-            "timing_ms": {"total": _ms(t0, time.perf_counter())},
-        }
+        body = _result_body(call.request_id, spec, images, result["detections"])
+        body.update(usage=None, timing_ms={"total": _ms(t0, time.perf_counter())})
         return DetectOutcome(body)
 
     async def detect(self, call: DetectCall) -> DetectOutcome:
@@ -154,13 +146,8 @@ class Pipeline:
             )
             raise ApiError("model_unavailable", f"model {spec.key} failed: {type(exc).__name__}") from None
         t_inferred = time.perf_counter()
-        body = {
-            "request_id": call.request_id,
-            "model": {"name": spec.name, "version": spec.version},
-            "images": [
-                {"width": im.width, "height": im.height, "detections": [d.to_json() for d in dets]}
-                for im, dets in zip(images, result["detections"], strict=True)
-            ],
+        body = _result_body(call.request_id, spec, images, result["detections"])
+        body |= {
             "usage": {
                 "units": decision.units,
                 "used": decision.used,
@@ -186,6 +173,19 @@ class Pipeline:
             )
         )
         return DetectOutcome(body, headers)
+
+
+def _result_body(
+    request_id: str, spec: ModelSpec, images: list[DecodedImage], detections: list[list[Detection]]
+) -> dict[str, Any]:
+    return {
+        "request_id": request_id,
+        "model": {"name": spec.name, "version": spec.version},
+        "images": [
+            {"width": im.width, "height": im.height, "detections": [d.to_json() for d in dets]}
+            for im, dets in zip(images, detections, strict=True)
+        ],
+    }
 
 
 def usage_headers(d: Decision) -> dict[str, str]:
