@@ -81,6 +81,7 @@ class LedgerClient:
                 max_restarts=-1,
                 max_task_retries=0,
                 max_concurrency=10_000,
+                resources=dict(settings.actor_resources),
             ).remote(settings)
         else:
             try:

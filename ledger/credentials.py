@@ -240,6 +240,10 @@ class Verifier:
         self._options: jwt.types.Options = {"require": list(REQUIRED_CLAIMS), "strict_aud": True}
         self._options |= {"verify_exp": False, "verify_iat": False, "verify_nbf": False}
 
+    @property
+    def has_keys(self) -> bool:
+        return bool(self._keys)
+
     def update_keys(self, public_keys: Mapping[str, bytes]) -> None:
         """Replace the known keys (after a rotation or prune); atomic for readers."""
         self._keys = _load_public_keys(public_keys)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 DEFAULT_DATA_DIR = Path("var")
@@ -34,6 +34,9 @@ class LedgerSettings:
     default_credential_ttl_s: float = 365 * 24 * 3600.0
     # how often the actor sweeps expired tokens and prunes idempotency records
     sweep_interval_s: float = 30.0
+    # custom Ray resources the ledger actor asks for, e.g. {"ledger_host": 0.001}: on a cluster this
+    # pins it to the node that holds data_dir (the signing keys); empty = anywhere (one-node runs)
+    actor_resources: dict[str, float] = field(default_factory=dict)
 
     @property
     def key_dir(self) -> Path:

@@ -1,5 +1,6 @@
 """`yolo-tokens`: the ledger commands (ledger/cli.py) plus `serve`, which starts the whole service.
 
+`detect FILE|DIR` is a plain HTTP client of a running service (serve_app/detect.py).
 `serve` starts a local Ray head on 127.0.0.1 (by pid), deploys `ray_config.yaml` with Ray
 Serve on 127.0.0.1, makes sure a demo package exists, prints its credential once with a
 ready-to-paste curl command, and stops everything it started on Ctrl-C.
@@ -8,6 +9,8 @@ ready-to-paste curl command, and stops everything it started on Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import signal
 import sys
 import time
@@ -98,13 +101,77 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="start Ray on 127.0.0.1, the ledger and the Serve app; Ctrl-C stops it")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="Serve config file (default: ray_config.yaml)")
     p.add_argument("--port", type=int, default=6380, help="Ray head (GCS) port")
+
+    p = sub.add_parser("detect", help="detect objects in an image file or a folder of images over HTTP")
+    p.add_argument("target", type=Path, help="an image file, or a folder searched recursively")
+    p.add_argument("--url", default=os.environ.get("YOLO_TOKENS_URL", "http://127.0.0.1:8000"))
+    p.add_argument("--token", help="credential (default: $YOLO_TOKENS_TOKEN; --token-file keeps it out of `ps`)")
+    p.add_argument("--token-file", type=Path, help="file holding the credential")
+    p.add_argument("--model", help="name or name@version (default: the service's default model)")
+    p.add_argument("--conf", type=float, default=0.25)
+    p.add_argument("--iou", type=float, default=0.7)
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    p.add_argument("--out", type=Path, help="folder for annotated copies and detections.jsonl (default: stdout)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stderr")
     return ap
+
+
+def cmd_detect(a: argparse.Namespace) -> int:
+    from serve_app.detect import DetectOptions, Detector, find_images
+
+    credential = a.token or os.environ.get("YOLO_TOKENS_TOKEN")
+    if a.token_file is not None:
+        credential = a.token_file.read_text().strip()
+    if not credential:
+        print("error: no credential: give --token, --token-file or $YOLO_TOKENS_TOKEN", file=sys.stderr)
+        return 2
+    if not (1 <= a.concurrency <= 64):
+        print("error: --concurrency must be in 1..64", file=sys.stderr)
+        return 2
+    try:
+        files = find_images(a.target)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not files:
+        print(f"error: no image files (.jpg .jpeg .png .webp .bmp) under {a.target}", file=sys.stderr)
+        return 2
+    opts = DetectOptions(
+        url=a.url, credential=credential, model=a.model, conf=a.conf, iou=a.iou, concurrency=a.concurrency,
+        out_dir=a.out, progress=not a.no_progress and sys.stderr.isatty(),
+    )
+    det = Detector(opts, a.target)
+    try:
+        if a.out is not None:
+            a.out.mkdir(parents=True, exist_ok=True)
+            with (a.out / "detections.jsonl").open("w") as sink:
+                summary = det.run(files, sink)
+        else:
+            summary = det.run(files, sys.stdout)
+    finally:
+        det.close()
+    if a.json:
+        print(json.dumps(summary.__dict__), file=sys.stderr)
+    else:
+        print(
+            f"{summary.succeeded}/{summary.files} images, {summary.detections} detections "
+            f"{dict(sorted(summary.per_class.items()))}, {summary.units} units charged"
+            + (f", {summary.remaining} remaining" if summary.remaining is not None else "")
+            + (f"; {summary.failed} failed" if summary.failed else "")
+            + (f"; stopped by {summary.stopped_by}, {summary.skipped} not sent" if summary.stopped_by else "")
+            + (f"; annotated images in {a.out}" if a.out is not None else ""),
+            file=sys.stderr,
+        )
+    return 0 if summary.succeeded == summary.files else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.group == "serve":
         return cmd_serve(args)
+    if args.group == "detect":
+        return cmd_detect(args)
     return ledger_cli.run(args, LedgerSettings.from_env())
 
 

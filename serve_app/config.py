@@ -90,6 +90,8 @@ class AppArgs(BaseModel):
     data_dir: Path = LedgerSettings().data_dir
     ledger_name: str = LedgerSettings().actor_name
     namespace: str = LedgerSettings().namespace
+    # custom resources of the node that holds data_dir (cluster/): the ledger actor is placed there
+    ledger_resources: dict[str, float] = {}
     default_model: str = "parts"
     models: list[ModelSpec] = [ModelSpec(name="parts", version="1", weights=DEMO_WEIGHTS, imgsz=320)]
     limits: Limits = Limits()
@@ -108,4 +110,5 @@ class AppArgs(BaseModel):
             data_dir=self.data_dir,
             actor_name=self.ledger_name,
             namespace=self.namespace,
+            actor_resources=dict(self.ledger_resources),
         ).resolved()

@@ -9,8 +9,10 @@ after admission is refunded, so a 5xx never costs the caller either.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import Mapping
@@ -27,6 +29,7 @@ from serve_app.imaging import DecodedImage, ImageLimits, decode_image
 from serve_app.results import Detection, InferenceParams
 
 KEY_REFRESH_INTERVAL_S = 5.0
+log = logging.getLogger(__name__)
 
 
 def new_request_id() -> str:
@@ -60,7 +63,11 @@ class Pipeline:
         self.detectors = detectors
         self.models: dict[str, ModelSpec] = {m.key: m for m in args.models}
         self.verifier = Verifier(public_keys)
-        self.keys_at = time.monotonic()
+        # -inf: the first credential with a kid we lack fetches the ring at once (a fresh replica
+        # starts with none); after that at most one fetch per KEY_REFRESH_INTERVAL_S, shared by
+        # every request that waits for it, so random kids cannot flood the ledger
+        self.keys_at = float("-inf")
+        self._key_fetch: asyncio.Future[None] | None = None
         self.image_limits = ImageLimits(max_bytes=args.limits.max_body_bytes, max_pixels=args.limits.max_pixels)
 
     # ------------------------------------------------------------ steps
@@ -68,19 +75,33 @@ class Pipeline:
         try:
             claims = self.verifier.verify(credential)
         except CredentialError as exc:
-            # an unknown kid may be a key rotated in after we loaded ours: refresh, at most every few seconds
-            if exc.code is Code.INVALID_TOKEN and time.monotonic() - self.keys_at > KEY_REFRESH_INTERVAL_S:
-                self.keys_at = time.monotonic()
-                self.verifier.update_keys(await self.gate.public_keys.remote())
-                try:
-                    claims = self.verifier.verify(credential)
-                except CredentialError as again:
-                    raise ApiError.from_code(again.code, again.message) from None
-            else:
+            # an unknown kid may be a key rotated in after we loaded ours (or we have none yet)
+            if exc.code is not Code.INVALID_TOKEN:
                 raise ApiError.from_code(exc.code, exc.message) from None
+            await self.refresh_keys()
+            try:
+                claims = self.verifier.verify(credential)
+            except CredentialError as again:
+                raise ApiError.from_code(again.code, again.message) from None
         if claims.typ != typ:
             raise ApiError("forbidden", f"a {claims.typ} credential cannot be used here")
         return claims
+
+    async def refresh_keys(self) -> None:
+        """Fetch the public key ring, single-flight and at most once per interval."""
+        stale = time.monotonic() - self.keys_at > KEY_REFRESH_INTERVAL_S
+        if self._key_fetch is None or (self._key_fetch.done() and stale):
+            self.keys_at = time.monotonic()
+            self._key_fetch = asyncio.ensure_future(self._fetch_keys())
+        await asyncio.shield(self._key_fetch)
+        if not self.verifier.has_keys:
+            raise ApiError("ledger_unavailable", "signing keys are not available yet; retry shortly")
+
+    async def _fetch_keys(self) -> None:
+        try:
+            self.verifier.update_keys(await self.gate.public_keys.remote())
+        except Exception as exc:  # the ledger restarting: keep the keys we have, try again next interval
+            log.warning("public key refresh failed: %s", type(exc).__name__)
 
     def resolve_model(self, requested: str | None) -> ModelSpec:
         name = requested or self.args.default_model
