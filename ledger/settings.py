@@ -6,6 +6,8 @@ Variables (all optional):
     YT_DATA_DIR       ./var          (key ring lives in $YT_DATA_DIR/keys, mode 0700/0600)
     YT_LEDGER_NAME    yolo-tokens-ledger   (named Ray actor)
     YT_NAMESPACE      yolo-tokens          (Ray namespace)
+    YT_URL            http://127.0.0.1:8000   (service URL for `yolo-tokens detect`)
+    YT_TOKEN          credential for `yolo-tokens detect` (keeps it off the command line)
 """
 
 from __future__ import annotations
@@ -63,3 +65,17 @@ class LedgerSettings:
         if url.startswith(prefix) and not url.startswith(prefix + "/") and url != prefix + ":memory:":
             url = prefix + str(Path(url[len(prefix) :]).resolve())
         return replace(self, database_url=url, data_dir=self.data_dir.resolve())
+
+
+@dataclass(frozen=True, slots=True)
+class ClientSettings:
+    """What an HTTP client of a running service (`yolo-tokens detect`) takes from the environment."""
+
+    url: str = "http://127.0.0.1:8000"
+    token: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ClientSettings:
+        env = os.environ if env is None else env
+        default = cls()
+        return cls(url=env.get("YT_URL", default.url), token=env.get("YT_TOKEN") or None)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import time
@@ -24,7 +23,7 @@ from ledger import cli as ledger_cli
 from ledger.client import LedgerClient
 from ledger.entities import TokenSpec
 from ledger.local import LocalRay
-from ledger.settings import LedgerSettings
+from ledger.settings import ClientSettings, LedgerSettings
 from serve_app.app import APP_NAME, build_app
 from serve_app.config import AppArgs
 
@@ -104,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("detect", help="detect objects in an image file or a folder of images over HTTP")
     p.add_argument("target", type=Path, help="an image file, or a folder searched recursively")
-    p.add_argument("--url", default=os.environ.get("YOLO_TOKENS_URL", "http://127.0.0.1:8000"))
-    p.add_argument("--token", help="credential (default: $YOLO_TOKENS_TOKEN; --token-file keeps it out of `ps`)")
+    p.add_argument("--url", help="service URL (default: $YT_URL or http://127.0.0.1:8000)")
+    p.add_argument("--token", help="credential (default: $YT_TOKEN; it and --token-file keep it out of `ps`)")
     p.add_argument("--token-file", type=Path, help="file holding the credential")
     p.add_argument("--model", help="name or name@version (default: the service's default model)")
     p.add_argument("--conf", type=float, default=0.25)
@@ -120,11 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_detect(a: argparse.Namespace) -> int:
     from serve_app.detect import DetectOptions, Detector, find_images
 
-    credential = a.token or os.environ.get("YOLO_TOKENS_TOKEN")
+    env = ClientSettings.from_env()
+    credential = a.token or env.token
     if a.token_file is not None:
         credential = a.token_file.read_text().strip()
     if not credential:
-        print("error: no credential: give --token, --token-file or $YOLO_TOKENS_TOKEN", file=sys.stderr)
+        print("error: no credential: give --token, --token-file or $YT_TOKEN", file=sys.stderr)
         return 2
     if not (1 <= a.concurrency <= 64):
         print("error: --concurrency must be in 1..64", file=sys.stderr)
@@ -138,8 +138,14 @@ def cmd_detect(a: argparse.Namespace) -> int:
         print(f"error: no image files (.jpg .jpeg .png .webp .bmp) under {a.target}", file=sys.stderr)
         return 2
     opts = DetectOptions(
-        url=a.url, credential=credential, model=a.model, conf=a.conf, iou=a.iou, concurrency=a.concurrency,
-        out_dir=a.out, progress=not a.no_progress and sys.stderr.isatty(),
+        url=a.url or env.url,
+        credential=credential,
+        model=a.model,
+        conf=a.conf,
+        iou=a.iou,
+        concurrency=a.concurrency,
+        out_dir=a.out,
+        progress=not a.no_progress and sys.stderr.isatty(),
     )
     det = Detector(opts, a.target)
     try:

@@ -68,7 +68,7 @@ def test_given_a_folder_then_json_lines_in_file_order_annotated_copies_and_bad_f
 def test_given_quota_for_two_then_two_detected_and_the_rest_not_sent(live_app: LiveApp, tmp_path: Path) -> None:
     tid, cred = credential(live_app, 2)
     image_folder(tmp_path / "in", 5)
-    env = {**os.environ, "YOLO_TOKENS_TOKEN": cred}
+    env = {**os.environ, "YT_TOKEN": cred}
     r = subprocess.run(
         [sys.executable, "-m", "serve_app.cli", "detect", str(tmp_path / "in"), "--url", live_app.url,
          "--concurrency", "1", "--json"],
@@ -99,7 +99,7 @@ def test_given_a_tight_rate_limit_then_it_waits_for_retry_after_and_every_image_
 
 
 def test_given_no_credential_or_no_images_then_exit_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("YOLO_TOKENS_TOKEN", raising=False)
+    monkeypatch.delenv("YT_TOKEN", raising=False)
     assert main(["detect", str(tmp_path)]) == 2
     assert main(["detect", str(tmp_path), "--token", "x"]) == 2
     assert main(["detect", str(tmp_path / "missing.jpg"), "--token", "x"]) == 2
