@@ -32,6 +32,7 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 
 import httpx
 import ray
+import torch
 from ray import serve
 
 from ledger.client import LedgerClient
@@ -120,6 +121,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--overhead-requests", type=int, default=200)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--replica-cpus", type=float, default=float(os.cpu_count() or 1))
     a = ap.parse_args()
     images = []
     for i in range(32):
@@ -133,6 +135,9 @@ def main() -> None:
         weights=DEMO_WEIGHTS,
         imgsz=320,
         max_batch_size=a.batch,
+        # the replica gets as many CPUs (so torch threads: Ray sets OMP_NUM_THREADS from num_cpus)
+        # as the in-process engine has, so that the ratio measures serving, not thread counts
+        num_cpus=a.replica_cpus,
         autoscaling=Autoscaling(min_replicas=1, max_replicas=1),
     )
     common = {
@@ -142,7 +147,8 @@ def main() -> None:
         "ledger_name": f"bench-{uuid.uuid4().hex[:6]}",
         "namespace": "yt-bench",
     }
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # logical CPUs: both apps' replicas must fit; the physical cores are what they share
+    ray.init(address="local", num_cpus=int(2 * a.replica_cpus + 2), include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": PORT})
         args = AppArgs(**common)
@@ -159,7 +165,15 @@ def main() -> None:
         serve.delete("baseline")  # the engine measurement below gets the CPU the baseline replica held
         eng = engine_rate(images, a.batch, a.seconds)
         print(
-            json.dumps({"bench": "serving", "measure": "engine_in_process", "batch": a.batch, "images_per_s": eng}),
+            json.dumps(
+                {
+                    "bench": "serving",
+                    "measure": "engine_in_process",
+                    "batch": a.batch,
+                    "torch_threads": torch.get_num_threads(),
+                    "images_per_s": eng,
+                }
+            ),
             flush=True,
         )
         serve.run(build_app(AppArgs(**common, limits=Limits(auth=False))), name="baseline", route_prefix="/baseline")
@@ -174,6 +188,7 @@ def main() -> None:
                     "imgsz": 320,
                     "device": "cpu",
                     "concurrency": a.concurrency,
+                    "replica_cpus": a.replica_cpus,
                     "http_images_per_s": round(http["images_per_s"], 1),
                     "engine_images_per_s": round(eng, 1),
                     "efficiency": round(http["images_per_s"] / eng, 3),

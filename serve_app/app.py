@@ -21,6 +21,6 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
     args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
     for m in args.models:
         m.check_weights()  # fail at startup, naming the path, not at the first request
-    gate = TokenGate.bind(args.ledger_settings())
     detectors = {m.key: Detector.options(**m.deployment_options()).bind(m) for m in args.models}
-    return Ingress.bind(gate, detectors, args)
+    gate = TokenGate.bind(args.ledger_settings(), detectors)  # every detection is routed through it
+    return Ingress.bind(gate, args)

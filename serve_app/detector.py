@@ -1,11 +1,14 @@
 """Detector: one deployment per model version (DESIGN §1), a thin shell over `YoloEngine`.
 
 Concurrent calls are merged by `@serve.batch` into one forward pass; each call carries its
-own images and inference parameters and gets its own detections back.
+own images and inference parameters and gets its own detections back. The forward pass runs
+in a worker thread, one batch at a time (serve.batch's default), so the replica's event loop
+keeps taking requests for the next batch meanwhile.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -37,7 +40,9 @@ class Detector:
         images = [im for ims, _ in calls for im in ims]
         params = [p for ims, p in calls for _ in ims]
         t0 = time.perf_counter()
-        dets, forward_ms = self.engine.detect(images, params)
+        # off the event loop (torch releases the GIL): requests keep arriving and queue up for the
+        # next batch while this one computes, so batches fill under load
+        dets, forward_ms = await asyncio.to_thread(self.engine.detect, images, params)
         total_ms = (time.perf_counter() - t0) * 1000
         out, i = [], 0
         for ims, _ in calls:

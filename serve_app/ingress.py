@@ -58,12 +58,11 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.5})
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, gate: Any, detectors: dict[str, Any], args: AppArgs) -> None:
+    def __init__(self, gate: Any, args: AppArgs) -> None:
         self.args = args
         self.gate = gate
         self.trusted = [ipaddress.ip_network(p, strict=False) for p in args.limits.trusted_proxies]
-        self.pipeline = Pipeline(args, gate, detectors, {})
-        self.pipeline.keys_at = 0.0  # first request loads the keys
+        self.pipeline = Pipeline(args, gate, {})  # no keys yet: the first credential fetches them
 
     # ------------------------------------------------------------ helpers
     def _start(self, request: Request) -> str:

@@ -2,6 +2,8 @@
 
 verify signature (local, no I/O) → decode + validate images (bounded) → admit (ledger,
 atomic, durable) → infer (Detector replica) → settle (keep, or refund on server failure).
+The ingress verifies and decodes; admit, infer and settle happen in the TokenGate deployment,
+which routes each admitted request into its model version's Detector replicas.
 
 Client errors are caught before admission, so they never cost anything; a detector failure
 after admission is refunded, so a 5xx never costs the caller either.
@@ -15,7 +17,6 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ from ledger.entities import Admission, Decision, Settlement
 from ledger.errors import CredentialError
 from serve_app.config import AppArgs, ModelSpec
 from serve_app.errors import ApiError
+from serve_app.gate import GateReply
 from serve_app.imaging import DecodedImage, ImageLimits, decode_image
 from serve_app.results import Detection, InferenceParams
 
@@ -57,10 +59,9 @@ class DetectOutcome:
 class Pipeline:
     """Plain object; the Ingress deployment owns one and passes its handles in."""
 
-    def __init__(self, args: AppArgs, gate: Any, detectors: Mapping[str, Any], public_keys: dict[str, bytes]) -> None:
+    def __init__(self, args: AppArgs, gate: Any, public_keys: dict[str, bytes]) -> None:
         self.args = args
         self.gate = gate
-        self.detectors = detectors
         self.models: dict[str, ModelSpec] = {m.key: m for m in args.models}
         self.verifier = Verifier(public_keys)
         # -inf: the first credential with a kid we lack fetches the ring at once (a fresh replica
@@ -123,12 +124,15 @@ class Pipeline:
 
     # ------------------------------------------------------------ the whole request
     async def detect_unmetered(self, call: DetectCall) -> DetectOutcome:
-        """Decode and infer only: the baseline of the overhead benchmark (`limits.auth: false`)."""
+        """Decode and infer only, through the same gate and detectors: the baseline of the
+        overhead benchmark (`limits.auth: false`)."""
         t0 = time.perf_counter()
         images = self.decode(call.images)
         spec = self.resolve_model(call.model)
-        result = await self.detectors[spec.key].detect.remote([i.pixels for i in images], call.params)
-        body = _result_body(call.request_id, spec, images, result["detections"])
+        reply: GateReply = await self.gate.detect.remote(None, spec.key, [i.pixels for i in images], call.params)
+        if reply.result is None:
+            raise ApiError("model_unavailable", f"model {spec.key} failed: {reply.failure}")
+        body = _result_body(call.request_id, spec, images, reply.result["detections"])
         body.update(usage=None, timing_ms={"total": _ms(t0, time.perf_counter())})
         return DetectOutcome(body)
 
@@ -150,8 +154,11 @@ class Pipeline:
             body_hash,
             sum(i.nbytes for i in images),
         )
-        decision: Decision = await self.gate.admit.remote(admission)
-        t_admitted = time.perf_counter()
+        reply: GateReply = await self.gate.detect.remote(
+            admission, spec.key, [i.pixels for i in images], call.params, settle_now=not call.idempotency_key
+        )
+        decision = reply.decision
+        assert decision is not None  # metered calls always carry an admission
         headers = usage_headers(decision)
         if decision.code is Code.REPLAY:
             if decision.replay is None:
@@ -159,14 +166,9 @@ class Pipeline:
             return DetectOutcome(json.loads(decision.replay), {**headers, "Idempotent-Replayed": "true"})
         if not decision.admitted:
             raise ApiError.from_code(decision.code, decision.message, decision.retry_after, headers)
-        try:
-            result = await self.detectors[spec.key].detect.remote([i.pixels for i in images], call.params)
-        except Exception as exc:  # refund on detector failure so a 5xx never costs the caller
-            await self.gate.settle.remote(
-                Settlement(call.request_id, claims.sub, success=False, latency_ms=(time.perf_counter() - t0) * 1000)
-            )
-            raise ApiError("model_unavailable", f"model {spec.key} failed: {type(exc).__name__}") from None
-        t_inferred = time.perf_counter()
+        if reply.result is None:  # the gate refunded it before answering
+            raise ApiError("model_unavailable", f"model {spec.key} failed: {reply.failure}")
+        result = reply.result
         body = _result_body(call.request_id, spec, images, result["detections"])
         body |= {
             "usage": {
@@ -177,22 +179,24 @@ class Pipeline:
             },
             "timing_ms": {
                 "decode": _ms(t0, t_decoded),
-                "admit": _ms(t_decoded, t_admitted),
-                "infer": _ms(t_admitted, t_inferred),
-                "total": _ms(t0, t_inferred),
+                "admit": reply.admit_ms,
+                "infer": reply.infer_ms,
+                "total": _ms(t0, time.perf_counter()),
             },
         }
-        await self.gate.settle.remote(
-            Settlement(
-                call.request_id,
-                claims.sub,
-                success=True,
-                latency_ms=_ms(t0, t_inferred),
-                detections=sum(len(d) for d in result["detections"]),
-                gpu_ms=float(result["gpu_ms"]),
-                result=json.dumps(body) if call.idempotency_key else None,
+        if call.idempotency_key:
+            # a retry with this key replays the stored body: it is recorded before we answer
+            await self.gate.settle.remote(
+                Settlement(
+                    call.request_id,
+                    claims.sub,
+                    success=True,
+                    latency_ms=_ms(t0, time.perf_counter()),
+                    detections=sum(len(d) for d in result["detections"]),
+                    gpu_ms=float(result["gpu_ms"]),
+                    result=json.dumps(body),
+                )
             )
-        )
         return DetectOutcome(body, headers)
 
 

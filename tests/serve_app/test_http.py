@@ -108,8 +108,11 @@ def test_given_quota_exhausted_then_429_and_denials_are_audited(live_app: LiveAp
     tid, cred = package(live_app, 2)
     codes = [post(live_app, cred, jpeg()).status_code for _ in range(4)]
     assert codes == [200, 200, 429, 429]
+    assert live_app.ledger.token(tid).used == 2  # charged at admission, before the answers
     store = Store(live_app.args.ledger_settings().database_url)
-    counts = store.usage_counts(tid)
+    deadline = time.monotonic() + 30  # successes complete their audit rows in the background
+    while (counts := store.usage_counts(tid)).get("settled") != (2, 2) and time.monotonic() < deadline:
+        time.sleep(0.1)
     store.close()
     assert counts["settled"] == (2, 2) and counts["denied"][0] == 2
 

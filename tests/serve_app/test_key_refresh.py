@@ -48,7 +48,7 @@ def credential(ring: KeyRing, jti: str = "jti_1") -> str:
 async def test_given_a_fresh_pipeline_then_concurrent_first_requests_share_one_fetch_and_pass(tmp_path: Path) -> None:
     ring = KeyRing.open(tmp_path / "keys")
     gate = FakeGate(ring)
-    pipe = Pipeline(AppArgs(), gate, {}, {})
+    pipe = Pipeline(AppArgs(), gate, {})
     claims = await asyncio.gather(*(pipe.verify(credential(ring)) for _ in range(20)))
     assert {c.sub for c in claims} == {"tok_1"} and gate.fetches == 1
 
@@ -58,7 +58,7 @@ async def test_given_unknown_kids_then_at_most_one_fetch_per_interval(
 ) -> None:
     ring = KeyRing.open(tmp_path / "keys")
     gate = FakeGate(ring)
-    pipe = Pipeline(AppArgs(), gate, {}, ring.public_keys())
+    pipe = Pipeline(AppArgs(), gate, ring.public_keys())
     await pipe.verify(credential(ring))
     ring.rotate()  # a key the pipeline has not seen: the first credential under it fetches the ring
     await pipe.verify(credential(ring, "jti_2"))
@@ -79,7 +79,7 @@ async def test_given_the_ledger_down_at_first_request_then_503_not_401(tmp_path:
     ring = KeyRing.open(tmp_path / "keys")
     gate = FakeGate(ring)
     gate.fail = True
-    pipe = Pipeline(AppArgs(), gate, {}, {})
+    pipe = Pipeline(AppArgs(), gate, {})
     with pytest.raises(ApiError) as err:
         await pipe.verify(credential(ring))
     assert err.value.code == "ledger_unavailable"
