@@ -15,6 +15,7 @@ import pickle
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import ray
@@ -23,6 +24,7 @@ from ledger.codes import Code
 from ledger.core import LedgerCore
 from ledger.entities import Decision
 from ledger.errors import LedgerError, LedgerUnavailable, OperationRefused
+from ledger.notify import DELIVERED, FAILED, PENDING, Notifier, channels_for, next_attempt_delay
 from ledger.settings import LedgerSettings
 
 # wire result of an admin call: ("ok", value) or ("err", code, message)
@@ -75,6 +77,11 @@ class _Flusher:
             self.running = True
             asyncio.get_running_loop().create_task(self._flush())
         return await fut
+
+    async def run_raw(self, fn: Callable[[], Any]) -> Any:
+        """A database write outside the book (alert delivery, retention) on the commit thread,
+        so that it never interleaves with a group commit."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn)
 
     async def _ensure_ready(self) -> bool:
         """Rebuild the book if a failed write or a cold start left it unready. Only the flush
@@ -149,16 +156,106 @@ class LedgerActor:
         self.flusher = _Flusher(self.core)
         self.sweeper: asyncio.Task[None] | None = None
         self.readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ledger-read")
+        # network I/O of alert delivery never runs on the commit or reader threads
+        self.senders = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ledger-notify")
+        self.notifier = Notifier(settings)
+        self.delivering = asyncio.Lock()
+        self.pruned_at = 0.0
 
     def _start_sweeper(self) -> None:
         if self.sweeper is None and self.settings.sweep_interval_s > 0:
             self.sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
 
     async def _sweep_forever(self) -> None:
+        """The periodic jobs, inside the cluster: expiry sweep, alert delivery, audit retention."""
         while True:
             await asyncio.sleep(self.settings.sweep_interval_s)
             with contextlib.suppress(LedgerError):  # retried at the next tick
                 await self.flusher.run(self.core.sweep)
+            with contextlib.suppress(LedgerError):
+                await self.deliver_alerts()
+            if time.time() - self.pruned_at >= self.settings.prune_interval_s:
+                with contextlib.suppress(LedgerError):
+                    await self.prune_audit()
+
+    # ---------------------------------------------------------------- periodic jobs
+    async def deliver_alerts(self, limit: int = 100) -> dict[str, int]:
+        """One delivery pass over the due alerts; returns counts by outcome of this pass.
+
+        Each channel of an alert is sent until it is delivered (then never again) or has
+        failed `alert_max_attempts` times; passes never overlap."""
+        self._start_sweeper()
+        if not self.core.ready:
+            raise LedgerUnavailable("ledger database unavailable")
+        loop = asyncio.get_running_loop()
+        counts = {"alerts": 0, "sent": 0, "failed_attempts": 0}
+        async with self.delivering:
+            now = time.time()
+            due = await loop.run_in_executor(self.readers, lambda: self.core.store.due_alerts(now, limit))
+            for alert in due:
+                counts["alerts"] += 1
+                token_id: str = alert["token_id"]
+                chain, token = await self.flusher.run(partial(self.core.alert_context, token_id))
+                channels: dict[str, dict[str, Any]] = alert["channels"] or {
+                    c: {"status": PENDING, "attempts": 0, "error": None, "at": None}
+                    for c in channels_for(chain, self.settings)
+                }
+                for channel, st in channels.items():
+                    if st["status"] != PENDING:
+                        continue
+                    err = await loop.run_in_executor(self.senders, self.notifier.send, channel, alert, token)
+                    st["attempts"] += 1
+                    st["at"] = time.time()
+                    st["error"] = err
+                    if err is None:
+                        st["status"] = DELIVERED
+                        counts["sent"] += 1
+                    else:
+                        counts["failed_attempts"] += 1
+                        if st["attempts"] >= self.settings.alert_max_attempts:
+                            st["status"] = FAILED
+                await self._record(alert["id"], channels)
+        return counts
+
+    async def _record(self, alert_id: int, channels: dict[str, dict[str, Any]]) -> None:
+        states = {st["status"] for st in channels.values()}
+        attempts = max((st["attempts"] for st in channels.values()), default=0)
+        errors = [f"{c}: {st['error']}" for c, st in channels.items() if st["error"]]
+        if not channels:
+            status = "no_channel"
+        elif PENDING in states:
+            status = PENDING
+        else:
+            status = FAILED if FAILED in states else DELIVERED
+        fields: dict[str, Any] = {
+            "channels": channels,
+            "status": status,
+            "attempts": attempts,
+            "last_error": "; ".join(errors)[:2000] or None,
+            "next_attempt_at": (
+                time.time() + next_attempt_delay(attempts, self.settings.alert_backoff_s) if status == PENDING else None
+            ),
+        }
+        if status == DELIVERED:
+            fields["delivered_at"] = time.time()
+        # on the commit thread: the actor stays the only writer, one write at a time
+        await self.flusher.run_raw(lambda: self.core.store.record_delivery(alert_id, **fields))
+
+    async def prune_audit(self) -> dict[str, int]:
+        """Delete audit rows older than the retention window (DESIGN §3: 90 days by default)."""
+        self._start_sweeper()
+        if not self.core.ready:
+            raise LedgerUnavailable("ledger database unavailable")
+        before = time.time() - self.settings.audit_retention_days * 86400
+        out: dict[str, int] = await self.flusher.run_raw(lambda: self.core.store.prune_audit(before))
+        self.pruned_at = time.time()
+        return out
+
+    async def acknowledge_alert(self, alert_id: int, by: str) -> bool:
+        if not self.core.ready:
+            raise LedgerUnavailable("ledger database unavailable")
+        ok: bool = await self.flusher.run_raw(lambda: self.core.store.acknowledge_alert(alert_id, by, time.time()))
+        return ok
 
     async def admit_batch(self, rows: list[tuple[Any, ...]]) -> list[Decision]:
         """Admissions as tuples (fields of `Admission`); returns decisions, all durable."""

@@ -23,9 +23,11 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")  # local clusters use token auth
 import ray
 
 from ledger.client import LedgerClient
+from ledger.codes import Code
 from ledger.entities import TokenSpec
 from ledger.errors import LedgerError, LedgerUnavailable, OperationRefused
 from ledger.settings import LedgerSettings
+from ledger.store.repository import usage_csv
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -82,12 +84,15 @@ def _limit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", help="tier (basic, pro, enterprise) or N/s, N/min with optional :BURST")
     p.add_argument("--models", nargs="+", help="allowed models: name or name@version")
     p.add_argument("--ip", nargs="+", dest="ips", help="allowed client IPs or CIDRs")
+    p.add_argument("--alert-email", nargs="+", dest="alert_emails", help="who gets this token's quota alerts")
+    p.add_argument("--alert-webhook", nargs="+", dest="alert_webhooks", help="http(s) URLs that get them as JSON")
 
 
 # ------------------------------------------------------------------ handlers
 def _spec(a: argparse.Namespace) -> TokenSpec:
+    meta = {k: v for k in ("alert_emails", "alert_webhooks") if (v := getattr(a, k, None))}
     return TokenSpec.build(
-        a.name, a.quota, expires_at=_expires_at(a), models=a.models, ips=a.ips, rate=a.rate, team=a.team
+        a.name, a.quota, expires_at=_expires_at(a), models=a.models, ips=a.ips, rate=a.rate, team=a.team, meta=meta
     )
 
 
@@ -126,6 +131,37 @@ def cmd_top_up(a: argparse.Namespace, c: Any) -> Any:
 def cmd_usage(a: argparse.Namespace, c: Any) -> Any:
     since = time.time() - a.since if a.since else None
     return c.usage(token_id=a.token, model=a.model, outcome=a.outcome, since=since, limit=a.limit)
+
+
+def cmd_alerts_list(a: argparse.Namespace, c: Any) -> Any:
+    return c.alerts(limit=a.limit)
+
+
+def cmd_alerts_deliver(a: argparse.Namespace, c: Any) -> Any:
+    return c.deliver_alerts()
+
+
+def cmd_alerts_ack(a: argparse.Namespace, c: Any) -> Any:
+    if not c.acknowledge_alert(a.alert_id, a.by):
+        raise OperationRefused(f"alert {a.alert_id} not found or already acknowledged", Code.NOT_FOUND)
+    return {"acknowledged": a.alert_id, "by": a.by}
+
+
+def cmd_audit_export(a: argparse.Namespace, c: Any) -> Any:
+    since = time.time() - a.since if a.since else None
+    until = time.time() - a.until if a.until else None
+    rows = c.usage(token_id=a.token, model=a.model, outcome=a.outcome, since=since, until=until, limit=a.limit)
+    lines = usage_csv(rows)
+    if a.out == "-":
+        sys.stdout.writelines(lines)
+        return {"rows": len(rows), "out": "-"}
+    with open(a.out, "w", newline="") as fh:
+        fh.writelines(lines)
+    return {"rows": len(rows), "out": a.out}
+
+
+def cmd_audit_prune(a: argparse.Namespace, c: Any) -> Any:
+    return c.prune_audit()
 
 
 def cmd_keys_rotate(a: argparse.Namespace, c: Any) -> Any:
@@ -177,6 +213,10 @@ def render(command: str, value: Any) -> str:
         return (
             body + f"\n{'expires':>11}: {_when(t['expires_at'])}\n\n" + _table(v["events"], ["ts", "actor", "action"])
         )
+    if command == "alerts list":
+        return _table(v, ["id", "ts", "kind", "token_id", "threshold", "consumed", "allocation", "status", "attempts"])
+    if command == "audit export" and v["out"] == "-":
+        return ""
     if command == "usage":
         return _table(v, ["ts", "token_id", "request_id", "model", "units", "state", "outcome", "client_ip"])
     return json.dumps(v, indent=2, default=str)
@@ -237,6 +277,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = keys.add_parser("rotate", parents=[common], help="new signing key; old ones verify until their tokens expire")
     p.set_defaults(handler=cmd_keys_rotate, command="keys rotate")
 
+    al = sub.add_parser("alerts", help="quota alerts: fired, delivered, failed, acknowledged").add_subparsers(
+        dest="cmd", required=True
+    )
+    p = al.add_parser("list", parents=[common])
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(handler=cmd_alerts_list, command="alerts list")
+    p = al.add_parser("deliver", parents=[common], help="run one delivery pass now (also runs periodically)")
+    p.set_defaults(handler=cmd_alerts_deliver, command="alerts deliver")
+    p = al.add_parser("ack", parents=[common], help="acknowledge an alert")
+    p.add_argument("alert_id", type=int)
+    p.add_argument("--by", default="admin", help="who acknowledges (recorded)")
+    p.set_defaults(handler=cmd_alerts_ack, command="alerts ack")
+
+    au = sub.add_parser("audit", help="audit trail").add_subparsers(dest="cmd", required=True)
+    p = au.add_parser("export", parents=[common], help="usage events (admitted and denied) as CSV")
+    p.add_argument("--out", default="-", help="file, or - for stdout")
+    p.add_argument("--token")
+    p.add_argument("--model")
+    p.add_argument("--outcome")
+    p.add_argument("--since", type=parse_duration, help="e.g. 7d: events of the last 7 days")
+    p.add_argument("--until", type=parse_duration, help="e.g. 1d: events older than 1 day")
+    p.add_argument("--limit", type=int, default=100_000)
+    p.set_defaults(handler=cmd_audit_export, command="audit export")
+    p = au.add_parser("prune", parents=[common], help="delete events older than the retention window now")
+    p.set_defaults(handler=cmd_audit_prune, command="audit prune")
+
     p = sub.add_parser("doctor", parents=[common], help="compare the in-memory book with the database")
     p.set_defaults(handler=cmd_doctor, command="doctor")
     return ap
@@ -270,9 +336,10 @@ def run(args: argparse.Namespace, settings: LedgerSettings) -> int:
         _fail(args, exc)
         return 3
     if args.json:
-        print(json.dumps(to_plain(result), indent=2, default=str))
-    else:
-        print(render(args.command, result))
+        csv_on_stdout = args.command == "audit export" and args.out == "-"  # keep stdout pure CSV
+        print(json.dumps(to_plain(result), indent=2, default=str), file=sys.stderr if csv_on_stdout else sys.stdout)
+    elif text := render(args.command, result):
+        print(text)
     if args.command == "doctor" and not result["healthy"]:
         return 1
     return 0

@@ -14,12 +14,12 @@ from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError, RayError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayError, RayTaskError
 
 from ledger.actor import LedgerActor, unavailable
 from ledger.codes import Code
 from ledger.entities import Admission, Decision, Settlement, TokenSpec, TokenView
-from ledger.errors import LedgerUnavailable, OperationRefused
+from ledger.errors import LedgerError, LedgerUnavailable, OperationRefused
 from ledger.settings import LedgerSettings
 
 RETRY_DELAYS_S = (0.05, 0.1, 0.2, 0.5, 1.0, 1.0, 2.0, 2.0, 2.0, 3.0, 3.0)
@@ -215,6 +215,29 @@ class LedgerClient:
 
     def alerts(self, limit: int = 1000) -> list[dict[str, Any]]:
         return cast("list[dict[str, Any]]", self.call("alerts", limit=limit))
+
+    # ---------------------------------------------------------------- periodic jobs, on demand (admin)
+    def deliver_alerts(self) -> dict[str, int]:
+        """Run one alert delivery pass now (the actor also runs one every sweep interval)."""
+        return cast("dict[str, int]", self._direct(self.actor.deliver_alerts))
+
+    def prune_audit(self) -> dict[str, int]:
+        """Delete audit rows older than the retention window now; returns rows deleted per table."""
+        return cast("dict[str, int]", self._direct(self.actor.prune_audit))
+
+    def acknowledge_alert(self, alert_id: int, by: str) -> bool:
+        return cast(bool, self._direct(self.actor.acknowledge_alert, alert_id, by))
+
+    @staticmethod
+    def _direct(method: Any, *args: Any) -> Any:
+        try:
+            return ray.get(method.remote(*args))
+        except RayTaskError as exc:
+            if isinstance(exc.cause, LedgerError):
+                raise exc.cause from None
+            raise LedgerUnavailable(f"ledger actor failed: {type(exc.cause).__name__}") from exc
+        except RayError as exc:
+            raise LedgerUnavailable(f"ledger actor unavailable: {type(exc).__name__}") from exc
 
     def public_keys(self) -> dict[str, bytes]:
         return cast("dict[str, bytes]", self.call("public_keys"))

@@ -16,7 +16,7 @@ from ledger.book import QuotaBook
 from ledger.codes import Code
 from ledger.credentials import KeyRing, issue, new_id, new_jti
 from ledger.entities import Admission, Decision, Node, Settlement, TokenSpec, TokenView, make_limits
-from ledger.errors import LedgerUnavailable, OperationRefused
+from ledger.errors import LedgerError, LedgerUnavailable, OperationRefused
 from ledger.settings import LedgerSettings
 from ledger.store.repository import Store, UsageQuery
 
@@ -147,6 +147,14 @@ class LedgerCore:
         expired = self.book.expire_due()
         self.book.prune(settle_window_s=self.settings.settle_window_s, recent_window_s=self.settings.recent_window_s)
         return {"expired": expired}
+
+    def alert_context(self, token_id: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Meta of the token and each ancestor (for its alert contacts), and its name/team."""
+        try:
+            n = self.book.node(token_id)
+        except LedgerError:  # a token deleted since: only the catch-all channels apply
+            return [], {"name": token_id, "team": None}
+        return [dict(a.meta) for a in n.path()], {"name": n.name, "team": n.team}
 
     # ---------------------------------------------------------------- reads
     def token(self, token_id: str, actor: str | None = None) -> TokenView:

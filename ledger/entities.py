@@ -6,6 +6,7 @@ Nothing here does I/O. Times are epoch seconds (UTC) as floats.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -268,3 +269,21 @@ def make_limits(
         ips=normalize_ips(ips),
         rate=RateLimit.parse(rate) if rate else None,
     )
+
+
+_EMAIL = re.compile(r"^[A-Za-z0-9._%+\-]{1,64}@(([A-Za-z0-9\-]{1,63}\.)+[A-Za-z]{2,63}|localhost)$")
+_WEBHOOK = re.compile(r"^https?://[^\s/$.?#][^\s]{0,2000}$")
+
+
+def contact_problems(meta: dict[str, Any]) -> list[str]:
+    """What is wrong with the alert contacts in a token's meta (`alert_emails`, `alert_webhooks`)."""
+    problems = []
+    for key, pattern in (("alert_emails", _EMAIL), ("alert_webhooks", _WEBHOOK)):
+        value = meta.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, list) or len(value) > 10 or not all(isinstance(v, str) for v in value):
+            problems.append(f"{key} must be a list of at most 10 strings")
+        elif bad := [v for v in value if not pattern.match(v)]:
+            problems.append(f"{key} has invalid entries: {bad[:3]}")
+    return problems

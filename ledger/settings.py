@@ -6,6 +6,11 @@ Variables (all optional):
     YT_DATA_DIR       ./var          (key ring lives in $YT_DATA_DIR/keys, mode 0700/0600)
     YT_LEDGER_NAME    yolo-tokens-ledger   (named Ray actor)
     YT_NAMESPACE      yolo-tokens          (Ray namespace)
+    YT_SMTP_HOST, YT_SMTP_PORT (25), YT_SMTP_STARTTLS (0|1), YT_SMTP_SENDER, YT_SMTP_USER,
+    YT_SMTP_PASSWORD  alert e-mail; no host = e-mail channels fail with a clear error
+    YT_ALERT_EMAILS, YT_ALERT_WEBHOOKS   comma-separated catch-all recipients of every alert
+    YT_WEBHOOK_SECRET HMAC-SHA256 key for the X-YT-Signature header of webhook alerts
+    YT_AUDIT_RETENTION_DAYS  90    usage/admin events older than this are pruned
     YT_URL            http://127.0.0.1:8000   (service URL for `yolo-tokens detect`)
     YT_TOKEN          credential for `yolo-tokens detect` (keeps it off the command line)
 """
@@ -39,6 +44,22 @@ class LedgerSettings:
     # custom Ray resources the ledger actor asks for, e.g. {"ledger_host": 0.001}: on a cluster this
     # pins it to the node that holds data_dir (the signing keys); empty = anywhere (one-node runs)
     actor_resources: dict[str, float] = field(default_factory=dict)
+    # alert delivery (ledger/notify.py), run by the actor's periodic loop
+    smtp_host: str | None = None
+    smtp_port: int = 25
+    smtp_starttls: bool = False
+    smtp_sender: str = "yolo-tokens@localhost"
+    smtp_user: str | None = None
+    smtp_password: str | None = None
+    alert_emails: tuple[str, ...] = ()
+    alert_webhooks: tuple[str, ...] = ()
+    webhook_secret: str | None = None
+    notify_timeout_s: float = 10.0
+    alert_max_attempts: int = 6
+    alert_backoff_s: float = 2.0
+    # audit retention: older usage and admin events are deleted by the periodic loop
+    audit_retention_days: float = 90.0
+    prune_interval_s: float = 3600.0
 
     @property
     def key_dir(self) -> Path:
@@ -55,6 +76,16 @@ class LedgerSettings:
             data_dir=data_dir,
             actor_name=env.get("YT_LEDGER_NAME", default.actor_name),
             namespace=env.get("YT_NAMESPACE", default.namespace),
+            smtp_host=env.get("YT_SMTP_HOST") or None,
+            smtp_port=int(env.get("YT_SMTP_PORT", default.smtp_port)),
+            smtp_starttls=env.get("YT_SMTP_STARTTLS", "0").lower() in ("1", "true", "yes"),
+            smtp_sender=env.get("YT_SMTP_SENDER", default.smtp_sender),
+            smtp_user=env.get("YT_SMTP_USER") or None,
+            smtp_password=env.get("YT_SMTP_PASSWORD") or None,
+            alert_emails=_csv(env.get("YT_ALERT_EMAILS")),
+            alert_webhooks=_csv(env.get("YT_ALERT_WEBHOOKS")),
+            webhook_secret=env.get("YT_WEBHOOK_SECRET") or None,
+            audit_retention_days=float(env.get("YT_AUDIT_RETENTION_DAYS", default.audit_retention_days)),
         )
         return replace(s, **overrides)  # type: ignore[arg-type]
 
@@ -79,3 +110,7 @@ class ClientSettings:
         env = os.environ if env is None else env
         default = cls()
         return cls(url=env.get("YT_URL", default.url), token=env.get("YT_TOKEN") or None)
+
+
+def _csv(value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in (value or "").split(",") if v.strip())

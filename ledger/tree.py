@@ -14,7 +14,7 @@ from typing import Any
 
 from ledger.changes import Changes
 from ledger.codes import Code
-from ledger.entities import Limits, Node, Status, TokenSpec, TokenView
+from ledger.entities import Limits, Node, Status, TokenSpec, TokenView, contact_problems
 from ledger.errors import OperationRefused
 from ledger.limits import Bucket, ips_narrow, models_narrow
 
@@ -126,6 +126,8 @@ class Tree:
         self, token_id: str, jti: str, spec: TokenSpec, parent: Node | None, expires_at: float | None, now: float
     ) -> Node:
         self._check_units(spec.allocation, "allocation")
+        if problems := contact_problems(spec.meta):
+            raise OperationRefused("; ".join(problems), Code.INVALID_REQUEST)
         if token_id in self.nodes:
             raise OperationRefused(f"token id {token_id} exists", Code.INVALID_REQUEST)
         lim = spec.limits

@@ -5,6 +5,7 @@ Built once at the edge (Serve's config loader, `make serve`, tests) and passed i
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -105,7 +106,10 @@ class AppArgs(BaseModel):
         return models
 
     def ledger_settings(self) -> LedgerSettings:
-        return LedgerSettings(
+        """The ledger's settings: these args for where it lives; alert delivery and retention
+        (SMTP server, webhook secret, catch-all recipients) from the environment."""
+        return replace(
+            LedgerSettings.from_env(),
             database_url=self.database_url,
             data_dir=self.data_dir,
             actor_name=self.ledger_name,

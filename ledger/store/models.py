@@ -84,10 +84,16 @@ class AlertRow(Base):
     threshold: Mapped[int] = mapped_column(Integer)
     consumed: Mapped[int] = mapped_column(BigInteger)
     allocation: Mapped[int] = mapped_column(BigInteger)
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    # pending (channels still to deliver) | delivered | failed (a channel gave up) | no_channel
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     delivered_at: Mapped[float | None] = mapped_column(Float)
+    # {"email:a@b": {"status", "attempts", "error", "at"}, "webhook:https://…": {…}}
+    channels: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    next_attempt_at: Mapped[float | None] = mapped_column(Float)
+    acknowledged_at: Mapped[float | None] = mapped_column(Float)
+    acknowledged_by: Mapped[str | None] = mapped_column(String(80))
 
 
 class IdempotencyRow(Base):

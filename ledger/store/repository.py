@@ -266,6 +266,58 @@ class Store:
                 ).mappings()
             ]
 
+    # ---------------------------------------------------------------- alert delivery (actor only)
+    def due_alerts(self, now: float, limit: int = 100) -> list[dict[str, Any]]:
+        """Alerts with channels still to deliver whose next attempt is due, oldest first."""
+        stmt = (
+            select(ALERTS)
+            .where(ALERTS.c.status == "pending")
+            .where((ALERTS.c.next_attempt_at.is_(None)) | (ALERTS.c.next_attempt_at <= now))
+            .order_by(ALERTS.c.id)
+            .limit(limit)
+        )
+        try:
+            with self.engine.connect() as conn:
+                return [dict(r) for r in conn.execute(stmt).mappings()]
+        except SQLAlchemyError as exc:
+            raise LedgerUnavailable(f"database read failed: {type(exc).__name__}") from exc
+
+    def record_delivery(self, alert_id: int, **fields: Any) -> None:
+        """Store one delivery pass of an alert: channels, status, attempts, last_error, ... ."""
+        allowed = {"channels", "status", "attempts", "last_error", "delivered_at", "next_attempt_at"}
+        if not fields or set(fields) - allowed:
+            raise ValueError(f"record_delivery takes {sorted(allowed)}")
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(update(ALERTS).where(ALERTS.c.id == alert_id).values(**fields))
+        except SQLAlchemyError as exc:
+            raise LedgerUnavailable(f"database write failed: {type(exc).__name__}") from exc
+
+    def acknowledge_alert(self, alert_id: int, by: str, now: float) -> bool:
+        """Mark an alert acknowledged (once); False when there is no such alert or it already was."""
+        try:
+            with self.engine.begin() as conn:
+                n = conn.execute(
+                    update(ALERTS)
+                    .where(ALERTS.c.id == alert_id, ALERTS.c.acknowledged_at.is_(None))
+                    .values(acknowledged_at=now, acknowledged_by=by)
+                ).rowcount
+        except SQLAlchemyError as exc:
+            raise LedgerUnavailable(f"database write failed: {type(exc).__name__}") from exc
+        return bool(n)
+
+    def prune_audit(self, before: float) -> dict[str, int]:
+        """Delete settled/denied usage events and admin events older than `before` (epoch s).
+        Unsettled admissions are kept whatever their age: a restart still needs them."""
+        try:
+            with self.engine.begin() as conn:
+                usage = conn.execute(delete(USAGE).where(USAGE.c.ts < before, USAGE.c.state != "admitted")).rowcount
+                admin = conn.execute(delete(ADMIN).where(ADMIN.c.ts < before)).rowcount
+                alerts = conn.execute(delete(ALERTS).where(ALERTS.c.ts < before, ALERTS.c.status != "pending")).rowcount
+        except SQLAlchemyError as exc:
+            raise LedgerUnavailable(f"database write failed: {type(exc).__name__}") from exc
+        return {"usage_events": usage, "admin_events": admin, "alerts": alerts}
+
 
 def usage_csv(rows: Sequence[dict[str, Any]]) -> Iterator[str]:
     """CSV lines (header first) for audit export."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -132,3 +133,32 @@ def test_given_the_installed_binary_then_it_talks_to_the_running_cluster(
 )
 def test_given_durations_then_they_parse(text: str, seconds: float) -> None:
     assert parse_duration(text) == seconds
+
+
+def test_given_usage_and_alert_contacts_then_audit_export_writes_csv_and_alerts_are_listed_and_acked(
+    cli: Any, ledger: Any, tmp_path: Any
+) -> None:
+    from ledger.credentials import Verifier
+    from ledger.entities import Admission
+
+    code, pkg, _ = cli("package", "create", "--name", "csv", "--quota", "3", "--alert-email", "pm@example.com",
+                       "--alert-webhook", "http://127.0.0.1:9/x", "--json")  # fmt: skip
+    assert code == 0, pkg
+    code, _, err = cli("package", "create", "--name", "bad", "--quota", "5", "--alert-email", "nope", "--json")
+    assert code == 2 and "alert_emails" in err
+    tid = pkg["token"]["id"]
+    jti = Verifier(ledger.public_keys()).verify(pkg["credential"]).jti
+    decisions = ledger.admit_sync([Admission(f"csv-{i}", tid, jti, 1, "parts@1", "10.0.0.7") for i in range(4)])
+    assert [d.code.value for d in decisions] == ["ok", "ok", "ok", "quota_exhausted"]
+    out = tmp_path / "audit.csv"
+    code, summary, _ = cli("audit", "export", "--token", tid, "--out", str(out), "--json")
+    assert code == 0 and summary == {"rows": 4, "out": str(out)}
+    rows = list(csv.DictReader(out.open()))
+    assert sorted(r["outcome"] for r in rows) == ["ok", "ok", "ok", "quota_exhausted"]
+    assert {r["client_ip"] for r in rows} == {"10.0.0.7"}
+    code, alerts, _ = cli("alerts", "list", "--json")
+    assert code == 0 and sorted(a["threshold"] for a in alerts) == [80, 95, 100]
+    code, acked, _ = cli("alerts", "ack", str(alerts[0]["id"]), "--by", "pm", "--json")
+    assert code == 0 and acked == {"acknowledged": alerts[0]["id"], "by": "pm"}
+    code, _, err = cli("alerts", "ack", str(alerts[0]["id"]))
+    assert code == 2 and "already acknowledged" in err
