@@ -164,6 +164,10 @@ def cmd_audit_prune(a: argparse.Namespace, c: Any) -> Any:
     return c.prune_audit()
 
 
+def cmd_admin_issue(a: argparse.Namespace, c: Any) -> Any:
+    return {"admin": a.name, "expires_in_s": a.ttl, "credential": c.issue_admin(a.name, a.ttl)}
+
+
 def cmd_keys_rotate(a: argparse.Namespace, c: Any) -> Any:
     return c.rotate_keys()
 
@@ -213,6 +217,8 @@ def render(command: str, value: Any) -> str:
         return (
             body + f"\n{'expires':>11}: {_when(t['expires_at'])}\n\n" + _table(v["events"], ["ts", "actor", "action"])
         )
+    if command == "admin issue":
+        return f"admin credential for {v['admin']} (shown once, valid {v['expires_in_s']:.0f} s):\n{v['credential']}"
     if command == "alerts list":
         return _table(v, ["id", "ts", "kind", "token_id", "threshold", "consumed", "allocation", "status", "attempts"])
     if command == "audit export" and v["out"] == "-":
@@ -289,6 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("alert_id", type=int)
     p.add_argument("--by", default="admin", help="who acknowledges (recorded)")
     p.set_defaults(handler=cmd_alerts_ack, command="alerts ack")
+
+    ad = sub.add_parser("admin", help="admin credentials (console sign-in)").add_subparsers(dest="cmd", required=True)
+    p = ad.add_parser("issue", parents=[common], help="issue an admin credential; printed once")
+    p.add_argument("--name", required=True, help="who it is for (recorded as its subject)")
+    p.add_argument("--ttl", type=parse_duration, default=12 * 3600, help="lifetime, e.g. 12h (default), 7d")
+    p.set_defaults(handler=cmd_admin_issue, command="admin issue")
 
     au = sub.add_parser("audit", help="audit trail").add_subparsers(dest="cmd", required=True)
     p = au.add_parser("export", parents=[common], help="usage events (admitted and denied) as CSV")

@@ -11,7 +11,8 @@ Variables (all optional):
     YT_ALERT_EMAILS, YT_ALERT_WEBHOOKS   comma-separated catch-all recipients of every alert
     YT_WEBHOOK_SECRET HMAC-SHA256 key for the X-YT-Signature header of webhook alerts
     YT_AUDIT_RETENTION_DAYS  90    usage/admin events older than this are pruned
-    YT_URL            http://127.0.0.1:8000   (service URL for `yolo-tokens detect`)
+    YT_URL            http://127.0.0.1:8000   (service URL for `yolo-tokens detect` and the console)
+    YT_RAY_ADDRESS    auto                    (Ray cluster the console attaches to)
     YT_TOKEN          credential for `yolo-tokens detect` (keeps it off the command line)
 """
 
@@ -104,12 +105,17 @@ class ClientSettings:
 
     url: str = "http://127.0.0.1:8000"
     token: str | None = None
+    ray_address: str = "auto"  # the console and CLI attach to this Ray cluster
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ClientSettings:
         env = os.environ if env is None else env
         default = cls()
-        return cls(url=env.get("YT_URL", default.url), token=env.get("YT_TOKEN") or None)
+        return cls(
+            url=env.get("YT_URL", default.url),
+            token=env.get("YT_TOKEN") or None,
+            ray_address=env.get("YT_RAY_ADDRESS", default.ray_address),
+        )
 
 
 def _csv(value: str | None) -> tuple[str, ...]:

@@ -1,0 +1,161 @@
+"""The Streamlit console, page by page, with Streamlit's AppTest against the real ledger actor."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+from ledger.client import LedgerClient
+from ledger.credentials import Verifier
+from ledger.entities import Admission, TokenSpec
+from ledger.settings import LedgerSettings
+
+pytestmark = pytest.mark.ray
+APP = str(Path(__file__).resolve().parents[2] / "ui" / "app.py")
+
+
+@pytest.fixture
+def console_ledger(ray_cluster: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LedgerClient]:
+    settings = LedgerSettings(
+        database_url=f"sqlite:///{tmp_path / 'ledger.db'}",
+        data_dir=tmp_path / "data",
+        actor_name=f"console-{uuid.uuid4().hex[:8]}",
+        namespace="yt-tests",
+        sweep_interval_s=0,
+    )
+    monkeypatch.setenv("YT_LEDGER_NAME", settings.actor_name)
+    monkeypatch.setenv("YT_NAMESPACE", settings.namespace)
+    client = LedgerClient.connect(settings)
+    st.cache_resource.clear()  # the app caches its client: never one of another test's ledger
+    yield client
+    st.cache_resource.clear()
+    ray.kill(client.actor, no_restart=True)
+
+
+def signed_in(client: LedgerClient, page: str) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    at.text_input(key="credential").input(client.issue_admin("alice"))
+    at.button(key="signin").click().run()
+    assert not at.exception, at.exception
+    at.sidebar.radio(key="page").set_value(page).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def spend(client: LedgerClient, credential: str, units: int, team_token: str) -> None:
+    jti = Verifier(client.public_keys()).verify(credential).jti
+    rows = [Admission(uuid.uuid4().hex, team_token, jti, 1, "parts@1") for _ in range(units)]
+    client.admit_sync(rows)
+
+
+def button(at: AppTest, label: str) -> Any:
+    return next(b for b in at.button if b.label == label)
+
+
+def test_given_no_admin_credential_then_nothing_but_the_sign_in_form(console_ledger: LedgerClient) -> None:
+    pkg = console_ledger.create_package(TokenSpec.build("secret-pkg", 10))
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    assert len(at.sidebar.radio) == 0 and len(at.dataframe) == 0
+    at.text_input(key="credential").input(pkg["credential"])  # a token credential is not an admin's
+    at.button(key="signin").click().run()
+    assert "not an admin credential" in at.error[0].value and len(at.sidebar.radio) == 0
+    at.text_input(key="credential").input("garbage.not.a.jwt")
+    at.button(key="signin").click().run()
+    assert "invalid_token" in at.error[0].value and len(at.sidebar.radio) == 0
+    assert "secret-pkg" not in str([e.value for e in at.markdown])
+
+
+def test_given_usage_then_overview_shows_real_numbers_forecast_and_costs(console_ledger: LedgerClient) -> None:
+    pkg = console_ledger.create_package(TokenSpec.build("plant-7", 1000, team="pm"))
+    team = console_ledger.split(pkg["token"].id, TokenSpec.build("vision", 200, team="algo"))
+    spend(console_ledger, team["credential"], 70, team["token"].id)
+    at = signed_in(console_ledger, "Overview")
+    frame = at.dataframe[0].value
+    row = frame[frame["package"] == "plant-7"].iloc[0]
+    assert (row["allocation"], row["used"], row["remaining"]) == (1000, 70, 930)
+    assert row["burn_per_day"] == 10.0 and row["days_to_exhaustion"] == 93.0  # 70 units over the 7-day window
+    assert at.metric[0].value == "1" and at.metric[1].value == "930" and at.metric[2].value == "70"
+    costs = at.dataframe[1].value
+    assert costs.set_index("team").loc["algo", "units"] == 70
+
+
+def test_given_the_token_tree_page_then_create_split_top_up_revoke_work_and_credentials_show_once(
+    console_ledger: LedgerClient,
+) -> None:
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    at.text_input(key="credential").input(console_ledger.issue_admin("bob"))
+    at.button(key="signin").click().run()
+    at.sidebar.radio(key="page").set_value("Token tree").run()
+    at.text_input(key="new_name").input("line-3")
+    at.number_input(key="new_quota").set_value(500)
+    at.text_input(key="new_team").input("pm")
+    button(at, "Create").click().run()
+    assert not at.error, [e.value for e in at.error]
+    cred = at.code[0].value
+    assert Verifier(console_ledger.public_keys()).verify(cred).typ == "access"
+    root = next(t for t in console_ledger.tokens() if t.name == "line-3")
+    at.text_input(key="split_name").input("qa")
+    at.number_input(key="split_units").set_value(120)
+    button(at, "Split").click().run()
+    assert not at.error and len(at.code) == 1  # only the new child's credential; the package's is gone
+    child = next(t for t in console_ledger.tokens() if t.name == "qa")
+    assert child.parent_id == root.id and child.allocation == 120
+    at.run()  # the next interaction: the credential is gone, the child is in the lists
+    assert len(at.code) == 0
+    at.selectbox(key="topup_token").set_value(child.id)
+    at.number_input(key="topup_units").set_value(30)
+    button(at, "Top up").click().run()
+    assert console_ledger.token(child.id).allocation == 150
+    at.selectbox(key="revoke_token").set_value(child.id)
+    at.radio(key="revoke_action").set_value("revoke (subtree stops now)")
+    button(at, "Apply").click().run()
+    assert console_ledger.token(child.id).status == "revoked"
+    assert console_ledger.token(root.id).free == 500
+    at.run()
+    tree = at.dataframe[0].value
+    assert list(tree["id"]) == [root.id, child.id] and list(tree["status"]) == ["active", "revoked"]
+    at.number_input(key="split_units").set_value(10_000)  # more than the package holds: refused, clearly
+    at.text_input(key="split_name").input("greedy")
+    button(at, "Split").click().run()
+    assert len(at.error) == 1 and "greedy" not in {t.name for t in console_ledger.tokens()}
+
+
+def test_given_a_crossed_threshold_then_the_alerts_page_lists_it_and_acknowledges_it(
+    console_ledger: LedgerClient,
+) -> None:
+    pkg = console_ledger.create_package(TokenSpec.build("alerted", 10))
+    spend(console_ledger, pkg["credential"], 8, pkg["token"].id)
+    at = signed_in(console_ledger, "Alerts")
+    frame = at.dataframe[0].value
+    assert list(frame["threshold %"]) == [80] and list(frame["status"]) == ["pending"]
+    at.button(key="ack").click().run()
+    (alert,) = console_ledger.alerts()
+    assert alert["acknowledged_by"] == "alice" and alert["acknowledged_at"] is not None
+
+
+def test_given_usage_then_the_audit_page_filters_and_exports(console_ledger: LedgerClient) -> None:
+    pkg = console_ledger.create_package(TokenSpec.build("audited", 3, team="qa"))
+    spend(console_ledger, pkg["credential"], 5, pkg["token"].id)  # 3 admitted, 2 denied
+    at = signed_in(console_ledger, "Audit")
+    assert len(at.dataframe[0].value) == 5
+    at.selectbox(key="au_outcome").set_value("quota_exhausted").run()
+    assert list(at.dataframe[0].value["outcome"]) == ["quota_exhausted"] * 2
+    at.selectbox(key="au_team").set_value("qa").run()
+    assert len(at.dataframe[0].value) == 2
+    assert any(b.label == "Export CSV" for b in at.get("download_button"))
+
+
+def test_given_the_models_page_then_it_reports_serve_or_says_it_is_not_running(console_ledger: LedgerClient) -> None:
+    at = signed_in(console_ledger, "Models")
+    shown = [d.value for d in at.dataframe] + [i.value for i in at.info] + [w.value for w in at.warning]
+    assert shown, "the Models page must show deployments or say why it cannot"

@@ -1,0 +1,344 @@
+"""yolo-tokens admin console (Streamlit): `streamlit run ui/app.py` (or `make serve`, which starts it).
+
+Every read and write goes through the ledger's public API (`LedgerClient`), attached to the
+running cluster (`YT_RAY_ADDRESS`, default the local one). Nothing works before sign-in with an
+admin credential (`yolo-tokens admin issue`). New token credentials are shown once, never again.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from typing import Any
+
+import httpx
+import pandas as pd
+import streamlit as st
+from PIL import Image, ImageDraw, ImageOps
+
+from ledger.cli import connect
+from ledger.client import LedgerClient
+from ledger.credentials import Verifier
+from ledger.entities import TokenSpec
+from ledger.errors import CredentialError, LedgerError
+from ledger.settings import ClientSettings, LedgerSettings
+from ledger.store.repository import usage_csv
+from ui.data import DAY, cost_report, overview, plain, tree_rows, usage_series
+
+PAGES = ("Overview", "Token tree", "Alerts", "Audit", "Models", "Try it")
+OUTCOMES = ("", "ok", "quota_exhausted", "rate_limited", "model_not_allowed", "ip_not_allowed", "expired_token",
+            "revoked_token", "idempotency_conflict")  # fmt: skip
+
+
+@st.cache_resource
+def ledger() -> LedgerClient:
+    return connect(ClientSettings.from_env().ray_address, LedgerSettings.from_env())
+
+
+def when(ts: float | None) -> str:
+    return "never" if ts is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+
+
+def sign_in(client: LedgerClient) -> str | None:
+    """The signed-in admin's name, or None after drawing the sign-in form."""
+    if st.session_state.get("admin"):
+        return str(st.session_state["admin"])
+    st.title("yolo-tokens console")
+    cred = st.text_input("Admin credential", type="password", key="credential")
+    if st.button("Sign in", key="signin") and cred:
+        try:
+            claims = Verifier(client.public_keys()).verify(cred)
+        except CredentialError as exc:
+            st.error(f"{exc.code.value}: {exc.message}")
+            return None
+        if claims.typ != "admin":
+            st.error("forbidden: this is a token credential, not an admin credential")
+            return None
+        st.session_state["admin"] = claims.sub.removeprefix("admin:")
+        st.rerun()
+    st.caption("Get one with `yolo-tokens admin issue --name you` on the cluster.")
+    return None
+
+
+# ------------------------------------------------------------------ pages
+def page_overview(client: LedgerClient) -> None:
+    st.header("Overview")
+    now = time.time()
+    tokens = client.tokens()
+    events = client.usage(since=now - 7 * DAY, limit=100_000)
+    rows = overview(tokens, events, now)
+    c1, c2, c3 = st.columns(3)
+    c1.metric("Packages", len(rows))
+    c2.metric("Units remaining", sum(r["remaining"] for r in rows))
+    c3.metric(
+        "Units used, last 24 h", sum(e["units"] for e in events if e["ts"] >= now - DAY and e["state"] != "denied")
+    )
+    st.dataframe(pd.DataFrame(rows), hide_index=True, use_container_width=True)
+    teams = {t.id: t.team for t in tokens}
+    for by in ("team", "model"):
+        series = usage_series(events, teams, by)
+        st.subheader(f"Units per hour by {by}")
+        if series:
+            frame = pd.DataFrame(series).sort_index()
+            frame.index = pd.to_datetime(frame.index, unit="s")
+            st.line_chart(frame.fillna(0))
+        else:
+            st.info("No usage in the last 7 days.")
+    st.subheader("Cost report, last 7 days")
+    by = st.radio("Group by", ["team", "cost_centre", "model"], horizontal=True, key="cost_by")
+    st.dataframe(pd.DataFrame(cost_report(events, tokens, by)), hide_index=True)
+
+
+def _issued(out: dict[str, Any]) -> None:
+    t = plain(out["token"])
+    st.success(f"Token {t['id']} ({t['name']}) with {t['allocation']} units. Its credential, shown this once:")
+    st.code(out["credential"], language=None)  # st.code has a copy button
+
+
+def page_tree(client: LedgerClient) -> None:
+    st.header("Token tree")
+    tokens = client.tokens()
+    roots = {f"{t.name} ({t.id})": t.id for t in tokens if t.parent_id is None}
+    with st.expander("Create a package", expanded=not roots), st.form("create"):
+        name = st.text_input("Name", key="new_name")
+        quota = st.number_input("Quota (units)", min_value=1, value=10_000, step=100, key="new_quota")
+        days = st.number_input("Expires in days (0 = never)", min_value=0, value=30, key="new_days")
+        team = st.text_input("Team", key="new_team")
+        rate = st.text_input("Rate (basic, pro, enterprise or N/s[:BURST])", key="new_rate")
+        emails = st.text_input("Alert e-mails (comma-separated)", key="new_emails")
+        if st.form_submit_button("Create"):
+            _act(lambda: _issued(client.create_package(_spec(name, quota, days, team, rate, emails))))
+    tokens = client.tokens()  # again: a package created just now is listed at once
+    roots = {f"{t.name} ({t.id})": t.id for t in tokens if t.parent_id is None}
+    if not roots:
+        return
+    root_label = st.selectbox("Package", sorted(roots), key="package")
+    root_id = roots[root_label]
+    st.dataframe(pd.DataFrame(tree_rows(tokens, root_id)), hide_index=True, use_container_width=True)
+    ids = [r["id"] for r in tree_rows(tokens, root_id)]
+    tabs = st.tabs(["Split", "Top up", "Limits", "Revoke / reclaim", "Rotate"])
+    with tabs[0], st.form("split"):
+        parent = st.selectbox("Parent", ids, key="split_parent")
+        name = st.text_input("Name", key="split_name")
+        quota = st.number_input("Units", min_value=1, value=100, key="split_units")
+        days = st.number_input("Expires in days (0 = the parent's)", min_value=0, value=0, key="split_days")
+        team = st.text_input("Team", key="split_team")
+        rate = st.text_input("Rate", key="split_rate")
+        emails = st.text_input("Alert e-mails", key="split_emails")
+        if st.form_submit_button("Split"):
+            _act(lambda: _issued(client.split(parent, _spec(name, quota, days, team, rate, emails))))
+    with tabs[1], st.form("topup"):
+        target = st.selectbox("Token", ids, key="topup_token")
+        units = st.number_input("Units", min_value=1, value=100, key="topup_units")
+        if st.form_submit_button("Top up"):
+            _act(lambda: st.success(f"now {plain(client.top_up(target, int(units)))['allocation']} units"))
+    with tabs[2], st.form("limits"):
+        target = st.selectbox("Token", ids, key="limits_token")
+        days = st.number_input("Expires in days (0 = unchanged)", min_value=0, value=0, key="limits_days")
+        models = st.text_input("Models (comma-separated; empty = unchanged)", key="limits_models")
+        ips = st.text_input("IPs / CIDRs (comma-separated; empty = unchanged)", key="limits_ips")
+        rate = st.text_input("Rate (empty = unchanged)", key="limits_rate")
+        if st.form_submit_button("Save limits"):
+            _act(
+                lambda: (
+                    client.update_limits(
+                        target,
+                        expires_at=time.time() + days * DAY if days else None,
+                        models=_list(models),
+                        ips=_list(ips),
+                        rate=rate or None,
+                    )
+                    and st.success("limits saved")
+                )
+            )
+    with tabs[3], st.form("revoke"):
+        target = st.selectbox("Token", ids, key="revoke_token")
+        action = st.radio("Action", ["reclaim unspent units", "revoke (subtree stops now)"], key="revoke_action")
+        if st.form_submit_button("Apply"):
+            if action.startswith("reclaim"):
+                _act(lambda: st.success(f"{client.reclaim(target)['returned']} units returned to the parent"))
+            else:
+                _act(lambda: st.success(f"revoked; {client.revoke(target)['returned']} units returned"))
+    with tabs[4], st.form("rotate"):
+        target = st.selectbox("Token", ids, key="rotate_token")
+        if st.form_submit_button("Rotate credential"):
+            _act(lambda: _issued(client.rotate(target)))
+
+
+def _spec(name: str, quota: float, days: float, team: str, rate: str, emails: str) -> TokenSpec:
+    meta = {"alert_emails": _list(emails)} if _list(emails) else {}
+    return TokenSpec.build(
+        name.strip(),
+        int(quota),
+        expires_at=time.time() + days * DAY if days else None,
+        rate=rate.strip() or None,
+        team=team.strip() or None,
+        meta=meta,
+    )
+
+
+def _list(text: str) -> list[str] | None:
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    return items or None
+
+
+def _act(fn: Any) -> None:
+    try:
+        fn()
+    except LedgerError as exc:
+        st.error(f"{exc.code.value}: {exc.message}")
+
+
+def page_alerts(client: LedgerClient, admin: str) -> None:
+    st.header("Alerts")
+    alerts = client.alerts(limit=500)
+    if not alerts:
+        st.info("No alert has fired yet.")
+        return
+    counts = pd.Series([a["status"] for a in alerts]).value_counts()
+    cols = st.columns(4)
+    for col, status in zip(cols, ("pending", "delivered", "failed", "no_channel"), strict=True):
+        col.metric(status, int(counts.get(status, 0)))
+    rows = [
+        {
+            "id": a["id"],
+            "fired": when(a["ts"]),
+            "kind": a["kind"],
+            "token": a["token_id"],
+            "threshold %": a["threshold"],
+            "consumed": f"{a['consumed']}/{a['allocation']}",
+            "status": a["status"],
+            "attempts": a["attempts"],
+            "acknowledged": f"{a['acknowledged_by']} {when(a['acknowledged_at'])}" if a["acknowledged_at"] else "",
+            "last error": a["last_error"] or "",
+        }
+        for a in alerts
+    ]
+    st.dataframe(pd.DataFrame(rows), hide_index=True, use_container_width=True)
+    open_ids = [a["id"] for a in alerts if not a["acknowledged_at"]]
+    if open_ids:
+        pick = st.selectbox("Acknowledge alert", open_ids, key="ack_id")
+        if st.button("Acknowledge", key="ack"):
+            _act(lambda: client.acknowledge_alert(int(pick), admin) and st.rerun())
+
+
+def page_audit(client: LedgerClient) -> None:
+    st.header("Audit")
+    tokens = client.tokens()
+    names = {t.id: f"{t.name} ({t.id})" for t in tokens}
+    c1, c2, c3 = st.columns(3)
+    token = c1.selectbox("Token", ["", *sorted(names)], format_func=lambda i: names.get(i, "all"), key="au_token")
+    team = c2.selectbox("Team", ["", *sorted({t.team for t in tokens if t.team})], key="au_team")
+    outcome = c3.selectbox("Outcome", OUTCOMES, key="au_outcome")
+    c4, c5 = st.columns(2)
+    model = c4.text_input("Model (name@version)", key="au_model")
+    days = c5.number_input("Last days", min_value=1, max_value=365, value=7, key="au_days")
+    rows = client.usage(
+        token_id=token or None,
+        model=model or None,
+        outcome=outcome or None,
+        since=time.time() - days * DAY,
+        limit=100_000,
+    )
+    if team:
+        in_team = {t.id for t in tokens if t.team == team}
+        rows = [r for r in rows if r["token_id"] in in_team]
+    st.caption(f"{len(rows)} usage events")
+    st.dataframe(pd.DataFrame(rows), hide_index=True, use_container_width=True)
+    st.download_button("Export CSV", "".join(usage_csv(rows)), file_name="usage.csv", mime="text/csv", key="csv")
+    st.subheader("Admin events")
+    st.dataframe(pd.DataFrame(client.admin_events(token or None, limit=200)), hide_index=True)
+
+
+def page_models() -> None:
+    st.header("Models")
+    try:
+        from ray import serve
+
+        status = serve.status()
+    except Exception as exc:  # Serve not running on this cluster
+        st.warning(f"Serve status unavailable: {type(exc).__name__}: {exc}")
+        return
+    rows = []
+    for app_name, app in status.applications.items():
+        for dep_name, dep in app.deployments.items():
+            rows.append(
+                {
+                    "application": app_name,
+                    "deployment": dep_name,
+                    "status": str(dep.status.value if hasattr(dep.status, "value") else dep.status),
+                    "replicas": sum(dep.replica_states.values()),
+                    "replica states": ", ".join(f"{k}: {v}" for k, v in dep.replica_states.items()) or "none",
+                    "message": dep.message,
+                }
+            )
+    if not rows:
+        st.info("No Serve application is running.")
+        return
+    st.dataframe(pd.DataFrame(rows), hide_index=True, use_container_width=True)
+
+
+def page_try() -> None:
+    st.header("Try it")
+    url = ClientSettings.from_env().url
+    cred = st.text_input("Token credential", type="password", key="try_cred")
+    model = st.text_input("Model (empty = the default)", key="try_model")
+    upload = st.file_uploader("Image", type=["jpg", "jpeg", "png", "webp", "bmp"], key="try_image")
+    if upload is None or not cred or not st.button("Detect", key="try_go"):
+        return
+    data = upload.getvalue()
+    params = {"model": model} if model else {}
+    try:
+        headers = {"Authorization": f"Bearer {cred}", "Content-Type": "application/octet-stream"}
+        r = httpx.post(f"{url}/v1/detect", content=data, params=params, timeout=120, headers=headers)
+    except httpx.HTTPError as exc:
+        st.error(f"service unreachable at {url}: {exc}")
+        return
+    if r.status_code != 200:
+        err = r.json().get("error", {}) if r.headers.get("content-type", "").startswith("application/json") else {}
+        st.error(f"{r.status_code} {err.get('code', '')}: {err.get('message', r.text[:200])}")
+        return
+    body = r.json()
+    img = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+    draw = ImageDraw.Draw(img)
+    for d in body["images"][0]["detections"]:
+        b = d["box"]
+        draw.rectangle((b["x1"], b["y1"], b["x2"], b["y2"]), outline=(230, 25, 75), width=3)
+        draw.text((b["x1"] + 3, b["y1"] + 2), f"{d['class_name']} {d['confidence']:.2f}", fill=(230, 25, 75))
+    st.image(img, caption=f"{len(body['images'][0]['detections'])} detections")
+    st.json(body["usage"])
+
+
+def main() -> None:
+    st.set_page_config(page_title="yolo-tokens console", layout="wide")
+    try:
+        client = ledger()
+    except LedgerError as exc:
+        st.error(f"{exc.code.value}: {exc.message}")
+        st.stop()
+    admin = sign_in(client)
+    if admin is None:
+        st.stop()
+    st.sidebar.write(f"Signed in as **{admin}**")
+    page = st.sidebar.radio("Page", PAGES, key="page")
+    if st.sidebar.button("Sign out", key="signout"):
+        st.session_state.clear()
+        st.rerun()
+    try:
+        if page == "Overview":
+            page_overview(client)
+        elif page == "Token tree":
+            page_tree(client)
+        elif page == "Alerts":
+            page_alerts(client, admin)
+        elif page == "Audit":
+            page_audit(client)
+        elif page == "Models":
+            page_models()
+        else:
+            page_try()
+    except LedgerError as exc:
+        st.error(f"{exc.code.value}: {exc.message}")
+
+
+main()
