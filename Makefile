@@ -10,7 +10,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export YOLO_OFFLINE := 1
 export FORWARDED_ALLOW_IPS :=
 
-.PHONY: venv serve test lint bench clean
+.PHONY: venv browser serve test lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,11 @@ venv: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/yolo-tokens serve
 
-test: $(STAMP)
+# the console's end-to-end test looks at it in Debian's headless chromium (Playwright drives it)
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)

@@ -9,8 +9,11 @@ ready-to-paste curl command, and stops everything it started on Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -22,7 +25,7 @@ import yaml
 from ledger import cli as ledger_cli
 from ledger.client import LedgerClient
 from ledger.entities import TokenSpec
-from ledger.local import LocalRay
+from ledger.local import LocalRay, ray_env
 from ledger.settings import ClientSettings, LedgerSettings
 from serve_app.app import APP_NAME, build_app
 from serve_app.config import AppArgs
@@ -53,11 +56,49 @@ def ensure_demo(client: LedgerClient) -> dict[str, Any]:
     return client.create_package(spec)  # type: ignore[no-any-return]
 
 
+class Console:
+    """`streamlit run ui/app.py` on 127.0.0.1 as a child process group; `stop()` ends it by pid."""
+
+    def __init__(self, port: int, log: Path) -> None:
+        self.port = port
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, ray_address: str, settings: LedgerSettings, service_url: str) -> str:
+        spec = importlib.util.find_spec("ui")
+        if spec is None or spec.origin is None:
+            raise RuntimeError("the console package `ui` is not installed")
+        app = Path(spec.origin).parent / "app.py"
+        env = ray_env() | {
+            "YT_RAY_ADDRESS": ray_address,
+            "YT_LEDGER_NAME": settings.actor_name,
+            "YT_NAMESPACE": settings.namespace,
+            "YT_URL": service_url,
+        }
+        cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", "127.0.0.1",
+               "--server.port", str(self.port), "--server.headless", "true",
+               "--browser.gatherUsageStats", "false"]  # fmt: skip
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     args, http = load_config(a.config)
     settings = args.ledger_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     local = LocalRay(port=a.port, log=settings.data_dir / "ray.log")
+    console = Console(a.console_port, settings.data_dir / "console.log")
     stop = {"now": False}
 
     def _stop(_sig: int, _frame: Any) -> None:
@@ -74,17 +115,22 @@ def cmd_serve(a: argparse.Namespace) -> int:
         serve.run(build_app(args), name=APP_NAME, route_prefix="/")
         demo = ledger_cli.to_plain(ensure_demo(client))
         url = f"http://{http['host']}:{http['port']}"
+        console_url = None if a.no_console else console.start(address, settings, url)
         print(f"ledger: {settings.database_url}")
         print(ledger_cli.show_issued(demo))
         print("\ntry it:")
         print(f'  curl -s -X POST "{url}/v1/detect" -H "Authorization: Bearer {demo["credential"]}" \\')
         print('       -H "Content-Type: image/jpeg" --data-binary @your-image.jpg')
         print(f"  API docs: {url}/docs    CLI: yolo-tokens --address {address} token list")
+        if console_url is not None:
+            print(f"\nconsole: {console_url}  (log: {console.log})")
+            print(f"  admin credential for the console (12 h, shown once):\n  {client.issue_admin('console')}")
         print("Ctrl-C stops everything started here.", flush=True)
         while not stop["now"]:
             time.sleep(0.5)
     finally:
-        print("stopping Serve and Ray (Ray drains for up to 30 s) ...", flush=True)
+        print("stopping the console, Serve and Ray (Ray drains for up to 30 s) ...", flush=True)
+        console.stop()
         try:
             serve.shutdown()
         finally:
@@ -100,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="start Ray on 127.0.0.1, the ledger and the Serve app; Ctrl-C stops it")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="Serve config file (default: ray_config.yaml)")
     p.add_argument("--port", type=int, default=6380, help="Ray head (GCS) port")
+    p.add_argument("--console-port", type=int, default=8501, help="Streamlit console port (127.0.0.1)")
+    p.add_argument("--no-console", action="store_true", help="do not start the console")
 
     p = sub.add_parser("detect", help="detect objects in an image file or a folder of images over HTTP")
     p.add_argument("target", type=Path, help="an image file, or a folder searched recursively")

@@ -73,7 +73,10 @@ def page_overview(client: LedgerClient) -> None:
     c3.metric(
         "Units used, last 24 h", sum(e["units"] for e in events if e["ts"] >= now - DAY and e["state"] != "denied")
     )
-    st.dataframe(pd.DataFrame(rows), hide_index=True, use_container_width=True)
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        table["expires_at"] = table["expires_at"].map(when)
+    st.dataframe(table, hide_index=True, use_container_width=True)
     teams = {t.id: t.team for t in tokens}
     for by in ("team", "model"):
         series = usage_series(events, teams, by)
@@ -81,7 +84,7 @@ def page_overview(client: LedgerClient) -> None:
         if series:
             frame = pd.DataFrame(series).sort_index()
             frame.index = pd.to_datetime(frame.index, unit="s")
-            st.line_chart(frame.fillna(0))
+            st.bar_chart(frame.fillna(0))  # stacked units per hour
         else:
             st.info("No usage in the last 7 days.")
     st.subheader("Cost report, last 7 days")
@@ -114,7 +117,7 @@ def page_tree(client: LedgerClient) -> None:
         return
     root_label = st.selectbox("Package", sorted(roots), key="package")
     root_id = roots[root_label]
-    st.dataframe(pd.DataFrame(tree_rows(tokens, root_id)), hide_index=True, use_container_width=True)
+    st.table(pd.DataFrame(tree_rows(tokens, root_id)).set_index("token"))  # plain HTML: every number is text
     ids = [r["id"] for r in tree_rows(tokens, root_id)]
     tabs = st.tabs(["Split", "Top up", "Limits", "Revoke / reclaim", "Rotate"])
     with tabs[0], st.form("split"):

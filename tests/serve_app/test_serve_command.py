@@ -18,11 +18,13 @@ import yaml
 
 from serve_app.config import DEMO_WEIGHTS
 from tests.serve_app.conftest import jpeg
+from tests.ui.browser import screenshot_console
 
 pytestmark = pytest.mark.ray
 
 PORT = 6391
 HTTP_PORT = 8124
+CONSOLE_PORT = 8526
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -44,7 +46,16 @@ def test_given_serve_when_started_then_demo_token_is_printed_and_ctrl_c_stops_ev
     env = {**os.environ, "YT_DATABASE_URL": app_args["database_url"], "YT_DATA_DIR": app_args["data_dir"]}
     log = (tmp_path / "serve.log").open("w+")
     proc = subprocess.Popen(
-        [exe, "serve", "--port", str(PORT), "--config", str(tmp_path / "ray_config.yaml")],
+        [
+            exe,
+            "serve",
+            "--port",
+            str(PORT),
+            "--config",
+            str(tmp_path / "ray_config.yaml"),
+            "--console-port",
+            str(CONSOLE_PORT),
+        ],  # fmt: skip
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -83,6 +94,16 @@ def test_given_serve_when_started_then_demo_token_is_printed_and_ctrl_c_stops_ev
         assert listed.returncode == 0, listed.stderr + (tmp_path / "serve.log").read_text()
         assert [t["name"] for t in json.loads(listed.stdout)] == ["demo"]
         assert (tmp_path / "var" / "ledger.db").exists()
+
+        # the console, served by `serve`, looked at in headless Chromium: real numbers appear
+        assert f"console: http://127.0.0.1:{CONSOLE_PORT}" in text
+        admin = text.split("(12 h, shown once):\n", 1)[1].splitlines()[0].strip()
+        shots = Path(os.environ.get("YT_SCREENSHOT_DIR") or tmp_path)
+        seen = screenshot_console(f"http://127.0.0.1:{CONSOLE_PORT}", admin, shots)
+        assert "9999" in seen["overview"] and "Packages" in seen["overview"]  # 10,000 less the one detection
+        assert "demo" in seen["tree"] and "10000" in seen["tree"] and "9999" in seen["tree"]
+        for name in ("console-overview.png", "console-token-tree.png"):
+            assert (shots / name).stat().st_size > 20_000
         assert oct((tmp_path / "var" / "keys").stat().st_mode & 0o777) == "0o700"
     finally:
         proc.send_signal(signal.SIGINT)

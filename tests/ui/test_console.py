@@ -122,7 +122,7 @@ def test_given_the_token_tree_page_then_create_split_top_up_revoke_work_and_cred
     assert console_ledger.token(child.id).status == "revoked"
     assert console_ledger.token(root.id).free == 500
     at.run()
-    tree = at.dataframe[0].value
+    tree = at.table[0].value
     assert list(tree["id"]) == [root.id, child.id] and list(tree["status"]) == ["active", "revoked"]
     at.number_input(key="split_units").set_value(10_000)  # more than the package holds: refused, clearly
     at.text_input(key="split_name").input("greedy")
