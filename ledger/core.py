@@ -145,8 +145,9 @@ class LedgerCore:
 
     def sweep(self) -> dict[str, Any]:
         expired = self.book.expire_due()
+        warned = self.book.warn_expiring(self.settings.expiry_warning_days * 86400)
         self.book.prune(settle_window_s=self.settings.settle_window_s, recent_window_s=self.settings.recent_window_s)
-        return {"expired": expired}
+        return {"expired": expired, "expiry_warned": warned}
 
     def alert_context(self, token_id: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Meta of the token and each ancestor (for its alert contacts), and its name/team."""

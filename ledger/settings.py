@@ -58,6 +58,8 @@ class LedgerSettings:
     notify_timeout_s: float = 10.0
     alert_max_attempts: int = 6
     alert_backoff_s: float = 2.0
+    # an `expiry` alert goes out this many days before a token expires
+    expiry_warning_days: float = 7.0
     # audit retention: older usage and admin events are deleted by the periodic loop
     audit_retention_days: float = 90.0
     prune_interval_s: float = 3600.0

@@ -9,6 +9,7 @@ the outbox `out`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -17,6 +18,9 @@ from ledger.codes import Code
 from ledger.entities import Limits, Node, Status, TokenSpec, TokenView, contact_problems
 from ledger.errors import OperationRefused
 from ledger.limits import Bucket, ips_narrow, models_narrow
+
+# marker in Node.fired: this token's expiry warning went out (usage thresholds are 1..100)
+EXPIRY_WARNED = 0
 
 MAX_UNITS = 10**12
 MIN_LIFETIME_S = 1.0
@@ -181,6 +185,7 @@ class Tree:
             raise OperationRefused("expiry must be at least a second in the future", Code.INVALID_REQUEST)
         if limits.expires_at is not None:
             n.expires_at = limits.expires_at
+            n.fired.discard(EXPIRY_WARNED)  # a new expiry gets its own warning
         if limits.models is not None:
             n.models = limits.models
         if limits.ips is not None:
@@ -269,6 +274,32 @@ class Tree:
                 self._retire(n, Status.EXPIRED, now, None, "token.expire")
                 done.append(n.id)
         return done
+
+    def warn_expiring(self, ahead_s: float) -> list[str]:
+        """Sweep: one `expiry` alert per live token whose expiry is within `ahead_s` (DESIGN §3:
+        a week ahead by default); `threshold` carries the whole days left."""
+        now = self.clock()
+        warned: list[str] = []
+        for n in self.nodes.values():
+            if not (n.live and n.expires_at is not None and now < n.expires_at <= now + ahead_s):
+                continue
+            if EXPIRY_WARNED in n.fired:
+                continue
+            n.fired.add(EXPIRY_WARNED)
+            self.out.dirty[n.id] = n
+            self.out.alerts.append(
+                {
+                    "ts": now,
+                    "token_id": n.id,
+                    "root_id": n.root_id,
+                    "threshold": max(1, math.ceil((n.expires_at - now) / 86400)),
+                    "consumed": n.consumed,
+                    "allocation": n.allocation,
+                    "kind": "expiry",
+                }
+            )
+            warned.append(n.id)
+        return warned
 
     def _retire(self, n: Node, status: Status, now: float, actor: str | None, action: str) -> int:
         """Mark the subtree dead and shrink each node to what it spent (children first)."""

@@ -224,3 +224,22 @@ def test_given_old_and_new_audit_rows_then_the_prune_deletes_only_those_outside_
         assert ledger.token(tid).used == 4  # balances never come from the audit rows
     finally:
         store.close()
+
+
+def test_given_a_token_expiring_within_a_week_then_one_expiry_alert_rearmed_by_a_new_expiry() -> None:
+    from ledger.entities import Limits
+    from tests.ledger.book_helpers import new_book, package
+
+    book, clock = new_book()
+    day = 86400.0
+    n = package(book, 10, Limits(expires_at=clock.t + 10 * day))
+    book.drain()
+    assert book.warn_expiring(7 * day) == [] and book.drain().alerts == []
+    clock.advance(3.5 * day)  # 6.5 days left
+    assert book.warn_expiring(7 * day) == [n.id]
+    (alert,) = book.drain().alerts
+    assert (alert["kind"], alert["threshold"], alert["token_id"]) == ("expiry", 7, n.id)
+    assert book.warn_expiring(7 * day) == []  # once
+    book.update_limits(n.id, Limits(expires_at=clock.t + 30 * day))
+    clock.advance(24 * day)  # 6 days left of the new expiry: warned again
+    assert book.warn_expiring(7 * day) == [n.id]
