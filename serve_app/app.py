@@ -23,4 +23,4 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
         m.check_weights()  # fail at startup, naming the path, not at the first request
     detectors = {m.key: Detector.options(**m.deployment_options()).bind(m) for m in args.models}
     gate = TokenGate.bind(args.ledger_settings(), detectors)  # every detection is routed through it
-    return Ingress.bind(gate, args)
+    return Ingress.options(num_replicas=args.ingress_replicas).bind(gate, args)

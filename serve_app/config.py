@@ -94,6 +94,8 @@ class AppArgs(BaseModel):
     # custom resources of the node that holds data_dir (cluster/): the ledger actor is placed there
     ledger_resources: dict[str, float] = {}
     default_model: str = "parts"
+    # HTTP/handle ingress replicas (each verifies, decodes and routes through the TokenGate)
+    ingress_replicas: int = Field(1, ge=1, le=64)
     models: list[ModelSpec] = [ModelSpec(name="parts", version="1", weights=DEMO_WEIGHTS, imgsz=320)]
     limits: Limits = Limits()
 

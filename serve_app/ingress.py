@@ -55,7 +55,8 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(rid), status_code=exc.status, headers=headers)
 
 
-@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.5})
+# async: it awaits the gate and detectors, so many requests may be in flight per replica (default 5)
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256)
 @serve.ingress(api)
 class Ingress:
     def __init__(self, gate: Any, args: AppArgs) -> None:

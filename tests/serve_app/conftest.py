@@ -75,6 +75,7 @@ def live_app(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Ite
             ),
         ],
         default_model="parts@1",
+        ingress_replicas=2,  # the hostile burst goes through more than one ingress
         limits=Limits(max_body_bytes=2 * 1024 * 1024, trusted_proxies=["127.0.0.2/32"]),
     )
     serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})

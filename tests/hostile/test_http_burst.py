@@ -1,0 +1,52 @@
+"""Item 1: a burst of 500 concurrent HTTP requests on a 100-unit token, through 2 ingress replicas."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+
+from ledger.entities import TokenSpec
+from ledger.store.repository import Store, UsageQuery
+from tests.serve_app.conftest import LiveApp, jpeg
+
+pytestmark = pytest.mark.ray
+
+
+async def burst(url: str, credential: str, n: int) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=0)
+    headers = {"Authorization": f"Bearer {credential}", "Content-Type": "image/jpeg"}
+    body = jpeg(64, 48)
+    async with httpx.AsyncClient(timeout=180, limits=limits) as client:
+        return await asyncio.gather(*(client.post(f"{url}/v1/detect", content=body, headers=headers) for _ in range(n)))
+
+
+def test_given_500_concurrent_requests_on_100_units_then_exactly_100_served_and_400_refused(live_app: LiveApp) -> None:
+    from ray import serve
+
+    ingress = serve.status().applications["yolo-tokens"].deployments["Ingress"]
+    assert ingress.replica_states.get("RUNNING") == 2
+    out = live_app.ledger.create_package(TokenSpec.build(f"burst-{time.monotonic_ns()}", 100))
+    tid = out["token"].id
+    t0 = time.perf_counter()
+    responses = asyncio.run(burst(live_app.url, out["credential"], 500))
+    elapsed = time.perf_counter() - t0
+    codes = [r.status_code for r in responses]
+    assert codes.count(200) == 100 and codes.count(429) == 400, {c: codes.count(c) for c in set(codes)}
+    assert {r.json()["error"]["code"] for r in responses if r.status_code == 429} == {"quota_exhausted"}
+    assert sorted(r.json()["usage"]["remaining"] for r in responses if r.status_code == 200) == list(range(100))
+    assert live_app.ledger.token(tid).free == 0
+    store = Store(live_app.args.ledger_settings().database_url)
+    try:
+        rows = store.usage(UsageQuery(token_id=tid, limit=10_000))
+    finally:
+        store.close()
+    admitted = [r for r in rows if r["outcome"] == "ok"]
+    assert len(admitted) == 100 and sum(r["units"] for r in admitted) == 100
+    assert sum(1 for r in rows if r["outcome"] == "quota_exhausted") == 400
+    print(
+        json.dumps({"hostile": "http_burst", "requests": 500, "ok": 100, "refused": 400, "seconds": round(elapsed, 2)})
+    )
