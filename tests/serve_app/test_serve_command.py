@@ -55,7 +55,7 @@ def test_given_serve_when_started_then_demo_token_is_printed_and_ctrl_c_stops_ev
             str(tmp_path / "ray_config.yaml"),
             "--console-port",
             str(CONSOLE_PORT),
-        ],  # fmt: skip
+        ],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
