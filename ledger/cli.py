@@ -26,6 +26,7 @@ from ledger.client import LedgerClient
 from ledger.codes import Code
 from ledger.entities import TokenSpec
 from ledger.errors import LedgerError, LedgerUnavailable, OperationRefused
+from ledger.reports import GROUPINGS, cost_report
 from ledger.settings import LedgerSettings
 from ledger.store.repository import usage_csv
 
@@ -86,11 +87,12 @@ def _limit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ip", nargs="+", dest="ips", help="allowed client IPs or CIDRs")
     p.add_argument("--alert-email", nargs="+", dest="alert_emails", help="who gets this token's quota alerts")
     p.add_argument("--alert-webhook", nargs="+", dest="alert_webhooks", help="http(s) URLs that get them as JSON")
+    p.add_argument("--cost-centre", dest="cost_centre", help="for cost reports (`report costs --by cost_centre`)")
 
 
 # ------------------------------------------------------------------ handlers
 def _spec(a: argparse.Namespace) -> TokenSpec:
-    meta = {k: v for k in ("alert_emails", "alert_webhooks") if (v := getattr(a, k, None))}
+    meta = {k: v for k in ("alert_emails", "alert_webhooks", "cost_centre") if (v := getattr(a, k, None))}
     return TokenSpec.build(
         a.name, a.quota, expires_at=_expires_at(a), models=a.models, ips=a.ips, rate=a.rate, team=a.team, meta=meta
     )
@@ -164,6 +166,11 @@ def cmd_audit_prune(a: argparse.Namespace, c: Any) -> Any:
     return c.prune_audit()
 
 
+def cmd_report_costs(a: argparse.Namespace, c: Any) -> Any:
+    since = time.time() - a.since
+    return cost_report(c.usage(since=since, limit=1_000_000), c.tokens(), a.by)
+
+
 def cmd_admin_issue(a: argparse.Namespace, c: Any) -> Any:
     return {"admin": a.name, "expires_in_s": a.ttl, "credential": c.issue_admin(a.name, a.ttl)}
 
@@ -219,6 +226,8 @@ def render(command: str, value: Any) -> str:
         )
     if command == "admin issue":
         return f"admin credential for {v['admin']} (shown once, valid {v['expires_in_s']:.0f} s):\n{v['credential']}"
+    if command == "report costs":
+        return _table(v, [next(iter(v[0])) if v else "team", "requests", "units", "gpu_ms"])
     if command == "alerts list":
         return _table(v, ["id", "ts", "kind", "token_id", "threshold", "consumed", "allocation", "status", "attempts"])
     if command == "audit export" and v["out"] == "-":
@@ -301,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="who it is for (recorded as its subject)")
     p.add_argument("--ttl", type=parse_duration, default=12 * 3600, help="lifetime, e.g. 12h (default), 7d")
     p.set_defaults(handler=cmd_admin_issue, command="admin issue")
+
+    rp = sub.add_parser("report", help="reports").add_subparsers(dest="cmd", required=True)
+    p = rp.add_parser("costs", parents=[common], help="units, requests and GPU-ms per team, cost centre or model")
+    p.add_argument("--by", choices=GROUPINGS, default="team")
+    p.add_argument("--since", type=parse_duration, default=30 * 86400, help="window, e.g. 30d (default)")
+    p.set_defaults(handler=cmd_report_costs, command="report costs")
 
     au = sub.add_parser("audit", help="audit trail").add_subparsers(dest="cmd", required=True)
     p = au.add_parser("export", parents=[common], help="usage events (admitted and denied) as CSV")

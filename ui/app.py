@@ -21,9 +21,10 @@ from ledger.client import LedgerClient
 from ledger.credentials import Verifier
 from ledger.entities import TokenSpec
 from ledger.errors import CredentialError, LedgerError
+from ledger.reports import cost_report
 from ledger.settings import ClientSettings, LedgerSettings
 from ledger.store.repository import usage_csv
-from ui.data import DAY, cost_report, overview, plain, tree_rows, usage_series
+from ui.data import DAY, overview, plain, tree_rows, usage_series
 
 PAGES = ("Overview", "Token tree", "Alerts", "Audit", "Models", "Try it")
 OUTCOMES = ("", "ok", "quota_exhausted", "rate_limited", "model_not_allowed", "ip_not_allowed", "expired_token",
@@ -287,7 +288,10 @@ def page_try() -> None:
     cred = st.text_input("Token credential", type="password", key="try_cred")
     model = st.text_input("Model (empty = the default)", key="try_model")
     upload = st.file_uploader("Image", type=["jpg", "jpeg", "png", "webp", "bmp"], key="try_image")
-    if upload is None or not cred or not st.button("Detect", key="try_go"):
+    if not st.button("Detect", key="try_go"):
+        return
+    if upload is None or not cred:
+        st.warning("Paste a token credential and choose an image first.")
         return
     data = upload.getvalue()
     params = {"model": model} if model else {}
@@ -308,8 +312,9 @@ def page_try() -> None:
         b = d["box"]
         draw.rectangle((b["x1"], b["y1"], b["x2"], b["y2"]), outline=(230, 25, 75), width=3)
         draw.text((b["x1"] + 3, b["y1"] + 2), f"{d['class_name']} {d['confidence']:.2f}", fill=(230, 25, 75))
+    u = body["usage"]
+    st.success(f"charged {u['units']} unit(s); {u['remaining']} of {u['allocation']} remaining")
     st.image(img, caption=f"{len(body['images'][0]['detections'])} detections")
-    st.json(body["usage"])
 
 
 def main() -> None:

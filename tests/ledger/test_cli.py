@@ -162,3 +162,17 @@ def test_given_usage_and_alert_contacts_then_audit_export_writes_csv_and_alerts_
     assert code == 0 and acked == {"acknowledged": alerts[0]["id"], "by": "pm"}
     code, _, err = cli("alerts", "ack", str(alerts[0]["id"]))
     assert code == 2 and "already acknowledged" in err
+
+
+def test_given_usage_then_report_costs_groups_units_by_team_cost_centre_and_model(cli: Any, ledger: Any) -> None:
+    from ledger.credentials import Verifier
+    from ledger.entities import Admission
+
+    code, pkg, _ = cli("package", "create", "--name", "rep", "--quota", "9", "--team", "qa", "--cost-centre",
+                       "CC-7", "--json")  # fmt: skip
+    assert code == 0, pkg
+    jti = Verifier(ledger.public_keys()).verify(pkg["credential"]).jti
+    ledger.admit_sync([Admission(f"rep-{i}", pkg["token"]["id"], jti, 1, "parts@1") for i in range(3)])
+    for by, key in (("team", "qa"), ("cost_centre", "CC-7"), ("model", "parts@1")):
+        code, rows, _ = cli("report", "costs", "--by", by, "--json")
+        assert code == 0 and {r[by]: (r["requests"], r["units"]) for r in rows} == {key: (3, 3)}, rows

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from serve_app.config import DEMO_WEIGHTS
+from serve_app.demo.synth import render
 from tests.serve_app.conftest import jpeg
 from tests.ui.browser import screenshot_console
 
@@ -99,10 +100,13 @@ def test_given_serve_when_started_then_demo_token_is_printed_and_ctrl_c_stops_ev
         assert f"console: http://127.0.0.1:{CONSOLE_PORT}" in text
         admin = text.split("(12 h, shown once):\n", 1)[1].splitlines()[0].strip()
         shots = Path(os.environ.get("YT_SCREENSHOT_DIR") or tmp_path)
-        seen = screenshot_console(f"http://127.0.0.1:{CONSOLE_PORT}", admin, shots)
+        sample = tmp_path / "parts.png"
+        render(11, "console", 0, 320)[0].save(sample)
+        seen = screenshot_console(f"http://127.0.0.1:{CONSOLE_PORT}", admin, shots, credential, sample)
         assert "9999" in seen["overview"] and "Packages" in seen["overview"]  # 10,000 less the one detection
         assert "demo" in seen["tree"] and "10000" in seen["tree"] and "9999" in seen["tree"]
-        for name in ("console-overview.png", "console-token-tree.png"):
+        assert "detections" in seen["try"] and "9998 of 10000 remaining" in seen["try"]
+        for name in ("console-overview.png", "console-token-tree.png", "console-try-it.png"):
             assert (shots / name).stat().st_size > 20_000
         assert oct((tmp_path / "var" / "keys").stat().st_mode & 0o777) == "0o700"
     finally:

@@ -8,8 +8,11 @@ from pathlib import Path
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
-def screenshot_console(url: str, admin_credential: str, out: Path) -> dict[str, str]:
-    """Sign in, then capture the Overview and the Token tree; returns each page's visible text."""
+def screenshot_console(
+    url: str, admin_credential: str, out: Path, token: str | None = None, image: Path | None = None
+) -> dict[str, str]:
+    """Sign in, then capture the Overview and the Token tree (and, given a token and an image, the
+    Try-it page after a detection); returns each page's visible text."""
     from playwright.sync_api import sync_playwright
 
     texts: dict[str, str] = {}
@@ -31,6 +34,15 @@ def screenshot_console(url: str, admin_credential: str, out: Path) -> dict[str, 
             page.wait_for_timeout(1000)
             page.screenshot(path=str(out / "console-token-tree.png"), full_page=True)
             texts["tree"] = page.inner_text("body")
+            if token is not None and image is not None:
+                page.get_by_text("Try it", exact=True).click()
+                page.get_by_label("Token credential").fill(token)
+                page.locator("input[type=file]").set_input_files(str(image))
+                page.get_by_role("button", name="Detect").click()
+                page.get_by_text("detections").first.wait_for(timeout=120_000)
+                page.wait_for_timeout(1000)
+                page.screenshot(path=str(out / "console-try-it.png"), full_page=True)
+                texts["try"] = page.inner_text("body")
         finally:
             browser.close()
     return texts
