@@ -238,19 +238,7 @@ class QuotaBook(Tree):
             return
         for t in n.thresholds:
             if t not in n.fired and n.consumed * 100 >= t * n.allocation:
-                n.fired.add(t)
-                self.out.dirty[n.id] = n
-                self.out.alerts.append(
-                    {
-                        "ts": now,
-                        "token_id": n.id,
-                        "root_id": n.root_id,
-                        "threshold": t,
-                        "consumed": n.consumed,
-                        "allocation": n.allocation,
-                        "kind": "usage",
-                    }
-                )
+                self._fire(n, now, "usage", t, t)
 
     # ------------------------------------------------------------------ settlement
     def settle_many(self, items: Iterable[Settlement]) -> list[Code]:

@@ -285,21 +285,25 @@ class Tree:
                 continue
             if EXPIRY_WARNED in n.fired:
                 continue
-            n.fired.add(EXPIRY_WARNED)
-            self.out.dirty[n.id] = n
-            self.out.alerts.append(
-                {
-                    "ts": now,
-                    "token_id": n.id,
-                    "root_id": n.root_id,
-                    "threshold": max(1, math.ceil((n.expires_at - now) / 86400)),
-                    "consumed": n.consumed,
-                    "allocation": n.allocation,
-                    "kind": "expiry",
-                }
-            )
+            self._fire(n, now, "expiry", EXPIRY_WARNED, max(1, math.ceil((n.expires_at - now) / 86400)))
             warned.append(n.id)
         return warned
+
+    def _fire(self, n: Node, now: float, kind: str, marker: int, threshold: int) -> None:
+        """Record that alert `marker` of `n` fired (once; persisted with the node) and queue its row."""
+        n.fired.add(marker)
+        self.out.dirty[n.id] = n
+        self.out.alerts.append(
+            {
+                "ts": now,
+                "token_id": n.id,
+                "root_id": n.root_id,
+                "threshold": threshold,
+                "consumed": n.consumed,
+                "allocation": n.allocation,
+                "kind": kind,
+            }
+        )
 
     def _retire(self, n: Node, status: Status, now: float, actor: str | None, action: str) -> int:
         """Mark the subtree dead and shrink each node to what it spent (children first)."""

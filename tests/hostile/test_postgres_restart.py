@@ -22,7 +22,7 @@ import pytest
 from ledger.client import LedgerClient
 from ledger.entities import TokenSpec
 from ledger.store.repository import Store, UsageQuery
-from serve_app.config import DEMO_WEIGHTS, AppArgs, Autoscaling, ModelSpec
+from tests.hostile.conftest import side_app_args
 from tests.serve_app.conftest import LiveApp, jpeg
 
 pytestmark = [pytest.mark.ray, pytest.mark.postgres]
@@ -85,23 +85,7 @@ def test_given_postgres_restarted_under_load_then_503_while_down_and_no_lost_deb
 
     from serve_app.app import build_app
 
-    args = AppArgs(
-        database_url=private_pg.url,
-        data_dir=tmp_path,
-        ledger_name=f"pg-ledger-{uuid.uuid4().hex[:6]}",
-        namespace="yt-tests",
-        models=[
-            ModelSpec(
-                name="parts",
-                version="1",
-                weights=DEMO_WEIGHTS,
-                imgsz=320,
-                num_cpus=0.25,
-                autoscaling=Autoscaling(min_replicas=1, max_replicas=1),
-            )
-        ],
-        default_model="parts@1",
-    )
+    args = side_app_args(private_pg.url, tmp_path, f"pg-ledger-{uuid.uuid4().hex[:6]}")
     serve.run(build_app(args), name="pg-app", route_prefix="/pg")
     url = f"{live_app.url}/pg/v1/detect"
     client = LedgerClient.connect(args.ledger_settings(), create=False)

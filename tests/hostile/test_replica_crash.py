@@ -19,7 +19,7 @@ import pytest
 from ledger.client import LedgerClient
 from ledger.entities import TokenSpec
 from ledger.store.repository import Store, UsageQuery
-from serve_app.config import DEMO_WEIGHTS, AppArgs, Autoscaling, ModelSpec
+from tests.hostile.conftest import side_app_args
 from tests.serve_app.conftest import LiveApp, jpeg
 
 pytestmark = pytest.mark.ray
@@ -60,23 +60,8 @@ def test_given_the_detector_killed_mid_request_then_each_request_is_served_once_
 
     from serve_app.app import build_app
 
-    args = AppArgs(
-        database_url=f"sqlite:///{tmp_path / 'ledger.db'}",
-        data_dir=tmp_path,
-        ledger_name=f"crash-ledger-{uuid.uuid4().hex[:6]}",
-        namespace="yt-tests",
-        models=[
-            ModelSpec(
-                name="parts",
-                version="1",
-                weights=DEMO_WEIGHTS,
-                imgsz=320,
-                num_cpus=0.25,
-                max_batch_size=4,
-                autoscaling=Autoscaling(min_replicas=1, max_replicas=1),
-            )
-        ],
-        default_model="parts@1",
+    args = side_app_args(
+        f"sqlite:///{tmp_path / 'ledger.db'}", tmp_path, f"crash-ledger-{uuid.uuid4().hex[:6]}", max_batch_size=4
     )
     serve.run(build_app(args), name=APP, route_prefix="/crash")
     client = LedgerClient.connect(args.ledger_settings(), create=False)

@@ -15,18 +15,11 @@ from ledger.entities import TokenSpec
 from serve_app.config import DEMO_WEIGHTS
 from serve_app.demo.synth import render
 from tests.serve_app.conftest import LiveApp
+from tests.serve_app.test_engine import iou
 
 pytestmark = pytest.mark.ray
 
 N_IMAGES = 30
-
-
-def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def png(img: Image.Image) -> bytes:
