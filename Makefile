@@ -9,8 +9,9 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export RAY_USAGE_STATS_ENABLED := 0
 export YOLO_OFFLINE := 1
 export FORWARDED_ALLOW_IPS :=
+export RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH := serve_app.proxy_hooks:middlewares
 
-.PHONY: venv browser serve test lint bench clean
+.PHONY: venv browser serve test fuzz lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +31,11 @@ browser:
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# the fuzz targets of `make test`, for longer: make fuzz FUZZ_SECONDS=3600
+FUZZ_SECONDS ?= 600
+fuzz: $(STAMP)
+	YT_FUZZ_RUNS=1000000000 YT_FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/python -m pytest -q -s -p no:cacheprovider tests/hostile/test_fuzz.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check ledger tests bench

@@ -84,11 +84,16 @@ class QuotaBook(Tree):
             return self._deny(a, None, Code.INVALID_TOKEN, "unknown token", now)
         if a.jti != node.jti:
             return self._deny(a, node, Code.REVOKED_TOKEN, "credential was rotated or revoked", now)
+        # a request id names one request: the same id again is a redelivery of it (the client's
+        # resend to a restarted ledger, or Ray Serve retrying it on another replica)
         prior = self.pending.get(a.request_id)
-        if prior is not None and prior.token_id == a.token_id:
+        if prior is not None:
+            if prior.token_id != a.token_id:  # ids are per request; never let one token touch another's
+                return self._deny(a, node, Code.INVALID_REQUEST, "request id already in use", now)
             return self._decision(Code.OK, a.request_id, node, prior.units, replayed=True)
         seen = self.recent.get(a.request_id)
-        if seen is not None and seen[0] == a.token_id:
+        if seen is not None and seen[0] == a.token_id and seen[1] != UsageState.REFUNDED.value:
+            # served and charged already; a refunded attempt cost nothing, so it may be admitted again
             return self._decision(Code.REPLAY, a.request_id, node, 0, message=f"request already {seen[1]}")
         if a.idem_key is not None:
             rec = self.idem.get((a.token_id, a.idem_key))

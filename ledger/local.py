@@ -27,6 +27,8 @@ def ray_env() -> dict[str, str]:
     # X-Forwarded-For for loopback peers: anyone on this host could then claim any IP and
     # pass an IP allowlist. Trust no proxy there; the ingress honours only `trusted_proxies`.
     env["FORWARDED_ALLOW_IPS"] = ""
+    # the proxy renames a client's X-Request-ID: request ids, which the ledger charges once, are Ray's
+    env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = "serve_app.proxy_hooks:middlewares"
     return env
 
 

@@ -8,6 +8,7 @@ token-scoped ledger operations. Every failure leaves through the one error table
 # and the methods Serve rebinds for @serve.ingress no longer see this module's globals.
 
 import ipaddress
+import logging
 import re
 import time
 from typing import Any
@@ -16,10 +17,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from ray import serve
+from ray.serve.context import _get_serve_request_context
 
 from ledger.client import unwrap
 from ledger.entities import TokenSpec
 from ledger.errors import LedgerError, OperationRefused
+from serve_app import proxy_hooks
 from serve_app.config import AppArgs
 from serve_app.errors import ApiError
 from serve_app.http import client_ip, images_from_body, plain, read_body
@@ -27,6 +30,8 @@ from serve_app.pipeline import DetectCall, Pipeline, new_request_id
 from serve_app.results import InferenceParams
 
 _IDEM_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+_SERVE_ID = re.compile(r"^[\x21-\x7e]{1,64}$")  # fits the ledger's request_id column
+log = logging.getLogger(__name__)
 
 api = FastAPI(title="yolo-tokens", version="1", description="YOLO detection paid from token packages.")
 
@@ -64,10 +69,27 @@ class Ingress:
         self.gate = gate
         self.trusted = [ipaddress.ip_network(p, strict=False) for p in args.limits.trusted_proxies]
         self.pipeline = Pipeline(args, gate, {})  # no keys yet: the first credential fetches them
+        self.ray_ids = proxy_hooks.installed()
+        if not self.ray_ids:
+            log.warning(
+                "%s is not %s: request ids are drawn per call, so a request Ray redelivers to "
+                "another replica is charged again",
+                proxy_hooks.CALLBACK_VAR,
+                proxy_hooks.CALLBACK,
+            )
 
     # ------------------------------------------------------------ helpers
+    def _request_id(self) -> str:
+        """Serve's id of this request, which Ray keeps when it redelivers the request to another
+        replica: the ledger charges a request id once. Only Ray chooses it (see proxy_hooks)."""
+        if self.ray_ids:
+            rid = _get_serve_request_context().request_id
+            if rid and _SERVE_ID.match(rid):
+                return rid
+        return new_request_id()
+
     def _start(self, request: Request) -> str:
-        rid = new_request_id()
+        rid = self._request_id()
         request.state.request_id = rid
         return rid
 
@@ -224,6 +246,6 @@ class Ingress:
         """Same checks and accounting as HTTP. `request_id` is the idempotency key of handle calls.
         Denials raise `ApiError` (its `code` and `status` from the one error table)."""
         call = DetectCall(
-            new_request_id(), token, list(images), model, InferenceParams(conf, iou, max_det), None, request_id
+            self._request_id(), token, list(images), model, InferenceParams(conf, iou, max_det), None, request_id
         )
         return (await self.pipeline.detect(call)).body

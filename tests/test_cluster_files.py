@@ -72,3 +72,27 @@ def test_given_the_rayservice_then_the_head_holds_the_ledger_and_gpu_workers_fit
 def test_given_the_dockerfile_then_its_ray_image_is_the_pinned_ray() -> None:
     first = next(ln for ln in (CLUSTER / "Dockerfile").read_text().splitlines() if ln.startswith("FROM "))
     assert first.split()[1].startswith(f"rayproject/ray:{ray.__version__}-py311")
+
+
+def test_given_every_place_that_starts_ray_then_the_proxy_keeps_request_ids_rays_own() -> None:
+    """Serve's proxy must run serve_app.proxy_hooks wherever Ray starts, or a client could pick
+    the request ids the ledger charges once (and uvicorn must trust no X-Forwarded-For)."""
+    from serve_app import proxy_hooks
+
+    setting = f"{proxy_hooks.CALLBACK_VAR}={proxy_hooks.CALLBACK}"
+    doc = yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text())
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = " ".join(doc[key])
+        assert setting in start and 'FORWARDED_ALLOW_IPS=""' in start, key
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    assert setting in dockerfile and 'FORWARDED_ALLOW_IPS=""' in dockerfile
+    cluster = rayservice()["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]
+    for pod in pods:
+        for container in pod["template"]["spec"]["containers"]:
+            env = {e["name"]: e.get("value") for e in container["env"]}
+            assert env[proxy_hooks.CALLBACK_VAR] == proxy_hooks.CALLBACK and env["FORWARDED_ALLOW_IPS"] == ""
+    assert f"export {proxy_hooks.CALLBACK_VAR} := {proxy_hooks.CALLBACK}" in (ROOT / "Makefile").read_text()
+    from ledger.local import ray_env
+
+    assert proxy_hooks.installed(ray_env())

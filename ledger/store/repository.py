@@ -183,11 +183,13 @@ class Store:
                 recent = [
                     (r.request_id, r.token_id, r.state, r.settled_at)
                     for r in conn.execute(
-                        select(USAGE.c.request_id, USAGE.c.token_id, USAGE.c.state, USAGE.c.settled_at).where(
+                        select(USAGE.c.request_id, USAGE.c.token_id, USAGE.c.state, USAGE.c.settled_at)
+                        .where(
                             and_(
                                 USAGE.c.settled_at >= now - recent_window_s, USAGE.c.state.in_(("settled", "refunded"))
                             )
                         )
+                        .order_by(USAGE.c.settled_at, USAGE.c.id)  # a request id's latest outcome wins
                     )
                 ]
                 idem = [

@@ -277,6 +277,31 @@ def test_given_an_admitted_request_id_when_admitted_again_then_no_second_debit()
     assert root.used == 1
 
 
+def test_given_a_refunded_request_id_when_delivered_again_then_admitted_and_charged_once() -> None:
+    book, _ = new_book()
+    root = package(book, 10)
+    admit(book, root, rid="again")
+    assert book.settle(Settlement("again", root.id, success=False)) is Code.OK
+    assert root.used == 0
+    d = admit(book, root, rid="again")  # the refunded attempt cost nothing: this one is a new charge
+    assert (d.code, d.replayed, root.used) == (Code.OK, False, 1)
+    book.settle(Settlement("again", root.id, success=True))
+    assert admit(book, root, rid="again").code is Code.REPLAY
+    assert root.used == 1
+
+
+def test_given_another_tokens_pending_request_id_then_refused_and_neither_balance_moves() -> None:
+    book, _ = new_book()
+    a = package(book, 10)
+    b = package(book, 10)
+    admit(book, a, rid="shared")
+    d = admit(book, b, rid="shared")
+    assert (d.code, d.admitted, a.used, b.used) == (Code.INVALID_REQUEST, False, 1, 0)
+    assert book.settle(Settlement("shared", b.id, success=False)) is Code.NOT_FOUND
+    assert book.settle(Settlement("shared", a.id, success=True)) is Code.OK
+    assert a.used == 1
+
+
 def test_given_a_partial_settlement_then_only_the_charged_units_are_kept() -> None:
     book, _ = new_book()
     root = package(book, 10)
