@@ -77,7 +77,10 @@ def client_ip(request: Request, trusted: list[ipaddress.IPv4Network | ipaddress.
     peer = request.client.host if request.client else None
     if peer is None or not trusted or not _in(peer, trusted):
         return peer
-    hops = [h.strip() for h in request.headers.get("x-forwarded-for", "").split(",") if h.strip()]
+    # several X-Forwarded-For lines are one list (RFC 9110 §5.3): a proxy that adds its own line
+    # must not leave the client's first line to be read as the client's address
+    joined = ",".join(request.headers.getlist("x-forwarded-for"))
+    hops = [h.strip() for h in joined.split(",") if h.strip()]
     for hop in reversed(hops):
         if not _in(hop, trusted):
             return hop if _valid(hop) else peer

@@ -1,0 +1,112 @@
+"""Item 2, on Ray itself: an ingress replica dies with requests routed to it and Ray's router
+redelivers them to the other replica. Every request is answered 200 and charged once.
+
+The replica is frozen (SIGSTOP) after a warm-up, so the router, trusting its cached queue
+lengths, still sends it requests that it never acknowledges; then it is SIGKILLed. Requests that
+waited for the kill and were then served are the ones Ray redelivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from ledger.client import LedgerClient
+from ledger.entities import TokenSpec
+from ledger.store.repository import Store, UsageQuery
+from tests.hostile.conftest import side_app_args
+from tests.serve_app.conftest import LiveApp, jpeg
+
+pytestmark = pytest.mark.ray
+APP = "retry-app"
+KILL_AFTER_S = 2.0
+N = 16
+
+
+def ingress_pids() -> list[int]:
+    tag = f"ServeReplica:{APP}:Ingress"
+    return [
+        p.info["pid"]
+        for p in psutil.process_iter(["pid", "cmdline"])
+        if (cmd := " ".join(p.info["cmdline"] or [])).startswith("ray::") and tag in cmd
+    ]
+
+
+async def burst(url: str, credential: str, victim: int) -> list[tuple[int, str, float]]:
+    headers = {"Authorization": f"Bearer {credential}", "Content-Type": "image/jpeg"}
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=N)) as client:
+
+        async def one() -> tuple[int, str, float]:
+            t0 = time.monotonic()
+            r = await client.post(url, content=jpeg(), headers=headers)
+            rid = r.json().get("request_id", "") if r.status_code == 200 else r.text
+            return r.status_code, rid, time.monotonic() - t0
+
+        async def kill() -> None:
+            await asyncio.sleep(KILL_AFTER_S)
+            os.kill(victim, signal.SIGKILL)
+
+        *out, _ = await asyncio.gather(*(one() for _ in range(N)), kill())
+    return out
+
+
+def test_given_an_ingress_replica_dead_before_it_acknowledged_then_ray_redelivers_and_each_is_charged_once(
+    live_app: LiveApp, tmp_path: Path
+) -> None:
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    args = side_app_args(f"sqlite:///{tmp_path / 'ledger.db'}", tmp_path, f"retry-ledger-{uuid.uuid4().hex[:6]}")
+    args = args.model_copy(update={"ingress_replicas": 2})
+    serve.run(build_app(args), name=APP, route_prefix="/retry")
+    client = LedgerClient.connect(args.ledger_settings(), create=False)
+    url = f"{live_app.url}/retry/v1/detect"
+    try:
+        pkg = client.create_package(TokenSpec.build("retry", 1000))
+        tid, cred = pkg["token"].id, pkg["credential"]
+        warm = asyncio.run(burst_without_kill(url, cred))  # both replicas answer: the router caches their queues
+        assert warm == [200] * 8
+        victim, *_ = ingress_pids()
+        os.kill(victim, signal.SIGSTOP)
+        try:
+            out = asyncio.run(burst(url, cred, victim))
+        finally:
+            if psutil.pid_exists(victim):
+                os.kill(victim, signal.SIGKILL)
+        assert [s for s, _, _ in out] == [200] * N, out
+        redelivered = [rid for _, rid, t in out if t >= KILL_AFTER_S]
+        assert redelivered, "no request waited for the frozen replica: the router avoided it"
+        ids = {rid for _, rid, _ in out}
+        assert len(ids) == N
+        assert client.token(tid).used == 8 + N
+        store = Store(args.ledger_settings().database_url)
+        try:
+            rows = store.usage(UsageQuery(token_id=tid, limit=1000))
+        finally:
+            store.close()
+        charged = [r["request_id"] for r in rows if r["outcome"] == "ok" and r["state"] != "refunded"]
+        assert len(charged) == 8 + N and ids <= set(charged)
+        print(json.dumps({"hostile": "ingress_retry", "requests": N, "redelivered": len(redelivered),
+                          "statuses": {"200": N}, "charged": N}))  # fmt: skip
+    finally:
+        serve.delete(APP)
+        import ray
+
+        ray.kill(client.actor, no_restart=True)
+
+
+async def burst_without_kill(url: str, credential: str) -> list[int]:
+    headers = {"Authorization": f"Bearer {credential}", "Content-Type": "image/jpeg"}
+    async with httpx.AsyncClient(timeout=120) as client:
+        rs = await asyncio.gather(*(client.post(url, content=jpeg(), headers=headers) for _ in range(8)))
+    return [r.status_code for r in rs]
