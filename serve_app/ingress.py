@@ -126,7 +126,7 @@ class Ingress:
         call = DetectCall(
             rid,
             credential,
-            images_from_body(request.headers.get("content-type", ""), body),
+            images_from_body(request.headers.get("content-type", ""), body, self.args.limits.max_images),
             model,
             InferenceParams(conf, iou, max_det),
             client_ip(request, self.trusted),

@@ -71,6 +71,8 @@ def corpus(target: str, folder: Path) -> Path:
             "raw": b"\x00" + jpeg,
             "json": b"\x01" + json.dumps({"images": [base64.b64encode(images["png"]).decode()]}).encode(),
             "multipart": b"\x02" + multipart,
+            # regression: a find of this target (the stdlib email parser raised IndexError on it)
+            "found-indexerror": (Path(__file__).parent / "data" / "body-multipart-indexerror.bin").read_bytes(),
         }
     else:  # structured targets: libFuzzer starts from small random inputs
         seeds = {"zero": b"\x00" * 16, "mid": bytes(range(64))}
