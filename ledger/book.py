@@ -36,6 +36,12 @@ MAX_RECENT = 1_000_000  # bound memory under sustained load: the oldest settled 
 _ADMITTED = UsageState.ADMITTED.value
 _DENIED = UsageState.DENIED.value
 _OK = Code.OK.value
+MAX_REQUEST_ID = 64  # the usage_events.request_id column
+MAX_IDEM_KEY = 255  # the idempotency.key column
+
+
+def _fits(value: object, limit: int) -> bool:
+    return type(value) is str and 0 < len(value) <= limit
 
 
 class QuotaBook(Tree):
@@ -79,23 +85,30 @@ class QuotaBook(Tree):
     def admit(self, a: Admission, now: float | None = None) -> Decision:
         if now is None:
             now = self.clock()
+        if not _fits(a.request_id, MAX_REQUEST_ID) or (a.idem_key is not None and not _fits(a.idem_key, MAX_IDEM_KEY)):
+            # refused without a usage row: its columns could not hold these
+            message = f"request id must be 1-{MAX_REQUEST_ID} and an idempotency key 1-{MAX_IDEM_KEY} characters"
+            return Decision(code=Code.INVALID_REQUEST, request_id=str(a.request_id)[:MAX_REQUEST_ID], message=message)
         node = self.nodes.get(a.token_id)
         if node is None:
             return self._deny(a, None, Code.INVALID_TOKEN, "unknown token", now)
         if a.jti != node.jti:
             return self._deny(a, node, Code.REVOKED_TOKEN, "credential was rotated or revoked", now)
         # a request id names one request: the same id again is a redelivery of it (the client's
-        # resend to a restarted ledger, or Ray Serve retrying it on another replica)
+        # resend to a restarted ledger, or Ray Serve retrying it on another replica). It is
+        # served without a second debit, after the same status, model and IP checks below.
         prior = self.pending.get(a.request_id)
         if prior is not None:
             if prior.token_id != a.token_id:  # ids are per request; never let one token touch another's
                 return self._deny(a, node, Code.INVALID_REQUEST, "request id already in use", now)
-            return self._decision(Code.OK, a.request_id, node, prior.units, replayed=True)
-        seen = self.recent.get(a.request_id)
-        if seen is not None and seen[0] == a.token_id and seen[1] != UsageState.REFUNDED.value:
-            # served and charged already; a refunded attempt cost nothing, so it may be admitted again
-            return self._decision(Code.REPLAY, a.request_id, node, 0, message=f"request already {seen[1]}")
-        if a.idem_key is not None:
+            if (prior.units, prior.model) != (a.units, a.model):
+                return self._deny(a, node, Code.INVALID_REQUEST, "request id already in use for another request", now)
+        else:
+            seen = self.recent.get(a.request_id)
+            if seen is not None and seen[0] == a.token_id and seen[1] != UsageState.REFUNDED.value:
+                # served and charged already; a refunded attempt cost nothing, so it may be admitted again
+                return self._decision(Code.REPLAY, a.request_id, node, 0, message=f"request already {seen[1]}")
+        if a.idem_key is not None and prior is None:
             rec = self.idem.get((a.token_id, a.idem_key))
             if rec is not None and now - rec.created_at >= IDEMPOTENCY_TTL_S:
                 self._forget_idem((a.token_id, a.idem_key))  # expired: the new request replaces its row
@@ -136,6 +149,8 @@ class QuotaBook(Tree):
                 return self._deny(
                     a, node, Code.IP_NOT_ALLOWED, f"client IP {a.client_ip!r} is not allowed for this token", now
                 )
+        if prior is not None:  # a redelivery that passes every check: no second debit, no rate token
+            return self._decision(Code.OK, a.request_id, node, prior.units, replayed=True)
         if node.free < a.units:
             return self._deny(
                 a, node, Code.QUOTA_EXHAUSTED, f"quota exhausted: {node.free} units left, {a.units} needed", now
@@ -159,7 +174,7 @@ class QuotaBook(Tree):
             self._check_thresholds(n, now)
         row_id = self.next_row_id
         self.next_row_id = row_id + 1
-        self.pending[a.request_id] = Pending(a.request_id, node.id, a.units, now, a.idem_key, row_id)
+        self.pending[a.request_id] = Pending(a.request_id, node.id, a.units, now, a.idem_key, row_id, a.model)
         if a.idem_key is not None:
             rec = IdemRecord(node.id, a.idem_key, a.body_hash or "", a.request_id, now)
             self.idem[(node.id, a.idem_key)] = rec
@@ -266,6 +281,7 @@ class QuotaBook(Tree):
             self._refund(node, refund)
         state = UsageState.SETTLED.value if s.success else UsageState.REFUNDED.value
         recent = self.recent
+        recent.pop(s.request_id, None)  # a re-admitted id moves to the end: eviction stays oldest-first
         recent[s.request_id] = (p.token_id, state, now)
         if len(recent) > MAX_RECENT:
             del recent[next(iter(recent))]

@@ -35,6 +35,7 @@ class Pending:
     ts: float
     idem_key: str | None
     row_id: int  # primary key of its usage row, so settling touches it by key
+    model: str = ""  # a redelivery of the request must ask for the same model and units
 
 
 # usage row tuples, in column order:

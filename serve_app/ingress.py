@@ -30,7 +30,7 @@ from serve_app.pipeline import DetectCall, Pipeline, new_request_id
 from serve_app.results import InferenceParams
 
 _IDEM_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
-_SERVE_ID = re.compile(r"^[\x21-\x7e]{1,64}$")  # fits the ledger's request_id column
+_SERVE_ID = re.compile(r"[\x21-\x7e]{1,64}")  # fits the ledger's request_id column (fullmatch)
 log = logging.getLogger(__name__)
 
 api = FastAPI(title="yolo-tokens", version="1", description="YOLO detection paid from token packages.")
@@ -69,27 +69,29 @@ class Ingress:
         self.gate = gate
         self.trusted = [ipaddress.ip_network(p, strict=False) for p in args.limits.trusted_proxies]
         self.pipeline = Pipeline(args, gate, {})  # no keys yet: the first credential fetches them
-        self.ray_ids = proxy_hooks.installed()
-        if not self.ray_ids:
+        self.warned_unmarked = False
+
+    # ------------------------------------------------------------ helpers
+    def _request_id(self, request: Request) -> str:
+        """Serve's id of this HTTP request, which Ray keeps when it redelivers the request to
+        another replica: the ledger charges a request id once. Used only when the proxy middleware
+        (serve_app/proxy_hooks.py) marked the request, i.e. Ray and not the client chose the id."""
+        if request.headers.get(proxy_hooks.MARK.decode()) == "1":
+            rid = _get_serve_request_context().request_id
+            if rid and _SERVE_ID.fullmatch(rid):
+                return rid
+        elif not self.warned_unmarked:
+            self.warned_unmarked = True
             log.warning(
-                "%s is not %s: request ids are drawn per call, so a request Ray redelivers to "
-                "another replica is charged again",
+                "requests arrive without the proxy middleware's mark (set %s=%s for every Ray "
+                "process): request ids are drawn per call, so a request Ray redelivers is charged again",
                 proxy_hooks.CALLBACK_VAR,
                 proxy_hooks.CALLBACK,
             )
-
-    # ------------------------------------------------------------ helpers
-    def _request_id(self) -> str:
-        """Serve's id of this request, which Ray keeps when it redelivers the request to another
-        replica: the ledger charges a request id once. Only Ray chooses it (see proxy_hooks)."""
-        if self.ray_ids:
-            rid = _get_serve_request_context().request_id
-            if rid and _SERVE_ID.match(rid):
-                return rid
         return new_request_id()
 
     def _start(self, request: Request) -> str:
-        rid = self._request_id()
+        rid = self._request_id(request)
         request.state.request_id = rid
         return rid
 
@@ -245,7 +247,9 @@ class Ingress:
     ) -> dict[str, Any]:
         """Same checks and accounting as HTTP. `request_id` is the idempotency key of handle calls.
         Denials raise `ApiError` (its `code` and `status` from the one error table)."""
+        # a fresh id per call: a handle caller's request context (its own Serve request, say) is
+        # shared by all its calls, so Serve's id would merge them; `request_id` is the retry key
         call = DetectCall(
-            self._request_id(), token, list(images), model, InferenceParams(conf, iou, max_det), None, request_id
+            new_request_id(), token, list(images), model, InferenceParams(conf, iou, max_det), None, request_id
         )
         return (await self.pipeline.detect(call)).body

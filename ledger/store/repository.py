@@ -173,11 +173,11 @@ class Store:
                 nodes = [_row_node(r) for r in conn.execute(select(TOKENS)).mappings()]
                 last_id = int(conn.execute(select(func.coalesce(func.max(USAGE.c.id), 0))).scalar_one())
                 pending = [
-                    Pending(r.request_id, r.token_id, r.units, r.ts, None, r.id)
+                    Pending(r.request_id, r.token_id, r.units, r.ts, None, r.id, r.model)
                     for r in conn.execute(
-                        select(USAGE.c.request_id, USAGE.c.token_id, USAGE.c.units, USAGE.c.ts, USAGE.c.id).where(
-                            and_(USAGE.c.ts >= now - settle_window_s, USAGE.c.state == "admitted")
-                        )
+                        select(
+                            USAGE.c.request_id, USAGE.c.token_id, USAGE.c.units, USAGE.c.ts, USAGE.c.id, USAGE.c.model
+                        ).where(and_(USAGE.c.ts >= now - settle_window_s, USAGE.c.state == "admitted"))
                     )
                 ]
                 recent = [

@@ -38,6 +38,7 @@ with atheris.instrument_imports(include=["ledger", "serve_app", "PIL", "jwt"]):
     from serve_app.http import images_from_body
     from serve_app.imaging import ImageLimits, decode_image
 
+MAX_IMAGES = 16  # the service's default `limits.max_images`
 LIMITS = ImageLimits(max_bytes=2 * 1024 * 1024, max_pixels=4_000_000, max_side=4096)
 IMAGE_CODES = {"invalid_image", "unsupported_media_type", "image_too_large", "payload_too_large", "invalid_request"}
 NOW = 1_800_000_000
@@ -95,11 +96,11 @@ def fuzz_body(data: bytes) -> None:
         n = 1 + (data[0] - len(CONTENT_TYPES)) % 64
         ctype, body = data[1 : 1 + n].decode("latin-1"), data[1 + n :]
     try:
-        blobs = images_from_body(ctype, body)
+        blobs = images_from_body(ctype, body, MAX_IMAGES)
     except ApiError as exc:
         assert exc.code == "invalid_request", exc.code
         return
-    assert isinstance(blobs, list) and all(isinstance(b, bytes) for b in blobs)
+    assert isinstance(blobs, list) and 0 < len(blobs) <= MAX_IMAGES and all(isinstance(b, bytes) for b in blobs)
     for blob in blobs[:4]:
         check_image(blob)
 

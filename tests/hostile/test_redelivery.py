@@ -2,14 +2,15 @@
 
 When a replica dies before it acknowledges a request, Ray Serve's router sends the same request,
 with the same request metadata (so the same request id), to another replica. The ingress uses
-Serve's request id as the ledger's request id; these tests deliver one id several times the way
-the router does (handle calls under one request context) and check the books. HTTP clients cannot
-choose that id: the proxy middleware (serve_app/proxy_hooks.py) renames their X-Request-ID.
+Serve's id as the ledger's request id. These tests run what each ingress replica runs for a
+delivery (`Pipeline.detect`, one pipeline per delivery, against the live gate, detector and
+ledger) with one id, and check the books. HTTP clients cannot choose that id: the proxy
+middleware (serve_app/proxy_hooks.py) renames their X-Request-ID.
 """
 
 from __future__ import annotations
 
-import contextvars
+import asyncio
 import json
 import time
 import uuid
@@ -27,26 +28,31 @@ from tests.serve_app.conftest import LiveApp, jpeg
 pytestmark = pytest.mark.ray
 
 
-def deliver(rid: str, n: int, token: str) -> list[Any]:
-    """`n` concurrent deliveries of one request under Serve request id `rid`: what the router
-    sends when it retries (RequestMetadata.request_id comes from the request context)."""
-    from ray.serve import get_app_handle
-    from ray.serve.context import _set_request_context
+def deliver(live_app: LiveApp, rid: str, n: int, token: str, model: str | None = None) -> list[Any]:
+    """`n` concurrent deliveries of one request under request id `rid`, each through its own
+    pipeline (as on `n` ingress replicas): a body dict or the error table's code."""
+    from ray import serve
 
     from serve_app.app import APP_NAME
+    from serve_app.errors import ApiError
+    from serve_app.pipeline import DetectCall, Pipeline
+    from serve_app.results import InferenceParams
 
-    handle = get_app_handle(APP_NAME)
+    gate = serve.get_deployment_handle("TokenGate", APP_NAME)
+    call = DetectCall(rid, token, [jpeg()], model, InferenceParams(), "127.0.0.1")
 
-    def send() -> list[Any]:
-        _set_request_context(request_id=rid)
-        return [handle.detect.remote(token=token, images=[jpeg()]) for _ in range(n)]
+    async def run() -> list[Any]:
+        pipelines = [Pipeline(live_app.args, gate, {}) for _ in range(n)]  # keys fetched on first use
+        return await asyncio.gather(*(p.detect(call) for p in pipelines), return_exceptions=True)
 
     outcomes: list[Any] = []
-    for response in contextvars.copy_context().run(send):
-        try:
-            outcomes.append(response.result(timeout_s=120))
-        except Exception as exc:  # a denial: ApiError (through Ray) with its table code
-            outcomes.append(getattr(exc, "code", repr(exc)))
+    for out in asyncio.run(run()):
+        if isinstance(out, ApiError):
+            outcomes.append(out.code)
+        elif isinstance(out, BaseException):
+            raise out
+        else:
+            outcomes.append(out.body)
     return outcomes
 
 
@@ -74,7 +80,7 @@ def test_given_one_request_id_delivered_six_times_at_once_then_charged_once(live
     pkg = live_app.ledger.create_package(TokenSpec.build("redeliver", 10))
     tid, cred = pkg["token"].id, pkg["credential"]
     rid = str(uuid.uuid4())
-    outcomes = deliver(rid, 6, cred)
+    outcomes = deliver(live_app, rid, 6, cred)
     served = [o for o in outcomes if isinstance(o, dict)]
     # each copy is served (a copy that arrives after the first settled is told it was processed)
     assert served and all(o == "idempotency_conflict" for o in outcomes if not isinstance(o, dict)), outcomes
@@ -83,7 +89,7 @@ def test_given_one_request_id_delivered_six_times_at_once_then_charged_once(live
     rows = rows_of(live_app, tid)
     assert [(r["request_id"], r["state"], r["units"]) for r in rows if r["outcome"] == "ok"] == [(rid, "settled", 1)]
     # delivered again once settled: answered from the books, no second charge
-    assert deliver(rid, 1, cred) == ["idempotency_conflict"]
+    assert deliver(live_app, rid, 1, cred) == ["idempotency_conflict"]
     assert live_app.ledger.token(tid).used == 1
     print(json.dumps({"hostile": "redelivery", "deliveries": 7, "served": len(served), "charged": 1}))
 
@@ -95,7 +101,7 @@ def test_given_a_first_delivery_admitted_then_lost_when_redelivered_then_served_
     tid, cred = pkg["token"].id, pkg["credential"]
     rid = str(uuid.uuid4())
     direct_admission(live_app, cred, rid)  # admitted, then the replica that held it died
-    (out,) = deliver(rid, 1, cred)
+    (out,) = deliver(live_app, rid, 1, cred)
     assert isinstance(out, dict) and out["request_id"] == rid, out
     assert live_app.ledger.token(tid).used == 1
     rows = rows_of(live_app, tid)
@@ -109,7 +115,7 @@ def test_given_a_first_delivery_refunded_when_redelivered_then_served_and_charge
     direct_admission(live_app, cred, rid)
     assert live_app.ledger.settle_sync([Settlement(rid, tid, success=False)]) == [Code.OK]  # its detector failed
     assert live_app.ledger.token(tid).used == 0
-    (out,) = deliver(rid, 1, cred)
+    (out,) = deliver(live_app, rid, 1, cred)
     assert isinstance(out, dict) and out["usage"]["units"] == 1, out
     assert live_app.ledger.token(tid).used == 1
     states = sorted(r["state"] for r in rows_of(live_app, tid) if r["request_id"] == rid)
@@ -121,7 +127,7 @@ def test_given_another_tokens_request_id_then_refused_and_nothing_charged(live_a
     b = live_app.ledger.create_package(TokenSpec.build("other", 10))
     rid = str(uuid.uuid4())
     direct_admission(live_app, a["credential"], rid)
-    assert deliver(rid, 1, b["credential"]) == ["invalid_request"]
+    assert deliver(live_app, rid, 1, b["credential"]) == ["invalid_request"]
     assert (live_app.ledger.token(a["token"].id).used, live_app.ledger.token(b["token"].id).used) == (1, 0)
 
 
@@ -139,3 +145,35 @@ def test_given_a_client_chosen_x_request_id_then_ray_names_the_request_and_each_
         ids.append(r.json()["request_id"])
     assert len(set(ids)) == 2
     assert live_app.ledger.token(tid).used == 2  # not one charge for two detections
+
+
+def test_given_a_pending_id_when_delivered_for_another_model_then_refused_and_not_charged(live_app: LiveApp) -> None:
+    pkg = live_app.ledger.create_package(TokenSpec.build("switch-model", 10))
+    tid, cred = pkg["token"].id, pkg["credential"]
+    rid = str(uuid.uuid4())
+    direct_admission(live_app, cred, rid)  # parts@1, 1 unit
+    assert deliver(live_app, rid, 1, cred, model="parts@2") == ["invalid_request"]  # 2 units, another model
+    assert live_app.ledger.token(tid).used == 1
+
+
+def test_given_handle_calls_under_one_request_context_then_each_call_is_its_own_request(live_app: LiveApp) -> None:
+    """A Serve deployment calling the handle several times while serving one request of its own
+    shares that request's context: its calls must not merge into one charged request."""
+    import contextvars
+
+    from ray.serve import get_app_handle
+    from ray.serve.context import _set_request_context
+
+    from serve_app.app import APP_NAME
+
+    pkg = live_app.ledger.create_package(TokenSpec.build("composed", 10))
+    tid, cred = pkg["token"].id, pkg["credential"]
+    handle = get_app_handle(APP_NAME)
+
+    def send() -> list[Any]:
+        _set_request_context(request_id=str(uuid.uuid4()))
+        return [handle.detect.remote(token=cred, images=[jpeg()]) for _ in range(3)]
+
+    bodies = [r.result(timeout_s=120) for r in contextvars.copy_context().run(send)]
+    assert len({b["request_id"] for b in bodies}) == 3
+    assert live_app.ledger.token(tid).used == 3

@@ -302,6 +302,45 @@ def test_given_another_tokens_pending_request_id_then_refused_and_neither_balanc
     assert a.used == 1
 
 
+def test_given_a_pending_id_when_redelivered_for_another_model_or_units_then_refused() -> None:
+    book, _ = new_book()
+    root = package(book, 10)
+    admit(book, root, rid="same", model="parts@1", units=1)
+    assert admit(book, root, rid="same", model="big@9", units=1).code is Code.INVALID_REQUEST
+    assert admit(book, root, rid="same", model="parts@1", units=16).code is Code.INVALID_REQUEST
+    assert root.used == 1
+
+
+def test_given_a_pending_id_when_redelivered_then_status_model_and_ip_are_checked_again() -> None:
+    book, _ = new_book()
+    root = package(book, 10, Limits(models=normalize_models(["parts@1"]), ips=normalize_ips(["10.0.0.1/32"])))
+    admit(book, root, rid="r-ip")
+    assert admit(book, root, rid="r-ip", ip="6.6.6.6").code is Code.IP_NOT_ALLOWED
+    kid = child(book, root, 5)
+    admit(book, kid, rid="r-rev")
+    book.revoke(root.id)
+    assert admit(book, kid, rid="r-rev").code is Code.REVOKED_TOKEN
+    assert book.invariant_violations() == []
+
+
+def test_given_a_pending_id_when_redelivered_then_no_rate_token_is_taken() -> None:
+    book, _ = new_book()
+    root = package(book, 10, Limits(rate=RateLimit.parse("1/min:1")))
+    assert admit(book, root, rid="once").code is Code.OK
+    again = admit(book, root, rid="once")
+    assert (again.code, again.replayed, root.used) == (Code.OK, True, 1)
+
+
+def test_given_ids_or_keys_too_long_for_their_columns_then_refused_without_a_usage_row() -> None:
+    book, _ = new_book()
+    root = package(book, 10)
+    book.drain()
+    assert admit(book, root, rid="x" * 65).code is Code.INVALID_REQUEST
+    assert admit(book, root, key="k" * 256, body="h").code is Code.INVALID_REQUEST
+    assert admit(book, root, rid="x" * 64, key="k" * 255, body="h").code is Code.OK
+    assert len(book.drain().usage) == 1 and root.used == 1
+
+
 def test_given_a_partial_settlement_then_only_the_charged_units_are_kept() -> None:
     book, _ = new_book()
     root = package(book, 10)
