@@ -24,10 +24,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from serve_app import proxy_hooks  # only starlette: Ray must read the environment below first
+
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["FORWARDED_ALLOW_IPS"] = ""
-os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = "serve_app.proxy_hooks:middlewares"
+os.environ[proxy_hooks.CALLBACK_VAR] = proxy_hooks.CALLBACK
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("YOLO_OFFLINE", "1")
 

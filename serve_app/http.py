@@ -76,8 +76,9 @@ def _multipart_images(content_type: str, body: bytes, max_items: int) -> list[by
     if m is None:
         raise ApiError("invalid_request", "multipart body needs a valid boundary parameter")
     delimiter = b"--" + m.group(1).encode("ascii")
-    if not body.startswith(delimiter):
-        body = body[body.find(b"\r\n" + delimiter) + 2 :] if b"\r\n" + delimiter in body else b""
+    if not body.startswith(delimiter):  # skip a preamble
+        start = body.find(b"\r\n" + delimiter)
+        body = body[start + 2 :] if start >= 0 else b""
     if not body:
         raise ApiError("invalid_request", "malformed multipart body")
     # parts lie between "--boundary" lines; the last delimiter is "--boundary--"

@@ -8,7 +8,9 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before Ray starts: stay
 os.environ["RAY_AUTH_MODE"] = "token"  # as the CLI and `make serve` use it; Ray reads it once, at import
 os.environ["FORWARDED_ALLOW_IPS"] = ""  # Serve's uvicorn must not trust X-Forwarded-For (see ledger.local)
 # Serve's request ids are Ray's, not the client's (serve_app/proxy_hooks.py)
-os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = "serve_app.proxy_hooks:middlewares"
+from serve_app.proxy_hooks import CALLBACK, CALLBACK_VAR  # imports only starlette, not Ray
+
+os.environ[CALLBACK_VAR] = CALLBACK
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 

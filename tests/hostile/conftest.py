@@ -3,6 +3,8 @@
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from serve_app.config import DEMO_WEIGHTS, AppArgs, Autoscaling, ModelSpec
 from tests.serve_app.conftest import live_app  # noqa: F401 (a fixture, registered by import)
 
@@ -26,3 +28,13 @@ def side_app_args(database_url: str, data_dir: Path, ledger_name: str, **model: 
         models=[spec],
         default_model="parts@1",
     )
+
+
+def replica_pids(app: str, deployment: str) -> list[int]:
+    """Live replica processes of a deployment (Ray titles them `ray::ServeReplica:<app>:<deployment>...`)."""
+    tag = f"ServeReplica:{app}:{deployment}"
+    return [
+        p.info["pid"]
+        for p in psutil.process_iter(["pid", "cmdline"])
+        if (cmd := " ".join(p.info["cmdline"] or [])).startswith("ray::") and tag in cmd
+    ]

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from ledger.entities import TokenSpec
+from tests.hostile.conftest import replica_pids
 from tests.serve_app.conftest import LiveApp, jpeg
 
 pytestmark = pytest.mark.ray
@@ -39,13 +40,8 @@ def png_bomb(side: int = 50_000) -> bytes:
 
 def replica_rss(name: str) -> dict[int, int]:
     """RSS of each live replica process of a deployment (Ray titles them `ray::ServeReplica:<app>:<name>`)."""
-    tag = f"ServeReplica:yolo-tokens:{name}"
-    out = {}
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if cmd.startswith("ray::") and tag in cmd:
-            out[p.info["pid"]] = p.memory_info().rss
-    assert out, f"no {tag} process found"
+    out = {pid: psutil.Process(pid).memory_info().rss for pid in replica_pids("yolo-tokens", name)}
+    assert out, f"no {name} replica process found"
     return out
 
 

@@ -23,7 +23,7 @@ import pytest
 from ledger.client import LedgerClient
 from ledger.entities import TokenSpec
 from ledger.store.repository import Store, UsageQuery
-from tests.hostile.conftest import side_app_args
+from tests.hostile.conftest import replica_pids, side_app_args
 from tests.serve_app.conftest import LiveApp, jpeg
 
 pytestmark = pytest.mark.ray
@@ -32,18 +32,11 @@ KILL_AFTER_S = 2.0
 N = 16
 
 
-def ingress_pids() -> list[int]:
-    tag = f"ServeReplica:{APP}:Ingress"
-    return [
-        p.info["pid"]
-        for p in psutil.process_iter(["pid", "cmdline"])
-        if (cmd := " ".join(p.info["cmdline"] or [])).startswith("ray::") and tag in cmd
-    ]
-
-
-async def burst(url: str, credential: str, victim: int) -> list[tuple[int, str, float]]:
+async def burst(url: str, credential: str, n: int, victim: int | None = None) -> list[tuple[int, str, float]]:
+    """`n` concurrent detections (status, request id or error text, seconds); SIGKILLs `victim`
+    KILL_AFTER_S into the burst when given."""
     headers = {"Authorization": f"Bearer {credential}", "Content-Type": "image/jpeg"}
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=N)) as client:
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=n)) as client:
 
         async def one() -> tuple[int, str, float]:
             t0 = time.monotonic()
@@ -52,10 +45,11 @@ async def burst(url: str, credential: str, victim: int) -> list[tuple[int, str, 
             return r.status_code, rid, time.monotonic() - t0
 
         async def kill() -> None:
-            await asyncio.sleep(KILL_AFTER_S)
-            os.kill(victim, signal.SIGKILL)
+            if victim is not None:
+                await asyncio.sleep(KILL_AFTER_S)
+                os.kill(victim, signal.SIGKILL)
 
-        *out, _ = await asyncio.gather(*(one() for _ in range(N)), kill())
+        *out, _ = await asyncio.gather(*(one() for _ in range(n)), kill())
     return out
 
 
@@ -74,12 +68,12 @@ def test_given_an_ingress_replica_dead_before_it_acknowledged_then_ray_redeliver
     try:
         pkg = client.create_package(TokenSpec.build("retry", 1000))
         tid, cred = pkg["token"].id, pkg["credential"]
-        warm = asyncio.run(burst_without_kill(url, cred))  # both replicas answer: the router caches their queues
-        assert warm == [200] * 8
-        victim, *_ = ingress_pids()
+        warm = asyncio.run(burst(url, cred, 8))  # both replicas answer: the router caches their queues
+        assert [s for s, _, _ in warm] == [200] * 8
+        victim, *_ = replica_pids(APP, "Ingress")
         os.kill(victim, signal.SIGSTOP)
         try:
-            out = asyncio.run(burst(url, cred, victim))
+            out = asyncio.run(burst(url, cred, N, victim))
         finally:
             if psutil.pid_exists(victim):
                 os.kill(victim, signal.SIGKILL)
@@ -103,10 +97,3 @@ def test_given_an_ingress_replica_dead_before_it_acknowledged_then_ray_redeliver
         import ray
 
         ray.kill(client.actor, no_restart=True)
-
-
-async def burst_without_kill(url: str, credential: str) -> list[int]:
-    headers = {"Authorization": f"Bearer {credential}", "Content-Type": "image/jpeg"}
-    async with httpx.AsyncClient(timeout=120) as client:
-        rs = await asyncio.gather(*(client.post(url, content=jpeg(), headers=headers) for _ in range(8)))
-    return [r.status_code for r in rs]

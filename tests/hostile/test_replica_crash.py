@@ -13,13 +13,12 @@ import uuid
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
 from ledger.client import LedgerClient
 from ledger.entities import TokenSpec
 from ledger.store.repository import Store, UsageQuery
-from tests.hostile.conftest import side_app_args
+from tests.hostile.conftest import replica_pids, side_app_args
 from tests.serve_app.conftest import LiveApp, jpeg
 
 pytestmark = pytest.mark.ray
@@ -28,12 +27,7 @@ SEED = 7
 
 
 def detector_pids() -> list[int]:
-    tag = f"ServeReplica:{APP}:Detector-parts-1"
-    return [
-        p.info["pid"]
-        for p in psutil.process_iter(["pid", "cmdline"])
-        if (cmd := " ".join(p.info["cmdline"] or [])).startswith("ray::") and tag in cmd
-    ]
+    return replica_pids(APP, "Detector-parts-1")
 
 
 async def round_with_a_kill(url: str, credential: str, n: int, delay: float) -> list[httpx.Response]:
