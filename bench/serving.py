@@ -3,8 +3,8 @@
 * efficiency: images/s end to end at concurrency C through the metered app, divided by the
   same engine in-process on the same images with the same batch size, measured in this run.
 * overhead: per-request latency of the metered app minus an unmetered baseline app
-  (`limits.auth: false`: same ingress, decoder and detector code, no token check, admission
-  or settlement), interleaved request by request at concurrency 1, same run.
+  (`bench/baseline.py`: same body parser, decoder, detector code and number of Serve hops, no
+  token check, admission or settlement), interleaved request by request at concurrency 1, same run.
 
     python -m bench.serving [--concurrency 8] [--seconds 20] [--overhead-requests 200]
 """
@@ -38,10 +38,11 @@ import ray
 import torch
 from ray import serve
 
+from bench.baseline import build_baseline_app
 from ledger.client import LedgerClient
 from ledger.entities import TokenSpec
 from serve_app.app import build_app
-from serve_app.config import DEMO_WEIGHTS, AppArgs, Autoscaling, Limits, ModelSpec
+from serve_app.config import DEMO_WEIGHTS, AppArgs, Autoscaling, ModelSpec
 from serve_app.demo.synth import render
 from serve_app.engine import YoloEngine
 from serve_app.imaging import decode_image
@@ -156,7 +157,7 @@ def main() -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": PORT})
         args = AppArgs(**common)
         serve.run(build_app(args), name="metered", route_prefix="/")
-        serve.run(build_app(AppArgs(**common, limits=Limits(auth=False))), name="baseline", route_prefix="/baseline")
+        serve.run(build_baseline_app(args), name="baseline", route_prefix="/baseline")
         ledger = LedgerClient.connect(args.ledger_settings())
         cred = ledger.create_package(TokenSpec("bench", 10**9))["credential"]
         headers = {"Authorization": f"Bearer {cred}", "Content-Type": "image/jpeg"}
@@ -179,7 +180,7 @@ def main() -> None:
             ),
             flush=True,
         )
-        serve.run(build_app(AppArgs(**common, limits=Limits(auth=False))), name="baseline", route_prefix="/baseline")
+        serve.run(build_baseline_app(args), name="baseline", route_prefix="/baseline")
         ovh = asyncio.run(overhead(metered, baseline, headers, images, a.overhead_requests))
         print(json.dumps({"bench": "serving", "measure": "overhead", **ovh}), flush=True)
         print(

@@ -22,5 +22,6 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
     for m in args.models:
         m.check_weights()  # fail at startup, naming the path, not at the first request
     detectors = {m.key: Detector.options(**m.deployment_options()).bind(m) for m in args.models}
-    gate = TokenGate.bind(args.ledger_settings(), detectors)  # every detection is routed through it
+    # every detection is routed through the gate, which verifies and prices it itself
+    gate = TokenGate.bind(args.ledger_settings(), detectors, args.models, args.default_model)
     return Ingress.options(num_replicas=args.ingress_replicas).bind(gate, args)

@@ -45,6 +45,9 @@ class ModelSpec(BaseModel):
     num_cpus: float = Field(1.0, ge=0)
     max_batch_size: int = Field(8, ge=1, le=256)
     batch_wait_timeout_s: float = Field(0.005, ge=0)
+    # a request this version has not answered within this many seconds (queueing for a replica and
+    # a cold start included) gets 503 model_unavailable with Retry-After, and is refunded
+    timeout_s: float = Field(30.0, gt=0, le=3600)
     autoscaling: Autoscaling = Autoscaling()
 
     @property
@@ -79,9 +82,6 @@ class Limits(BaseModel):
     max_images: int = Field(16, ge=1, le=256)
     # peers whose X-Forwarded-For is believed; nobody's by default
     trusted_proxies: list[str] = []
-    # False serves detections with NO token check and NO charge: only for the overhead
-    # benchmark's baseline app (bench/serving.py); never set it in a deployment
-    auth: bool = True
 
 
 class AppArgs(BaseModel):

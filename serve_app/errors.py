@@ -10,9 +10,12 @@ Bodies are `{"error": {"code", "message", "request_id"}}`. Match on `code`, neve
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ledger.codes import Code
+
+SERVE_LOGGER = "ray.serve"  # Serve's replica logs "Request failed." with a traceback here
 
 ERRORS: dict[str, int] = {
     "invalid_request": 400,
@@ -74,3 +77,23 @@ class ApiError(Exception):
 
 def _rebuild(code: str, message: str, retry_after: float | None, headers: dict[str, str]) -> ApiError:
     return ApiError(code, message, retry_after=retry_after, headers=headers)
+
+
+class QuietDenials(logging.Filter):
+    """Serve logs every exception a replica method raises with its full traceback. A denial
+    (`ApiError` below 500) raised to a handle caller is the API working, not a failure: it is
+    logged as one INFO line with its code instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, ApiError) and exc.status < 500:
+            record.msg, record.args = "request denied: %s (%s)", (exc.code, exc.status)
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+    @classmethod
+    def install(cls) -> None:
+        logger = logging.getLogger(SERVE_LOGGER)
+        if not any(isinstance(f, cls) for f in logger.filters):
+            logger.addFilter(cls())

@@ -7,24 +7,26 @@ token-scoped ledger operations. Every failure leaves through the one error table
 # No `from __future__ import annotations` here: FastAPI resolves route annotations at runtime,
 # and the methods Serve rebinds for @serve.ingress no longer see this module's globals.
 
+import asyncio
 import ipaddress
 import logging
 import re
 import time
 from typing import Any
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.context import _get_serve_request_context
 
-from ledger.client import unwrap
 from ledger.entities import TokenSpec
-from ledger.errors import LedgerError, OperationRefused
+from ledger.errors import OperationRefused
 from serve_app import proxy_hooks
+from serve_app.catalog import placement_problem
 from serve_app.config import AppArgs
-from serve_app.errors import ApiError
+from serve_app.errors import ApiError, QuietDenials
 from serve_app.http import client_ip, images_from_body, plain, read_body
 from serve_app.pipeline import DetectCall, Pipeline, new_request_id
 from serve_app.results import InferenceParams
@@ -69,14 +71,17 @@ class Ingress:
         self.gate = gate
         self.trusted = [ipaddress.ip_network(p, strict=False) for p in args.limits.trusted_proxies]
         self.pipeline = Pipeline(args, gate, {})  # no keys yet: the first credential fetches them
+        self.mark = proxy_hooks.MarkSecret()
         self.warned_unmarked = False
+        self._status: tuple[float, dict[str, dict[str, Any]]] = (float("-inf"), {})
+        QuietDenials.install()  # a denial over a handle is a warning line, not a traceback
 
     # ------------------------------------------------------------ helpers
     def _request_id(self, request: Request) -> str:
         """Serve's id of this HTTP request, which Ray keeps when it redelivers the request to
         another replica: the ledger charges a request id once. Used only when the proxy middleware
         (serve_app/proxy_hooks.py) marked the request, i.e. Ray and not the client chose the id."""
-        if request.headers.get(proxy_hooks.MARK.decode()) == "1":
+        if self.mark.matches(request.headers.get(proxy_hooks.MARK.decode())):
             rid = _get_serve_request_context().request_id
             if rid and _SERVE_ID.fullmatch(rid):
                 return rid
@@ -98,13 +103,40 @@ class Ingress:
     async def _claims(self, request: Request, typ: str = "access") -> Any:
         return await self.pipeline.verify(request.headers.get("authorization"), typ)
 
-    async def _ledger(self, op: str, claims: Any, **kwargs: Any) -> Any:
-        """A ledger operation on behalf of the calling token (its id AND current credential id)."""
-        kwargs.update(actor=claims.sub, actor_jti=claims.jti)
+    async def _ledger(self, op: str, request: Request, **kwargs: Any) -> Any:
+        """A ledger operation on behalf of the calling token: the gate verifies the credential and
+        acts as its token (its id AND current credential id)."""
         try:
-            return unwrap(await self.gate.call.remote(op, kwargs))
-        except LedgerError as exc:
-            raise ApiError.from_code(exc.code, exc.message) from None
+            return await self.gate.call.remote(request.headers.get("authorization"), op, kwargs)
+        except ApiError as exc:  # Ray's wrapper of the gate's error: answer with a plain one
+            raise ApiError(exc.code, exc.message, retry_after=exc.retry_after) from None
+
+    async def _model_status(self) -> dict[str, dict[str, Any]]:
+        """Per model version: Serve's deployment status and replicas, and whether any node of the
+        cluster can hold a replica at all (a version that cannot be scheduled says why)."""
+        now = time.monotonic()
+        if now - self._status[0] < 2.0:
+            return self._status[1]
+        try:
+            status, nodes = await asyncio.gather(asyncio.to_thread(serve.status), asyncio.to_thread(ray.nodes))
+        except Exception as exc:  # the controller restarting: report what we know
+            log.warning("serve status unavailable: %r", exc)
+            return {}
+        capacity = [dict(n.get("Resources") or {}) for n in nodes if n.get("Alive")]
+        deployments = {}
+        for app in status.applications.values():
+            deployments.update(app.deployments)
+        out: dict[str, dict[str, Any]] = {}
+        for m in self.args.models:
+            dep = deployments.get(m.deployment_name)
+            problem = placement_problem({"CPU": m.num_cpus, "GPU": m.num_gpus}, capacity)
+            out[m.key] = {
+                "status": "unschedulable" if problem else (str(dep.status.value) if dep else "unknown"),
+                "replicas": dict(dep.replica_states) if dep else {},
+                "message": problem or (dep.message if dep else ""),
+            }
+        self._status = (now, out)
+        return out
 
     # ------------------------------------------------------------ routes
     @api.get("/healthz")
@@ -122,8 +154,7 @@ class Ingress:
         if idem is not None and not _IDEM_KEY.match(idem):
             raise ApiError("invalid_request", "Idempotency-Key must be 1-255 printable ASCII characters")
         credential = request.headers.get("authorization")
-        if self.args.limits.auth:
-            await self.pipeline.verify(credential)  # 401 before reading a byte of the body
+        await self.pipeline.verify(credential)  # 401 before reading a byte of the body
         body = await read_body(request, self.args.limits.max_body_bytes)
         call = DetectCall(
             rid,
@@ -134,13 +165,14 @@ class Ingress:
             client_ip(request, self.trusted),
             idem,
         )
-        out = await (self.pipeline.detect(call) if self.args.limits.auth else self.pipeline.detect_unmetered(call))
+        out = await self.pipeline.detect(call)
         return JSONResponse(out.body, headers=out.headers)
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
         self._start(request)
         await self._claims(request)
+        status = await self._model_status()
         return {
             "default": self.args.default_model,
             "models": [
@@ -151,6 +183,10 @@ class Ingress:
                     "cost_units": m.cost_units,
                     "imgsz": m.imgsz,
                     "backend": m.backend,
+                    "timeout_s": m.timeout_s,
+                    "status": status.get(m.key, {}).get("status", "unknown"),
+                    "replicas": status.get(m.key, {}).get("replicas", {}),
+                    "message": status.get(m.key, {}).get("message", ""),
                 }
                 for m in self.args.models
             ],
@@ -159,22 +195,14 @@ class Ingress:
     @api.get("/v1/usage")
     async def usage(self, request: Request, limit: int = 100) -> dict[str, Any]:
         self._start(request)
-        claims = await self._claims(request)
-        tree = await self._ledger("tokens", claims)
-        events = await self._ledger("usage", claims, limit=max(1, min(limit, 1000)))
+        tree = await self._ledger("tokens", request)
+        events = await self._ledger("usage", request, limit=max(1, min(limit, 1000)))
         return {"tokens": [plain(t) for t in tree], "events": events}
 
     @api.get("/v1/tokens/{token_id}")
     async def token(self, request: Request, token_id: str) -> dict[str, Any]:
         self._start(request)
-        claims = await self._claims(request)
-        return plain(
-            await self._ledger(
-                "token",
-                claims,
-                token_id=token_id,
-            )
-        )
+        return plain(await self._ledger("token", request, token_id=token_id))
 
     @api.post("/v1/tokens", status_code=201)
     async def split(self, request: Request, body: SplitBody) -> dict[str, Any]:
@@ -192,46 +220,25 @@ class Ingress:
             )
         except OperationRefused as exc:
             raise ApiError.from_code(exc.code, exc.message) from None
-        out = await self._ledger(
-            "split",
-            claims,
-            parent_id=claims.sub,
-            spec=spec,
-        )
+        out = await self._ledger("split", request, parent_id=claims.sub, spec=spec)
         return {"token": plain(out["token"]), "credential": out["credential"]}
 
     @api.post("/v1/tokens/{token_id}/revoke")
     async def revoke(self, request: Request, token_id: str) -> dict[str, Any]:
         self._start(request)
-        claims = await self._claims(request)
-        out = await self._ledger(
-            "revoke",
-            claims,
-            token_id=token_id,
-        )
+        out = await self._ledger("revoke", request, token_id=token_id)
         return {"returned": out["returned"], "token": plain(out["token"])}
 
     @api.post("/v1/tokens/{token_id}/reclaim")
     async def reclaim(self, request: Request, token_id: str, body: ReclaimBody | None = None) -> dict[str, Any]:
         self._start(request)
-        claims = await self._claims(request)
-        out = await self._ledger(
-            "reclaim",
-            claims,
-            token_id=token_id,
-            units=body.units if body else None,
-        )
+        out = await self._ledger("reclaim", request, token_id=token_id, units=body.units if body else None)
         return {"returned": out["returned"], "token": plain(out["token"])}
 
     @api.post("/v1/tokens/{token_id}/rotate")
     async def rotate(self, request: Request, token_id: str) -> dict[str, Any]:
         self._start(request)
-        claims = await self._claims(request)
-        out = await self._ledger(
-            "rotate",
-            claims,
-            token_id=token_id,
-        )
+        out = await self._ledger("rotate", request, token_id=token_id)
         return {"token": plain(out["token"]), "credential": out["credential"]}
 
     # ------------------------------------------------------------ handle API (Ray jobs)

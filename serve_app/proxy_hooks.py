@@ -10,8 +10,11 @@ That is only safe if clients cannot choose the id: a client repeating one id on 
 have its concurrent copies admitted as redeliveries of one charged request. This middleware runs
 in the proxy before Serve's own request-id middleware and renames a client's `X-Request-ID` to
 `X-Client-Request-ID`, so Serve always generates the id, and marks the request as checked
-(`X-YT-Proxy-Checked`, after removing any copy a client sent). It is installed through Ray's
-environment variable, which every Ray process of the cluster must carry:
+(`X-YT-Proxy-Checked`, after removing any copy a client sent). The mark's value is a per-cluster
+secret (random, kept in Ray's internal key-value store, never sent to clients), so a client cannot
+pose as the middleware even where it is NOT installed (e.g. `serve run ray_config.yaml` from a shell
+without the variable): the ingress compares the mark with the same secret. It is installed through
+Ray's environment variable, which every Ray process of the cluster must carry:
 
     RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve_app.proxy_hooks:middlewares
 
@@ -22,7 +25,11 @@ random ledger id (safe, but a Ray redelivery would then be charged twice).
 
 from __future__ import annotations
 
+import hmac
 import os
+import secrets
+import time
+from collections.abc import Callable
 from typing import Any
 
 from starlette.middleware import Middleware
@@ -32,13 +39,48 @@ CALLBACK = "serve_app.proxy_hooks:middlewares"
 _CLIENT_HEADER = b"x-request-id"
 _RENAMED = b"x-client-request-id"
 MARK = b"x-yt-proxy-checked"  # set only here; a client's copy is dropped
+_KV_KEY = b"yolo-tokens/proxy-mark"
+_KV_NAMESPACE = b"yolo-tokens"
+_RETRY_S = 1.0
+
+
+def cluster_secret() -> bytes | None:
+    """The cluster's mark secret from Ray's internal KV, created by whichever side asks first
+    (the proxy middleware or an ingress replica). None outside a Ray worker."""
+    from ray.experimental import internal_kv  # here: this module is imported by the proxy, before Ray is up
+
+    if not internal_kv._internal_kv_initialized():
+        return None
+    internal_kv._internal_kv_put(_KV_KEY, secrets.token_hex(32).encode(), overwrite=False, namespace=_KV_NAMESPACE)
+    value = internal_kv._internal_kv_get(_KV_KEY, namespace=_KV_NAMESPACE)
+    return bytes(value) if value else None
+
+
+class MarkSecret:
+    """The secret, fetched once (retried at most every second until it is there)."""
+
+    def __init__(self, source: Callable[[], bytes | None] = cluster_secret) -> None:
+        self.source = source
+        self.value: bytes | None = None
+        self.tried_at = float("-inf")
+
+    def get(self) -> bytes | None:
+        if self.value is None and time.monotonic() - self.tried_at >= _RETRY_S:
+            self.tried_at = time.monotonic()
+            self.value = self.source()
+        return self.value
+
+    def matches(self, presented: str | None) -> bool:
+        secret = self.get()
+        return secret is not None and presented is not None and hmac.compare_digest(presented.encode(), secret)
 
 
 class ClientRequestIdMiddleware:
     """Pure ASGI: renames the client's X-Request-ID before Serve reads it, and marks the request."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, secret: MarkSecret | None = None) -> None:
         self.app = app
+        self.secret = secret or MarkSecret()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope.get("type") in ("http", "websocket"):
@@ -47,7 +89,8 @@ class ClientRequestIdMiddleware:
                 for k, v in scope.get("headers") or []
                 if k.lower() != MARK
             ]
-            scope = {**scope, "headers": [*headers, (MARK, b"1")]}
+            mark = self.secret.get()
+            scope = {**scope, "headers": [*headers, (MARK, mark)] if mark else headers}
         await self.app(scope, receive, send)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from ledger.credentials import KeyRing, issue
-from serve_app import pipeline as pipeline_mod
+from serve_app import auth as auth_mod
 from serve_app.config import AppArgs
 from serve_app.errors import ApiError
 from serve_app.pipeline import Pipeline
@@ -69,7 +69,7 @@ async def test_given_unknown_kids_then_at_most_one_fetch_per_interval(
             await pipe.verify(credential(other))
         assert err.value.code == "invalid_token"
     assert gate.fetches == 1  # within the interval: no flood of fetches
-    monkeypatch.setattr(pipeline_mod, "KEY_REFRESH_INTERVAL_S", 0.0)
+    monkeypatch.setattr(auth_mod, "KEY_REFRESH_INTERVAL_S", 0.0)
     with pytest.raises(ApiError):
         await pipe.verify(credential(other))
     assert gate.fetches == 2

@@ -6,22 +6,27 @@ import asyncio
 from typing import Any
 
 from serve_app import proxy_hooks
-from serve_app.proxy_hooks import ClientRequestIdMiddleware
+from serve_app.proxy_hooks import ClientRequestIdMiddleware, MarkSecret
+
+SECRET = b"0123abcd" * 8
 
 
-def headers_seen(headers: list[tuple[bytes, bytes]], kind: str = "http") -> list[tuple[bytes, bytes]]:
+def headers_seen(
+    headers: list[tuple[bytes, bytes]], kind: str = "http", secret: bytes | None = SECRET
+) -> list[tuple[bytes, bytes]]:
     seen: dict[str, Any] = {}
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         seen["headers"] = scope["headers"]
 
-    asyncio.run(ClientRequestIdMiddleware(app)({"type": kind, "headers": headers}, None, None))
+    mw = ClientRequestIdMiddleware(app, MarkSecret(lambda: secret))
+    asyncio.run(mw({"type": kind, "headers": headers}, None, None))
     return list(seen["headers"])
 
 
 def test_given_a_client_x_request_id_then_it_is_renamed_and_the_request_marked() -> None:
     raw = [(b"host", b"x"), (b"x-request-id", b"mine"), (b"X-Request-ID", b"again"), (b"accept", b"*/*")]
-    mark = (proxy_hooks.MARK, b"1")
+    mark = (proxy_hooks.MARK, SECRET)
     assert headers_seen(raw) == [
         (b"host", b"x"),
         (b"x-client-request-id", b"mine"),
@@ -35,7 +40,31 @@ def test_given_a_client_x_request_id_then_it_is_renamed_and_the_request_marked()
 
 def test_given_a_client_copy_of_the_mark_then_only_the_middlewares_remains() -> None:
     forged = [(b"X-YT-Proxy-Checked", b"1"), (b"x-yt-proxy-checked", b"yes"), (b"host", b"x")]
-    assert headers_seen(forged) == [(b"host", b"x"), (proxy_hooks.MARK, b"1")]
+    assert headers_seen(forged) == [(b"host", b"x"), (proxy_hooks.MARK, SECRET)]
+
+
+def test_given_no_cluster_secret_then_requests_pass_unmarked_and_client_marks_are_still_dropped() -> None:
+    forged = [(b"x-yt-proxy-checked", b"1"), (b"host", b"x")]
+    assert headers_seen(forged, secret=None) == [(b"host", b"x")]
+
+
+def test_given_the_ingress_check_then_only_the_cluster_secret_counts_as_the_mark() -> None:
+    """A client's header can never pose as the mark, with or without the middleware installed."""
+    ingress = MarkSecret(lambda: SECRET)
+    assert ingress.matches(SECRET.decode())
+    for forged in (None, "", "1", "yes", SECRET.decode()[:-1], SECRET.decode() + "0", SECRET.decode().upper()):
+        assert not ingress.matches(forged), forged
+    no_secret = MarkSecret(lambda: None)  # outside Ray, or the KV unreachable: nothing is trusted
+    assert not no_secret.matches("1") and not no_secret.matches("")
+
+
+def test_given_the_secret_source_fails_at_first_then_it_is_fetched_again_later(monkeypatch: Any) -> None:
+    answers = iter([None, SECRET])
+    secret = MarkSecret(lambda: next(answers))
+    assert secret.get() is None
+    monkeypatch.setattr(proxy_hooks, "_RETRY_S", 0.0)
+    assert secret.get() == SECRET
+    assert secret.get() == SECRET  # cached
 
 
 def test_given_a_lifespan_scope_then_it_passes_untouched() -> None:

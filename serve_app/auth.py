@@ -1,0 +1,69 @@
+"""Credential checks of the serving side: signatures verified locally against the ledger's public keys.
+
+`KeyedVerifier` holds the public key ring and fetches it on first need (a fresh replica starts
+with none) and when a credential names a kid it lacks (a key rotated in), single-flight and at
+most once per `KEY_REFRESH_INTERVAL_S`, so random kids cannot flood the ledger. Revocation,
+expiry of ancestors and quota are NOT decided here: the ledger decides them at admission.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+
+from ledger.codes import Code
+from ledger.credentials import Claims, Verifier
+from ledger.errors import CredentialError
+from serve_app.errors import ApiError
+
+KEY_REFRESH_INTERVAL_S = 5.0
+log = logging.getLogger(__name__)
+
+KeySource = Callable[[], Awaitable[Mapping[str, bytes]]]
+
+
+class KeyedVerifier:
+    """Plain object, one per replica; `fetch` returns the ledger's public key ring."""
+
+    def __init__(self, fetch: KeySource, public_keys: Mapping[str, bytes] | None = None) -> None:
+        self.fetch = fetch
+        self.verifier = Verifier(public_keys or {})
+        # -inf: the first credential with a kid we lack fetches the ring at once
+        self.keys_at = float("-inf")
+        self._key_fetch: asyncio.Future[None] | None = None
+
+    async def verify(self, credential: str | None, typ: str = "access") -> Claims:
+        """The credential's verified claims, or `ApiError` (401 codes, `forbidden` for the wrong type,
+        `ledger_unavailable` while no key could be fetched yet)."""
+        try:
+            claims = self.verifier.verify(credential)
+        except CredentialError as exc:
+            # an unknown kid may be a key rotated in after we loaded ours (or we have none yet)
+            if exc.code is not Code.INVALID_TOKEN:
+                raise ApiError.from_code(exc.code, exc.message) from None
+            await self.refresh_keys()
+            try:
+                claims = self.verifier.verify(credential)
+            except CredentialError as again:
+                raise ApiError.from_code(again.code, again.message) from None
+        if claims.typ != typ:
+            raise ApiError("forbidden", f"a {claims.typ} credential cannot be used here")
+        return claims
+
+    async def refresh_keys(self) -> None:
+        """Fetch the public key ring, single-flight and at most once per interval."""
+        stale = time.monotonic() - self.keys_at > KEY_REFRESH_INTERVAL_S
+        if self._key_fetch is None or (self._key_fetch.done() and stale):
+            self.keys_at = time.monotonic()
+            self._key_fetch = asyncio.ensure_future(self._fetch_keys())
+        await asyncio.shield(self._key_fetch)
+        if not self.verifier.has_keys:
+            raise ApiError("ledger_unavailable", "signing keys are not available yet; retry shortly")
+
+    async def _fetch_keys(self) -> None:
+        try:
+            self.verifier.update_keys(await self.fetch())
+        except Exception as exc:  # the ledger restarting: keep the keys we have, try again next interval
+            log.warning("public key refresh failed: %s", type(exc).__name__)
