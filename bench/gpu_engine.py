@@ -4,6 +4,7 @@ Runs on a GPU machine from one prepared call (no downloads: the model is built f
 yaml shipped in ultralytics with random weights, which costs the same FLOPs as trained ones):
 
     python -m bench.gpu_engine --imgsz 640 --batches 1 8 32 64 128 --backends torch tensorrt
+    python -m bench.gpu_engine --frame 1280x720 ...   # camera frames: letterboxed to 384 x 640, as predict() does
 
 Prints one JSON object per (backend, batch) and a summary last. A backend that cannot run
 here (no GPU, no tensorrt) is reported with its reason, never silently replaced.
@@ -43,17 +44,22 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--backends", nargs="+", default=["torch", "tensorrt"])
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--frame", default=None, help="WIDTHxHEIGHT of the frames; default imgsz x imgsz")
     a = ap.parse_args()
+    width, height = (int(v) for v in a.frame.lower().split("x")) if a.frame else (a.imgsz, a.imgsz)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     work = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
     weights = build_weights(a.arch, work)
     rng = np.random.default_rng(0)
-    frames = [rng.integers(0, 255, (a.imgsz, a.imgsz, 3), dtype=np.uint8) for _ in range(max(a.batches))]
+    frames = [rng.integers(0, 255, (height, width, 3), dtype=np.uint8) for _ in range(max(a.batches))]
     best: dict[str, float] = {}
     for backend in a.backends:
         try:
-            engine = YoloEngine(weights, backend=backend, device=device, half=cuda, imgsz=a.imgsz)
+            # max_batch: each measured batch is one forward pass (and the TensorRT profile's largest batch)
+            engine = YoloEngine(
+                weights, backend=backend, device=device, half=cuda, imgsz=a.imgsz, max_batch=max(a.batches)
+            )
         except EngineError as exc:
             print(json.dumps({"bench": "gpu_engine", "backend": backend, "skipped": str(exc)}), flush=True)
             continue
@@ -74,6 +80,8 @@ def main() -> None:
                 "half": cuda,
                 "arch": a.arch,
                 "imgsz": a.imgsz,
+                "frame": f"{width}x{height}",
+                "input": "x".join(map(str, engine.input_shape(height, width))),
                 "batch": batch,
                 "images": n,
                 "images_per_s": round(n / elapsed, 1),

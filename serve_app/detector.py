@@ -1,7 +1,9 @@
 """Detector: one deployment per model version (DESIGN §1), a thin shell over `YoloEngine`.
 
-Concurrent calls are merged by `@serve.batch` into one forward pass; each call carries its
-own images and inference parameters and gets its own detections back. The forward pass runs
+Concurrent calls are merged by `@serve.batch`; the engine runs one forward pass per letterboxed
+shape (images of any sizes, preprocessed as ultralytics' `predict()` does, so a camera stream of
+one shape batches fully), at most `max_batch_size` images a pass. Each call carries its own images
+and inference parameters and gets its own detections back, in order. The forward passes run
 in a worker thread, one batch at a time (serve.batch's default), so the replica's event loop
 keeps taking requests for the next batch meanwhile.
 """
@@ -31,6 +33,7 @@ class Detector:
             device="cuda" if spec.num_gpus > 0 else "cpu",
             half=spec.half,
             imgsz=spec.imgsz,
+            max_batch=spec.max_batch_size,
         )
         self.detect_batch.set_max_batch_size(spec.max_batch_size)
         self.detect_batch.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)

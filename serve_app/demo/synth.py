@@ -171,6 +171,22 @@ def render(seed: int, split: str, index: int, size: int = 320) -> tuple[Image.Im
     return img, boxes
 
 
+def scene(seed: int, split: str, index: int, width: int, height: int, tiles: int = 2) -> Image.Image:
+    """A non-square scene of parts: square renders tiled over a width x height canvas.
+
+    `tiles` renders span the long side, so a model letterboxing the scene to imgsz sees each
+    tile at imgsz / tiles pixels; tiles at the edges are cropped. Deterministic in all arguments.
+    Not used for training (`render` stays the training generator); for shape and parity tests.
+    """
+    side = max(1, math.ceil(max(width, height) / tiles))
+    canvas = Image.new("RGB", (width, height))
+    for row in range(math.ceil(height / side)):
+        for col in range(math.ceil(width / side)):
+            tile = render(seed, f"{split}/scene{index}", row * 64 + col)[0]
+            canvas.paste(tile.resize((side, side), Image.Resampling.BILINEAR), (col * side, row * side))
+    return canvas
+
+
 def write_dataset(out: Path, seed: int = 0, train: int = 300, val: int = 100, size: int = 320) -> Path:
     """Write images/ and labels/ for train and val plus `data.yaml`; returns the yaml path."""
     for split, n in (("train", train), ("val", val)):
