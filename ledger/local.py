@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from ledger.errors import ConfigError
@@ -32,14 +35,52 @@ def ray_env() -> dict[str, str]:
     return env
 
 
-class LocalRay:
-    """`ray start --head --block` as a child process; `stop()` ends it (and so its node) by pid."""
+def ensure_auth_token(env: Mapping[str, str] | None = None) -> Path | None:
+    """Make sure Ray's token authentication finds a token, as `ray get-auth-token --generate` would.
 
-    def __init__(self, port: int = 6380, num_cpus: int | None = None, log: Path | None = None) -> None:
+    On a machine where Ray never ran there is no `~/.ray/auth_token`, and `ray start` with token
+    auth refuses to start. Returns the token file created (mode 0600), or None when a token was
+    already there (`RAY_AUTH_TOKEN`, the file `RAY_AUTH_TOKEN_PATH` names, or `~/.ray/auth_token`).
+    """
+    env = os.environ if env is None else env
+    if env.get("RAY_AUTH_TOKEN"):
+        return None
+    path = Path(env["RAY_AUTH_TOKEN_PATH"]) if env.get("RAY_AUTH_TOKEN_PATH") else Path.home() / ".ray" / "auth_token"
+    if path.is_file() and path.read_text().strip():
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))  # 256 bits, Ray's own format
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class LocalRay:
+    """`ray start --head --block` as a child process; `stop()` ends it (and so its node) by pid.
+
+    The dashboard listens on 127.0.0.1 (`dashboard_port`): Ray's Jobs API (`ray job submit`) and
+    `serve status` go through it. Token authentication is on; a missing token is generated first.
+    """
+
+    def __init__(
+        self, port: int = 6380, num_cpus: int | None = None, log: Path | None = None, dashboard_port: int = 8265
+    ) -> None:
         self.port = port
         self.num_cpus = num_cpus
         self.log = log
+        self.dashboard_port = dashboard_port
         self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.dashboard_port}"
 
     @property
     def address(self) -> str:
@@ -49,6 +90,7 @@ class LocalRay:
         ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
         if ray_bin is None:
             raise ConfigError("the `ray` command is not installed in this environment")
+        ensure_auth_token()
         cmd = [
             ray_bin,
             "start",
@@ -56,7 +98,12 @@ class LocalRay:
             "--block",
             f"--node-ip-address={LOOPBACK}",
             f"--port={self.port}",
-            "--include-dashboard=false",
+            "--include-dashboard=true",
+            f"--dashboard-host={LOOPBACK}",
+            f"--dashboard-port={self.dashboard_port}",
+            # the agent's default port (52365) is taken by any other Ray on this host: job submission
+            # then fails with "No available agent"
+            f"--dashboard-agent-listen-port={free_port()}",
             "--disable-usage-stats",
         ]
         if self.num_cpus is not None:

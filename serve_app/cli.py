@@ -97,7 +97,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     args, http = load_config(a.config)
     settings = args.ledger_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    local = LocalRay(port=a.port, log=settings.data_dir / "ray.log")
+    local = LocalRay(port=a.port, log=settings.data_dir / "ray.log", dashboard_port=a.dashboard_port)
     console = Console(a.console_port, settings.data_dir / "console.log")
     stop = {"now": False}
 
@@ -122,6 +122,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
         print(f'  curl -s -X POST "{url}/v1/detect" -H "Authorization: Bearer {demo["credential"]}" \\')
         print('       -H "Content-Type: image/jpeg" --data-binary @your-image.jpg')
         print(f"  API docs: {url}/docs    CLI: yolo-tokens --address {address} token list")
+        print(f"\nRay: dashboard {local.dashboard_url}; Ray's tools and drivers need the token mode exported:")
+        print(f"  export RAY_AUTH_MODE=token   # the token is {_token_hint()}")
+        print(f"  ray status --address {address}    serve status -a {local.dashboard_url}")
+        print(
+            f"  ray job submit --address {local.dashboard_url} --working-dir cluster -- "
+            "python detect_job.py --token $TOKEN /abs/path/image.jpg"
+        )
         if console_url is not None:
             print(f"\nconsole: {console_url}  (log: {console.log})")
             print(f"  admin credential for the console (12 h, shown once):\n  {client.issue_admin('console')}")
@@ -140,6 +147,12 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
+def _token_hint() -> str:
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "in $RAY_AUTH_TOKEN"
+    return os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = ledger_cli.build_parser()
     sub = next(x for x in ap._subparsers._group_actions if isinstance(x, argparse._SubParsersAction))  # type: ignore[union-attr]
@@ -147,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="Serve config file (default: ray_config.yaml)")
     p.add_argument("--port", type=int, default=6380, help="Ray head (GCS) port")
     p.add_argument("--console-port", type=int, default=8501, help="Streamlit console port (127.0.0.1)")
+    p.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard and Jobs API port (127.0.0.1)")
     p.add_argument("--no-console", action="store_true", help="do not start the console")
 
     p = sub.add_parser("detect", help="detect objects in an image file or a folder of images over HTTP")

@@ -29,7 +29,7 @@ def ray_cluster() -> Iterator[None]:
 
     ray.init(
         address="local",
-        num_cpus=4,
+        num_cpus=6,  # logical: the live app, its side apps and the ledger fit; the 2 real cores are shared
         include_dashboard=False,
         namespace="yt-tests",
         _node_ip_address="127.0.0.1",

@@ -21,11 +21,11 @@ from ledger.codes import Code
 from ledger.credentials import KeyRing, issue
 from ledger.entities import Admission, Decision, Settlement
 from serve_app import gate as gate_mod
+from serve_app.auth import KeyedVerifier
 from serve_app.catalog import ModelCatalog
 from serve_app.config import DEMO_WEIGHTS, ModelSpec
 from serve_app.errors import ApiError
 from serve_app.gate import GateRequest, TokenGate
-from serve_app.auth import KeyedVerifier
 from serve_app.results import Detection, InferenceParams
 
 GateClass: Any = TokenGate.func_or_class  # the plain class behind the deployment

@@ -26,6 +26,7 @@ pytestmark = pytest.mark.ray
 PORT = 6391
 HTTP_PORT = 8124
 CONSOLE_PORT = 8526
+DASHBOARD_PORT = 8276
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -36,7 +37,12 @@ def _running(pid: int) -> bool:
         return False
 
 
+def ray_tool(args: list[str], env: dict[str, str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
 def test_given_serve_when_started_then_demo_token_is_printed_and_ctrl_c_stops_every_process(tmp_path: Path) -> None:
+    """On a fresh machine: a $HOME where Ray, ultralytics and the service never ran (no ~/.ray)."""
     exe = str(Path(sys.executable).parent / "yolo-tokens")
     config = yaml.safe_load((REPO / "ray_config.yaml").read_text())  # the shipped file, pointed at tmp_path
     config["http_options"]["port"] = HTTP_PORT
@@ -44,7 +50,16 @@ def test_given_serve_when_started_then_demo_token_is_printed_and_ctrl_c_stops_ev
     app_args.update(database_url=f"sqlite:///{tmp_path / 'var' / 'ledger.db'}", data_dir=str(tmp_path / "var"))
     app_args["models"][0]["weights"] = str(DEMO_WEIGHTS)
     (tmp_path / "ray_config.yaml").write_text(yaml.safe_dump(config))
-    env = {**os.environ, "YT_DATABASE_URL": app_args["database_url"], "YT_DATA_DIR": app_args["data_dir"]}
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "YT_DATABASE_URL": app_args["database_url"],
+        "YT_DATA_DIR": app_args["data_dir"],
+    }
+    env.pop("RAY_AUTH_TOKEN", None)
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
     log = (tmp_path / "serve.log").open("w+")
     proc = subprocess.Popen(
         [
@@ -56,6 +71,8 @@ def test_given_serve_when_started_then_demo_token_is_printed_and_ctrl_c_stops_ev
             str(tmp_path / "ray_config.yaml"),
             "--console-port",
             str(CONSOLE_PORT),
+            "--dashboard-port",
+            str(DASHBOARD_PORT),
         ],
         env=env,
         stdout=log,
@@ -96,6 +113,35 @@ def test_given_serve_when_started_then_demo_token_is_printed_and_ctrl_c_stops_ev
         assert [t["name"] for t in json.loads(listed.stdout)] == ["demo"]
         assert (tmp_path / "var" / "ledger.db").exists()
 
+        # Ray's own tools and a Ray job, as the README shows them, from a shell with the same $HOME
+        token_file = home / ".ray" / "auth_token"
+        assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+        assert "export RAY_AUTH_MODE=token" in text
+        bin_dir = Path(sys.executable).parent
+        shell = {**env, "RAY_AUTH_MODE": "token"}
+        status = ray_tool([str(bin_dir / "ray"), "status", "--address", f"127.0.0.1:{PORT}"], shell)
+        assert status.returncode == 0 and "Resources" in status.stdout, status.stderr[-2000:]
+        dash = f"http://127.0.0.1:{DASHBOARD_PORT}"
+        served = ray_tool([str(bin_dir / "serve"), "status", "-a", dash], shell)
+        assert served.returncode == 0 and "yolo-tokens" in served.stdout and "RUNNING" in served.stdout, served.stderr
+        sample_jpg = tmp_path / "part.jpg"
+        render(12, "job", 0, 320)[0].save(sample_jpg)
+        driver = ray_tool(
+            [sys.executable, str(REPO / "cluster" / "detect_job.py"), "--address", f"127.0.0.1:{PORT}",
+             "--token", credential, str(sample_jpg)],
+            shell,
+        )  # fmt: skip
+        assert driver.returncode == 0, driver.stderr[-3000:]
+        line = json.loads(driver.stdout.strip().splitlines()[-1])
+        assert line["units"] == 1 and line["detections"], line
+        job = ray_tool(
+            [str(bin_dir / "ray"), "job", "submit", "--address", dash, "--working-dir", str(REPO / "cluster"),
+             "--", "python", "detect_job.py", "--token", credential, str(sample_jpg)],
+            shell,
+            timeout=300,
+        )  # fmt: skip
+        assert job.returncode == 0 and '"units": 1' in job.stdout, job.stdout[-3000:] + job.stderr[-3000:]
+
         # the console, served by `serve`, looked at in headless Chromium: real numbers appear
         assert f"console: http://127.0.0.1:{CONSOLE_PORT}" in text
         admin = text.split("(12 h, shown once):\n", 1)[1].splitlines()[0].strip()
@@ -103,9 +149,9 @@ def test_given_serve_when_started_then_demo_token_is_printed_and_ctrl_c_stops_ev
         sample = tmp_path / "parts.png"
         render(11, "console", 0, 320)[0].save(sample)
         seen = screenshot_console(f"http://127.0.0.1:{CONSOLE_PORT}", admin, shots, credential, sample)
-        assert "9999" in seen["overview"] and "Packages" in seen["overview"]  # 10,000 less the one detection
-        assert "demo" in seen["tree"] and "10000" in seen["tree"] and "9999" in seen["tree"]
-        assert "detections" in seen["try"] and "9998 of 10000 remaining" in seen["try"]
+        assert "9997" in seen["overview"] and "Packages" in seen["overview"]  # 10,000 less three detections
+        assert "demo" in seen["tree"] and "10000" in seen["tree"] and "9997" in seen["tree"]
+        assert "detections" in seen["try"] and "9996 of 10000 remaining" in seen["try"]
         for name in ("console-overview.png", "console-token-tree.png", "console-try-it.png"):
             assert (shots / name).stat().st_size > 20_000
         assert oct((tmp_path / "var" / "keys").stat().st_mode & 0o777) == "0o700"

@@ -1,0 +1,50 @@
+"""A Ray job that detects through the running service's handle (README: "From a Ray job").
+
+    export RAY_AUTH_MODE=token
+    ray job submit --address http://127.0.0.1:8265 --working-dir cluster -- \
+        python detect_job.py --token "$TOKEN" /abs/path/part.jpg
+    # or as a driver of your own:  python cluster/detect_job.py --address 127.0.0.1:6380 --token "$TOKEN" part.jpg
+
+Prints one JSON line per image file with its detections and the units charged. Same checks and
+accounting as HTTP; `--request-id` makes a retry free (the handle's idempotency key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import ray
+from ray import serve
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("images", nargs="+", type=Path)
+    ap.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "auto"), help="Ray cluster (GCS) address")
+    ap.add_argument("--token", default=os.environ.get("YT_TOKEN"), help="credential (default: $YT_TOKEN)")
+    ap.add_argument("--model", default=None, help="name or name@version")
+    ap.add_argument("--request-id", default=None, help="idempotency key of the call")
+    a = ap.parse_args()
+    if not a.token:
+        print("error: give --token or $YT_TOKEN", file=sys.stderr)
+        return 2
+    ray.init(address=a.address, log_to_driver=False)
+    handle = serve.get_app_handle("yolo-tokens")
+    try:
+        result = handle.detect.remote(
+            token=a.token, images=[p.read_bytes() for p in a.images], model=a.model, request_id=a.request_id
+        ).result(timeout_s=300)
+    except Exception as exc:  # a denial: ApiError with its code from the error table
+        print(json.dumps({"error": getattr(exc, "code", type(exc).__name__), "message": str(exc)[:300]}))
+        return 1
+    for path, image in zip(a.images, result["images"], strict=True):
+        print(json.dumps({"file": str(path), "detections": image["detections"], "units": result["usage"]["units"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Never charged without an answer, over real HTTP and handles, through the real graph.
+
+A side app beside the live one shares its ledger and serves two versions made to misbehave:
+`cold@1` needs 64 CPUs (the test cluster has 6: it can never be scheduled) and `slow@1` holds
+each lone request for 4 s in its batch window (time for a client to hang up mid-inference).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from ledger.entities import TokenSpec
+from ledger.store.repository import Store, UsageQuery
+from serve_app.config import DEMO_WEIGHTS, AppArgs, Autoscaling, ModelSpec
+from serve_app.errors import ApiError
+from serve_app.gate import GateRequest
+from serve_app.results import InferenceParams
+from tests.serve_app.conftest import LiveApp, jpeg
+
+pytestmark = pytest.mark.ray
+SIDE = "yt-no-answer"
+COLD_TIMEOUT_S = 4.0
+
+
+@dataclass
+class SideApp:
+    url: str
+    live: LiveApp
+
+
+@pytest.fixture(scope="module")
+def side_app(live_app: LiveApp) -> Iterator[SideApp]:
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    args = AppArgs(
+        database_url=live_app.args.database_url,
+        data_dir=live_app.args.data_dir,
+        ledger_name=live_app.args.ledger_name,
+        namespace=live_app.args.namespace,
+        models=[
+            ModelSpec(
+                name="cold",
+                version="1",
+                weights=DEMO_WEIGHTS,
+                imgsz=320,
+                num_cpus=64,
+                timeout_s=COLD_TIMEOUT_S,
+                autoscaling=Autoscaling(min_replicas=0, max_replicas=1),
+            ),
+            ModelSpec(
+                name="slow",
+                version="1",
+                weights=DEMO_WEIGHTS,
+                imgsz=320,
+                num_cpus=0.25,
+                max_batch_size=8,
+                batch_wait_timeout_s=4.0,
+                autoscaling=Autoscaling(min_replicas=1, max_replicas=1),
+            ),
+        ],
+        default_model="slow@1",
+    )
+    serve.run(build_app(args), name=SIDE, route_prefix="/noanswer")
+    yield SideApp(f"{live_app.url}/noanswer", live_app)
+    serve.delete(SIDE)
+
+
+def package(app: LiveApp, units: int = 20) -> tuple[str, str]:
+    out = app.ledger.create_package(TokenSpec.build(f"na-{uuid.uuid4().hex[:8]}", units))
+    return out["token"].id, out["credential"]
+
+
+def settled_rows(app: LiveApp, token_id: str, n: int, timeout_s: float = 30.0) -> list[dict[str, Any]]:
+    """The token's usage rows once `n` of them exist and none is still `admitted`."""
+    store = Store(app.args.ledger_settings().database_url)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            rows = store.usage(UsageQuery(token_id=token_id, limit=100))
+            if (len(rows) >= n and all(r["state"] != "admitted" for r in rows)) or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.2)
+    finally:
+        store.close()
+
+
+def test_given_a_version_that_cannot_be_scheduled_then_503_within_its_timeout_and_nothing_charged(
+    side_app: SideApp,
+) -> None:
+    tid, cred = package(side_app.live)
+    headers = {"Authorization": f"Bearer {cred}", "Content-Type": "image/jpeg"}
+    for _ in range(3):
+        t0 = time.monotonic()
+        r = httpx.post(
+            f"{side_app.url}/v1/detect", params={"model": "cold@1"}, content=jpeg(), headers=headers, timeout=60
+        )
+        elapsed = time.monotonic() - t0
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "model_unavailable"
+        assert int(r.headers["Retry-After"]) >= 1
+        assert COLD_TIMEOUT_S - 0.5 <= elapsed < COLD_TIMEOUT_S + 10, elapsed
+    rows = settled_rows(side_app.live, tid, 3)
+    assert [(r["state"], r["units"]) for r in rows] == [("refunded", 0)] * 3
+    assert side_app.live.ledger.token(tid).used == 0
+    models = httpx.get(f"{side_app.url}/v1/models", headers=headers, timeout=30).json()["models"]
+    cold = next(m for m in models if m["key"] == "cold@1")
+    assert cold["status"] == "unschedulable" and "CPU 64" in cold["message"], cold
+    assert next(m for m in models if m["key"] == "slow@1")["status"] != "unschedulable"
+
+
+def test_given_a_client_that_hangs_up_mid_inference_then_refunded(side_app: SideApp) -> None:
+    tid, cred = package(side_app.live)
+    headers = {"Authorization": f"Bearer {cred}", "Content-Type": "image/jpeg"}
+    for _ in range(2):  # the client's read timeout closes the connection while the batch window holds it
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{side_app.url}/v1/detect", content=jpeg(), headers=headers, timeout=1.5)
+    rows = settled_rows(side_app.live, tid, 2)
+    assert sorted(r["state"] for r in rows) == ["refunded", "refunded"], rows
+    assert side_app.live.ledger.token(tid).used == 0
+    # the client that waits gets its answer and pays for it
+    r = httpx.post(f"{side_app.url}/v1/detect", content=jpeg(), headers=headers, timeout=60)
+    assert r.status_code == 200, r.text
+    assert side_app.live.ledger.token(tid).used == 1
+
+
+def test_given_a_handle_caller_that_times_out_then_refunded(side_app: SideApp) -> None:
+    from ray import serve
+
+    tid, cred = package(side_app.live)
+    handle = serve.get_app_handle(SIDE)
+    response = handle.detect.remote(token=cred, images=[jpeg()])
+    with pytest.raises(TimeoutError):
+        response.result(timeout_s=1.0)
+    response.cancel()  # what a Ray job does when it stops waiting
+    rows = settled_rows(side_app.live, tid, 1)
+    assert [r["state"] for r in rows] == ["refunded"], rows
+    assert side_app.live.ledger.token(tid).used == 0
+
+
+def test_given_a_handle_to_the_gate_itself_then_no_unmetered_or_admin_path(side_app: SideApp) -> None:
+    """A Ray job that takes a handle to the token-check deployment gets what the ingress gets."""
+    from ray import serve
+
+    from serve_app.app import APP_NAME
+
+    tid, cred = package(side_app.live, 10)
+    gate = serve.get_deployment_handle("TokenGate", APP_NAME)
+    pixels = [np.zeros((32, 32, 3), np.uint8)]
+    for forged in (None, "", "Bearer nope"):
+        reply = gate.detect.remote(
+            GateRequest(uuid.uuid4().hex, forged, None, sizes=((32, 32),)), pixels, InferenceParams()
+        ).result()
+        assert reply.body is None and reply.error is not None and reply.error.status == 401, reply
+    # the gate prices the request itself: asking for the 2-unit version costs 2, whatever the caller thinks
+    reply = gate.detect.remote(
+        GateRequest(uuid.uuid4().hex, cred, "parts@2", sizes=((32, 32),)), pixels, InferenceParams()
+    ).result(timeout_s=120)
+    assert reply.error is None and reply.body["usage"]["units"] == 2
+    assert side_app.live.ledger.token(tid).used == 2
+    for cred_, op, kwargs in [
+        (None, "tokens", {}),
+        (cred, "create_package", {"spec": TokenSpec.build("free", 10**6)}),
+        (cred, "top_up", {"token_id": tid, "units": 1000}),
+        (cred, "issue_admin", {"name": "me", "ttl_s": 3600}),
+    ]:
+        with pytest.raises(ApiError) as err:
+            gate.call.remote(cred_, op, kwargs).result()
+        assert err.value.status in (401, 403), (op, err.value.code)
+    assert side_app.live.ledger.token(tid).allocation == 10
+
+
+def test_given_a_forged_proxy_mark_then_ray_names_the_request(side_app: SideApp) -> None:
+    tid, cred = package(side_app.live, 10)
+    headers = {
+        "Authorization": f"Bearer {cred}",
+        "Content-Type": "image/jpeg",
+        "X-YT-Proxy-Checked": "1",
+        "X-Request-ID": "forged-1",
+    }
+    ids = set()
+    for _ in range(2):
+        r = httpx.post(f"{side_app.live.url}/v1/detect", content=jpeg(), headers=headers, timeout=60)
+        assert r.status_code == 200, r.text
+        ids.add(r.json()["request_id"])
+    assert "forged-1" not in ids and len(ids) == 2
+    assert side_app.live.ledger.token(tid).used == 2
+
+
+def test_given_a_stored_idempotent_result_then_it_is_replayed_only_to_a_credential_admitted_now(
+    side_app: SideApp,
+) -> None:
+    live = side_app.live
+    tid, cred = package(live, 10)
+    headers = {"Authorization": f"Bearer {cred}", "Content-Type": "image/jpeg", "Idempotency-Key": "order-1"}
+    first = httpx.post(f"{live.url}/v1/detect", content=jpeg(), headers=headers, timeout=60)
+    assert first.status_code == 200, first.text
+    again = httpx.post(f"{live.url}/v1/detect", content=jpeg(), headers=headers, timeout=60)
+    assert again.status_code == 200 and again.headers.get("Idempotent-Replayed") == "true"
+    live.ledger.revoke(tid)
+    after = httpx.post(f"{live.url}/v1/detect", content=jpeg(), headers=headers, timeout=60)
+    assert after.status_code == 401 and after.json()["error"]["code"] == "revoked_token", after.text
+    assert "images" not in after.json()
