@@ -32,6 +32,11 @@ def ray_env() -> dict[str, str]:
     env["FORWARDED_ALLOW_IPS"] = ""
     # the proxy renames a client's X-Request-ID: request ids, which the ledger charges once, are Ray's
     env["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = "serve_app.proxy_hooks:middlewares"
+    # `python` in a Ray job's entrypoint (`ray job submit -- python job.py`) is the cluster's own
+    # interpreter, with Ray and this project installed, not whatever comes first on the caller's PATH
+    bin_dir = str(Path(sys.executable).parent)
+    if env.get("PATH", "").split(os.pathsep)[0] != bin_dir:
+        env["PATH"] = os.pathsep.join([bin_dir, *filter(None, [env.get("PATH")])])
     return env
 
 
