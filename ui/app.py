@@ -257,29 +257,53 @@ def page_audit(client: LedgerClient) -> None:
 def page_models() -> None:
     st.header("Models")
     try:
+        import ray
         from ray import serve
+        from ray.serve.context import _get_global_client
 
         status = serve.status()
+        details = _get_global_client().get_serve_details()
+        nodes = [n.get("Resources") or {} for n in ray.nodes() if n.get("Alive")]
     except Exception as exc:  # Serve not running on this cluster
         st.warning(f"Serve status unavailable: {type(exc).__name__}: {exc}")
         return
     rows = []
     for app_name, app in status.applications.items():
+        configs = details.get("applications", {}).get(app_name, {}).get("deployments", {})
         for dep_name, dep in app.deployments.items():
+            options = (configs.get(dep_name, {}).get("deployment_config") or {}).get("ray_actor_options") or {}
+            placement = unplaceable(options, nodes)
             rows.append(
                 {
                     "application": app_name,
                     "deployment": dep_name,
-                    "status": str(dep.status.value if hasattr(dep.status, "value") else dep.status),
+                    "status": "UNSCHEDULABLE"
+                    if placement
+                    else str(dep.status.value if hasattr(dep.status, "value") else dep.status),
                     "replicas": sum(dep.replica_states.values()),
                     "replica states": ", ".join(f"{k}: {v}" for k, v in dep.replica_states.items()) or "none",
-                    "message": dep.message,
+                    "message": placement or dep.message,
                 }
             )
     if not rows:
         st.info("No Serve application is running.")
         return
+    for r in rows:
+        if r["status"] == "UNSCHEDULABLE":
+            st.error(f"{r['application']}/{r['deployment']} {r['message']}")
     st.dataframe(pd.DataFrame(rows), hide_index=True, use_container_width=True)
+
+
+def unplaceable(options: dict[str, Any], nodes: list[dict[str, float]]) -> str:
+    """Why no node of the cluster, even idle, could hold one replica with these actor options ('' if one could)."""
+    need = {"CPU": float(options.get("num_cpus") or 0), "GPU": float(options.get("num_gpus") or 0)}
+    need.update({k: float(v) for k, v in (options.get("resources") or {}).items()})
+    need = {k: v for k, v in need.items() if v > 0}
+    if not need or any(all(node.get(k, 0.0) >= v for k, v in need.items()) for node in nodes):
+        return ""
+    return "cannot be scheduled: each replica needs " + ", ".join(
+        f"{k} {v:g} (largest node: {max((node.get(k, 0.0) for node in nodes), default=0.0):g})" for k, v in need.items()
+    )
 
 
 def page_try() -> None:

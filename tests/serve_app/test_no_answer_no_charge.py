@@ -210,3 +210,22 @@ def test_given_a_stored_idempotent_result_then_it_is_replayed_only_to_a_credenti
     after = httpx.post(f"{live.url}/v1/detect", content=jpeg(), headers=headers, timeout=60)
     assert after.status_code == 401 and after.json()["error"]["code"] == "revoked_token", after.text
     assert "images" not in after.json()
+
+
+def test_given_a_version_that_cannot_be_scheduled_then_the_console_models_page_says_why(
+    side_app: SideApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import streamlit as st
+
+    from tests.ui.test_console import signed_in
+
+    monkeypatch.setenv("YT_LEDGER_NAME", side_app.live.args.ledger_name)
+    monkeypatch.setenv("YT_NAMESPACE", side_app.live.args.namespace)
+    st.cache_resource.clear()
+    try:
+        at = signed_in(side_app.live.ledger, "Models")
+        errors = [e.value for e in at.error]
+        assert any("Detector-cold-1" in e and "CPU 64" in e for e in errors), errors
+        assert not any("Detector-slow-1" in e for e in errors)
+    finally:
+        st.cache_resource.clear()

@@ -159,3 +159,16 @@ def test_given_the_models_page_then_it_reports_serve_or_says_it_is_not_running(c
     at = signed_in(console_ledger, "Models")
     shown = [d.value for d in at.dataframe] + [i.value for i in at.info] + [w.value for w in at.warning]
     assert shown, "the Models page must show deployments or say why it cannot"
+
+
+def test_given_actor_options_then_unplaceable_says_what_no_node_has() -> None:
+    from ui.app import unplaceable
+
+    nodes = [{"CPU": 4.0, "GPU": 0.0}, {"CPU": 16.0, "GPU": 1.0, "accel": 2.0}]
+    assert unplaceable({"num_cpus": 2, "num_gpus": 1}, nodes) == ""
+    assert unplaceable({}, nodes) == ""
+    why = unplaceable({"num_cpus": 64}, nodes)
+    assert "CPU 64" in why and "largest node: 16" in why
+    assert "GPU 2" in unplaceable({"num_cpus": 1, "num_gpus": 2}, nodes)
+    assert "accel 3" in unplaceable({"resources": {"accel": 3}}, nodes)
+    assert unplaceable({"num_cpus": 1}, []) != ""  # no live node at all
