@@ -24,7 +24,7 @@ from ledger.errors import CredentialError, LedgerError
 from ledger.reports import cost_report
 from ledger.settings import ClientSettings, LedgerSettings
 from ledger.store.repository import usage_csv
-from ui.data import DAY, overview, plain, tree_rows, usage_series
+from ui.data import DAY, overview, plain, tree_rows, unplaceable, usage_series
 
 PAGES = ("Overview", "Token tree", "Alerts", "Audit", "Models", "Try it")
 OUTCOMES = ("", "ok", "quota_exhausted", "rate_limited", "model_not_allowed", "ip_not_allowed", "expired_token",
@@ -292,18 +292,6 @@ def page_models() -> None:
         if r["status"] == "UNSCHEDULABLE":
             st.error(f"{r['application']}/{r['deployment']} {r['message']}")
     st.dataframe(pd.DataFrame(rows), hide_index=True, use_container_width=True)
-
-
-def unplaceable(options: dict[str, Any], nodes: list[dict[str, float]]) -> str:
-    """Why no node of the cluster, even idle, could hold one replica with these actor options ('' if one could)."""
-    need = {"CPU": float(options.get("num_cpus") or 0), "GPU": float(options.get("num_gpus") or 0)}
-    need.update({k: float(v) for k, v in (options.get("resources") or {}).items()})
-    need = {k: v for k, v in need.items() if v > 0}
-    if not need or any(all(node.get(k, 0.0) >= v for k, v in need.items()) for node in nodes):
-        return ""
-    return "cannot be scheduled: each replica needs " + ", ".join(
-        f"{k} {v:g} (largest node: {max((node.get(k, 0.0) for node in nodes), default=0.0):g})" for k, v in need.items()
-    )
 
 
 def page_try() -> None:

@@ -114,3 +114,15 @@ def tree_rows(tokens: Sequence[Any], root_id: str) -> list[dict[str, Any]]:
     if root is not None:
         walk(root, 0)
     return out
+
+
+def unplaceable(options: dict[str, Any], nodes: list[dict[str, float]]) -> str:
+    """Why no node of the cluster, even idle, could hold one replica with these actor options ('' if one could)."""
+    need = {"CPU": float(options.get("num_cpus") or 0), "GPU": float(options.get("num_gpus") or 0)}
+    need.update({k: float(v) for k, v in (options.get("resources") or {}).items()})
+    need = {k: v for k, v in need.items() if v > 0}
+    if not need or any(all(node.get(k, 0.0) >= v for k, v in need.items()) for node in nodes):
+        return ""
+    return "cannot be scheduled: each replica needs " + ", ".join(
+        f"{k} {v:g} (largest node: {max((node.get(k, 0.0) for node in nodes), default=0.0):g})" for k, v in need.items()
+    )

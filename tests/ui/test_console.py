@@ -162,7 +162,7 @@ def test_given_the_models_page_then_it_reports_serve_or_says_it_is_not_running(c
 
 
 def test_given_actor_options_then_unplaceable_says_what_no_node_has() -> None:
-    from ui.app import unplaceable
+    from ui.data import unplaceable
 
     nodes = [{"CPU": 4.0, "GPU": 0.0}, {"CPU": 16.0, "GPU": 1.0, "accel": 2.0}]
     assert unplaceable({"num_cpus": 2, "num_gpus": 1}, nodes) == ""
