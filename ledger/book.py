@@ -27,9 +27,12 @@ from ledger.entities import (
     UsageState,
 )
 from ledger.limits import ip_allowed, model_allowed
-from ledger.tree import MAX_UNITS, Tree
+from ledger.tree import MAX_TREE_DEPTH, MAX_UNITS, Tree
 
 IDEMPOTENCY_TTL_S = 24 * 3600.0
+# an idempotent admission still unsettled after this long was never answered (the serving side
+# gives up on a detector after 30 s): it is refunded and its key forgotten, so a retry is charged once
+IDEM_PENDING_TIMEOUT_S = 120.0
 RECENT_REQUEST_TTL_S = 120.0  # retries (proxy, client, actor restart) come within seconds
 MAX_RECENT = 1_000_000  # bound memory under sustained load: the oldest settled ids are forgotten first
 
@@ -48,8 +51,14 @@ class QuotaBook(Tree):
     """All packages' token trees plus admission state. Mutated only by its owner (the ledger
     actor), one call at a time."""
 
-    def __init__(self, clock: Callable[[], float]) -> None:
-        super().__init__(clock)
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        max_depth: int = MAX_TREE_DEPTH,
+        idem_pending_timeout_s: float = IDEM_PENDING_TIMEOUT_S,
+    ) -> None:
+        super().__init__(clock, max_depth)
+        self.idem_pending_timeout_s = idem_pending_timeout_s
         self.pending: dict[str, Pending] = {}
         # request_id -> (token_id, settled state, ts) for recently settled requests (dedupe retries)
         self.recent: dict[str, tuple[str, str, float]] = {}
@@ -65,8 +74,12 @@ class QuotaBook(Tree):
         idem: Iterable[IdemRecord],
         last_row_id: int = 0,
     ) -> None:
-        """Rebuild from stored rows (any order). Derived fields are recomputed here."""
-        self.link(nodes)
+        """Rebuild from stored rows (any order). Derived fields are recomputed here.
+
+        Rate buckets carry over from the nodes this book holds now (a rebuild in the same process
+        never refills them); a book that holds none (a cold start) starts every bucket empty.
+        A failure leaves the book as it was (see `Tree.link`)."""
+        self.link(nodes, carry=self.nodes)
         self.pending = {p.request_id: p for p in pending}
         self.recent = {rid: (tid, state, ts) for rid, tid, state, ts in recent}
         self.idem = {(r.token_id, r.key): r for r in idem}
@@ -76,6 +89,20 @@ class QuotaBook(Tree):
     def drain(self) -> Changes:
         out, self.out = self.out, Changes()
         return out
+
+    def give_back_rate(self, changes: Changes) -> None:
+        """Return the rate-bucket tokens taken by the admissions in `changes`, which will never be
+        committed (their batch failed): the book is about to be rebuilt, carrying these buckets."""
+        nodes = self.nodes
+        for row in changes.usage:
+            if row[7] != _ADMITTED:  # denials and redeliveries took none
+                continue
+            node = nodes.get(row[3])
+            if node is None:
+                continue
+            for n in node.path():
+                if n.bucket is not None:
+                    n.bucket.give_back()
 
     # ------------------------------------------------------------------ admission
     def admit_many(self, items: Iterable[Admission]) -> list[Decision]:
@@ -94,37 +121,8 @@ class QuotaBook(Tree):
             return self._deny(a, None, Code.INVALID_TOKEN, "unknown token", now)
         if a.jti != node.jti:
             return self._deny(a, node, Code.REVOKED_TOKEN, "credential was rotated or revoked", now)
-        # a request id names one request: the same id again is a redelivery of it (the client's
-        # resend to a restarted ledger, or Ray Serve retrying it on another replica). It is
-        # served without a second debit, after the same status, model and IP checks below.
-        prior = self.pending.get(a.request_id)
-        if prior is not None:
-            if prior.token_id != a.token_id:  # ids are per request; never let one token touch another's
-                return self._deny(a, node, Code.INVALID_REQUEST, "request id already in use", now)
-            if (prior.units, prior.model) != (a.units, a.model):
-                return self._deny(a, node, Code.INVALID_REQUEST, "request id already in use for another request", now)
-        else:
-            seen = self.recent.get(a.request_id)
-            if seen is not None and seen[0] == a.token_id and seen[1] != UsageState.REFUNDED.value:
-                # served and charged already; a refunded attempt cost nothing, so it may be admitted again
-                return self._decision(Code.REPLAY, a.request_id, node, 0, message=f"request already {seen[1]}")
-        if a.idem_key is not None and prior is None:
-            rec = self.idem.get((a.token_id, a.idem_key))
-            if rec is not None and now - rec.created_at >= IDEMPOTENCY_TTL_S:
-                self._forget_idem((a.token_id, a.idem_key))  # expired: the new request replaces its row
-                rec = None
-            if rec is not None:
-                if rec.body_hash != (a.body_hash or ""):
-                    return self._deny(
-                        a, node, Code.IDEMPOTENCY_CONFLICT, "Idempotency-Key reused with a different request body", now
-                    )
-                if rec.state != "done":
-                    return self._deny(
-                        a, node, Code.IDEMPOTENCY_IN_PROGRESS, "a request with this Idempotency-Key is in progress", now
-                    )
-                return self._decision(Code.REPLAY, rec.request_id, node, 0, replay=rec.result)
-        if type(a.units) is not int or not 0 < a.units <= MAX_UNITS:
-            return self._deny(a, node, Code.INVALID_REQUEST, f"units must be an integer in 1..{MAX_UNITS}", now)
+        # status and expiry first: a credential that would be refused now gets its 401, never a
+        # stored result (the replays below) nor a redelivery's OK
         path = node.path()
         for n in path:
             if n.status is not Status.ACTIVE:
@@ -139,6 +137,41 @@ class QuotaBook(Tree):
                 return self._deny(
                     a, node, Code.EXPIRED_TOKEN, f"token {'or an ancestor ' if n is not node else ''}has expired", now
                 )
+        # a request id names one request: the same id again is a redelivery of it (the client's
+        # resend to a restarted ledger, or Ray Serve retrying it on another replica). It is
+        # served without a second debit, after the same model and IP checks below.
+        prior = self.pending.get(a.request_id)
+        if prior is not None:
+            if prior.token_id != a.token_id:  # ids are per request; never let one token touch another's
+                return self._deny(a, node, Code.INVALID_REQUEST, "request id already in use", now)
+            if (prior.units, prior.model) != (a.units, a.model) or (
+                prior.body_hash is not None and prior.body_hash != (a.body_hash or "")
+            ):
+                return self._deny(a, node, Code.INVALID_REQUEST, "request id already in use for another request", now)
+        else:
+            seen = self.recent.get(a.request_id)
+            if seen is not None and seen[0] == a.token_id and seen[1] != UsageState.REFUNDED.value:
+                # served and charged already; a refunded attempt cost nothing, so it may be admitted again
+                return self._decision(Code.REPLAY, a.request_id, node, 0, message=f"request already {seen[1]}")
+        if a.idem_key is not None and prior is None:
+            rec = self.idem.get((a.token_id, a.idem_key))
+            if rec is not None and now - rec.created_at >= IDEMPOTENCY_TTL_S:
+                self._forget_idem((a.token_id, a.idem_key))  # expired: the new request replaces its row
+                rec = None
+            if rec is not None and rec.state != "done" and self._abandoned(rec, now):
+                rec = None  # its first attempt was never answered: refunded, the key is free again
+            if rec is not None:
+                if rec.body_hash != (a.body_hash or ""):
+                    return self._deny(
+                        a, node, Code.IDEMPOTENCY_CONFLICT, "Idempotency-Key reused with a different request body", now
+                    )
+                if rec.state != "done":
+                    return self._deny(
+                        a, node, Code.IDEMPOTENCY_IN_PROGRESS, "a request with this Idempotency-Key is in progress", now
+                    )
+                return self._decision(Code.REPLAY, rec.request_id, node, 0, replay=rec.result)
+        if type(a.units) is not int or not 0 < a.units <= MAX_UNITS:
+            return self._deny(a, node, Code.INVALID_REQUEST, f"units must be an integer in 1..{MAX_UNITS}", now)
         for n in path:
             if n.models is not None and not model_allowed(n.models, a.model):
                 return self._deny(
@@ -174,9 +207,11 @@ class QuotaBook(Tree):
             self._check_thresholds(n, now)
         row_id = self.next_row_id
         self.next_row_id = row_id + 1
-        self.pending[a.request_id] = Pending(a.request_id, node.id, a.units, now, a.idem_key, row_id, a.model)
+        body_hash = a.body_hash or ""
+        rid = a.request_id
+        self.pending[rid] = Pending(rid, node.id, a.units, now, a.idem_key, row_id, a.model, body_hash)
         if a.idem_key is not None:
-            rec = IdemRecord(node.id, a.idem_key, a.body_hash or "", a.request_id, now)
+            rec = IdemRecord(node.id, a.idem_key, body_hash, a.request_id, now)
             self.idem[(node.id, a.idem_key)] = rec
             self.out.idem_new.append(rec)
         self.out.usage.append(
@@ -192,6 +227,7 @@ class QuotaBook(Tree):
                 _OK,
                 a.client_ip,
                 a.image_bytes,
+                body_hash,
             )
         )
         return self._decision(Code.OK, a.request_id, node, a.units)
@@ -214,6 +250,7 @@ class QuotaBook(Tree):
                 code.value,
                 a.client_ip,
                 a.image_bytes,
+                None,
             )
         )
         if node is None:
@@ -296,6 +333,33 @@ class QuotaBook(Tree):
                     self._forget_idem((p.token_id, p.idem_key))
         return Code.OK
 
+    def _abandoned(self, rec: IdemRecord, now: float) -> bool:
+        """Whether the unfinished idempotent request `rec` was abandoned; if so it is refunded (never
+        answered, so never charged) and its key forgotten. A late settlement is then NOT_FOUND."""
+        p = self.pending.get(rec.request_id)
+        if p is not None and p.token_id == rec.token_id and p.idem_key == rec.key:
+            if now - p.ts < self.idem_pending_timeout_s:
+                return False
+            self.settle(Settlement(p.request_id, p.token_id, success=False), now)  # forgets the key
+            return True
+        if now - rec.created_at < self.idem_pending_timeout_s:
+            return False
+        self._forget_idem((rec.token_id, rec.key))  # its admission is gone (pruned): nothing to refund
+        return True
+
+    def refund_abandoned(self, now: float | None = None) -> list[str]:
+        """Sweep: refund every idempotent admission unsettled for `idem_pending_timeout_s` and forget
+        its key; returns their request ids. (Admit does the same lazily when the key comes again.)"""
+        now = self.clock() if now is None else now
+        cutoff = now - self.idem_pending_timeout_s
+        done: list[str] = []
+        for p in [p for p in self.pending.values() if p.idem_key is not None and p.ts <= cutoff]:
+            rec = self.idem.get((p.token_id, p.idem_key or ""))
+            if rec is not None and rec.request_id == p.request_id and rec.state != "done":
+                self._abandoned(rec, now)
+                done.append(p.request_id)
+        return done
+
     def _forget_idem(self, key: tuple[str, str]) -> None:
         rec = self.idem.pop(key)
         if any(r is rec for r in self.out.idem_new):  # never written: just do not write it
@@ -320,8 +384,11 @@ class QuotaBook(Tree):
         self, now: float | None = None, settle_window_s: float = 3600.0, recent_window_s: float = RECENT_REQUEST_TTL_S
     ) -> None:
         """Forget idempotency records past 24 h, settled request ids past the retry window, and
-        unsettled admissions past the settle window (they stay charged; the caller never settled)."""
+        unsettled admissions past the settle window (they stay charged; the caller never settled).
+        Idempotent admissions left unsettled are refunded first (`refund_abandoned`): their caller
+        was never answered, and a retry with the same key must be charged once."""
         now = self.clock() if now is None else now
+        self.refund_abandoned(now)
         for key in [k for k, r in self.idem.items() if now - r.created_at >= IDEMPOTENCY_TTL_S]:
             self._forget_idem(key)
         cutoff = now - recent_window_s
@@ -337,7 +404,7 @@ class QuotaBook(Tree):
                 self._forget_idem(stale_key)  # never settled: let the client retry with the same key
 
     def check_credential(self, token_id: str, jti: str) -> Code:
-        n = self.nodes.get(token_id)
+        n = self.nodes.get(token_id) if type(token_id) is str else None
         if n is None:
             return Code.INVALID_TOKEN
         if n.jti != jti:

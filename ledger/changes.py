@@ -36,10 +36,13 @@ class Pending:
     idem_key: str | None
     row_id: int  # primary key of its usage row, so settling touches it by key
     model: str = ""  # a redelivery of the request must ask for the same model and units
+    # ... and carry the same body: "" = admitted without a body hash; None = unknown (a row written
+    # before schema 0003 stored body hashes), which no redelivery can be compared with
+    body_hash: str | None = ""
 
 
 # usage row tuples, in column order:
-# (id, ts, root_id, token_id, request_id, model, units, state, outcome, client_ip, image_bytes)
+# (id, ts, root_id, token_id, request_id, model, units, state, outcome, client_ip, image_bytes, body_hash)
 USAGE_COLUMNS = (
     "id",
     "ts",
@@ -52,8 +55,9 @@ USAGE_COLUMNS = (
     "outcome",
     "client_ip",
     "image_bytes",
+    "body_hash",
 )
-UsageRow = tuple[int, float, str, str, str, str, int, str, str, str | None, int]
+UsageRow = tuple[int, float, str, str, str, str, int, str, str, str | None, int, str | None]
 # settle tuples: (state, units, latency_ms, detections, gpu_ms, settled_at, id)
 SETTLE_COLUMNS = ("state", "units", "latency_ms", "detections", "gpu_ms", "settled_at")
 SettleRow = tuple[str, int, float, int, float, float, int]

@@ -8,17 +8,24 @@ book is rebuilt from the database, so the book never claims what the database la
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ledger.book import QuotaBook
+from ledger.changes import Changes
 from ledger.codes import Code
-from ledger.credentials import KeyRing, issue, new_id, new_jti
+from ledger.credentials import MAX_CLAIM_CHARS, KeyRing, issue, new_id, new_jti
 from ledger.entities import Admission, Decision, Node, Settlement, TokenSpec, TokenView, make_limits
 from ledger.errors import LedgerError, LedgerUnavailable, OperationRefused
 from ledger.settings import LedgerSettings
 from ledger.store.repository import Store, UsageQuery
+
+log = logging.getLogger(__name__)
+MAX_ADMIN_TTL_S = 366 * 86400.0
+MAX_IMAGE_BYTES = 2**62  # image_bytes is a BIGINT column
 
 
 class LedgerCore:
@@ -27,26 +34,51 @@ class LedgerCore:
         self.clock = clock
         self.store = Store(settings.database_url)
         self.ring = KeyRing.open(settings.key_dir, clock=clock)
-        self.book = QuotaBook(clock)
+        self.book = QuotaBook(
+            clock, max_depth=settings.max_tree_depth, idem_pending_timeout_s=settings.idem_pending_timeout_s
+        )
         self.ready = False
+        self.unwritten: Changes | None = None  # the outbox of a commit that failed, until discarded
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> None:
-        self.store.migrate()
+        """Migrate the schema, then rebuild the book. Every failure is LedgerUnavailable."""
+        try:
+            self.store.migrate()
+        except LedgerUnavailable:
+            raise
+        except Exception as exc:  # e.g. a schema newer than this code knows
+            log.exception("ledger database migration failed")
+            raise LedgerUnavailable(f"database migration failed: {type(exc).__name__}") from exc
         self.reload()
 
     def reload(self) -> None:
-        """Rebuild the book from the database (the truth). Raises LedgerUnavailable."""
+        """Rebuild the book from the database (the truth). Raises LedgerUnavailable, whatever went
+        wrong (the database, a row that does not fit the trees, a bug): the owner stays up, unready,
+        and retries later. Rate buckets of tokens already in memory carry over (see QuotaBook.load)."""
         self.ready = False
-        nodes, pending, recent, idem, last_id = self.store.load(
-            self.clock(), self.settings.settle_window_s, self.settings.recent_window_s
-        )
-        self.book.load(nodes, pending, recent, idem, last_id)
+        try:
+            nodes, pending, recent, idem, last_id = self.store.load(
+                self.clock(), self.settings.settle_window_s, self.settings.recent_window_s
+            )
+            self.book.load(nodes, pending, recent, idem, last_id)
+        except LedgerUnavailable as exc:
+            log.warning("ledger book not rebuilt: %s", exc.message)
+            raise
+        except Exception as exc:
+            log.exception("ledger book could not be rebuilt from the database")
+            raise LedgerUnavailable(f"ledger book could not be rebuilt: {type(exc).__name__}") from exc
         self.ready = True
 
     def discard(self) -> None:
-        """Drop unwritten changes and rebuild from the database (or stay unready if it is down)."""
-        self.book.drain()
+        """Drop unwritten changes and rebuild from the database (or stay unready if it is down).
+
+        The rate tokens that the dropped admissions took are given back first, and the rebuilt
+        book carries every bucket over, so a failed batch neither refills nor drains anyone's."""
+        for dropped in (self.unwritten, self.book.drain()):
+            if dropped is not None:
+                self.book.give_back_rate(dropped)
+        self.unwritten = None
         self.ready = False
         with contextlib.suppress(LedgerUnavailable):
             self.reload()
@@ -72,6 +104,7 @@ class LedgerCore:
             self.store.commit(changes)
         except Exception:
             self.ready = False
+            self.unwritten = changes
             raise
 
     def close(self) -> None:
@@ -82,11 +115,14 @@ class LedgerCore:
         """Admissions in wire form; a malformed row is refused on its own and records nothing."""
         now = self.clock()
         admit = self.book.admit
-        return [admit(Admission(*r), now) if _well_formed(r) else _malformed(r) for r in rows]
+        return [admit(Admission(*r), now) if _well_formed(r) else _malformed(r) for r in _rows(rows)]
 
     def settle_rows(self, rows: Iterable[Sequence[Any]]) -> list[str]:
+        """Settlements in wire form; a malformed row is refused on its own (INVALID_REQUEST)."""
         now = self.clock()
-        return [self.book.settle(Settlement(*r), now).value for r in rows]
+        settle = self.book.settle
+        bad = Code.INVALID_REQUEST.value
+        return [settle(Settlement(*r), now).value if _well_formed_settlement(r) else bad for r in _rows(rows)]
 
     # ---------------------------------------------------------------- credentials
     def _credential(self, n: Node) -> str:
@@ -95,6 +131,10 @@ class LedgerCore:
 
     def issue_admin(self, name: str, ttl_s: float) -> str:
         """An admin credential (typ=admin) for the console and admin routes."""
+        if type(name) is not str or not 0 < len(name) <= MAX_CLAIM_CHARS - 6:
+            raise OperationRefused("admin name must be a short non-empty string", Code.INVALID_REQUEST)
+        if type(ttl_s) not in (int, float) or not (1.0 <= ttl_s <= MAX_ADMIN_TTL_S):
+            raise OperationRefused(f"ttl must be 1 s .. {MAX_ADMIN_TTL_S:.0f} s", Code.INVALID_REQUEST)
         return issue(self.ring, sub=f"admin:{name}", pkg="*", jti=new_jti(), typ="admin", exp=int(self.clock() + ttl_s))
 
     def public_keys(self) -> dict[str, bytes]:
@@ -146,8 +186,9 @@ class LedgerCore:
     def sweep(self) -> dict[str, Any]:
         expired = self.book.expire_due()
         warned = self.book.warn_expiring(self.settings.expiry_warning_days * 86400)
+        abandoned = self.book.refund_abandoned()
         self.book.prune(settle_window_s=self.settings.settle_window_s, recent_window_s=self.settings.recent_window_s)
-        return {"expired": expired, "expiry_warned": warned}
+        return {"expired": expired, "expiry_warned": warned, "idem_refunded": abandoned}
 
     def alert_context(self, token_id: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Meta of the token and each ancestor (for its alert contacts), and its name/team."""
@@ -216,7 +257,34 @@ def _well_formed(r: Sequence[Any]) -> bool:
         and _opt_str(r[6], 255)
         and _opt_str(r[7], 128)
         and type(r[8]) is int
-        and r[8] >= 0
+        and 0 <= r[8] < MAX_IMAGE_BYTES
+    )
+
+
+def _rows(rows: Iterable[Sequence[Any]]) -> list[Sequence[Any]]:
+    """The rows of a batch; anything but a list or tuple of them is an empty batch."""
+    return [r if isinstance(r, list | tuple) else () for r in rows] if isinstance(rows, list | tuple) else []
+
+
+def _finite(v: object, top: float) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v < top
+
+
+def _well_formed_settlement(r: Sequence[Any]) -> bool:
+    """Types and sizes of a settlement row (fields of `Settlement`), so that no value can fail the write."""
+    return (
+        len(r) == 8
+        and isinstance(r[0], str)
+        and 0 < len(r[0]) <= 64
+        and isinstance(r[1], str)
+        and len(r[1]) <= 40
+        and type(r[2]) is bool
+        and (r[3] is None or type(r[3]) is int)
+        and _finite(r[4], 1e12)
+        and type(r[5]) is int
+        and 0 <= r[5] < 2**31
+        and _finite(r[6], 1e12)
+        and _opt_str(r[7], 16 * 2**20)
     )
 
 

@@ -6,17 +6,23 @@ Nothing here does I/O. Times are epoch seconds (UTC) as floats.
 from __future__ import annotations
 
 import enum
+import json
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network
 from typing import Any, NamedTuple
 
 from ledger.codes import Code
 from ledger.errors import OperationRefused
-from ledger.limits import Bucket, IPNetwork, RateLimit, normalize_ips, normalize_models
+from ledger.limits import MAX_ALLOWLIST, Bucket, IPNetwork, RateLimit, normalize_ips, normalize_models
 
 DEFAULT_THRESHOLDS: tuple[int, ...] = (80, 95, 100)
 MAX_EPOCH_S = 32503680000.0  # year 3000: later "expiries" are typos, and JWT exp must stay an exact integer
+MAX_NAME = 200  # the tokens.name and tokens.team columns
+MAX_THRESHOLDS = 10
+MAX_META_BYTES = 16384  # a token's meta (alert contacts, cost centre) as JSON
 
 
 class Status(enum.StrEnum):
@@ -53,13 +59,13 @@ class Node:
     thresholds: tuple[int, ...] = DEFAULT_THRESHOLDS
     fired: set[int] = field(default_factory=set)
     meta: dict[str, Any] = field(default_factory=dict)
-    # derived
-    children: list[Node] = field(default_factory=list)
-    parent: Node | None = None
+    # derived (kept out of repr: a deep tree must not be printed recursively)
+    children: list[Node] = field(default_factory=list, repr=False)
+    parent: Node | None = field(default=None, repr=False)
     delegated: int = 0
     consumed: int = 0
-    bucket: Bucket | None = None
-    ancestry: tuple[Node, ...] = ()  # cache of path(); parents never change
+    bucket: Bucket | None = field(default=None, repr=False)
+    ancestry: tuple[Node, ...] = field(default=(), repr=False)  # cache of path(); parents never change
 
     @property
     def live(self) -> bool:
@@ -70,9 +76,17 @@ class Node:
         return self.allocation - self.used - self.delegated
 
     def path(self) -> tuple[Node, ...]:
-        """This node, then each ancestor up to the root."""
+        """This node, then each ancestor up to the root. Iterative: no depth of tree can recurse."""
         if not self.ancestry:
-            self.ancestry = (self, *self.parent.path()) if self.parent is not None else (self,)
+            chain: list[Node] = []
+            n: Node | None = self
+            while n is not None:
+                if n.ancestry:  # an ancestor's cached path ends the walk
+                    chain.extend(n.ancestry)
+                    break
+                chain.append(n)
+                n = n.parent
+            self.ancestry = tuple(chain)
         return self.ancestry
 
     def subtree(self) -> list[Node]:
@@ -251,7 +265,73 @@ class TokenSpec:
         meta: dict[str, Any] | None = None,
     ) -> TokenSpec:
         """From plain values (CLI, HTTP, console); raises OperationRefused(INVALID_REQUEST) on bad ones."""
-        return cls(name, allocation, make_limits(expires_at, models, ips, rate), team, tuple(thresholds), meta or {})
+        limits = make_limits(expires_at, models, ips, rate)
+        spec = cls(name, allocation, limits, team, _thresholds(thresholds), meta or {})
+        spec_problems(spec)
+        return spec
+
+
+def _thresholds(values: Iterable[int]) -> tuple[int, ...]:
+    try:
+        out = tuple(values)
+    except TypeError:
+        raise OperationRefused("alert thresholds must be a list of percentages", Code.INVALID_REQUEST) from None
+    return out
+
+
+def spec_problems(spec: TokenSpec) -> None:
+    """Raise OperationRefused(INVALID_REQUEST) unless every field fits its column and range.
+
+    Called by `TokenSpec.build` and again by the tree before anything changes (a spec may be
+    built directly and sent over Ray)."""
+    if not isinstance(spec, TokenSpec):
+        raise OperationRefused("a token spec is required", Code.INVALID_REQUEST)
+    if type(spec.name) is not str or len(spec.name) > MAX_NAME:
+        raise OperationRefused(f"name must be a string of at most {MAX_NAME} characters", Code.INVALID_REQUEST)
+    if spec.team is not None and (type(spec.team) is not str or len(spec.team) > MAX_NAME):
+        raise OperationRefused(f"team must be a string of at most {MAX_NAME} characters", Code.INVALID_REQUEST)
+    th = spec.thresholds
+    if not isinstance(th, tuple) or len(th) > MAX_THRESHOLDS or not all(type(t) is int and 0 < t <= 100 for t in th):
+        raise OperationRefused(
+            f"alert thresholds must be at most {MAX_THRESHOLDS} percentages in 1..100", Code.INVALID_REQUEST
+        )
+    check_limits(spec.limits)
+    if not isinstance(spec.meta, dict):
+        raise OperationRefused("meta must be an object", Code.INVALID_REQUEST)
+    try:
+        size = len(json.dumps(spec.meta, allow_nan=False))
+    except (TypeError, ValueError, RecursionError):
+        raise OperationRefused("meta must be plain JSON (no NaN or infinity)", Code.INVALID_REQUEST) from None
+    if size > MAX_META_BYTES:
+        raise OperationRefused(f"meta must be at most {MAX_META_BYTES} bytes of JSON", Code.INVALID_REQUEST)
+    if problems := contact_problems(spec.meta):
+        raise OperationRefused("; ".join(problems), Code.INVALID_REQUEST)
+
+
+def _is_time(v: object) -> bool:
+    """A finite epoch time in (0, MAX_EPOCH_S): refuses NaN, infinities, bools and strings."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and 0 < v < MAX_EPOCH_S
+
+
+def check_limits(limits: Limits) -> None:
+    """Raise OperationRefused(INVALID_REQUEST) unless `limits` holds only well-formed values (as
+    `make_limits` builds them). Narrowing against a parent is the tree's business."""
+    if not isinstance(limits, Limits):
+        raise OperationRefused("limits are required", Code.INVALID_REQUEST)
+    if limits.expires_at is not None and not _is_time(limits.expires_at):
+        raise OperationRefused(f"expiry {str(limits.expires_at)[:40]!r} is not a time", Code.INVALID_REQUEST)
+    if limits.models is not None and (
+        not isinstance(limits.models, frozenset) or normalize_models(sorted(limits.models)) != limits.models
+    ):
+        raise OperationRefused("malformed model allowlist", Code.INVALID_REQUEST)
+    if limits.ips is not None and (
+        not isinstance(limits.ips, tuple)
+        or len(limits.ips) > MAX_ALLOWLIST
+        or not all(isinstance(n, IPv4Network | IPv6Network) for n in limits.ips)
+    ):
+        raise OperationRefused("malformed IP allowlist", Code.INVALID_REQUEST)
+    if limits.rate is not None and not isinstance(limits.rate, RateLimit):
+        raise OperationRefused("malformed rate limit", Code.INVALID_REQUEST)
 
 
 def make_limits(
@@ -261,8 +341,8 @@ def make_limits(
     rate: str | None = None,
 ) -> Limits:
     """Validated `Limits` from plain values; `None` leaves a field inherited / unchanged."""
-    if expires_at is not None and not (isinstance(expires_at, int | float) and 0 < expires_at < MAX_EPOCH_S):
-        raise OperationRefused(f"expiry {expires_at!r} is not a time", Code.INVALID_REQUEST)
+    if expires_at is not None and not _is_time(expires_at):
+        raise OperationRefused(f"expiry {str(expires_at)[:40]!r} is not a time", Code.INVALID_REQUEST)
     return Limits(
         expires_at=expires_at,
         models=normalize_models(models),

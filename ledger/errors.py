@@ -3,6 +3,7 @@
     LedgerError
     ├── CredentialError          a credential is missing, malformed, forged, expired, ...
     ├── LedgerUnavailable        the actor or the database cannot answer durably
+    │   └── WriteRejected        the database refused a write's data (not its availability)
     ├── OperationRefused         an admin operation was refused; carries a `Code`
     └── ConfigError              settings or key ring unusable
 
@@ -43,6 +44,11 @@ class LedgerUnavailable(LedgerError):
     """No durable answer could be given; nothing was charged."""
 
     code = Code.LEDGER_UNAVAILABLE
+
+
+class WriteRejected(LedgerUnavailable):
+    """The database is up but refused the data of a group commit (a value out of range, a
+    constraint): one operation of the batch is at fault, so the batch is retried op by op."""
 
 
 class OperationRefused(LedgerError):

@@ -8,6 +8,7 @@ means "no limit of its own" (the ancestors' limits still apply at admission).
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -19,10 +20,19 @@ from ledger.errors import OperationRefused
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
+# digit runs are bounded, so that no spec can overflow a float or an int parse before the range check
 _RATE_RE = re.compile(
-    r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*(?:[:,]\s*(?:burst\s*=\s*)?(\d+))?\s*$"
+    r"^\s*(\d{1,12}(?:\.\d{1,9})?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*"
+    r"(?:[:,]\s*(?:burst\s*=\s*)?(\d{1,12}))?\s*$"
 )
 _PERIOD_S = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0, "h": 3600.0, "hour": 3600.0}
+MAX_RATE = 1e6  # requests per second: far above what one token can be served, still a finite JSON number
+MIN_RATE = 1e-6  # one request in ~12 days: slower "rates" are typos, and 1/rate must stay a sane retry time
+MAX_BURST = 10**9
+MAX_RATE_NAME = 40
+MAX_SPEC = 100  # characters of a rate spec
+MAX_ALLOWLIST = 256  # entries of a model or IP allowlist
+MAX_MODEL_NAME = 200  # the usage_events.model column
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,14 +44,24 @@ class RateLimit:
     name: str | None = None
 
     def __post_init__(self) -> None:
-        if not (self.rate > 0 and self.burst >= 1):
+        """Finite and bounded (rate in (0, MAX_RATE] per second, burst in 1..MAX_BURST): NaN, inf and
+        huge values are refused here, so that they never reach a bucket, a JSON column or a header."""
+        rate, burst = self.rate, self.burst
+        ok_rate = type(rate) in (float, int) and math.isfinite(rate) and MIN_RATE <= rate <= MAX_RATE
+        ok_burst = type(burst) is int and 1 <= burst <= MAX_BURST
+        ok_name = self.name is None or (type(self.name) is str and 0 < len(self.name) <= MAX_RATE_NAME)
+        if not (ok_rate and ok_burst and ok_name):
             raise OperationRefused(
-                f"rate limit needs rate > 0 and burst >= 1, got {self.rate}/{self.burst}", Code.INVALID_REQUEST
+                f"rate limit needs {MIN_RATE:g} <= rate <= {MAX_RATE:g}/s and 1 <= burst <= {MAX_BURST} "
+                f"(and a short name), got {str(rate)[:40]}/{str(burst)[:40]}",
+                Code.INVALID_REQUEST,
             )
 
     @classmethod
     def parse(cls, spec: str) -> RateLimit:
         """`basic` | `pro` | `enterprise` | `5/s` | `300/min` | `5/s:10` (burst 10)."""
+        if type(spec) is not str or len(spec) > MAX_SPEC:
+            raise OperationRefused(f"a rate is a string of at most {MAX_SPEC} characters", Code.INVALID_REQUEST)
         tier = TIERS.get(spec.strip().lower())
         if tier is not None:
             return tier
@@ -51,9 +71,9 @@ class RateLimit:
                 f"unknown rate {spec!r}: use a tier ({', '.join(TIERS)}) or N/s, N/min, N/h with optional :BURST",
                 Code.INVALID_REQUEST,
             )
-        rate = float(m.group(1)) / _PERIOD_S[m.group(2)]
-        burst = int(m.group(3)) if m.group(3) else max(1, round(float(m.group(1))))
-        return cls(rate=rate, burst=burst)
+        amount = float(m.group(1))  # at most 12 digits: finite
+        burst = int(m.group(3)) if m.group(3) else max(1, round(amount))
+        return cls(rate=amount / _PERIOD_S[m.group(2)], burst=burst)
 
     def narrows(self, parent: RateLimit | None) -> bool:
         return parent is None or (self.rate <= parent.rate and self.burst <= parent.burst)
@@ -63,10 +83,21 @@ class RateLimit:
 
     @classmethod
     def from_json(cls, data: Mapping[str, object] | None) -> RateLimit | None:
+        """The stored form; raises OperationRefused(INVALID_REQUEST) for anything `__post_init__` refuses."""
         if data is None:
             return None
-        name = data.get("name")
-        return cls(rate=float(str(data["rate"])), burst=int(str(data["burst"])), name=str(name) if name else None)
+        try:
+            rate, burst, name = data["rate"], data["burst"], data.get("name")
+        except (KeyError, TypeError, AttributeError):
+            rate = burst = name = None
+        if (
+            not isinstance(rate, float | int)
+            or isinstance(rate, bool)
+            or type(burst) is not int
+            or not (name is None or isinstance(name, str))
+        ):
+            raise OperationRefused(f"malformed stored rate {str(data)[:80]}", Code.INVALID_REQUEST)
+        return cls(rate=float(rate), burst=burst, name=name or None)
 
     def describe(self) -> str:
         if self.name:
@@ -82,14 +113,34 @@ TIERS: Mapping[str, RateLimit] = {
 
 
 class Bucket:
-    """Token bucket state for one node. Time is passed in; nothing here reads a clock."""
+    """Token bucket state for one node. Time is passed in; nothing here reads a clock.
+
+    A new token's bucket starts full (`Bucket(limit, now)`). Buckets are never persisted: when the
+    book is rebuilt they are either carried over from the book in memory (`resumed`) or, on a cold
+    start, begin EMPTY (`empty`): refilling every bucket on a restart would hand every token holder
+    a fresh burst, so the conservative choice is to let them refill at their rate.
+    """
 
     __slots__ = ("level", "limit", "stamp")
 
-    def __init__(self, limit: RateLimit, now: float) -> None:
+    def __init__(self, limit: RateLimit, now: float, level: float | None = None) -> None:
         self.limit = limit
-        self.level = float(limit.burst)
+        self.level = float(limit.burst) if level is None else min(float(limit.burst), level)
         self.stamp = now
+
+    @classmethod
+    def empty(cls, limit: RateLimit, now: float) -> Bucket:
+        """No token banked; the first one is there after 1/rate seconds."""
+        return cls(limit, now, 0.0)
+
+    @classmethod
+    def resumed(cls, limit: RateLimit, previous: Bucket) -> Bucket:
+        """The previous bucket's level and stamp under `limit` (a level above its burst is cut)."""
+        return cls(limit, previous.stamp, previous.level)
+
+    def give_back(self) -> None:
+        """Undo one `take` of an admission that was never committed (never above the burst)."""
+        self.level = min(float(self.limit.burst), self.level + 1.0)
 
     def refill(self, now: float) -> float:
         if now > self.stamp:
@@ -109,13 +160,29 @@ def normalize_models(models: Iterable[str] | None) -> frozenset[str] | None:
     """Model allowlist entries are `name` (any version) or `name@version`."""
     if models is None:
         return None
+    items = _bounded_list(models, "model")
     out = set()
-    for raw in models:
-        m = raw.strip()
-        if not m or not re.fullmatch(r"[A-Za-z0-9_.\-]+(@[A-Za-z0-9_.\-]+)?", m):
-            raise OperationRefused(f"invalid model name {raw!r}", Code.INVALID_REQUEST)
+    for raw in items:
+        m = raw.strip() if type(raw) is str else ""
+        if not m or len(m) > MAX_MODEL_NAME or not re.fullmatch(r"[A-Za-z0-9_.\-]+(@[A-Za-z0-9_.\-]+)?", m):
+            raise OperationRefused(f"invalid model name {str(raw)[:80]!r}", Code.INVALID_REQUEST)
         out.add(m)
     return frozenset(out)
+
+
+def _bounded_list(values: Iterable[str], what: str) -> list[str]:
+    """An allowlist as a list of at most MAX_ALLOWLIST entries (a bare string is not a list of them)."""
+    if isinstance(values, str | bytes):
+        raise OperationRefused(f"{what} allowlist must be a list, not a string", Code.INVALID_REQUEST)
+    out: list[str] = []
+    try:
+        for v in values:
+            out.append(v)
+            if len(out) > MAX_ALLOWLIST:
+                raise OperationRefused(f"at most {MAX_ALLOWLIST} {what} entries", Code.INVALID_REQUEST)
+    except TypeError:
+        raise OperationRefused(f"{what} allowlist must be a list", Code.INVALID_REQUEST) from None
+    return out
 
 
 def model_allowed(allow: frozenset[str], model: str) -> bool:
@@ -138,11 +205,13 @@ def normalize_ips(ips: Iterable[str] | None) -> tuple[IPNetwork, ...] | None:
     if ips is None:
         return None
     nets: list[IPNetwork] = []
-    for raw in ips:
+    for raw in _bounded_list(ips, "IP"):
         try:
+            if type(raw) is not str or len(raw) > 64:
+                raise ValueError
             nets.append(ipaddress.ip_network(raw.strip(), strict=False))
         except ValueError:
-            raise OperationRefused(f"invalid IP or CIDR {raw!r}", Code.INVALID_REQUEST) from None
+            raise OperationRefused(f"invalid IP or CIDR {str(raw)[:80]!r}", Code.INVALID_REQUEST) from None
     return tuple(nets)
 
 

@@ -42,6 +42,11 @@ class LedgerSettings:
     default_credential_ttl_s: float = 365 * 24 * 3600.0
     # how often the actor sweeps expired tokens and prunes idempotency records
     sweep_interval_s: float = 30.0
+    # levels a token tree may have (a package root alone is one); deeper splits are refused
+    max_tree_depth: int = 16
+    # an Idempotency-Key admission unsettled this long was never answered: it is refunded and the
+    # key freed (must exceed the serving side's detector timeout, 30 s)
+    idem_pending_timeout_s: float = 120.0
     # custom Ray resources the ledger actor asks for, e.g. {"ledger_host": 0.001}: on a cluster this
     # pins it to the node that holds data_dir (the signing keys); empty = anywhere (one-node runs)
     actor_resources: dict[str, float] = field(default_factory=dict)

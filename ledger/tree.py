@@ -10,57 +10,100 @@ the outbox `out`.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ledger.changes import Changes
 from ledger.codes import Code
-from ledger.entities import Limits, Node, Status, TokenSpec, TokenView, contact_problems
-from ledger.errors import OperationRefused
+from ledger.entities import Limits, Node, Status, TokenSpec, TokenView, check_limits, spec_problems
+from ledger.errors import LedgerUnavailable, OperationRefused
 from ledger.limits import Bucket, ips_narrow, models_narrow
 
 # marker in Node.fired: this token's expiry warning went out (usage thresholds are 1..100)
 EXPIRY_WARNED = 0
 
 MAX_UNITS = 10**12
+MAX_BALANCE = 10**15  # a node's allocation: far below the BIGINT columns' 9.2e18
 MIN_LIFETIME_S = 1.0
+MAX_TREE_DEPTH = 16
+MAX_ID = 40  # the tokens.id column
 
 
 class Tree:
-    """Package trees, partitioned by root (`roots`) so they can later be sharded."""
+    """Package trees, partitioned by root (`roots`) so they can later be sharded.
 
-    def __init__(self, clock: Callable[[], float]) -> None:
+    `max_depth` bounds how many levels a tree may have (a root alone is one level); deeper
+    splits are refused. Stored trees of any depth still load (nothing here recurses)."""
+
+    def __init__(self, clock: Callable[[], float], max_depth: int = MAX_TREE_DEPTH) -> None:
         self.clock = clock
+        self.max_depth = max_depth
         self.nodes: dict[str, Node] = {}
         self.roots: dict[str, Node] = {}
         self.out = Changes()
 
-    def link(self, nodes: Iterable[Node]) -> None:
-        """Replace the trees with stored nodes (any order); derived fields are recomputed."""
-        self.nodes = {n.id: n for n in nodes}
-        self.roots = {}
+    def link(self, nodes: Iterable[Node], carry: Mapping[str, Node] | None = None) -> None:
+        """Replace the trees with stored nodes (any order); derived fields are recomputed.
+
+        Rate buckets are not stored. A node found in `carry` (the book in memory before this
+        rebuild) keeps that node's bucket level and stamp, so that a rebuild never refills a
+        bucket; any other node (a cold start) starts with an EMPTY bucket: conservative, every
+        bucket then refills at its own rate. Stored rows that do not form trees (a missing
+        parent, a cycle, a duplicate id) raise LedgerUnavailable and leave the book as it was.
+        """
+        by_id: dict[str, Node] = {}
+        for n in nodes:
+            if n.id in by_id:
+                raise LedgerUnavailable(f"stored tokens: duplicate id {n.id!r}")
+            by_id[n.id] = n
+        roots: dict[str, Node] = {}
         now = self.clock()
-        for n in self.nodes.values():
+        for n in by_id.values():
             n.children, n.parent, n.delegated, n.consumed, n.ancestry = [], None, 0, 0, ()
-            n.bucket = Bucket(n.rate, now) if n.rate else None
-        for n in self.nodes.values():
-            if n.parent_id is None:
-                self.roots[n.id] = n
+            old = carry.get(n.id) if carry else None
+            if n.rate is None:
+                n.bucket = None
+            elif old is not None and old.bucket is not None:
+                n.bucket = Bucket.resumed(n.rate, old.bucket)
             else:
-                parent = self.nodes[n.parent_id]
-                n.parent = parent
-                parent.children.append(n)
-        for n in self.nodes.values():
-            if n.parent is not None:
-                n.parent.delegated += n.allocation
-            for a in n.path():
-                a.consumed += n.used
+                n.bucket = Bucket.empty(n.rate, now)
+        for n in by_id.values():
+            if n.parent_id is None:
+                if n.root_id != n.id:
+                    raise LedgerUnavailable(f"stored tokens: root {n.id!r} names root {n.root_id!r}")
+                roots[n.id] = n
+                continue
+            parent = by_id.get(n.parent_id)
+            if parent is None:
+                raise LedgerUnavailable(f"stored tokens: parent {n.parent_id!r} of {n.id!r} is missing")
+            n.parent = parent
+            parent.children.append(n)
+        # breadth first from the roots: parents before children, each node once; a node not
+        # reached sits on a cycle of parent links
+        order: list[Node] = list(roots.values())
+        i = 0
+        while i < len(order):
+            x = order[i]
+            x.children.sort(key=_creation_order)  # rows come in any order; children in creation order
+            for c in x.children:
+                if c.root_id != x.root_id:
+                    raise LedgerUnavailable(f"stored tokens: {c.id!r} is under {x.id!r} but names root {c.root_id!r}")
+                order.append(c)
+            i += 1
+        if len(order) != len(by_id):
+            raise LedgerUnavailable(f"stored tokens: {len(by_id) - len(order)} tokens are on a cycle of parent links")
+        for x in reversed(order):  # children first: their `consumed` is complete when added up
+            x.consumed += x.used
+            if x.parent is not None:
+                x.parent.consumed += x.consumed
+                x.parent.delegated += x.allocation
+        self.nodes, self.roots = by_id, roots
 
     def node(self, token_id: str, actor: str | None = None) -> Node:
         """Look up a node the actor may see: admin (None) sees all, a token its own subtree."""
-        n = self.nodes.get(token_id)
-        if n is None or (actor is not None and not self._within(actor, n)):
-            raise OperationRefused(f"token {token_id!r} not found", Code.NOT_FOUND)
+        n = self.nodes.get(token_id) if type(token_id) is str else None
+        if n is None or (actor is not None and (type(actor) is not str or not self._within(actor, n))):
+            raise OperationRefused(f"token {str(token_id)[:MAX_ID]!r} not found", Code.NOT_FOUND)
         return n
 
     def _within(self, actor: str, n: Node) -> bool:
@@ -78,6 +121,17 @@ class Tree:
                 raise OperationRefused(f"token {n.id} or an ancestor is {a.status.value}", Code.REVOKED_TOKEN)
             if a.expires_at is not None and now >= a.expires_at:
                 raise OperationRefused(f"token {n.id} or an ancestor has expired", Code.EXPIRED_TOKEN)
+
+    @staticmethod
+    def _require_lifetime(n: Node, now: float) -> None:
+        """A new credential must outlive its issue time: refuse when the token or an ancestor
+        expires within MIN_LIFETIME_S (the credential would have exp <= iat)."""
+        for a in n.path():
+            if a.expires_at is not None and a.expires_at <= now + MIN_LIFETIME_S:
+                raise OperationRefused(
+                    f"token {n.id} or an ancestor expires in less than {MIN_LIFETIME_S:g} s: no new credential",
+                    Code.INVALID_REQUEST,
+                )
 
     @staticmethod
     def _check_units(units: object, what: str) -> int:
@@ -101,6 +155,7 @@ class Tree:
         """A new package root holding `spec.allocation` freshly granted units."""
         if actor is not None:
             raise OperationRefused("only an admin may create packages", Code.FORBIDDEN)
+        spec_problems(spec)
         now = self.clock()
         if spec.limits.expires_at is not None and spec.limits.expires_at <= now + MIN_LIFETIME_S:
             raise OperationRefused("expiry must be at least a second in the future", Code.INVALID_REQUEST)
@@ -112,9 +167,15 @@ class Tree:
     def split(self, parent_id: str, token_id: str, jti: str, spec: TokenSpec, actor: str | None = None) -> Node:
         """Carve `spec.allocation` units of the parent's free quota into a new child token."""
         parent = self.node(parent_id, actor)
+        spec_problems(spec)
         now = self.clock()
         self._require_usable(parent, now)
         self._check_units(spec.allocation, "allocation")
+        if len(parent.path()) >= self.max_depth:
+            raise OperationRefused(
+                f"a token tree may be at most {self.max_depth} levels deep: {parent.id} is on the last level",
+                Code.INVALID_REQUEST,
+            )
         if spec.allocation > parent.free:
             raise OperationRefused(
                 f"parent has {parent.free} free units, {spec.allocation} requested", Code.QUOTA_EXHAUSTED
@@ -130,8 +191,8 @@ class Tree:
         self, token_id: str, jti: str, spec: TokenSpec, parent: Node | None, expires_at: float | None, now: float
     ) -> Node:
         self._check_units(spec.allocation, "allocation")
-        if problems := contact_problems(spec.meta):
-            raise OperationRefused("; ".join(problems), Code.INVALID_REQUEST)
+        if type(token_id) is not str or not 0 < len(token_id) <= MAX_ID or type(jti) is not str or len(jti) > 64:
+            raise OperationRefused("malformed token id or credential id", Code.INVALID_REQUEST)
         if token_id in self.nodes:
             raise OperationRefused(f"token id {token_id} exists", Code.INVALID_REQUEST)
         lim = spec.limits
@@ -177,6 +238,7 @@ class Tree:
     def update_limits(self, token_id: str, limits: Limits, actor: str | None = None) -> Node:
         """Change limits of a node (fields left None stay as they are); children may only narrow."""
         n = self._strict_descendant(token_id, actor)
+        check_limits(limits)
         now = self.clock()
         self._require_usable(n, now)
         if n.parent is not None:
@@ -212,6 +274,8 @@ class Tree:
         self._check_units(units, "units")
         now = self.clock()
         self._require_usable(n, now)
+        if n.allocation + units > MAX_BALANCE:
+            raise OperationRefused(f"a token may hold at most {MAX_BALANCE} units", Code.INVALID_REQUEST)
         if n.parent is not None:
             if n.parent.free < units:
                 raise OperationRefused(
@@ -258,10 +322,14 @@ class Tree:
     def rotate(self, token_id: str, jti: str, actor: str | None = None) -> Node:
         """Replace the node's credential id: the old credential stops working at once."""
         n = self.node(token_id, actor)
-        self._require_usable(n, self.clock())
+        now = self.clock()
+        self._require_usable(n, now)
+        self._require_lifetime(n, now)
+        if type(jti) is not str or not 0 < len(jti) <= 64:
+            raise OperationRefused("malformed credential id", Code.INVALID_REQUEST)
         n.jti = jti
         self.out.dirty[n.id] = n
-        self._event(self.clock(), actor, "token.rotate", n)
+        self._event(now, actor, "token.rotate", n)
         return n
 
     def expire_due(self) -> list[str]:
@@ -345,6 +413,10 @@ class Tree:
                 if x.delegated != sum(c.allocation for c in x.children):
                     bad.append(f"node {x.id}: delegated {x.delegated} != children's allocation")
         return bad
+
+
+def _creation_order(n: Node) -> tuple[float, str]:
+    return (n.created_at, n.id)
 
 
 def _thresholds(values: Iterable[int]) -> tuple[int, ...]:

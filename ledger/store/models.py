@@ -59,6 +59,9 @@ class UsageEventRow(Base):
     detections: Mapped[int | None] = mapped_column(Integer)
     gpu_ms: Mapped[float | None] = mapped_column(Float)
     settled_at: Mapped[float | None] = mapped_column(Float)
+    # admitted rows: the request body's hash ("" without one), so that a redelivery of the request
+    # id after a restart must still carry the same body; NULL on denied rows and rows before 0003
+    body_hash: Mapped[str | None] = mapped_column(String(128))
 
 
 class AdminEventRow(Base):

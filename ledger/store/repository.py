@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import io
+import math
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +17,11 @@ from typing import Any, cast
 
 from sqlalchemy import Engine, Table, and_, bindparam, create_engine, delete, event, func, insert, select, update
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, InterfaceError, InternalError, OperationalError, SQLAlchemyError
 
 from ledger.changes import SETTLE_COLUMNS, USAGE_COLUMNS, Changes, IdemRecord, Pending
 from ledger.entities import Node, Status
-from ledger.errors import ConfigError, LedgerUnavailable
+from ledger.errors import ConfigError, LedgerUnavailable, WriteRejected
 from ledger.limits import RateLimit, normalize_ips
 from ledger.store.migrate import upgrade
 from ledger.store.models import AdminEventRow, AlertRow, Base, IdempotencyRow, TokenRow, UsageEventRow
@@ -29,6 +31,7 @@ USAGE = cast(Table, UsageEventRow.__table__)
 ADMIN = cast(Table, AdminEventRow.__table__)
 ALERTS = cast(Table, AlertRow.__table__)
 IDEM = cast(Table, IdempotencyRow.__table__)
+AUDIT_COLUMNS = tuple(c for c in USAGE.columns if c.name != "body_hash")
 
 
 _UPDATE_TOKEN = (
@@ -115,11 +118,17 @@ class Store:
 
     # ---------------------------------------------------------------- writes
     def commit(self, ch: Changes) -> None:
+        """Raises WriteRejected when the database refused the data (nothing was written: one
+        transaction), LedgerUnavailable when it could not be reached or failed otherwise."""
         try:
             with self.engine.begin() as conn:
                 self._write(conn, ch)
         except SQLAlchemyError as exc:
+            if _refused_data(exc):
+                raise WriteRejected(f"database refused the write: {type(exc).__name__}") from exc
             raise LedgerUnavailable(f"database write failed: {type(exc).__name__}") from exc
+        except (TypeError, ValueError, OverflowError) as exc:  # a value no column type could bind
+            raise WriteRejected(f"database refused the write: {type(exc).__name__}") from exc
 
     def _write(self, conn: Connection, ch: Changes) -> None:
         if ch.new_nodes:
@@ -173,10 +182,16 @@ class Store:
                 nodes = [_row_node(r) for r in conn.execute(select(TOKENS)).mappings()]
                 last_id = int(conn.execute(select(func.coalesce(func.max(USAGE.c.id), 0))).scalar_one())
                 pending = [
-                    Pending(r.request_id, r.token_id, r.units, r.ts, None, r.id, r.model)
+                    Pending(r.request_id, r.token_id, r.units, r.ts, None, r.id, r.model, r.body_hash)
                     for r in conn.execute(
                         select(
-                            USAGE.c.request_id, USAGE.c.token_id, USAGE.c.units, USAGE.c.ts, USAGE.c.id, USAGE.c.model
+                            USAGE.c.request_id,
+                            USAGE.c.token_id,
+                            USAGE.c.units,
+                            USAGE.c.ts,
+                            USAGE.c.id,
+                            USAGE.c.model,
+                            USAGE.c.body_hash,
                         ).where(and_(USAGE.c.ts >= now - settle_window_s, USAGE.c.state == "admitted"))
                     )
                 ]
@@ -233,7 +248,9 @@ class Store:
             }
 
     def usage(self, q: UsageQuery) -> list[dict[str, Any]]:
-        stmt = select(USAGE).order_by(USAGE.c.ts.desc(), USAGE.c.id.desc()).limit(max(1, min(q.limit, 100_000)))
+        """Audit rows, newest first: every column but the internal body hash."""
+        stmt = select(*AUDIT_COLUMNS).order_by(USAGE.c.ts.desc(), USAGE.c.id.desc())
+        stmt = stmt.limit(max(1, min(q.limit, 100_000)))
         if q.token_id is not None:
             stmt = stmt.where(USAGE.c.token_id == q.token_id)
         if q.root_ids is not None:
@@ -321,9 +338,21 @@ class Store:
         return {"usage_events": usage, "admin_events": admin, "alerts": alerts}
 
 
+def iso_utc(ts: float | None) -> str | None:
+    """Epoch seconds as ISO-8601 UTC with milliseconds, e.g. `2026-12-01T06:40:12.345Z`."""
+    if ts is None:
+        return None
+    whole = math.floor(ts)
+    ms = min(999, round((ts - whole) * 1000))
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{ms:03d}Z"
+
+
+TIME_COLUMNS = frozenset({"ts", "settled_at"})
+
+
 def usage_csv(rows: Sequence[dict[str, Any]]) -> Iterator[str]:
-    """CSV lines (header first) for audit export."""
-    cols = [c.name for c in USAGE.columns]
+    """CSV lines (header first) for audit export; times as ISO-8601 UTC (`iso_utc`)."""
+    cols = [c.name for c in AUDIT_COLUMNS]
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(cols)
@@ -331,8 +360,17 @@ def usage_csv(rows: Sequence[dict[str, Any]]) -> Iterator[str]:
     for r in rows:
         buf.seek(0)
         buf.truncate()
-        w.writerow([r.get(c) for c in cols])
+        w.writerow([iso_utc(r.get(c)) if c in TIME_COLUMNS else r.get(c) for c in cols])
         yield buf.getvalue()
+
+
+def _refused_data(exc: SQLAlchemyError) -> bool:
+    """The database answered and refused the data, as opposed to not answering (down, locked,
+    connection lost), which is OperationalError, InterfaceError or InternalError."""
+    if isinstance(exc, DBAPIError):
+        return not exc.connection_invalidated and not isinstance(exc, OperationalError | InterfaceError | InternalError)
+    # a StatementError wrapping a value the driver could not bind (e.g. an int too large for SQLite)
+    return isinstance(getattr(exc, "orig", None), TypeError | ValueError | OverflowError)
 
 
 def _node_row(n: Node) -> dict[str, Any]:

@@ -206,3 +206,88 @@ def test_given_a_rotated_out_credential_then_it_can_no_longer_steer_its_subtree(
             ledger.call(op, actor=tid, actor_jti=old_jti, **kw)
         assert e.value.code is Code.REVOKED_TOKEN, op
     assert ledger.call("split", parent_id=tid, spec=TokenSpec("ok", 1), actor=tid, actor_jti=new_jti)["token"]
+
+
+def _fail_credentials_and_slow_commits(actor_self: Any, token_id: str, commit_delay_s: float) -> None:
+    """Inside the actor: credentials of `token_id` cannot be signed (as a rotate in a token's last
+    second once failed, after the node had changed), and every commit takes a while, so that the
+    calls sent meanwhile are queued into one batch."""
+    core = actor_self.core
+    credential, commit = core._credential, core.store.commit
+
+    def failing(n: Any) -> str:
+        if n.id == token_id:
+            raise ValueError("exp and iat must be ints with exp > iat")
+        return str(credential(n))
+
+    def slow(changes: Any) -> None:
+        time.sleep(commit_delay_s)
+        commit(changes)
+
+    core._credential = failing
+    core.store.commit = slow
+
+
+def test_given_a_victim_on_1_per_s_when_another_holder_fails_rotates_in_its_batches_then_the_victim_is_unharmed(
+    ledger: LedgerClient, settings: LedgerSettings
+) -> None:
+    pkg = ledger.create_package(TokenSpec("shared", 1000))
+    root, root_jti = pkg["token"].id, jti_of(ledger, pkg["credential"])
+    victim = ledger.split(root, TokenSpec.build("victim", 100, rate="1/s:1"))
+    vid, vjti = victim["token"].id, jti_of(ledger, victim["credential"])
+    attacker = ledger.split(root, TokenSpec("attacker", 100))
+    aid, ajti = attacker["token"].id, jti_of(ledger, attacker["credential"])
+    ray.get(ledger.actor.__ray_call__.remote(_fail_credentials_and_slow_commits, aid, 0.3))
+    rounds = 3
+    for r in range(rounds):
+        time.sleep(1.1)  # one rate token for the victim
+        pacer = ledger.actor.admit_batch.remote([Admission(f"pace-{r}", root, root_jti, 1, "m@1").row()])
+        time.sleep(0.1)  # its commit is now in flight: the next calls queue into ONE batch
+        first = ledger.actor.admit_batch.remote([Admission(f"v{r}a{i}", vid, vjti, 1, "m@1").row() for i in range(2)])
+        rotated = ledger.actor.call.remote("rotate", {"token_id": aid})
+        second = ledger.actor.admit_batch.remote([Admission(f"v{r}b{i}", vid, vjti, 1, "m@1").row() for i in range(2)])
+        codes = sorted(d.code.value for d in [*ray.get(first), *ray.get(second)])
+        assert codes == ["ok", "rate_limited", "rate_limited", "rate_limited"], codes
+        status, code, message = ray.get(rotated)
+        assert (status, code) == ("err", "ledger_unavailable") and "internal error" in message
+        assert ray.get(pacer)[0].code is Code.OK
+    stats = ledger.stats()
+    assert stats["failed_ops"] == rounds and stats["ready"]
+    store = Store(settings.resolved().database_url)
+    assert store.balances()[vid][1] == rounds
+    assert store.usage_counts(vid)["denied"] == (3 * rounds, 0)
+    store.close()
+    assert ledger.admit_sync([Admission("attacker-ok", aid, ajti, 1, "m@1")])[0].code is Code.OK, "jti unchanged"
+    report = ledger.consistency()
+    assert report["violations"] == [] and report["book"] == report["db"]
+
+
+def test_given_a_stored_row_the_book_cannot_load_then_the_actor_starts_answers_unavailable_and_recovers(
+    ray_cluster: None, settings: LedgerSettings
+) -> None:
+    from sqlalchemy import delete, insert
+
+    from ledger.entities import Node
+    from ledger.errors import LedgerUnavailable
+    from ledger.store.repository import TOKENS, _node_row
+
+    settings = settings.resolved()
+    store = Store(settings.database_url)
+    store.migrate()
+    orphan = Node(id="tok_orphan", root_id="pkg_gone", parent_id="pkg_gone", name="o", allocation=1, jti="j")
+    with store.engine.begin() as conn:
+        conn.execute(insert(TOKENS), [_node_row(orphan)])
+    client = LedgerClient.connect(settings)
+    try:
+        assert client.stats()["ready"] is False, "the actor is up, its book is not"
+        assert client.admit_sync([Admission("r", "tok_orphan", "j", 1, "m@1")])[0].code is Code.LEDGER_UNAVAILABLE
+        with pytest.raises(LedgerUnavailable):
+            client.tokens()
+        with store.engine.begin() as conn:
+            conn.execute(delete(TOKENS).where(TOKENS.c.id == "tok_orphan"))
+        time.sleep(0.6)  # the reload back-off
+        pkg = client.create_package(TokenSpec("after", 5))
+        assert client.stats()["ready"] is True and client.token(pkg["token"].id).free == 5
+    finally:
+        ray.kill(client.actor, no_restart=True)
+        store.close()

@@ -424,15 +424,19 @@ def test_given_admit_and_failed_settle_in_one_commit_then_no_idempotency_row_is_
     assert again.idem == {}
 
 
-def test_given_a_stale_unsettled_admission_when_pruned_then_its_key_can_be_retried() -> None:
+def test_given_stale_unsettled_admissions_when_pruned_then_plain_ones_stay_charged_idempotent_ones_refunded() -> None:
     book, clock = new_book()
     root = package(book, 10)
+    admit(book, root, rid="plain")
     admit(book, root, key="k", body="h")
     clock.advance(3601)
     book.prune(settle_window_s=3600)
     assert book.pending == {}
+    assert root.used == 1  # the plain one stays charged: its caller never settled it
+    # the idempotent one was never answered (its result is stored before the answer): refunded,
+    # so the retry with the same key is its one charge
     assert admit(book, root, key="k", body="h").code is Code.OK
-    assert root.used == 2  # the first stays charged: its caller never settled it
+    assert root.used == 2
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan"), -1.0, 10.0**17])
