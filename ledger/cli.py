@@ -28,7 +28,7 @@ from ledger.entities import TokenSpec
 from ledger.errors import LedgerError, LedgerUnavailable, OperationRefused
 from ledger.reports import GROUPINGS, cost_report
 from ledger.settings import LedgerSettings
-from ledger.store.repository import usage_csv
+from ledger.store.repository import iso_utc, usage_csv
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -64,8 +64,20 @@ def _when(ts: float | None) -> str:
     return "never" if ts is None else time.strftime("%Y-%m-%d %H:%M", time.gmtime(ts)) + "Z"
 
 
+# columns holding epoch seconds: human output shows them as ISO-8601 UTC (`--json` keeps the numbers)
+TIME_COLUMNS = frozenset({"ts", "settled_at", "created_at", "delivered_at", "next_attempt_at", "acknowledged_at"})
+
+
+def _cell(col: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if col in TIME_COLUMNS and isinstance(value, int | float) and not isinstance(value, bool):
+        return iso_utc(float(value)) or "-"
+    return str(value)
+
+
 def _table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> str:
-    cells = [[str(r.get(c, "")) if r.get(c) is not None else "-" for c in cols] for r in rows]
+    cells = [[_cell(c, r.get(c)) for c in cols] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(cols)]
     lines = ["  ".join(c.upper().ljust(w) for c, w in zip(cols, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]

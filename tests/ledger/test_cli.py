@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import calendar
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,7 @@ import ray
 
 from ledger.cli import main, parse_duration
 from ledger.settings import LedgerSettings
+from ledger.store.repository import iso_utc
 
 pytestmark = pytest.mark.ray
 
@@ -176,3 +180,41 @@ def test_given_usage_then_report_costs_groups_units_by_team_cost_centre_and_mode
     for by, key in (("team", "qa"), ("cost_centre", "CC-7"), ("model", "parts@1")):
         code, rows, _ = cli("report", "costs", "--by", by, "--json")
         assert code == 0 and {r[by]: (r["requests"], r["units"]) for r in rows} == {key: (3, 3)}, rows
+
+
+ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def test_given_epoch_seconds_then_iso_utc_prints_them_to_the_millisecond() -> None:
+    assert iso_utc(1796107212.345) == "2026-12-01T06:40:12.345Z"
+    assert iso_utc(0.0) == "1970-01-01T00:00:00.000Z"
+    assert iso_utc(None) is None
+
+
+def test_given_usage_then_usage_and_audit_export_print_iso_utc_times_and_json_keeps_numbers(
+    cli: Any, ledger: Any, tmp_path: Path
+) -> None:
+    from ledger.credentials import Verifier
+    from ledger.entities import Admission, Settlement
+
+    _, pkg, _ = cli("package", "create", "--name", "times", "--quota", "5", "--json")
+    tid = pkg["token"]["id"]
+    jti = Verifier(ledger.public_keys()).verify(pkg["credential"]).jti
+    ledger.admit_sync([Admission(f"t-{i}", tid, jti, 1, "parts@1") for i in range(2)])
+    ledger.settle_sync([Settlement("t-0", tid, True)])
+    code, text, _ = cli("usage", "--token", tid)
+    assert code == 0
+    lines = text.strip().splitlines()
+    assert lines[0].split()[0] == "TS" and len(lines) == 3
+    assert all(ISO_UTC.match(line.split()[0]) for line in lines[1:]), text
+    code, rows, _ = cli("usage", "--token", tid, "--json")
+    assert code == 0 and all(isinstance(r["ts"], float) for r in rows)
+    assert "body_hash" not in rows[0]
+    out = tmp_path / "audit.csv"
+    assert cli("audit", "export", "--token", tid, "--out", str(out), "--json")[0] == 0
+    exported = list(csv.DictReader(out.open()))
+    assert all(ISO_UTC.match(r["ts"]) for r in exported)
+    assert [r["settled_at"] for r in exported if r["request_id"] == "t-1"] == [""]
+    assert all(ISO_UTC.match(r["settled_at"]) for r in exported if r["request_id"] == "t-0")
+    assert abs(time.time() - calendar.timegm(time.strptime(exported[0]["ts"][:19], "%Y-%m-%dT%H:%M:%S"))) < 600
+    assert "body_hash" not in exported[0]
