@@ -86,7 +86,7 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedIma
                 )
             img.load()
             img = ImageOps.exif_transpose(img)
-            pixels = np.asarray(img.convert("RGB"))
+            pixels = _rgb8(img)
     except ApiError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -94,3 +94,17 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedIma
     except Exception as exc:  # untrusted bytes: any decoder failure is the client's bad image
         raise ApiError("invalid_image", f"corrupt or truncated {fmt} image ({type(exc).__name__})") from None
     return DecodedImage(pixels=pixels, format=fmt, nbytes=len(data))
+
+
+def _rgb8(img: Image.Image) -> np.ndarray:
+    """RGB uint8. 16-bit grayscale is scaled to 8 bits by its high byte, as OpenCV (and so
+    ultralytics' `predict()` on the same file) reads it; PIL's own `convert("RGB")` clips it at
+    255, which turns a 16-bit photo nearly white."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        wide = np.asarray(img, dtype=np.uint32)
+        if img.mode == "I" and wide.max(initial=0) < 256:  # 8-bit values in a 32-bit container
+            gray = wide.astype(np.uint8)
+        else:
+            gray = (np.minimum(wide, 65535) >> 8).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    return np.asarray(img.convert("RGB"))

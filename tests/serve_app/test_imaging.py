@@ -110,3 +110,19 @@ def test_given_the_error_table_then_every_code_has_a_4xx_or_5xx_and_unknown_code
 def test_given_every_ledger_denial_code_then_it_has_a_row_in_the_error_table() -> None:
     denials = {c.value for c in Code} - {"ok", "replay"}
     assert denials <= set(ERRORS)
+
+
+def test_given_a_16_bit_grayscale_png_then_pixels_equal_what_opencv_reads() -> None:
+    """ultralytics' predict() reads files with OpenCV, which keeps the high byte of 16-bit pixels;
+    PIL's convert("RGB") would clip them at 255 (a nearly white image, different detections)."""
+    import cv2
+
+    wide = np.linspace(0, 65535, 96 * 64).reshape(64, 96).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(wide).save(buf, format="PNG")
+    data = buf.getvalue()
+    ours = decode_image(data).pixels
+    ref = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[..., ::-1]
+    assert ours.dtype == np.uint8 and ours.shape == ref.shape == (64, 96, 3)
+    assert np.array_equal(ours, ref)
+    assert 100 < ours.mean() < 160  # not clipped to white
