@@ -70,9 +70,17 @@ def rows_of(live_app: LiveApp, token_id: str) -> list[dict[str, Any]]:
 
 
 def direct_admission(live_app: LiveApp, credential: str, rid: str) -> None:
-    """The first delivery's admission, made as the gate makes it: its ingress then died."""
+    """The first delivery's admission, made as the gate makes it (with the body hash of the
+    request `deliver` sends, which a redelivery must match): its ingress then died."""
+    from serve_app.pipeline import DetectCall, Pipeline, body_hash
+    from serve_app.results import InferenceParams
+
+    call = DetectCall(rid, credential, [jpeg()], None, InferenceParams(), "127.0.0.1")
+    spec = Pipeline(live_app.args, None, {}).resolve_model(None)
+    assert spec.key == "parts@1"
     claims = jwt.decode(credential, options={"verify_signature": False})
-    (d,) = live_app.ledger.admit_sync([Admission(rid, claims["sub"], claims["jti"], 1, "parts@1", "127.0.0.1")])
+    admission = Admission(rid, claims["sub"], claims["jti"], 1, spec.key, "127.0.0.1", None, body_hash(call, spec))
+    (d,) = live_app.ledger.admit_sync([admission])
     assert d.code is Code.OK
 
 
