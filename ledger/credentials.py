@@ -244,6 +244,17 @@ class Verifier:
     def has_keys(self) -> bool:
         return bool(self._keys)
 
+    def unknown_kid(self, credential: str | None) -> str | None:
+        """The well-formed key id a credential names when this verifier lacks that key, else None:
+        whether fetching the key ring again could make the credential verify."""
+        try:
+            kid = _header(_strip(credential)).get("kid")
+        except CredentialError:
+            return None
+        if not isinstance(kid, str) or not _KID.fullmatch(kid) or kid in self._keys:
+            return None
+        return kid
+
     def update_keys(self, public_keys: Mapping[str, bytes]) -> None:
         """Replace the known keys (after a rotation or prune); atomic for readers."""
         self._keys = _load_public_keys(public_keys)

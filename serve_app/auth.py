@@ -1,8 +1,11 @@
 """Credential checks of the serving side: signatures verified locally against the ledger's public keys.
 
 `KeyedVerifier` holds the public key ring and fetches it on first need (a fresh replica starts
-with none) and when a credential names a kid it lacks (a key rotated in), single-flight and at
-most once per `KEY_REFRESH_INTERVAL_S`, so random kids cannot flood the ledger. Revocation,
+with none) and when a credential names a kid it lacks (a key rotated in): single-flight, each kid
+at most once per `KEY_REFRESH_INTERVAL_S`, and all kids together at most once per
+`KEY_REFRESH_INTERVAL_S / 25`, so random kids cannot flood the ledger while a real new key is
+picked up by the first request that needs it (the ingress and the gate each hold a ring, and
+neither may refuse a fresh credential because the other fetched a moment before). Revocation,
 expiry of ancestors and quota are NOT decided here: the ledger decides them at admission.
 """
 
@@ -33,6 +36,7 @@ class KeyedVerifier:
         # -inf: the first credential with a kid we lack fetches the ring at once
         self.keys_at = float("-inf")
         self._key_fetch: asyncio.Future[None] | None = None
+        self._kid_tried: dict[str, float] = {}
 
     async def verify(self, credential: str | None, typ: str = "access") -> Claims:
         """The credential's verified claims, or `ApiError` (401 codes, `forbidden` for the wrong type,
@@ -43,7 +47,10 @@ class KeyedVerifier:
             # an unknown kid may be a key rotated in after we loaded ours (or we have none yet)
             if exc.code is not Code.INVALID_TOKEN:
                 raise ApiError.from_code(exc.code, exc.message) from None
-            await self.refresh_keys()
+            kid = self.verifier.unknown_kid(credential)
+            if kid is None and self.verifier.has_keys:  # a known key refused it: fetching cannot help
+                raise ApiError.from_code(exc.code, exc.message) from None
+            await self.refresh_keys(kid)
             try:
                 claims = self.verifier.verify(credential)
             except CredentialError as again:
@@ -52,11 +59,21 @@ class KeyedVerifier:
             raise ApiError("forbidden", f"a {claims.typ} credential cannot be used here")
         return claims
 
-    async def refresh_keys(self) -> None:
-        """Fetch the public key ring, single-flight and at most once per interval."""
-        stale = time.monotonic() - self.keys_at > KEY_REFRESH_INTERVAL_S
-        if self._key_fetch is None or (self._key_fetch.done() and stale):
-            self.keys_at = time.monotonic()
+    async def refresh_keys(self, kid: str | None = None) -> None:
+        """Fetch the public key ring for `kid` (None: no particular one), single-flight and bounded."""
+        now = time.monotonic()
+        idle = self._key_fetch is None or self._key_fetch.done()
+        if kid is None:
+            due = now - self.keys_at > KEY_REFRESH_INTERVAL_S
+        else:
+            due = now - self._kid_tried.get(kid, float("-inf")) > KEY_REFRESH_INTERVAL_S
+            due = due and now - self.keys_at >= KEY_REFRESH_INTERVAL_S / 25
+        if self._key_fetch is None or (idle and due):
+            if kid is not None:
+                if len(self._kid_tried) > 10_000:
+                    self._kid_tried.clear()
+                self._kid_tried[kid] = now
+            self.keys_at = now
             self._key_fetch = asyncio.ensure_future(self._fetch_keys())
         await asyncio.shield(self._key_fetch)
         if not self.verifier.has_keys:

@@ -83,3 +83,39 @@ async def test_given_the_ledger_down_at_first_request_then_503_not_401(tmp_path:
     with pytest.raises(ApiError) as err:
         await pipe.verify(credential(ring))
     assert err.value.code == "ledger_unavailable"
+
+
+async def test_given_a_key_rotated_in_right_after_a_fetch_then_its_first_credential_verifies(tmp_path: Path) -> None:
+    """The ingress and the gate each hold a ring: a fetch one of them made a moment ago for another
+    reason must not make a fresh credential under a new key fail with 401 for seconds."""
+    ring = KeyRing.open(tmp_path / "keys")
+    gate = FakeGate(ring)
+    pipe = Pipeline(AppArgs(), gate, {})
+    await pipe.verify(credential(ring))  # first fetch
+    await asyncio.sleep(0.3)  # > interval / 25, far less than the 5 s interval
+    ring.rotate()
+    claims = await pipe.verify(credential(ring, "jti_new"))
+    assert claims.jti == "jti_new" and gate.fetches == 2
+
+
+async def test_given_many_random_kids_then_fetches_stay_bounded(tmp_path: Path) -> None:
+    ring = KeyRing.open(tmp_path / "keys")
+    gate = FakeGate(ring)
+    pipe = Pipeline(AppArgs(), gate, ring.public_keys())
+    t0 = time.monotonic()
+    for i in range(40):  # a new forged kid every request
+        with pytest.raises(ApiError):
+            await pipe.verify(credential(KeyRing.open(tmp_path / f"forged{i}")))
+    elapsed = time.monotonic() - t0
+    assert gate.fetches <= 1 + elapsed / (auth_mod.KEY_REFRESH_INTERVAL_S / 25), (gate.fetches, elapsed)
+
+
+async def test_given_a_known_kid_with_a_bad_signature_then_401_without_a_fetch(tmp_path: Path) -> None:
+    ring = KeyRing.open(tmp_path / "keys")
+    gate = FakeGate(ring)
+    pipe = Pipeline(AppArgs(), gate, ring.public_keys())
+    good = credential(ring)
+    head, body, sig = good.split(".")
+    with pytest.raises(ApiError) as err:
+        await pipe.verify(f"{head}.{body}.{sig[:-4]}AAAA")
+    assert err.value.code == "invalid_token" and gate.fetches == 0
