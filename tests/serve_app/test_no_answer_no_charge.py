@@ -7,6 +7,7 @@ each lone request for 4 s in its batch window (time for a client to hang up mid-
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -99,6 +100,7 @@ def test_given_a_version_that_cannot_be_scheduled_then_503_within_its_timeout_an
 ) -> None:
     tid, cred = package(side_app.live)
     headers = {"Authorization": f"Bearer {cred}", "Content-Type": "image/jpeg"}
+    times = []
     for _ in range(3):
         t0 = time.monotonic()
         r = httpx.post(
@@ -109,8 +111,10 @@ def test_given_a_version_that_cannot_be_scheduled_then_503_within_its_timeout_an
         assert r.json()["error"]["code"] == "model_unavailable"
         assert int(r.headers["Retry-After"]) >= 1
         assert COLD_TIMEOUT_S - 0.5 <= elapsed < COLD_TIMEOUT_S + 10, elapsed
+        times.append(round(elapsed, 2))
     rows = settled_rows(side_app.live, tid, 3)
     assert [(r["state"], r["units"]) for r in rows] == [("refunded", 0)] * 3
+    print(json.dumps({"trust": "unschedulable", "requests": 3, "status": 503, "seconds": times, "charged": 0}))
     assert side_app.live.ledger.token(tid).used == 0
     models = httpx.get(f"{side_app.url}/v1/models", headers=headers, timeout=30).json()["models"]
     cold = next(m for m in models if m["key"] == "cold@1")
@@ -127,6 +131,7 @@ def test_given_a_client_that_hangs_up_mid_inference_then_refunded(side_app: Side
     rows = settled_rows(side_app.live, tid, 2)
     assert sorted(r["state"] for r in rows) == ["refunded", "refunded"], rows
     assert side_app.live.ledger.token(tid).used == 0
+    print(json.dumps({"trust": "hang-up", "requests": 2, "refunded": 2, "charged": 0}))
     # the client that waits gets its answer and pays for it
     r = httpx.post(f"{side_app.url}/v1/detect", content=jpeg(), headers=headers, timeout=60)
     assert r.status_code == 200, r.text
