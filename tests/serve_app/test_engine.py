@@ -16,7 +16,7 @@ from ultralytics.data.augment import LetterBox
 from ultralytics.nn.autobackend import AutoBackend
 from ultralytics.utils.checks import check_imgsz
 
-from bench.predict_parity import compare, decode_file, reference, write_corpus
+from bench.predict_parity import compare, decode_file, iou, reference, write_corpus
 from serve_app.config import DEMO_WEIGHTS
 from serve_app.demo.synth import render, scene
 from serve_app.engine import (
@@ -33,14 +33,6 @@ from serve_app.results import Detection, InferenceParams
 @pytest.fixture(scope="module")
 def engine() -> YoloEngine:
     return YoloEngine(DEMO_WEIGHTS, imgsz=320)
-
-
-def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def test_given_the_same_images_then_engine_equals_ultralytics_predict(engine: YoloEngine) -> None:

@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 from ultralytics import YOLO
 
+from bench.predict_parity import iou
 from ledger.entities import TokenSpec
 from serve_app.config import DEMO_WEIGHTS
 from serve_app.demo.synth import render
 from tests.serve_app.conftest import LiveApp
-from tests.serve_app.test_engine import iou
 
 pytestmark = pytest.mark.ray
 
