@@ -8,7 +8,7 @@ what the token check, admission and settlement cost. It is a separate app built 
 the production app (`serve_app.app.build_app`) has no unmetered path.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: FastAPI resolves route annotations at runtime (see serve_app/ingress.py).
 
 from typing import Any
 
