@@ -27,7 +27,7 @@ from ledger.entities import (
     UsageState,
 )
 from ledger.limits import ip_allowed, model_allowed
-from ledger.tree import MAX_TREE_DEPTH, MAX_UNITS, Tree
+from ledger.tree import MAX_TREE_DEPTH, MAX_UNITS, TokenTree
 
 IDEMPOTENCY_TTL_S = 24 * 3600.0
 # an idempotent admission still unsettled after this long was never answered (the serving side
@@ -47,9 +47,9 @@ def _fits(value: object, limit: int) -> bool:
     return type(value) is str and 0 < len(value) <= limit
 
 
-class QuotaBook(Tree):
-    """All packages' token trees plus admission state. Mutated only by its owner (the ledger
-    actor), one call at a time."""
+class QuotaBook:
+    """The token trees of one shard's packages (`tree`) plus admission state. Mutated only by
+    its owner (a ledger shard), one call at a time. Tree operations are `book.tree.<op>`."""
 
     def __init__(
         self,
@@ -57,13 +57,29 @@ class QuotaBook(Tree):
         max_depth: int = MAX_TREE_DEPTH,
         idem_pending_timeout_s: float = IDEM_PENDING_TIMEOUT_S,
     ) -> None:
-        super().__init__(clock, max_depth)
+        self.clock = clock
+        self.tree = TokenTree(clock, max_depth)
         self.idem_pending_timeout_s = idem_pending_timeout_s
         self.pending: dict[str, Pending] = {}
         # request_id -> (token_id, settled state, ts) for recently settled requests (dedupe retries)
         self.recent: dict[str, tuple[str, str, float]] = {}
         self.idem: dict[tuple[str, str], IdemRecord] = {}
         self.next_row_id = 1  # usage row ids are assigned here: the book is the only writer
+
+    @property
+    def nodes(self) -> dict[str, Node]:
+        return self.tree.nodes
+
+    @property
+    def roots(self) -> dict[str, Node]:
+        return self.tree.roots
+
+    @property
+    def out(self) -> Changes:
+        return self.tree.out
+
+    def node(self, token_id: str, actor: str | None = None) -> Node:
+        return self.tree.node(token_id, actor)
 
     # ------------------------------------------------------------------ loading
     def load(
@@ -78,16 +94,16 @@ class QuotaBook(Tree):
 
         Rate buckets carry over from the nodes this book holds now (a rebuild in the same process
         never refills them); a book that holds none (a cold start) starts every bucket empty.
-        A failure leaves the book as it was (see `Tree.link`)."""
-        self.link(nodes, carry=self.nodes)
+        A failure leaves the book as it was (see `TokenTree.link`)."""
+        self.tree.link(nodes, carry=self.nodes)
         self.pending = {p.request_id: p for p in pending}
         self.recent = {rid: (tid, state, ts) for rid, tid, state, ts in recent}
         self.idem = {(r.token_id, r.key): r for r in idem}
         self.next_row_id = last_row_id + 1
-        self.out = Changes()
+        self.tree.out = Changes()
 
     def drain(self) -> Changes:
-        out, self.out = self.out, Changes()
+        out, self.tree.out = self.tree.out, Changes()
         return out
 
     def give_back_rate(self, changes: Changes) -> None:
@@ -295,7 +311,7 @@ class QuotaBook(Tree):
             return
         for t in n.thresholds:
             if t not in n.fired and n.consumed * 100 >= t * n.allocation:
-                self._fire(n, now, "usage", t, t)
+                self.tree.fire(n, now, "usage", t, t)
 
     # ------------------------------------------------------------------ settlement
     def settle_many(self, items: Iterable[Settlement]) -> list[Code]:

@@ -150,12 +150,12 @@ class LedgerCore:
     # ---------------------------------------------------------------- tree operations
     def create_package(self, spec: TokenSpec, actor: str | None = None) -> dict[str, Any]:
         """A new package; returns {"token": TokenView, "credential": str} (shown once)."""
-        n = self.book.create_package(new_id("pkg"), new_jti(), spec, actor=actor)
+        n = self.book.tree.create_package(new_id("pkg"), new_jti(), spec, actor=actor)
         return {"token": n.view(), "credential": self._credential(n)}
 
     def split(self, parent_id: str, spec: TokenSpec, actor: str | None = None) -> dict[str, Any]:
         """A child token carved from the parent's free units; same return shape as create_package."""
-        n = self.book.split(parent_id, new_id("tok"), new_jti(), spec, actor=actor)
+        n = self.book.tree.split(parent_id, new_id("tok"), new_jti(), spec, actor=actor)
         return {"token": n.view(), "credential": self._credential(n)}
 
     def update_limits(
@@ -168,24 +168,24 @@ class LedgerCore:
         rate: str | None = None,
         actor: str | None = None,
     ) -> TokenView:
-        return self.book.update_limits(token_id, make_limits(expires_at, models, ips, rate), actor=actor).view()
+        return self.book.tree.update_limits(token_id, make_limits(expires_at, models, ips, rate), actor=actor).view()
 
     def top_up(self, token_id: str, units: int, actor: str | None = None) -> TokenView:
-        return self.book.top_up(token_id, units, actor=actor).view()
+        return self.book.tree.top_up(token_id, units, actor=actor).view()
 
     def revoke(self, token_id: str, actor: str | None = None) -> dict[str, Any]:
-        return {"returned": self.book.revoke(token_id, actor=actor), "token": self.book.node(token_id).view()}
+        return {"returned": self.book.tree.revoke(token_id, actor=actor), "token": self.book.node(token_id).view()}
 
     def reclaim(self, token_id: str, units: int | None = None, actor: str | None = None) -> dict[str, Any]:
-        return {"returned": self.book.reclaim(token_id, units, actor=actor), "token": self.book.node(token_id).view()}
+        return {"returned": self.book.tree.reclaim(token_id, units, actor=actor), "token": self.book.node(token_id).view()}
 
     def rotate(self, token_id: str, actor: str | None = None) -> dict[str, Any]:
-        n = self.book.rotate(token_id, new_jti(), actor=actor)
+        n = self.book.tree.rotate(token_id, new_jti(), actor=actor)
         return {"token": n.view(), "credential": self._credential(n)}
 
     def sweep(self) -> dict[str, Any]:
-        expired = self.book.expire_due()
-        warned = self.book.warn_expiring(self.settings.expiry_warning_days * 86400)
+        expired = self.book.tree.expire_due()
+        warned = self.book.tree.warn_expiring(self.settings.expiry_warning_days * 86400)
         abandoned = self.book.refund_abandoned()
         self.book.prune(settle_window_s=self.settings.settle_window_s, recent_window_s=self.settings.recent_window_s)
         return {"expired": expired, "expiry_warned": warned, "idem_refunded": abandoned}
@@ -203,7 +203,7 @@ class LedgerCore:
         return self.book.node(token_id, actor).view()
 
     def tokens(self, root_id: str | None = None, actor: str | None = None) -> list[TokenView]:
-        return self.book.views(root_id, actor)
+        return self.book.tree.views(root_id, actor)
 
     def usage(
         self,
@@ -233,7 +233,7 @@ class LedgerCore:
     def consistency(self) -> dict[str, Any]:
         """Book vs database, and the conservation invariant: for tests and `yolo-tokens doctor`."""
         book = {n.id: (n.allocation, n.used, n.status.value) for n in self.book.nodes.values()}
-        return {"book": book, "db": self.store.balances(), "violations": self.book.invariant_violations()}
+        return {"book": book, "db": self.store.balances(), "violations": self.book.tree.invariant_violations()}
 
 
 def _opt_str(v: object, limit: int) -> bool:

@@ -1,7 +1,7 @@
-"""Tree: the token tree of every package and the operations that reshape it (DESIGN §3).
+"""TokenTree: the token tree of every package and the operations that reshape it (DESIGN §3).
 
 Split, top-up, limits, reclaim, revoke, expire and rotate; who may do what to which node;
-the conservation invariant. `QuotaBook` (book.py) adds admission and settlement on top.
+the conservation invariant. `QuotaBook` (book.py) holds one and adds admission and settlement.
 Dead (revoked/expired) nodes are shrunk to what their subtree spent, so their unspent
 allocation is back in the nearest live ancestor's `free`. No I/O; every change goes to
 the outbox `out`.
@@ -29,7 +29,7 @@ MAX_TREE_DEPTH = 16
 MAX_ID = 40  # the tokens.id column
 
 
-class Tree:
+class TokenTree:
     """Package trees, partitioned by root (`roots`) so they can later be sharded.
 
     `max_depth` bounds how many levels a tree may have (a root alone is one level); deeper
@@ -353,11 +353,11 @@ class Tree:
                 continue
             if EXPIRY_WARNED in n.fired:
                 continue
-            self._fire(n, now, "expiry", EXPIRY_WARNED, max(1, math.ceil((n.expires_at - now) / 86400)))
+            self.fire(n, now, "expiry", EXPIRY_WARNED, max(1, math.ceil((n.expires_at - now) / 86400)))
             warned.append(n.id)
         return warned
 
-    def _fire(self, n: Node, now: float, kind: str, marker: int, threshold: int) -> None:
+    def fire(self, n: Node, now: float, kind: str, marker: int, threshold: int) -> None:
         """Record that alert `marker` of `n` fired (once; persisted with the node) and queue its row."""
         n.fired.add(marker)
         self.out.dirty[n.id] = n

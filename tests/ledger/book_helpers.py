@@ -28,14 +28,14 @@ def new_book() -> tuple[QuotaBook, Clock]:
 
 def package(book: QuotaBook, allocation: int, limits: Limits | None = None) -> Node:
     i = next(_ids)
-    return book.create_package(f"pkg{i}", f"j{i}", TokenSpec(f"p{i}", allocation, limits or Limits()))
+    return book.tree.create_package(f"pkg{i}", f"j{i}", TokenSpec(f"p{i}", allocation, limits or Limits()))
 
 
 def child(
     book: QuotaBook, parent: Node, allocation: int, limits: Limits | None = None, actor: str | None = None
 ) -> Node:
     i = next(_ids)
-    return book.split(parent.id, f"tok{i}", f"j{i}", TokenSpec(f"c{i}", allocation, limits or Limits()), actor=actor)
+    return book.tree.split(parent.id, f"tok{i}", f"j{i}", TokenSpec(f"c{i}", allocation, limits or Limits()), actor=actor)
 
 
 def admit(

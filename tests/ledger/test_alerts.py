@@ -234,12 +234,12 @@ def test_given_a_token_expiring_within_a_week_then_one_expiry_alert_rearmed_by_a
     day = 86400.0
     n = package(book, 10, Limits(expires_at=clock.t + 10 * day))
     book.drain()
-    assert book.warn_expiring(7 * day) == [] and book.drain().alerts == []
+    assert book.tree.warn_expiring(7 * day) == [] and book.drain().alerts == []
     clock.advance(3.5 * day)  # 6.5 days left
-    assert book.warn_expiring(7 * day) == [n.id]
+    assert book.tree.warn_expiring(7 * day) == [n.id]
     (alert,) = book.drain().alerts
     assert (alert["kind"], alert["threshold"], alert["token_id"]) == ("expiry", 7, n.id)
-    assert book.warn_expiring(7 * day) == []  # once
-    book.update_limits(n.id, Limits(expires_at=clock.t + 30 * day))
+    assert book.tree.warn_expiring(7 * day) == []  # once
+    book.tree.update_limits(n.id, Limits(expires_at=clock.t + 30 * day))
     clock.advance(24 * day)  # 6 days left of the new expiry: warned again
-    assert book.warn_expiring(7 * day) == [n.id]
+    assert book.tree.warn_expiring(7 * day) == [n.id]

@@ -21,7 +21,7 @@ def test_given_a_package_when_units_are_admitted_then_each_debits_until_free_is_
     codes = [admit(book, root).code for _ in range(7)]
     assert codes == [Code.OK] * 5 + [Code.QUOTA_EXHAUSTED] * 2
     assert (root.used, root.free) == (5, 0)
-    assert book.invariant_violations() == []
+    assert book.tree.invariant_violations() == []
 
 
 def test_given_a_split_when_the_child_spends_then_parent_free_is_unchanged_and_child_bounded() -> None:
@@ -32,7 +32,7 @@ def test_given_a_split_when_the_child_spends_then_parent_free_is_unchanged_and_c
     assert admit(book, kid, units=30).code is Code.OK
     assert admit(book, kid).code is Code.QUOTA_EXHAUSTED
     assert (root.free, root.consumed) == (70, 30)
-    assert book.invariant_violations() == []
+    assert book.tree.invariant_violations() == []
 
 
 def test_given_a_parent_when_splitting_more_than_its_free_then_refused_and_nothing_moves() -> None:
@@ -52,13 +52,13 @@ def test_given_a_child_with_spend_when_revoked_then_unspent_returns_to_parent_an
     grandkid = child(book, kid, 10)
     admit(book, kid, units=5)
     admit(book, grandkid, units=3)
-    returned = book.revoke(kid.id)
+    returned = book.tree.revoke(kid.id)
     assert returned == 40 - 5 - 3
     assert root.free == 100 - 8
     assert grandkid.status is Status.REVOKED
     assert admit(book, grandkid).code is Code.REVOKED_TOKEN
     assert admit(book, kid).code is Code.REVOKED_TOKEN
-    assert book.invariant_violations() == []
+    assert book.tree.invariant_violations() == []
 
 
 def test_given_a_revoked_child_with_pending_work_when_refunded_then_units_reach_the_live_parent() -> None:
@@ -66,11 +66,11 @@ def test_given_a_revoked_child_with_pending_work_when_refunded_then_units_reach_
     root = package(book, 100)
     kid = child(book, root, 40)
     d = admit(book, kid, units=4)
-    book.revoke(kid.id)
+    book.tree.revoke(kid.id)
     assert root.free == 96
     assert book.settle(Settlement(d.request_id, kid.id, success=False)) is Code.OK
     assert (kid.used, kid.allocation, root.free) == (0, 0, 100)
-    assert book.invariant_violations() == []
+    assert book.tree.invariant_violations() == []
 
 
 def test_given_a_live_child_when_reclaimed_partially_then_it_keeps_the_rest_and_stays_active() -> None:
@@ -78,12 +78,12 @@ def test_given_a_live_child_when_reclaimed_partially_then_it_keeps_the_rest_and_
     root = package(book, 100)
     kid = child(book, root, 40)
     admit(book, kid, units=10)
-    assert book.reclaim(kid.id, 20) == 20
+    assert book.tree.reclaim(kid.id, 20) == 20
     assert (kid.allocation, kid.free, root.free, kid.status) == (20, 10, 80, Status.ACTIVE)
     with pytest.raises(OperationRefused):
-        book.reclaim(kid.id, 11)
-    assert book.reclaim(kid.id) == 10
-    assert book.invariant_violations() == []
+        book.tree.reclaim(kid.id, 11)
+    assert book.tree.reclaim(kid.id) == 10
+    assert book.tree.invariant_violations() == []
 
 
 def test_given_an_expired_child_when_swept_then_it_is_expired_and_unspent_returns() -> None:
@@ -93,9 +93,9 @@ def test_given_an_expired_child_when_swept_then_it_is_expired_and_unspent_return
     admit(book, kid, units=5)
     clock.advance(61)
     assert admit(book, kid).code is Code.EXPIRED_TOKEN
-    assert book.expire_due() == [kid.id]
+    assert book.tree.expire_due() == [kid.id]
     assert (kid.status, kid.allocation, root.free) == (Status.EXPIRED, 5, 95)
-    assert book.invariant_violations() == []
+    assert book.tree.invariant_violations() == []
 
 
 def test_given_a_root_top_up_when_thresholds_fired_then_they_rearm_below_consumption() -> None:
@@ -106,7 +106,7 @@ def test_given_a_root_top_up_when_thresholds_fired_then_they_rearm_below_consump
     assert root.fired == {80}
     alerts = book.drain().alerts
     assert [a["threshold"] for a in alerts] == [80]
-    book.top_up(root.id, 10)
+    book.tree.top_up(root.id, 10)
     assert root.fired == set() and root.free == 12
     for _ in range(8):
         admit(book, root)
@@ -318,9 +318,9 @@ def test_given_a_pending_id_when_redelivered_then_status_model_and_ip_are_checke
     assert admit(book, root, rid="r-ip", ip="6.6.6.6").code is Code.IP_NOT_ALLOWED
     kid = child(book, root, 5)
     admit(book, kid, rid="r-rev")
-    book.revoke(root.id)
+    book.tree.revoke(root.id)
     assert admit(book, kid, rid="r-rev").code is Code.REVOKED_TOKEN
-    assert book.invariant_violations() == []
+    assert book.tree.invariant_violations() == []
 
 
 def test_given_a_pending_id_when_redelivered_then_no_rate_token_is_taken() -> None:
@@ -357,18 +357,18 @@ def test_given_a_token_actor_then_it_sees_and_steers_only_its_own_subtree() -> N
     a1 = child(book, a, 10)
     for op in (
         lambda: book.node(b.id, actor=a1.id),
-        lambda: book.revoke(a.id, actor=a1.id),
-        lambda: book.top_up(b.id, 1, actor=a.id),
+        lambda: book.tree.revoke(a.id, actor=a1.id),
+        lambda: book.tree.top_up(b.id, 1, actor=a.id),
         lambda: child(book, b, 1, actor=a.id),
     ):
         with pytest.raises(OperationRefused) as e:
             op()
         assert e.value.code is Code.NOT_FOUND
     with pytest.raises(OperationRefused) as e:
-        book.top_up(a1.id, 1, actor=a1.id)
+        book.tree.top_up(a1.id, 1, actor=a1.id)
     assert e.value.code is Code.FORBIDDEN
-    assert [v.id for v in book.views(actor=a1.id)] == [a1.id]
-    assert book.top_up(a1.id, 5, actor=a.id).allocation == 15
+    assert [v.id for v in book.tree.views(actor=a1.id)] == [a1.id]
+    assert book.tree.top_up(a1.id, 5, actor=a.id).allocation == 15
 
 
 @pytest.mark.parametrize("units", [0, -1, 1.5, True, 10**13])

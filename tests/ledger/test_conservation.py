@@ -64,7 +64,7 @@ class Conservation(RuleBasedStateMachine):
         self.pending: list[tuple[str, str, int]] = []
         for _ in range(2):
             tid = f"pkg{next(self.ids)}"
-            self.book.create_package(tid, "j", TokenSpec(tid, 50))
+            self.book.tree.create_package(tid, "j", TokenSpec(tid, 50))
             self.model.alloc[tid], self.model.used[tid], self.model.parent[tid] = 50, 0, None
 
     def pick(self, i: int) -> str:
@@ -76,7 +76,7 @@ class Conservation(RuleBasedStateMachine):
         parent = self.pick(i)
         tid = f"tok{next(self.ids)}"
         try:
-            self.book.split(parent, tid, "j", TokenSpec(tid, units))
+            self.book.tree.split(parent, tid, "j", TokenSpec(tid, units))
         except OperationRefused:
             assert parent in self.model.dead or self.model.free(parent) < units or self._dead_above(parent)
             return
@@ -114,14 +114,14 @@ class Conservation(RuleBasedStateMachine):
     @rule(i=st.integers(0, 1000))
     def revoke(self, i: int) -> None:
         t = self.pick(i)
-        self.book.revoke(t)
+        self.book.tree.revoke(t)
         self.model.kill(t)
 
     @rule(i=st.integers(0, 1000), units=st.one_of(st.none(), st.integers(1, 20)))
     def reclaim(self, i: int, units: int | None) -> None:
         t = self.pick(i)
         try:
-            moved = self.book.reclaim(t, units)
+            moved = self.book.tree.reclaim(t, units)
         except OperationRefused:
             return
         if t in self.model.dead:
@@ -132,14 +132,14 @@ class Conservation(RuleBasedStateMachine):
     def top_up(self, i: int, units: int) -> None:
         t = self.pick(i)
         try:
-            self.book.top_up(t, units)
+            self.book.tree.top_up(t, units)
         except OperationRefused:
             return
         self.model.alloc[t] += units
 
     @invariant()
     def books_agree_and_conserve(self) -> None:
-        assert self.book.invariant_violations() == []
+        assert self.book.tree.invariant_violations() == []
         for t, n in self.book.nodes.items():
             assert n.used == self.model.used[t] >= 0
             assert n.allocation == self.model.alloc[t] >= 0

@@ -78,12 +78,12 @@ def test_given_a_5000_deep_chain_in_shuffled_rows_when_loaded_then_it_loads_with
         assert len(deepest.path()) == 5000 and deepest.path()[-1] is root
         assert (root.consumed, root.delegated, root.free) == (5000, 4999, 0)
         assert book.nodes["tok4998"].children == [deepest]
-        assert book.invariant_violations() == []
-        assert len(book.views("pkg0")) == 5000
+        assert book.tree.invariant_violations() == []
+        assert len(book.tree.views("pkg0")) == 5000
         repr(deepest)
         d = admit(book, deepest, units=1)
         assert d.code is Code.QUOTA_EXHAUSTED  # every unit spent; and the check walked the whole path
-        assert book.revoke("tok1") == 0
+        assert book.tree.revoke("tok1") == 0
         assert deepest.status.value == "revoked"
     finally:
         sys.setrecursionlimit(limit)
@@ -97,7 +97,7 @@ def test_given_rows_in_any_order_then_the_same_tree_loads() -> None:
         random.Random(seed).shuffle(rows)
         book = QuotaBook(clock)
         book.load(rows, [], [], [], 0)
-        views.append(book.views())
+        views.append(book.tree.views())
     assert all(v == views[0] for v in views)
 
 
@@ -123,7 +123,7 @@ def test_given_rows_that_do_not_form_trees_when_loaded_then_unavailable_and_the_
     with pytest.raises(LedgerUnavailable):
         book.load(rows, [], [], [], 0)
     assert book.nodes == before
-    assert book.roots["pkg0"] is before["pkg0"] and book.invariant_violations() == []
+    assert book.roots["pkg0"] is before["pkg0"] and book.tree.invariant_violations() == []
 
 
 def test_given_a_pending_admission_deep_in_a_revoked_subtree_when_refunded_then_the_live_root_gets_it() -> None:
@@ -131,8 +131,8 @@ def test_given_a_pending_admission_deep_in_a_revoked_subtree_when_refunded_then_
     book = QuotaBook(clock)
     pending = Pending("deep", "tok2999", 1, clock.t, None, 1, "parts@1")
     book.load(chain(3000, clock), [pending], [], [], 1)
-    assert book.revoke("tok1") == 0  # every unit below the root is spent
+    assert book.tree.revoke("tok1") == 0  # every unit below the root is spent
     assert book.settle(Settlement("deep", "tok2999", success=False)) is Code.OK
     root = book.roots["pkg0"]
     assert (root.free, book.nodes["tok1"].allocation) == (1, 2998)
-    assert book.invariant_violations() == []
+    assert book.tree.invariant_violations() == []

@@ -32,9 +32,9 @@ def test_given_a_stored_idempotent_result_when_the_token_is_no_longer_usable_the
     book.settle(Settlement(d.request_id, kid.id, success=True, result='{"secret": 1}'))
     assert admit(book, kid, key="k", body="h").replay == '{"secret": 1}'
     if how == "revoked":
-        book.revoke(kid.id)
+        book.tree.revoke(kid.id)
     elif how == "ancestor_revoked":
-        book.revoke(root.id)
+        book.tree.revoke(root.id)
     elif how == "expired":
         clock.advance(51)
     else:
@@ -54,7 +54,7 @@ def test_given_a_settled_request_id_when_sent_again_by_an_unusable_token_then_it
     book.settle(Settlement("done-once", kid.id, success=True))
     assert admit(book, kid, rid="done-once").code is Code.REPLAY
     if how == "revoked":
-        book.revoke(kid.id)
+        book.tree.revoke(kid.id)
     else:
         clock.advance(51)
     expected = Code.REVOKED_TOKEN if how == "revoked" else Code.EXPIRED_TOKEN
@@ -135,7 +135,7 @@ def test_given_an_idempotent_admission_never_settled_when_swept_then_refunded_an
     assert book.settle(Settlement(first.request_id, root.id, success=False)) is Code.NOT_FOUND
     assert book.settle(Settlement(first.request_id, root.id, success=True)) is Code.NOT_FOUND
     assert root.used == 1
-    assert book.invariant_violations() == []
+    assert book.tree.invariant_violations() == []
 
 
 def test_given_an_abandoned_key_when_it_comes_again_before_any_sweep_then_refunded_lazily_and_admitted() -> None:

@@ -34,8 +34,8 @@ def test_given_book_changes_when_committed_and_reloaded_then_everything_round_tr
     spec = TokenSpec.build(
         "acme", 100, expires_at=now + 3600, models=["parts"], ips=["10.0.0.0/8"], rate="pro", team="vision"
     )
-    root = book.create_package("pkg1", "j1", spec)
-    kid = book.split(root.id, "tok1", "j2", TokenSpec("fe", 10))
+    root = book.tree.create_package("pkg1", "j1", spec)
+    kid = book.tree.split(root.id, "tok1", "j2", TokenSpec("fe", 10))
     book.admit(Admission("r1", kid.id, "j2", 9, "parts@1", "10.0.0.1", "key", "hash"))
     book.admit(Admission("r2", kid.id, "j2", 1, "parts@1", "10.0.0.1"))
     book.admit(Admission("r3", kid.id, "j2", 1, "parts@1", "10.0.0.1"))  # denied: quota

@@ -40,7 +40,7 @@ def test_given_a_token_expiring_within_a_second_when_rotated_then_refused_and_no
     root = package(book, 100)
     kid = child(book, root, 10, Limits(expires_at=clock.t + 10))
     clock.advance(10 - left_s)
-    refused_with_nothing_changed(book, lambda: book.rotate(kid.id, "new-jti"))
+    refused_with_nothing_changed(book, lambda: book.tree.rotate(kid.id, "new-jti"))
 
 
 def test_given_an_ancestor_expiring_within_a_second_when_a_child_is_rotated_or_split_then_refused() -> None:
@@ -49,7 +49,7 @@ def test_given_an_ancestor_expiring_within_a_second_when_a_child_is_rotated_or_s
     kid = child(book, root, 10, Limits(expires_at=clock.t + 10))
     kid.expires_at = None  # its own expiry gone (as stored by an older version): the ancestor's still counts
     clock.advance(9.5)
-    refused_with_nothing_changed(book, lambda: book.rotate(kid.id, "new-jti"))
+    refused_with_nothing_changed(book, lambda: book.tree.rotate(kid.id, "new-jti"))
     refused_with_nothing_changed(book, lambda: child(book, kid, 1))
 
 
@@ -57,7 +57,7 @@ def test_given_a_token_with_time_left_when_rotated_then_allowed() -> None:
     book, clock = new_book()
     root = package(book, 100, Limits(expires_at=clock.t + 10))
     clock.advance(8.5)
-    assert book.rotate(root.id, "fresh").jti == "fresh"
+    assert book.tree.rotate(root.id, "fresh").jti == "fresh"
 
 
 @pytest.mark.parametrize(
@@ -154,8 +154,8 @@ def test_given_a_spec_built_directly_when_the_tree_gets_it_then_refused_before_a
 ) -> None:
     book, _ = new_book()
     root = package(book, 100)
-    refused_with_nothing_changed(book, lambda: book.split(root.id, "tok_x", "jx", spec))
-    refused_with_nothing_changed(book, lambda: book.create_package("pkg_x", "jy", spec))
+    refused_with_nothing_changed(book, lambda: book.tree.split(root.id, "tok_x", "jx", spec))
+    refused_with_nothing_changed(book, lambda: book.tree.create_package("pkg_x", "jy", spec))
     assert "tok_x" not in book.nodes and "pkg_x" not in book.nodes
 
 
@@ -175,24 +175,24 @@ def test_given_malformed_limits_when_updated_then_refused_and_nothing_changes(li
     book, clock = new_book()
     root = package(book, 100, Limits(expires_at=clock.t + 1000))
     kid = child(book, root, 10)
-    refused_with_nothing_changed(book, lambda: book.update_limits(kid.id, limits))
-    refused_with_nothing_changed(book, lambda: book.update_limits(root.id, limits))
+    refused_with_nothing_changed(book, lambda: book.tree.update_limits(kid.id, limits))
+    refused_with_nothing_changed(book, lambda: book.tree.update_limits(root.id, limits))
 
 
 def test_given_a_top_up_beyond_the_largest_balance_then_refused() -> None:
     book, _ = new_book()
     root = package(book, MAX_UNITS)
     for _ in range(MAX_BALANCE // MAX_UNITS - 1):
-        book.top_up(root.id, MAX_UNITS)
+        book.tree.top_up(root.id, MAX_UNITS)
     assert root.allocation == MAX_BALANCE
-    refused_with_nothing_changed(book, lambda: book.top_up(root.id, 1))
+    refused_with_nothing_changed(book, lambda: book.tree.top_up(root.id, 1))
 
 
 @pytest.mark.parametrize("token_id", [["a"], {"a": 1}, None, 5])
 def test_given_a_token_id_that_is_not_a_string_then_not_found_not_a_type_error(token_id: Any) -> None:
     book, _ = new_book()
     package(book, 10)
-    for op in (lambda: book.revoke(token_id), lambda: book.node(token_id), lambda: book.rotate(token_id, "j")):
+    for op in (lambda: book.tree.revoke(token_id), lambda: book.node(token_id), lambda: book.tree.rotate(token_id, "j")):
         with pytest.raises(OperationRefused) as e:
             op()
         assert e.value.code is Code.NOT_FOUND

@@ -1,11 +1,11 @@
-"""Writes the upgrade fixtures `ledger_v0002.db` / `ledger_v0002.pg.sql` and their expected rows.
+"""Writes the upgrade fixtures `ledger_vNNNN.db` / `ledger_vNNNN.pg.sql` and their expected rows.
 
-Run with the code of the version that wrote schema 0002 (commit 55df6a3), never with the
-current code, e.g.:
+Run with the code of the version that wrote schema NNNN, never with the current code:
+0002 = commit 55df6a3, 0003 = commit 469b93a (the last landed version before schema 0004), e.g.:
 
-    git worktree add --detach /tmp/yt-prev 55df6a3
+    git worktree add --detach /tmp/yt-prev 469b93a
     cd /tmp/yt-prev && PYTHONPATH=/tmp/yt-prev /work/main/.venv/bin/python \
-        /work/main/tests/ledger/data/make_ledger_v0002.py /work/main/tests/ledger/data
+        /work/main/tests/ledger/data/make_ledger_fixture.py /work/main/tests/ledger/data 0003
 
 It drives a `LedgerCore` through packages, splits, admissions (settled, refunded, partially
 charged, pending, idempotent) and denials, an alert (delivered and acknowledged) and admin
@@ -32,7 +32,6 @@ from ledger.store.models import AdminEventRow, AlertRow, IdempotencyRow, TokenRo
 
 T0 = 1_795_000_000.0  # 2026-11-19: the fixture's clock; the test reads it back from the JSON
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
-PG_SCRATCH = "yt_fixture_v0002"
 TABLES = {
     "tokens": (TokenRow, "id"),
     "usage_events": (UsageEventRow, "id"),
@@ -52,7 +51,7 @@ class Clock:
 
 
 def scenario(core: LedgerCore) -> dict[str, Any]:
-    """Every kind of row schema 0002 holds; returns what the test needs to act on them."""
+    """Every kind of row the schema holds; returns what the test needs to act on them."""
 
     def step(x: Any) -> Any:
         core.commit()
@@ -142,36 +141,37 @@ def build(url: str, data_dir: Path) -> dict[str, Any]:
     return {"t0": T0, **facts, "rows": rows}
 
 
-def main(out_dir: Path) -> None:
+def main(out_dir: Path, version: str) -> None:
     expected: dict[str, Any] = {}
-    sqlite_file = out_dir / "ledger_v0002.db"
+    scratch = f"yt_fixture_v{version}"
+    sqlite_file = out_dir / f"ledger_v{version}.db"
     sqlite_file.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         expected["sqlite"] = build(f"sqlite:///{sqlite_file}", Path(tmp) / "sqlite")
         with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{PG_SCRATCH}" WITH (FORCE)')
-            conn.execute(f'CREATE DATABASE "{PG_SCRATCH}"')
+            conn.execute(f'DROP DATABASE IF EXISTS "{scratch}" WITH (FORCE)')
+            conn.execute(f'CREATE DATABASE "{scratch}"')
         try:
-            expected["postgres"] = build(f"postgresql+psycopg://postgres@127.0.0.1:5432/{PG_SCRATCH}", Path(tmp) / "pg")
+            expected["postgres"] = build(f"postgresql+psycopg://postgres@127.0.0.1:5432/{scratch}", Path(tmp) / "pg")
             options = ["--no-owner", "--no-privileges", "--inserts", "-h", "127.0.0.1", "-U", "postgres"]
             dump = subprocess.run(
-                ["pg_dump", *options, PG_SCRATCH],
+                ["pg_dump", *options, scratch],
                 check=True,
                 capture_output=True,
                 text=True,
             ).stdout
-            (out_dir / "ledger_v0002.pg.sql").write_text(dump)
+            (out_dir / f"ledger_v{version}.pg.sql").write_text(dump)
         finally:
             with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{PG_SCRATCH}" WITH (FORCE)')
+                conn.execute(f'DROP DATABASE IF EXISTS "{scratch}" WITH (FORCE)')
     for suffix in ("-wal", "-shm"):
         stray = Path(f"{sqlite_file}{suffix}")
         if stray.exists() and stray.stat().st_size:
             raise RuntimeError(f"{stray} still holds pages: the fixture would be incomplete")
         stray.unlink(missing_ok=True)
     text = json.dumps(expected, indent=1, sort_keys=True, default=str)
-    (out_dir / "ledger_v0002.expected.json").write_text(text + "\n")
+    (out_dir / f"ledger_v{version}.expected.json").write_text(text + "\n")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2])
