@@ -20,7 +20,7 @@ from ray.serve import Application
 
 from serve_app.answer import result_body
 from serve_app.config import AppArgs
-from serve_app.detector import Detector
+from serve_app.detector_deployment import Detector
 from serve_app.http import images_from_body, read_body
 from serve_app.imaging import ImageLimits, decode_image
 from serve_app.results import InferenceParams

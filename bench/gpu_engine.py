@@ -14,19 +14,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("YOLO_OFFLINE", "1")
+from serve_app import launcher  # neither Ray nor ultralytics
+
+if __name__ == "__main__":  # run as a script: the rules before Ray and ultralytics, imported below, read them
+    launcher.apply_environment()
 
 import numpy as np
 import torch
 from ultralytics import YOLO
 
-from serve_app.engine import EngineError, YoloEngine
+from serve_app.engine import EngineError
+from serve_app.engine.registry import create_engine
 from serve_app.results import InferenceParams
 
 
@@ -57,9 +60,7 @@ def main() -> None:
     for backend in a.backends:
         try:
             # max_batch: each measured batch is one forward pass (and the TensorRT profile's largest batch)
-            engine = YoloEngine(
-                weights, backend=backend, device=device, half=cuda, imgsz=a.imgsz, max_batch=max(a.batches)
-            )
+            engine = create_engine(backend, weights, device=device, half=cuda, imgsz=a.imgsz, max_batch=max(a.batches))
         except EngineError as exc:
             print(json.dumps({"bench": "gpu_engine", "backend": backend, "skipped": str(exc)}), flush=True)
             continue

@@ -18,7 +18,6 @@ import argparse
 import io
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -26,7 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("YOLO_OFFLINE", "1")
+from serve_app import launcher  # neither Ray nor ultralytics
+
+if __name__ == "__main__":  # run as a script: the rules before Ray and ultralytics, imported below, read them
+    launcher.apply_environment()
 
 import numpy as np
 import ultralytics
@@ -37,7 +39,8 @@ from ultralytics.utils import LOGGER
 
 from serve_app.config import DEMO_WEIGHTS
 from serve_app.demo.synth import scene
-from serve_app.engine import YoloEngine
+from serve_app.engine.registry import create_engine
+from serve_app.engine.yolo import YoloEngine
 from serve_app.imaging import decode_image
 from serve_app.results import Detection, InferenceParams
 
@@ -169,7 +172,8 @@ def main() -> None:
     for imgsz in a.imgsz:
         refs = [reference(model, p, imgsz, params) for p in files]
         for backend in a.backends:
-            engine = YoloEngine(weights, backend=backend, imgsz=imgsz)
+            engine = create_engine(backend, weights, imgsz=imgsz)
+            assert isinstance(engine, YoloEngine)  # the YOLO backends: their letterbox is swapped below
             if a.letterbox == "square":  # what the engine did before it followed predict()
                 engine.letterbox = LetterBox((engine.imgsz, engine.imgsz), auto=False, stride=engine.stride)
             t0 = time.perf_counter()

@@ -24,14 +24,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from serve_app import proxy_hooks  # only starlette: Ray must read the environment below first
+from serve_app import launcher  # neither Ray nor ultralytics
 
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-os.environ["RAY_AUTH_MODE"] = "token"
-os.environ["FORWARDED_ALLOW_IPS"] = ""
-os.environ[proxy_hooks.CALLBACK_VAR] = proxy_hooks.CALLBACK
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("YOLO_OFFLINE", "1")
+if __name__ == "__main__":  # run as a script: the rules before Ray and ultralytics, imported below, read them
+    launcher.apply_environment()
 
 import httpx
 import ray
@@ -44,7 +40,7 @@ from ledger.entities import TokenSpec
 from serve_app.app import build_app
 from serve_app.config import DEMO_WEIGHTS, AppArgs, Autoscaling, ModelSpec
 from serve_app.demo.synth import render
-from serve_app.engine import YoloEngine
+from serve_app.engine.backends import TorchEngine
 from serve_app.imaging import decode_image
 from serve_app.results import InferenceParams
 
@@ -57,7 +53,7 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def engine_rate(images: list[bytes], batch: int, seconds: float) -> float:
-    engine = YoloEngine(DEMO_WEIGHTS, imgsz=320)
+    engine = TorchEngine(DEMO_WEIGHTS, imgsz=320)
     decoded = [decode_image(b).pixels for b in images]
     engine.detect(decoded[:batch])
     n, t0, i = 0, time.perf_counter(), 0

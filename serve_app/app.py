@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray.serve import Application
+from ray.serve import Application, Deployment
 
 from serve_app.config import AppArgs
-from serve_app.detector import Detector
+from serve_app.detector_deployment import Detector
 from serve_app.gate import TokenGate
 from serve_app.ingress import Ingress
 
@@ -21,7 +21,16 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
     args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
     for m in args.models:
         m.check_weights()  # fail at startup, naming the path, not at the first request
-    detectors = {m.key: Detector.options(**m.deployment_options()).bind(m) for m in args.models}
+    detector = deployment(Detector)
+    detectors = {m.key: detector.options(**m.deployment_options()).bind(m) for m in args.models}
     # every detection is routed through the gate, which verifies and prices it itself
-    gate = TokenGate.bind(args.ledger_settings(), detectors, args.models, args.default_model)
-    return Ingress.options(num_replicas=args.ingress_replicas).bind(gate, args)
+    gate = deployment(TokenGate).bind(args.ledger_settings(), detectors, args.models, args.default_model)
+    return deployment(Ingress).options(num_replicas=args.ingress_replicas).bind(gate, args)
+
+
+def deployment(decorated: object) -> Deployment:
+    """A `@serve.deployment` class as what it is at run time, a `Deployment` (type checkers keep
+    the undecorated class type, since they do not apply class decorators)."""
+    if not isinstance(decorated, Deployment):
+        raise TypeError(f"{decorated!r} is not a @serve.deployment")
+    return decorated

@@ -1,10 +1,13 @@
-"""ModelCatalog: the served model versions, how a request names one, and what it costs."""
+"""ModelCatalog: the served model versions, how a request names one, what it costs, and the
+list `GET /v1/models` shows. The one place that resolves models, prices requests and lists them
+(the ingress, its request steps and the gate each hold one, built from the same args)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
-from serve_app.config import ModelSpec
+from serve_app.config import AppArgs, ModelSpec
 from serve_app.errors import ApiError
 
 
@@ -12,6 +15,15 @@ class ModelCatalog:
     def __init__(self, models: Iterable[ModelSpec], default: str) -> None:
         self.models: dict[str, ModelSpec] = {m.key: m for m in models}
         self.default = default
+
+    @classmethod
+    def from_args(cls, args: AppArgs) -> ModelCatalog:
+        return cls(args.models, args.default_model)
+
+    @property
+    def specs(self) -> list[ModelSpec]:
+        """Every served version, in configuration order."""
+        return list(self.models.values())
 
     def resolve(self, requested: str | None) -> ModelSpec:
         """`name@version`, or `name` for its highest version; None for the default. 404 otherwise."""
@@ -26,6 +38,28 @@ class ModelCatalog:
     def units(self, spec: ModelSpec, images: int) -> int:
         """DESIGN §3: each image costs the version's `cost_units`; a batch costs the sum."""
         return spec.cost_units * images
+
+    def listing(self, status: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+        """The body of `GET /v1/models`: the default and every version with its price and settings,
+        and its deployment `status` (by version key: status, replicas, message) where known."""
+        return {
+            "default": self.default,
+            "models": [
+                {
+                    "name": m.name,
+                    "version": m.version,
+                    "key": m.key,
+                    "cost_units": m.cost_units,
+                    "imgsz": m.imgsz,
+                    "backend": m.backend,
+                    "timeout_s": m.timeout_s,
+                    "status": status.get(m.key, {}).get("status", "unknown"),
+                    "replicas": status.get(m.key, {}).get("replicas", {}),
+                    "message": status.get(m.key, {}).get("message", ""),
+                }
+                for m in self.specs
+            ],
+        }
 
 
 def placement_problem(need: Mapping[str, float], nodes: Sequence[Mapping[str, float]]) -> str | None:

@@ -1,6 +1,6 @@
 """`yolo-tokens`: the ledger commands (ledger/cli.py) plus `serve`, which starts the whole service.
 
-`detect FILE|DIR` is a plain HTTP client of a running service (serve_app/detect.py).
+`detect FILE|DIR` is a plain HTTP client of a running service (serve_app/detect_client.py).
 `serve` starts a local Ray head on 127.0.0.1 (by pid), deploys `ray_config.yaml` with Ray
 Serve on 127.0.0.1, makes sure a demo package exists, prints its credential once with a
 ready-to-paste curl command, and stops everything it started on Ctrl-C.
@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_detect(a: argparse.Namespace) -> int:
-    from serve_app.detect import DetectOptions, Detector, find_images
+    from serve_app.detect_client import DetectClient, DetectOptions, find_images
 
     env = ClientSettings.from_env()
     credential = a.token or env.token
@@ -209,7 +209,7 @@ def cmd_detect(a: argparse.Namespace) -> int:
         out_dir=a.out,
         progress=not a.no_progress and sys.stderr.isatty(),
     )
-    det = Detector(opts, a.target)
+    det = DetectClient(opts, a.target)
     try:
         if a.out is not None:
             a.out.mkdir(parents=True, exist_ok=True)

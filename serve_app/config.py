@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ledger.settings import LedgerSettings
+from serve_app.engine.protocol import Backend
 
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "demo" / "weights" / "parts_v1.pt"
 
@@ -19,11 +20,11 @@ DEMO_WEIGHTS = Path(__file__).resolve().parent / "demo" / "weights" / "parts_v1.
 class Autoscaling(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(2, ge=1)
-    target_ongoing_requests: float = Field(4.0, gt=0)
-    upscale_delay_s: float = Field(10.0, ge=0)
-    downscale_delay_s: float = Field(60.0, ge=0)
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=2, ge=1)
+    target_ongoing_requests: float = Field(default=4.0, gt=0)
+    upscale_delay_s: float = Field(default=10.0, ge=0)
+    downscale_delay_s: float = Field(default=60.0, ge=0)
 
     def serve_config(self) -> dict[str, Any]:
         return self.model_dump()
@@ -35,19 +36,19 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
-    version: str = Field("1", pattern=r"^[A-Za-z0-9_.\-]+$")
+    version: str = Field(default="1", pattern=r"^[A-Za-z0-9_.\-]+$")
     weights: Path
-    backend: Literal["torch", "onnx", "tensorrt"] = "torch"
-    imgsz: int = Field(640, ge=32, le=4096)
+    backend: Backend = "torch"  # a name in serve_app.engine.registry.BACKENDS
+    imgsz: int = Field(default=640, ge=32, le=4096)
     half: bool = False
-    cost_units: int = Field(1, ge=1)
-    num_gpus: float = Field(0.0, ge=0)
-    num_cpus: float = Field(1.0, ge=0)
-    max_batch_size: int = Field(8, ge=1, le=256)
-    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    cost_units: int = Field(default=1, ge=1)
+    num_gpus: float = Field(default=0.0, ge=0)
+    num_cpus: float = Field(default=1.0, ge=0)
+    max_batch_size: int = Field(default=8, ge=1, le=256)
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0)
     # a request this version has not answered within this many seconds (queueing for a replica and
     # a cold start included) gets 503 model_unavailable with Retry-After, and is refunded
-    timeout_s: float = Field(30.0, gt=0, le=3600)
+    timeout_s: float = Field(default=30.0, gt=0, le=3600)
     autoscaling: Autoscaling = Autoscaling()
 
     @property
@@ -72,14 +73,14 @@ class ModelSpec(BaseModel):
         }
 
 
-class Limits(BaseModel):
-    """Request bounds and network policy of the ingress."""
+class RequestLimits(BaseModel):
+    """What the ingress accepts in one request (body, pixels, images) and whose forwarded address it believes."""
 
     model_config = ConfigDict(extra="forbid")
 
-    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
-    max_pixels: int = Field(40_000_000, ge=1024)
-    max_images: int = Field(16, ge=1, le=256)
+    max_body_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    max_pixels: int = Field(default=40_000_000, ge=1024)
+    max_images: int = Field(default=16, ge=1, le=256)
     # peers whose X-Forwarded-For is believed; nobody's by default
     trusted_proxies: list[str] = []
 
@@ -95,9 +96,9 @@ class AppArgs(BaseModel):
     ledger_resources: dict[str, float] = {}
     default_model: str = "parts"
     # HTTP/handle ingress replicas (each verifies, decodes and routes through the TokenGate)
-    ingress_replicas: int = Field(1, ge=1, le=64)
+    ingress_replicas: int = Field(default=1, ge=1, le=64)
     models: list[ModelSpec] = [ModelSpec(name="parts", version="1", weights=DEMO_WEIGHTS, imgsz=320)]
-    limits: Limits = Limits()
+    limits: RequestLimits = RequestLimits()
 
     @field_validator("models")
     @classmethod

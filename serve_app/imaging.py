@@ -85,8 +85,7 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedIma
                     f"image is {w}x{h}; the limit is {limits.max_pixels} pixels, {limits.max_side} a side",
                 )
             img.load()
-            img = ImageOps.exif_transpose(img)
-            pixels = _rgb8(img)
+            pixels = _rgb8(ImageOps.exif_transpose(img))
     except ApiError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

@@ -1,7 +1,8 @@
 """Ingress: the FastAPI routes of DESIGN §5 and the handle API, on one Serve deployment.
 
-Routes stay thin: they parse the transport and call `Pipeline` (detection) or the gate's
-token-scoped ledger operations. Every failure leaves through the one error table.
+Routes stay thin: they parse the transport and call `IngressSteps` (detection), the model
+catalog (`/v1/models`) or the gate's token-scoped ledger operations. Every failure leaves
+through the one error table.
 """
 
 # No `from __future__ import annotations` here: FastAPI resolves route annotations at runtime,
@@ -28,7 +29,7 @@ from serve_app.catalog import placement_problem
 from serve_app.config import AppArgs
 from serve_app.errors import ApiError, QuietDenials
 from serve_app.http import client_ip, images_from_body, plain, read_body
-from serve_app.pipeline import DetectCall, Pipeline, new_request_id
+from serve_app.ingress_steps import DetectCall, IngressSteps, new_request_id
 from serve_app.results import InferenceParams
 
 _IDEM_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
@@ -70,7 +71,7 @@ class Ingress:
         self.args = args
         self.gate = gate
         self.trusted = [ipaddress.ip_network(p, strict=False) for p in args.limits.trusted_proxies]
-        self.pipeline = Pipeline(args, gate, {})  # no keys yet: the first credential fetches them
+        self.steps = IngressSteps(args, gate, {})  # no keys yet: the first credential fetches them
         self.mark = proxy_hooks.MarkSecret()
         self.warned_unmarked = False
         self._status: tuple[float, dict[str, dict[str, Any]]] = (float("-inf"), {})
@@ -101,7 +102,7 @@ class Ingress:
         return rid
 
     async def _claims(self, request: Request, typ: str = "access") -> Any:
-        return await self.pipeline.verify(request.headers.get("authorization"), typ)
+        return await self.steps.verify(request.headers.get("authorization"), typ)
 
     async def _ledger(self, op: str, request: Request, **kwargs: Any) -> Any:
         """A ledger operation on behalf of the calling token: the gate verifies the credential and
@@ -127,7 +128,7 @@ class Ingress:
         for app in status.applications.values():
             deployments.update(app.deployments)
         out: dict[str, dict[str, Any]] = {}
-        for m in self.args.models:
+        for m in self.steps.catalog.specs:
             dep = deployments.get(m.deployment_name)
             problem = placement_problem({"CPU": m.num_cpus, "GPU": m.num_gpus}, capacity)
             out[m.key] = {
@@ -154,7 +155,7 @@ class Ingress:
         if idem is not None and not _IDEM_KEY.match(idem):
             raise ApiError("invalid_request", "Idempotency-Key must be 1-255 printable ASCII characters")
         credential = request.headers.get("authorization")
-        await self.pipeline.verify(credential)  # 401 before reading a byte of the body
+        await self.steps.verify(credential)  # 401 before reading a byte of the body
         body = await read_body(request, self.args.limits.max_body_bytes)
         call = DetectCall(
             rid,
@@ -165,32 +166,14 @@ class Ingress:
             client_ip(request, self.trusted),
             idem,
         )
-        out = await self.pipeline.detect(call)
+        out = await self.steps.detect(call)
         return JSONResponse(out.body, headers=out.headers)
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
         self._start(request)
         await self._claims(request)
-        status = await self._model_status()
-        return {
-            "default": self.args.default_model,
-            "models": [
-                {
-                    "name": m.name,
-                    "version": m.version,
-                    "key": m.key,
-                    "cost_units": m.cost_units,
-                    "imgsz": m.imgsz,
-                    "backend": m.backend,
-                    "timeout_s": m.timeout_s,
-                    "status": status.get(m.key, {}).get("status", "unknown"),
-                    "replicas": status.get(m.key, {}).get("replicas", {}),
-                    "message": status.get(m.key, {}).get("message", ""),
-                }
-                for m in self.args.models
-            ],
-        }
+        return self.steps.catalog.listing(await self._model_status())
 
     @api.get("/v1/usage")
     async def usage(self, request: Request, limit: int = 100) -> dict[str, Any]:
@@ -259,4 +242,4 @@ class Ingress:
         call = DetectCall(
             new_request_id(), token, list(images), model, InferenceParams(conf, iou, max_det), None, request_id
         )
-        return (await self.pipeline.detect(call)).body
+        return (await self.steps.detect(call)).body

@@ -3,7 +3,7 @@
 When a replica dies before it acknowledges a request, Ray Serve's router sends the same request,
 with the same request metadata (so the same request id), to another replica. The ingress uses
 Serve's id as the ledger's request id. These tests run what each ingress replica runs for a
-delivery (`Pipeline.detect`, one pipeline per delivery, against the live gate, detector and
+delivery (`IngressSteps.detect`, one per delivery, against the live gate, detector and
 ledger) with one id, and check the books. HTTP clients cannot choose that id: the proxy
 middleware (serve_app/proxy_hooks.py) renames their X-Request-ID.
 """
@@ -30,20 +30,20 @@ pytestmark = pytest.mark.ray
 
 def deliver(live_app: LiveApp, rid: str, n: int, token: str, model: str | None = None) -> list[Any]:
     """`n` concurrent deliveries of one request under request id `rid`, each through its own
-    pipeline (as on `n` ingress replicas): a body dict or the error table's code."""
+    ingress steps (as on `n` ingress replicas): a body dict or the error table's code."""
     from ray import serve
 
     from serve_app.app import APP_NAME
     from serve_app.errors import ApiError
-    from serve_app.pipeline import DetectCall, Pipeline
+    from serve_app.ingress_steps import DetectCall, IngressSteps
     from serve_app.results import InferenceParams
 
     gate = serve.get_deployment_handle("TokenGate", APP_NAME)
     call = DetectCall(rid, token, [jpeg()], model, InferenceParams(), "127.0.0.1")
 
     async def run() -> list[Any]:
-        pipelines = [Pipeline(live_app.args, gate, {}) for _ in range(n)]  # keys fetched on first use
-        return await asyncio.gather(*(p.detect(call) for p in pipelines), return_exceptions=True)
+        deliveries = [IngressSteps(live_app.args, gate, {}) for _ in range(n)]  # keys fetched on first use
+        return await asyncio.gather(*(p.detect(call) for p in deliveries), return_exceptions=True)
 
     outcomes: list[Any] = []
     for out in asyncio.run(run()):
@@ -72,11 +72,11 @@ def rows_of(live_app: LiveApp, token_id: str) -> list[dict[str, Any]]:
 def direct_admission(live_app: LiveApp, credential: str, rid: str) -> None:
     """The first delivery's admission, made as the gate makes it (with the body hash of the
     request `deliver` sends, which a redelivery must match): its ingress then died."""
-    from serve_app.pipeline import DetectCall, Pipeline, body_hash
+    from serve_app.ingress_steps import DetectCall, IngressSteps, body_hash
     from serve_app.results import InferenceParams
 
     call = DetectCall(rid, credential, [jpeg()], None, InferenceParams(), "127.0.0.1")
-    spec = Pipeline(live_app.args, None, {}).resolve_model(None)
+    spec = IngressSteps(live_app.args, None, {}).resolve_model(None)
     assert spec.key == "parts@1"
     claims = jwt.decode(credential, options={"verify_signature": False})
     admission = Admission(rid, claims["sub"], claims["jti"], 1, spec.key, "127.0.0.1", None, body_hash(call, spec))

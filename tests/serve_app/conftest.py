@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from serve_app.config import DEMO_WEIGHTS, AppArgs, Autoscaling, Limits, ModelSpec
+from serve_app.config import DEMO_WEIGHTS, AppArgs, Autoscaling, ModelSpec, RequestLimits
 
 HTTP_PORT = 8123
 
@@ -76,7 +76,7 @@ def live_app(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Ite
         ],
         default_model="parts@1",
         ingress_replicas=2,  # the hostile burst goes through more than one ingress
-        limits=Limits(max_body_bytes=2 * 1024 * 1024, trusted_proxies=["127.0.0.2/32"]),
+        limits=RequestLimits(max_body_bytes=2 * 1024 * 1024, trusted_proxies=["127.0.0.2/32"]),
     )
     serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")

@@ -1,5 +1,6 @@
-"""YoloEngine against ultralytics' own predict() (on arrays, and on files of any shape read by predict
-itself), its batching by letterboxed shape, and its exported artifacts."""
+"""The YOLO backends (serve_app.engine) against ultralytics' own predict() (on arrays, and on files
+of any shape read by predict itself), their batching by letterboxed shape, and their exported
+artifacts."""
 
 from __future__ import annotations
 
@@ -19,20 +20,18 @@ from ultralytics.utils.checks import check_imgsz
 from bench.predict_parity import compare, decode_file, iou, reference, write_corpus
 from serve_app.config import DEMO_WEIGHTS
 from serve_app.demo.synth import render, scene
-from serve_app.engine import (
-    EngineUnavailable,
-    ModelFileMissing,
-    YoloEngine,
-    artifact_path,
-    export_args,
-    round_to_stride,
-)
+from serve_app.engine.backends import OnnxEngine, TensorRTEngine, TorchEngine
+from serve_app.engine.errors import EngineUnavailable, ModelFileMissing
+from serve_app.engine.exports import artifact_path, export_args
+from serve_app.engine.letterbox import round_to_stride
+from serve_app.engine.registry import create_engine
+from serve_app.engine.yolo import YoloEngine
 from serve_app.results import Detection, InferenceParams
 
 
 @pytest.fixture(scope="module")
 def engine() -> YoloEngine:
-    return YoloEngine(DEMO_WEIGHTS, imgsz=320)
+    return TorchEngine(DEMO_WEIGHTS, imgsz=320)
 
 
 def test_given_the_same_images_then_engine_equals_ultralytics_predict(engine: YoloEngine) -> None:
@@ -70,12 +69,12 @@ def test_given_a_batch_then_results_equal_one_by_one(engine: YoloEngine) -> None
 
 def test_given_a_missing_weights_file_then_the_error_names_the_path(tmp_path: object) -> None:
     with pytest.raises(ModelFileMissing, match=r"nope\.pt"):
-        YoloEngine(DEMO_WEIGHTS.with_name("nope.pt"))
+        TorchEngine(DEMO_WEIGHTS.with_name("nope.pt"))
 
 
 def test_given_tensorrt_without_a_gpu_then_a_clear_error_and_no_fallback() -> None:
     with pytest.raises(EngineUnavailable, match="CUDA"):
-        YoloEngine(DEMO_WEIGHTS, backend="tensorrt")
+        TensorRTEngine(DEMO_WEIGHTS)
 
 
 def test_given_the_onnx_backend_then_it_is_exported_once_beside_the_weights_and_agrees_with_torch(
@@ -83,12 +82,12 @@ def test_given_the_onnx_backend_then_it_is_exported_once_beside_the_weights_and_
 ) -> None:
     weights = tmp_path / "parts.pt"
     shutil.copy(DEMO_WEIGHTS, weights)
-    onnx_engine = YoloEngine(weights, backend="onnx", imgsz=320)
+    onnx_engine = OnnxEngine(weights, imgsz=320)
     exported = artifact_path(weights, "onnx", imgsz=320, half=False, max_batch=onnx_engine.max_batch)
     assert exported.is_file() and exported.parent == weights.parent
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([weights.name, exported.name])  # no leftovers
     stamp = exported.stat().st_mtime
-    YoloEngine(weights, backend="onnx", imgsz=320)  # cached: not exported again
+    OnnxEngine(weights, imgsz=320)  # cached: not exported again
     assert exported.stat().st_mtime == stamp
     images = [np.asarray(render(21, "onnx", i, 320)[0]) for i in range(3)]
     for a, b in zip(onnx_engine.detect(images)[0], engine.detect(images)[0], strict=True):
@@ -145,7 +144,7 @@ def test_given_photos_of_any_shape_in_one_call_then_detections_equal_predict_on_
     images = [decode_file(p) for p in corpus]
     compared = 0
     for imgsz in PARITY_SIZES:
-        engine = YoloEngine(private_weights, backend=backend, imgsz=imgsz)
+        engine = create_engine(backend, private_weights, imgsz=imgsz)
         # when
         ours, forward_ms = engine.detect(images)
         # then: per image, same count and classes, boxes within 1 px, confidences within 0.01
@@ -168,7 +167,7 @@ def test_given_an_exif_rotated_jpeg_then_predict_reads_it_upright_like_the_servi
 def test_given_the_old_square_letterbox_then_the_parity_check_catches_it(
     corpus: list[Path], private_weights: Path, predicted: dict[int, list[list[Detection]]]
 ) -> None:
-    engine = YoloEngine(private_weights, imgsz=640)
+    engine = TorchEngine(private_weights, imgsz=640)
     engine.letterbox = LetterBox((640, 640), auto=False, stride=engine.stride)  # the engine before issue 10
     ours, _ = engine.detect([decode_file(p) for p in corpus])
     failing = [
@@ -182,7 +181,7 @@ def test_given_an_imgsz_off_the_stride_then_it_rounds_up_like_predict(
 ) -> None:
     for size in (1, 31, 32, 33, 300, 320, 330, 641, 1000):
         assert round_to_stride(size, 32) == check_imgsz(size, stride=32)
-    engine = YoloEngine(private_weights, imgsz=300)
+    engine = TorchEngine(private_weights, imgsz=300)
     assert engine.imgsz == 320
     model = YOLO(str(private_weights))
     files = [corpus[0].parent / n for n in ("scene_1280x720.jpg", "scene_333x1000.png", "bus.jpg")]
@@ -232,9 +231,9 @@ def test_given_mixed_shapes_then_one_pass_per_shape_and_results_in_input_order(
 def test_given_more_images_of_one_shape_than_max_batch_then_passes_are_split(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    engine = YoloEngine(DEMO_WEIGHTS, imgsz=320, max_batch=2)
+    engine = TorchEngine(DEMO_WEIGHTS, imgsz=320, max_batch=2)
     images = [np.asarray(scene(4, "stream", i, 1280, 720)) for i in range(5)]  # a camera stream: one shape
-    whole, _ = YoloEngine(DEMO_WEIGHTS, imgsz=320).detect(images)
+    whole, _ = TorchEngine(DEMO_WEIGHTS, imgsz=320).detect(images)
     recorder = PassRecorder(engine.model)
     monkeypatch.setattr(engine, "model", recorder)
     split, _ = engine.detect(images)
@@ -246,7 +245,7 @@ def test_given_more_images_of_one_shape_than_max_batch_then_passes_are_split(
 def test_given_any_image_size_then_the_letterbox_fits_the_tensorrt_profile(imgsz: int) -> None:
     # TensorRT cannot run here (no GPU): this pins the engine's half of the contract. ultralytics'
     # onnx2engine builds min 1x3x32x32, max batch x 3 x 2imgsz x 2imgsz for a dynamic export.
-    engine = YoloEngine(DEMO_WEIGHTS, imgsz=imgsz)
+    engine = TorchEngine(DEMO_WEIGHTS, imgsz=imgsz)
     args = export_args("tensorrt", imgsz=imgsz, half=True, max_batch=16, device="cuda:0")
     assert args["dynamic"] is True and args["batch"] == 16 and args["imgsz"] == imgsz and args["quantize"] == 16
     sides = [1, 2, 17, 31, 180, 333, 640, 641, 1000, 3000, 16384]
@@ -269,7 +268,7 @@ def test_given_stale_artifacts_then_a_dynamic_one_is_exported_under_the_versione
     static.replace(target)
     weights.with_suffix(".onnx").write_bytes(b"an old static export")  # the export above overwrote it
     assert not AutoBackend(str(target), verbose=False).dynamic  # given: really a static artifact
-    engine = YoloEngine(weights, backend="onnx", imgsz=320)
+    engine = OnnxEngine(weights, imgsz=320)
     assert engine.dynamic
     assert weights.with_suffix(".onnx").read_bytes() == b"an old static export"
     dets, _ = engine.detect([np.asarray(scene(6, "stale", 0, 1280, 720))])

@@ -1,4 +1,4 @@
-"""The ingress pipeline's public-key ring: fetched on first need, single-flight, at most once per interval."""
+"""The ingress steps' public-key ring: fetched on first need, single-flight, at most once per interval."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from ledger.credentials import KeyRing, issue
 from serve_app import auth as auth_mod
 from serve_app.config import AppArgs
 from serve_app.errors import ApiError
-from serve_app.pipeline import Pipeline
+from serve_app.ingress_steps import IngressSteps
 
 
 class Remote:
@@ -45,10 +45,10 @@ def credential(ring: KeyRing, jti: str = "jti_1") -> str:
     return issue(ring, sub="tok_1", pkg="pkg_1", jti=jti, typ="access", exp=int(time.time()) + 3600)
 
 
-async def test_given_a_fresh_pipeline_then_concurrent_first_requests_share_one_fetch_and_pass(tmp_path: Path) -> None:
+async def test_given_fresh_steps_then_concurrent_first_requests_share_one_fetch_and_pass(tmp_path: Path) -> None:
     ring = KeyRing.open(tmp_path / "keys")
     gate = FakeGate(ring)
-    pipe = Pipeline(AppArgs(), gate, {})
+    pipe = IngressSteps(AppArgs(), gate, {})
     claims = await asyncio.gather(*(pipe.verify(credential(ring)) for _ in range(20)))
     assert {c.sub for c in claims} == {"tok_1"} and gate.fetches == 1
 
@@ -58,9 +58,9 @@ async def test_given_unknown_kids_then_at_most_one_fetch_per_interval(
 ) -> None:
     ring = KeyRing.open(tmp_path / "keys")
     gate = FakeGate(ring)
-    pipe = Pipeline(AppArgs(), gate, ring.public_keys())
+    pipe = IngressSteps(AppArgs(), gate, ring.public_keys())
     await pipe.verify(credential(ring))
-    ring.rotate()  # a key the pipeline has not seen: the first credential under it fetches the ring
+    ring.rotate()  # a key the ingress steps have not seen: the first credential under it fetches the ring
     await pipe.verify(credential(ring, "jti_2"))
     assert gate.fetches == 1
     other = KeyRing.open(tmp_path / "foreign")  # forged: a kid nobody knows
@@ -79,7 +79,7 @@ async def test_given_the_ledger_down_at_first_request_then_503_not_401(tmp_path:
     ring = KeyRing.open(tmp_path / "keys")
     gate = FakeGate(ring)
     gate.fail = True
-    pipe = Pipeline(AppArgs(), gate, {})
+    pipe = IngressSteps(AppArgs(), gate, {})
     with pytest.raises(ApiError) as err:
         await pipe.verify(credential(ring))
     assert err.value.code == "ledger_unavailable"
@@ -90,7 +90,7 @@ async def test_given_a_key_rotated_in_right_after_a_fetch_then_its_first_credent
     reason must not make a fresh credential under a new key fail with 401 for seconds."""
     ring = KeyRing.open(tmp_path / "keys")
     gate = FakeGate(ring)
-    pipe = Pipeline(AppArgs(), gate, {})
+    pipe = IngressSteps(AppArgs(), gate, {})
     await pipe.verify(credential(ring))  # first fetch
     await asyncio.sleep(0.3)  # > interval / 25, far less than the 5 s interval
     ring.rotate()
@@ -101,7 +101,7 @@ async def test_given_a_key_rotated_in_right_after_a_fetch_then_its_first_credent
 async def test_given_many_random_kids_then_fetches_stay_bounded(tmp_path: Path) -> None:
     ring = KeyRing.open(tmp_path / "keys")
     gate = FakeGate(ring)
-    pipe = Pipeline(AppArgs(), gate, ring.public_keys())
+    pipe = IngressSteps(AppArgs(), gate, ring.public_keys())
     t0 = time.monotonic()
     for i in range(40):  # a new forged kid every request
         with pytest.raises(ApiError):
@@ -113,7 +113,7 @@ async def test_given_many_random_kids_then_fetches_stay_bounded(tmp_path: Path) 
 async def test_given_a_known_kid_with_a_bad_signature_then_401_without_a_fetch(tmp_path: Path) -> None:
     ring = KeyRing.open(tmp_path / "keys")
     gate = FakeGate(ring)
-    pipe = Pipeline(AppArgs(), gate, ring.public_keys())
+    pipe = IngressSteps(AppArgs(), gate, ring.public_keys())
     good = credential(ring)
     head, body, sig = good.split(".")
     with pytest.raises(ApiError) as err:

@@ -1,4 +1,5 @@
-"""`yolo-tokens detect FILE|DIR`: send images to a running service over HTTP, paid with a token.
+"""DetectClient, behind `yolo-tokens detect FILE|DIR`: send images to a running service over HTTP,
+paid with a token.
 
     files (FILE, or DIR recursed, sorted) ──► POST /v1/detect, one image per request,
                                               `--concurrency` in flight
@@ -109,7 +110,7 @@ def find_images(target: Path) -> list[Path]:
     raise FileNotFoundError(f"{target} is neither a file nor a directory")
 
 
-class Detector:
+class DetectClient:
     """Sends files to /v1/detect with retries that never charge twice."""
 
     def __init__(self, opts: DetectOptions, root: Path) -> None:

@@ -1,10 +1,11 @@
-"""The detection pipeline shared by HTTP and handle calls — one order for every request:
+"""The ingress-side steps of a detection request, shared by HTTP and handle calls. One order
+for every request:
 
 verify signature (local, no I/O) → decode + validate images (bounded) → admit (ledger,
 atomic, durable) → infer (Detector replica) → settle (keep, or refund on server failure).
-The ingress verifies and decodes; admit, infer and settle happen in the TokenGate deployment,
-which verifies the credential again, prices the request from its own catalog and routes each
-admitted request into its model version's Detector replicas.
+The ingress verifies and decodes here; admit, infer and settle happen in the TokenGate
+deployment, which verifies the credential again, prices the request from its own catalog and
+routes each admitted request into its model version's Detector replicas.
 
 Client errors are caught before admission, so they never cost anything; a detector failure,
 timeout or a caller that went away after admission is refunded, so no answer never costs either.
@@ -50,13 +51,13 @@ class DetectOutcome:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-class Pipeline:
+class IngressSteps:
     """Plain object; the Ingress deployment owns one and passes its gate handle in."""
 
     def __init__(self, args: AppArgs, gate: Any, public_keys: dict[str, bytes]) -> None:
         self.args = args
         self.gate = gate
-        self.catalog = ModelCatalog(args.models, args.default_model)
+        self.catalog = ModelCatalog.from_args(args)
         self.auth = KeyedVerifier(self._fetch_keys, public_keys)
         self.image_limits = ImageLimits(max_bytes=args.limits.max_body_bytes, max_pixels=args.limits.max_pixels)
 
