@@ -5,11 +5,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
-export RAY_USAGE_STATS_ENABLED := 0
-export YOLO_OFFLINE := 1
-export FORWARDED_ALLOW_IPS :=
-export RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH := serve_app.proxy_hooks:middlewares
+# The Ray environment (loopback, token auth, the proxy hook, offline) is not set here: every entry
+# point (yolo-tokens, tests/conftest.py, the benchmarks) applies it from serve_app/launcher.py.
 
 .PHONY: venv browser serve test fuzz lint bench clean
 

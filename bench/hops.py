@@ -17,9 +17,10 @@ import platform
 import statistics
 import time
 
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-os.environ["RAY_AUTH_MODE"] = "token"
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+from serve_app import launcher  # neither Ray nor ultralytics
+
+if __name__ == "__main__":  # run as a script: the rules before Ray and ultralytics, imported below, read them
+    launcher.apply_environment()
 
 import ray
 from ray import serve

@@ -20,8 +20,13 @@ from pathlib import Path
 import ray
 from ray import serve
 
+from serve_app import launcher
+
 
 def main() -> int:
+    # a driver of a cluster that may span machines (local=False): the node address and token auth
+    # are Ray's to find, so nothing Ray reads when imported changes here
+    launcher.apply_environment(local=False)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("images", nargs="+", type=Path)
     ap.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "auto"), help="Ray cluster (GCS) address")

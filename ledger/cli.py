@@ -2,6 +2,8 @@
 
 Every command takes `--json`. Failures print `error: CODE: message` on stderr and exit
 non-zero (2 refused, 3 ledger unavailable). Credentials are printed once, never stored.
+The Ray environment (loopback, token auth) is the entry point's: `yolo-tokens` applies it before
+this module imports Ray; `python -m ledger.cli` runs with the caller's environment.
 """
 
 from __future__ import annotations
@@ -9,16 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, is_dataclass
 from typing import Any
-
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before Ray starts: loopback only
-os.environ.setdefault("RAY_AUTH_MODE", "token")  # local clusters use token auth (~/.ray/auth_token)
 
 import ray
 

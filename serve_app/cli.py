@@ -4,6 +4,8 @@
 `serve` starts a local Ray head on 127.0.0.1 (by pid), deploys `ray_config.yaml` with Ray
 Serve on 127.0.0.1, makes sure a demo package exists, prints its credential once with a
 ready-to-paste curl command, and stops everything it started on Ctrl-C.
+The `yolo-tokens` entry point is serve_app/__main__.py: it applies the environment rules
+(serve_app/launcher.py) before this module imports Ray.
 """
 
 from __future__ import annotations
@@ -20,19 +22,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import ray
 import yaml
+from ray import serve
 
 from ledger import cli as ledger_cli
 from ledger.client import LedgerClient
 from ledger.entities import TokenSpec
-from ledger.local import LocalRay, ray_env
 from ledger.settings import ClientSettings, LedgerSettings
 from serve_app.app import APP_NAME, build_app
 from serve_app.config import AppArgs
+from serve_app.launcher import LocalRay, apply_environment, auth_token_location, ray_env
 
-# ledger.cli sets the loopback/auth environment before it imports Ray; use its Ray and Serve
-ray = ledger_cli.ray
-serve = ray.serve
 DEMO_PACKAGE = "demo"
 DEFAULT_CONFIG = Path("ray_config.yaml")
 
@@ -148,9 +149,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def _token_hint() -> str:
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return "in $RAY_AUTH_TOKEN"
-    return os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    where = auth_token_location()
+    return f"in {where}" if where.startswith("$") else where
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,6 +235,8 @@ def cmd_detect(a: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The commands; `yolo-tokens` (serve_app/__main__.py) runs them after the environment rules."""
+    apply_environment()  # changes nothing after the entry point did; raises if Ray was imported without them
     args = build_parser().parse_args(argv)
     if args.group == "serve":
         return cmd_serve(args)

@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import os
-
-os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # before Ray starts: stay on loopback
-os.environ["RAY_AUTH_MODE"] = "token"  # as the CLI and `make serve` use it; Ray reads it once, at import
-os.environ["FORWARDED_ALLOW_IPS"] = ""  # Serve's uvicorn must not trust X-Forwarded-For (see ledger.local)
-# Serve's request ids are Ray's, not the client's (serve_app/proxy_hooks.py)
-from serve_app.proxy_hooks import CALLBACK, CALLBACK_VAR  # imports only starlette, not Ray
-
-os.environ[CALLBACK_VAR] = CALLBACK
-os.environ.setdefault("YOLO_OFFLINE", "1")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from serve_app import launcher  # imports neither Ray nor ultralytics
+
+# the test session's entry point: the environment rules (loopback, token auth, the proxy hook, offline)
+# before any test module imports Ray or ultralytics, which read them once, when imported
+launcher.apply_environment()
 
 PG_ADMIN_URL = os.environ.get("YT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 

@@ -13,6 +13,7 @@ import ray
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
+from serve_app import launcher, proxy_hooks
 from serve_app.config import AppArgs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,8 +78,6 @@ def test_given_the_dockerfile_then_its_ray_image_is_the_pinned_ray() -> None:
 def test_given_every_place_that_starts_ray_then_the_proxy_keeps_request_ids_rays_own() -> None:
     """Serve's proxy must run serve_app.proxy_hooks wherever Ray starts, or a client could pick
     the request ids the ledger charges once (and uvicorn must trust no X-Forwarded-For)."""
-    from serve_app import proxy_hooks
-
     setting = f"{proxy_hooks.CALLBACK_VAR}={proxy_hooks.CALLBACK}"
     doc = yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text())
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
@@ -92,7 +91,6 @@ def test_given_every_place_that_starts_ray_then_the_proxy_keeps_request_ids_rays
         for container in pod["template"]["spec"]["containers"]:
             env = {e["name"]: e.get("value") for e in container["env"]}
             assert env[proxy_hooks.CALLBACK_VAR] == proxy_hooks.CALLBACK and env["FORWARDED_ALLOW_IPS"] == ""
-    assert f"export {proxy_hooks.CALLBACK_VAR} := {proxy_hooks.CALLBACK}" in (ROOT / "Makefile").read_text()
-    from ledger.local import ray_env
-
-    assert proxy_hooks.installed(ray_env())
+    # local runs: every entry point applies the launcher's rules, and `ray start` gets them too
+    assert proxy_hooks.installed(launcher.environment({})) and launcher.environment({})["FORWARDED_ALLOW_IPS"] == ""
+    assert proxy_hooks.installed(launcher.ray_env())
