@@ -1,0 +1,108 @@
+"""The import contracts of DESIGN §2 (pyproject.toml, `make lint`) catch the imports they forbid.
+
+`lint-imports` runs the project's own contracts against a small tree in tmp_path that has the
+modules they name: first as it is (every contract kept), then with one forbidden import added.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
+CONFIG = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+CONTRACTS = {c["id"]: c for c in CONFIG["contracts"]}
+
+# a tree that keeps every contract, shaped like the real one
+TREE = {
+    "ledger/__init__.py": "from ledger.client import LedgerClient\n",
+    "ledger/client.py": "import ray\n\nfrom ledger import shard\n\nLedgerClient = object\n",  # a Ray shell
+    "ledger/cli.py": "import ray\n\nfrom ledger import client, store\n",
+    "ledger/store/__init__.py": "",
+    "ledger/store/models.py": "import sqlalchemy\n",
+    "ledger/store/repository.py": "from ledger.store import models\n",
+    "serve_app/__init__.py": "",
+    "serve_app/app.py": "import fastapi\nimport ray\n\nfrom ledger import client\nfrom serve_app.engine import yolo\n",
+    "serve_app/engine/__init__.py": "",
+    "serve_app/engine/yolo.py": "import torch\nimport ultralytics\n\nfrom serve_app import imaging\n",
+    "ui/__init__.py": "",
+    "ui/app.py": "import streamlit\n\nfrom ledger import LedgerClient, api\nfrom ledger.client import LedgerClient\n",
+}
+
+
+def write_tree(root: Path) -> None:
+    for name, text in TREE.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    named = {m for c in CONTRACTS.values() for m in c.get("source_modules", []) if "*" not in m}
+    named |= {i.split(" -> ")[1] for c in CONTRACTS.values() for i in c.get("ignore_imports", [])}
+    for module in named:  # every module a contract names exists (as a package where TREE makes one)
+        path = root / module.replace(".", "/")
+        if not path.is_dir():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.with_suffix(".py").touch()
+    for pkg in {p.parent for p in root.rglob("*.py")}:
+        (pkg / "__init__.py").touch()
+    (root / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+
+
+def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
+    # cwd first on sys.path: the tree in tmp_path, not the installed packages of the same names
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache", "--no-logo"],
+        cwd=root,
+        env={"PATH": str(LINT_IMPORTS.parent), "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    write_tree(tmp_path)
+    return tmp_path
+
+
+def test_given_a_tree_that_follows_design_2_then_every_contract_is_kept(tree: Path) -> None:
+    done = lint_imports(tree)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"Contracts: {len(CONTRACTS)} kept, 0 broken." in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("module", "line", "contract", "shown"),
+    [
+        ("ledger/book.py", "import ray", "pure-without-ray", "ledger.book -> ray"),
+        # indirect: the book reaches Ray through the client
+        ("ledger/tree.py", "from ledger import client", "pure-without-ray", "ledger.tree -> ledger.client"),
+        ("ledger/entities.py", "from ray import cloudpickle", "pure-without-ray", "ledger.entities -> ray"),
+        ("serve_app/engine/yolo.py", "from ray import serve", "pure-without-ray", "serve_app.engine.yolo -> ray"),
+        ("serve_app/imaging.py", "import ray", "pure-without-ray", "serve_app.imaging -> ray"),
+        ("ledger/settings.py", "import fastapi", "ledger-standalone", "ledger.settings -> fastapi"),
+        ("ledger/api.py", "from serve_app import app", "ledger-standalone", "ledger.api -> serve_app.app"),
+        ("ledger/client.py", "import torch", "ledger-standalone", "ledger.client -> torch"),
+        ("ledger/cli.py", "import streamlit", "ledger-standalone", "ledger.cli -> streamlit"),
+        ("ledger/store/repository.py", "import ui.app", "ledger-standalone", "ledger.store.repository -> ui.app"),
+        ("ui/app.py", "from ledger.store import models", "ui-public-ledger-api", "ui.app -> ledger.store.models"),
+        ("ui/app.py", "from ledger import cli", "ui-public-ledger-api", "ui.app -> ledger.cli"),
+        ("ui/app.py", "import serve_app.app", "ui-public-ledger-api", "ui.app -> serve_app.app"),
+    ],
+)
+def test_given_a_forbidden_import_then_its_contract_is_broken(
+    tree: Path, module: str, line: str, contract: str, shown: str
+) -> None:
+    path = tree / module
+    path.write_text(path.read_text() + line + "\n")
+    done = lint_imports(tree)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"Contracts: {len(CONTRACTS) - 1} kept, 1 broken." in done.stdout, done.stdout
+    broken = " ".join(done.stdout.split("Broken contracts", 1)[1].split())  # undo the report's line wrapping
+    assert broken.startswith(f"{'-' * 16} {CONTRACTS[contract]['name']} ---"), broken
+    assert shown in broken, broken
