@@ -262,7 +262,10 @@ def page_models() -> None:
         from ray.serve.context import _get_global_client
 
         status = serve.status()
-        details = _get_global_client().get_serve_details()
+        serve_client = _get_global_client()
+        if serve_client is None:
+            raise RuntimeError("no Serve controller on this cluster")
+        details = serve_client.get_serve_details()
         nodes = [n.get("Resources") or {} for n in ray.nodes() if n.get("Alive")]
     except Exception as exc:  # Serve not running on this cluster
         st.warning(f"Serve status unavailable: {type(exc).__name__}: {exc}")
