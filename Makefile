@@ -39,7 +39,7 @@ fuzz: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check ledger serve_app ui bench cluster tests
 	$(BIN)/mypy ledger serve_app ui
-	$(BIN)/lint-imports
+	$(BIN)/lint-imports --no-logo
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.ledger --db sqlite
