@@ -33,14 +33,15 @@ import ray
 from ledger.client import LedgerClient
 from ledger.credentials import Verifier
 from ledger.entities import Admission, TokenSpec
+from ledger.service import launch
 from ledger.settings import LedgerSettings
 
 
 @ray.remote(num_cpus=0)
 class Caller:
-    def __init__(self, ledger_actor: Any) -> None:
-        self.actor = ledger_actor
-        self.client = LedgerClient(ledger_actor)
+    def __init__(self, coordinator: Any, shards: list[Any]) -> None:
+        self.client = LedgerClient(coordinator, shards)
+        self.shards = shards
 
     async def run(self, mode: str, token_id: str, jti: str, concurrency: int, seconds: float) -> dict[str, Any]:
         lat: list[float] = []
@@ -53,15 +54,14 @@ class Caller:
             nonlocal ok, counter
             while time.perf_counter() < stop:
                 counter += 1
-                a = Admission(f"{prefix}-{counter}", token_id, jti, 1, "parts@1", "127.0.0.1")
+                a = Admission(f"{prefix}-{counter}", token_id, jti, 1, "parts@1", "127.0.0.1", root_id=token_id)
                 t0 = time.perf_counter()
                 if mode == "batched":
                     d = await self.client.admit(a)
                     good = d.admitted
                 else:
-                    rows = await self.actor.admit_batch.remote(
-                        [(a.request_id, a.token_id, a.jti, a.units, a.model, a.client_ip, None, None, 0)]
-                    )
+                    shard = self.shards[self.client.shard_map.of_root(token_id)]
+                    rows = await shard.admit_batch.remote([a.row()])
                     good = rows[0][0] == "ok"
                 lat.append(time.perf_counter() - t0)
                 ok += good
@@ -120,11 +120,11 @@ def main() -> None:
         log_to_driver=False,
     )
     try:
-        client = LedgerClient.connect(settings)
+        client = launch(settings)
         pkg = client.create_package(TokenSpec("bench", 10**11))
-        tid = pkg["token"].id
-        jti = Verifier(client.public_keys()).verify(pkg["credential"]).jti
-        callers = [Caller.remote(client.actor) for _ in range(args.callers)]
+        tid = pkg.token.id
+        jti = Verifier(client.public_keys()).verify(pkg.credential).jti
+        callers = [Caller.remote(client.coordinator, client.shard_actors) for _ in range(args.callers)]
         measure("batched", callers, tid, jti, 8, 1.0)  # warm-up: workers, connections, imports
         results = {}
         for mode in os.environ.get("BENCH_MODES", "naive,batched").split(","):
@@ -136,7 +136,7 @@ def main() -> None:
                 ),
                 flush=True,
             )
-        stats = client.stats()
+        stats = {"commits": sum(s["commits"] for s in client.stats())}
         summary = {
             "bench": "ledger",
             "db": args.db,

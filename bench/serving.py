@@ -35,8 +35,8 @@ import torch
 from ray import serve
 
 from bench.baseline import build_baseline_app
-from ledger.client import LedgerClient
 from ledger.entities import TokenSpec
+from ledger.service import attach
 from serve_app.app import build_app
 from serve_app.config import DEMO_WEIGHTS, AppArgs, Autoscaling, ModelSpec
 from serve_app.demo.synth import render
@@ -154,8 +154,8 @@ def main() -> None:
         args = AppArgs(**common)
         serve.run(build_app(args), name="metered", route_prefix="/")
         serve.run(build_baseline_app(args), name="baseline", route_prefix="/baseline")
-        ledger = LedgerClient.connect(args.ledger_settings())
-        cred = ledger.create_package(TokenSpec("bench", 10**9))["credential"]
+        ledger = attach(args.ledger_settings())  # build_app launched it
+        cred = ledger.create_package(TokenSpec("bench", 10**9)).credential
         headers = {"Authorization": f"Bearer {cred}", "Content-Type": "image/jpeg"}
         metered, baseline = f"http://127.0.0.1:{PORT}/v1/detect", f"http://127.0.0.1:{PORT}/baseline/v1/detect"
         asyncio.run(http_load(metered, headers, images, a.concurrency, 3))  # warm-up

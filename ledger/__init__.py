@@ -1,31 +1,98 @@
 """yolo-tokens ledger: token packages with atomic, durable quota.
 
-Public API (the gateway, CLI and console use only these names):
-    LedgerClient, LedgerSettings, Admission, Decision, Settlement, TokenView, Code,
-    Verifier, Claims, and the exception tree in `ledger.errors`.
-Pure parts (`QuotaBook`, limits, credentials) import no Ray.
+Public API (the gateway, the CLI, the console use only these names, from here):
+    the typed API: LedgerApi and its results (Issued, Returned, KeyRotation, SweepReport,
+        Consistency, UsageEvent, AdminEvent, AlertRecord);
+    values: Admission, Decision, Settlement, TokenSpec, TokenView, Code, Claims, Verifier;
+    settings: LedgerSettings, ClientSettings; reports: cost_report, usage_csv;
+    the exception tree of `ledger.errors`;
+    over Ray (imported on first use): launch, attach, stop, LedgerClient, connect;
+    without Ray: InProcessLedger, FakeLedger.
+Pure parts (the quota book, limits, credentials, the shard core) import no Ray.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ledger.api import (
+    AdminEvent,
+    AlertRecord,
+    Consistency,
+    Issued,
+    KeyRotation,
+    LedgerApi,
+    Returned,
+    SweepReport,
+    UsageEvent,
+)
 from ledger.codes import Code
 from ledger.credentials import Claims, Verifier
-from ledger.entities import Admission, Decision, Settlement, TokenView
+from ledger.entities import Admission, Decision, Settlement, TokenSpec, TokenView
 from ledger.errors import ConfigError, CredentialError, LedgerError, LedgerUnavailable, OperationRefused
-from ledger.settings import LedgerSettings
+from ledger.reports import cost_report
+from ledger.settings import ClientSettings, LedgerSettings
+from ledger.store.repository import usage_csv
+
+if TYPE_CHECKING:
+    from ledger.cli import connect
+    from ledger.client import LedgerClient
+    from ledger.fake import FakeLedger
+    from ledger.inprocess import InProcessLedger
+    from ledger.service import attach, launch, stop
+
+# names whose modules import Ray (or start a database): imported when first asked for
+_LAZY = {
+    "attach": "ledger.service",
+    "launch": "ledger.service",
+    "stop": "ledger.service",
+    "LedgerClient": "ledger.client",
+    "connect": "ledger.cli",
+    "InProcessLedger": "ledger.inprocess",
+    "FakeLedger": "ledger.fake",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ledger' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
 
 __all__ = [
+    "AdminEvent",
     "Admission",
+    "AlertRecord",
     "Claims",
+    "ClientSettings",
     "Code",
     "ConfigError",
+    "Consistency",
     "CredentialError",
     "Decision",
+    "FakeLedger",
+    "InProcessLedger",
+    "Issued",
+    "KeyRotation",
+    "LedgerApi",
+    "LedgerClient",
     "LedgerError",
     "LedgerSettings",
     "LedgerUnavailable",
     "OperationRefused",
+    "Returned",
     "Settlement",
+    "SweepReport",
+    "TokenSpec",
     "TokenView",
+    "UsageEvent",
     "Verifier",
+    "attach",
+    "connect",
+    "cost_report",
+    "launch",
+    "stop",
+    "usage_csv",
 ]

@@ -27,6 +27,7 @@ from ledger.entities import (
     UsageState,
 )
 from ledger.limits import ip_allowed, model_allowed
+from ledger.shards import ID_STRIDE, ShardScope
 from ledger.tree import MAX_TREE_DEPTH, MAX_UNITS, TokenTree
 
 IDEMPOTENCY_TTL_S = 24 * 3600.0
@@ -56,6 +57,7 @@ class QuotaBook:
         clock: Callable[[], float],
         max_depth: int = MAX_TREE_DEPTH,
         idem_pending_timeout_s: float = IDEM_PENDING_TIMEOUT_S,
+        scope: ShardScope | None = None,
     ) -> None:
         self.clock = clock
         self.tree = TokenTree(clock, max_depth)
@@ -64,7 +66,10 @@ class QuotaBook:
         # request_id -> (token_id, settled state, ts) for recently settled requests (dedupe retries)
         self.recent: dict[str, tuple[str, str, float]] = {}
         self.idem: dict[tuple[str, str], IdemRecord] = {}
-        self.next_row_id = 1  # usage row ids are assigned here: the book is the only writer
+        self.scope = scope or ShardScope()
+        # usage row ids are assigned here (the shard is the only writer of its rows): this shard's
+        # residue modulo ID_STRIDE, so that no two shards ever pick the same id
+        self.next_row_id = self.scope.first_row_id(0)
 
     @property
     def nodes(self) -> dict[str, Node]:
@@ -99,7 +104,7 @@ class QuotaBook:
         self.pending = {p.request_id: p for p in pending}
         self.recent = {rid: (tid, state, ts) for rid, tid, state, ts in recent}
         self.idem = {(r.token_id, r.key): r for r in idem}
-        self.next_row_id = last_row_id + 1
+        self.next_row_id = self.scope.first_row_id(last_row_id)
         self.tree.out = Changes()
 
     def drain(self) -> Changes:
@@ -222,7 +227,7 @@ class QuotaBook:
             n.consumed += a.units
             self._check_thresholds(n, now)
         row_id = self.next_row_id
-        self.next_row_id = row_id + 1
+        self.next_row_id = row_id + ID_STRIDE
         body_hash = a.body_hash or ""
         rid = a.request_id
         self.pending[rid] = Pending(rid, node.id, a.units, now, a.idem_key, row_id, a.model, body_hash)
@@ -252,7 +257,7 @@ class QuotaBook:
         self, a: Admission, node: Node | None, code: Code, message: str, now: float, retry_after: float | None = None
     ) -> Decision:
         row_id = self.next_row_id
-        self.next_row_id = row_id + 1
+        self.next_row_id = row_id + ID_STRIDE
         self.out.usage.append(
             (
                 row_id,

@@ -25,6 +25,7 @@ from ledger.codes import Code
 from ledger.entities import TokenSpec
 from ledger.errors import LedgerError, LedgerUnavailable, OperationRefused
 from ledger.reports import GROUPINGS, cost_report
+from ledger.service import attach
 from ledger.settings import LedgerSettings
 from ledger.store.repository import iso_utc, usage_csv
 
@@ -191,14 +192,11 @@ def cmd_keys_rotate(a: argparse.Namespace, c: Any) -> Any:
 
 def cmd_doctor(a: argparse.Namespace, c: Any) -> Any:
     report = c.consistency()
-    mismatched = sorted(
-        k for k in set(report["book"]) | set(report["db"]) if report["book"].get(k) != report["db"].get(k)
-    )
     return {
-        "tokens": len(report["book"]),
-        "mismatched": mismatched,
-        "violations": report["violations"],
-        "healthy": not mismatched and not report["violations"],
+        "tokens": len(report.book),
+        "mismatched": report.mismatched,
+        "violations": report.violations,
+        "healthy": not report.mismatched and not report.violations,
     }
 
 
@@ -345,8 +343,14 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def connect(address: str, settings: LedgerSettings, *, create: bool = False) -> LedgerClient:
-    """Join the running cluster (unless this process already has) and attach to the ledger actor."""
+def connect(address: str, settings: LedgerSettings) -> LedgerClient:
+    """Join the running cluster (unless this process already has) and attach to the ledger."""
+    join(address, settings)
+    return attach(settings)
+
+
+def join(address: str, settings: LedgerSettings) -> None:
+    """Join the Ray cluster at `address`, unless this process already has."""
     if not ray.is_initialized():
         try:
             ray.init(address=address, namespace=settings.namespace, log_to_driver=False, logging_level=logging.ERROR)
@@ -354,7 +358,6 @@ def connect(address: str, settings: LedgerSettings, *, create: bool = False) -> 
             raise LedgerUnavailable(
                 f"no running Ray cluster at {address!r} ({exc}); start one with `make serve`"
             ) from exc
-    return LedgerClient.connect(settings, create=create)
 
 
 def main(argv: Sequence[str] | None = None, settings: LedgerSettings | None = None) -> int:

@@ -1,27 +1,42 @@
-"""LedgerClient: the one facade over the ledger actor, for the gateway, the CLI and the console.
+"""LedgerClient: the typed ledger API (`ledger.api.LedgerApi`) over Ray, for the gateway, the CLI
+and the console. Attach with `ledger.service.attach(settings)`; only `launch` creates actors.
 
-Admissions and settlements are micro-batched: concurrent `await admit(...)` calls in one
-process share one actor call (at most `max_inflight` batches in flight), so throughput
-does not pay one Ray round trip per request. Admin operations are plain calls that raise
-`OperationRefused` (with a `Code`) or `LedgerUnavailable`.
+Routing: a call goes to the shard that owns its package (the credential's `pkg` claim, an
+admission's `root_id`, or the token's root looked up once at the coordinator and cached: a
+token never changes package), to every shard (merged), or to the coordinator (`ledger.api`).
+
+Admissions and settlements are micro-batched per shard: concurrent `await admit(...)` calls in
+one process share one actor call (at most `max_inflight` batches in flight per shard), so
+throughput does not pay one Ray round trip per request. Everything else raises the ledger's
+exception tree: `OperationRefused` (with a `Code`) or `LedgerUnavailable`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import itertools
 import pickle
-from collections.abc import Iterable, Sequence
-from typing import Any, cast
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayError, RayTaskError
 
-from ledger.actor import LedgerActor, unavailable
+from ledger.api import OPS, LedgerApi, Route, merge, prepare, routing_key, targets
 from ledger.codes import Code
-from ledger.entities import Admission, Decision, Settlement, TokenSpec, TokenView
-from ledger.errors import LedgerError, LedgerUnavailable, OperationRefused
-from ledger.settings import LedgerSettings
+from ledger.entities import Admission, Decision, Settlement
+from ledger.errors import LedgerError, LedgerUnavailable
+from ledger.flusher import unavailable
+from ledger.shards import ShardMap
 
+if TYPE_CHECKING:
+    _Api = LedgerApi
+else:
+    _Api = object
+
+P = ParamSpec("P")
+R = TypeVar("R")
 RETRY_DELAYS_S = (0.05, 0.1, 0.2, 0.5, 1.0, 1.0, 2.0, 2.0, 2.0, 3.0, 3.0)
 
 
@@ -62,212 +77,203 @@ class _Batcher:
             self.inflight -= 1
 
 
-class LedgerClient:
-    def __init__(self, actor: Any, *, max_batch: int = 4096, max_inflight: int = 2) -> None:
+class _Shard:
+    """One shard's actor handle and its two batchers."""
+
+    def __init__(self, actor: Any, max_batch: int, max_inflight: int) -> None:
         self.actor = actor
-        self._admit = _Batcher(self._send_admissions, max_batch, max_inflight)
-        self._settle = _Batcher(self._send_settlements, max_batch, max_inflight)
-
-    @classmethod
-    def connect(cls, settings: LedgerSettings, *, create: bool = True, **kw: Any) -> LedgerClient:
-        """Attach to the named ledger actor, starting it (detached, auto-restarting) if absent."""
-        settings = settings.resolved()
-        if create:
-            actor = LedgerActor.options(  # type: ignore[attr-defined]
-                name=settings.actor_name,
-                namespace=settings.namespace,
-                lifetime="detached",
-                get_if_exists=True,
-                max_restarts=-1,
-                max_task_retries=0,
-                max_concurrency=10_000,
-                resources=dict(settings.actor_resources),
-            ).remote(settings)
-        else:
-            try:
-                actor = ray.get_actor(settings.actor_name, namespace=settings.namespace)
-            except ValueError:
-                raise LedgerUnavailable(
-                    f"no ledger actor {settings.actor_name!r} in namespace "
-                    f"{settings.namespace!r}: is the service running?"
-                ) from None
-        return cls(actor, **kw)
-
-    # ---------------------------------------------------------------- hot path
-    async def admit(self, a: Admission) -> Decision:
-        """One atomic admission; batched with concurrent callers; durable when it returns."""
-        decision: Decision = await self._admit.submit(a.row())
-        return decision
-
-    async def settle(self, s: Settlement) -> Code:
-        return Code(await self._settle.submit(s.row()))
+        self.admit = _Batcher(self._send_admissions, max_batch, max_inflight)
+        self.settle = _Batcher(self._send_settlements, max_batch, max_inflight)
 
     async def _send_admissions(self, rows: list[tuple[Any, ...]]) -> list[Any]:
         try:
-            blob = await self._retrying(self.actor.admit_packed, pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL))
+            blob = await _retrying(self.actor.admit_packed, pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL))
             decisions: list[Decision] = pickle.loads(blob)
             return decisions
         except RayError:
-            return [unavailable(r[0], "ledger actor unavailable") for r in rows]
+            return [unavailable(r[0], "ledger shard unavailable") for r in rows]
 
     async def _send_settlements(self, rows: list[tuple[Any, ...]]) -> list[Any]:
         try:
-            codes: list[str] = await self._retrying(self.actor.settle_batch, rows)
+            codes: list[str] = await _retrying(self.actor.settle_batch, rows)
             return codes
         except RayError:
             return [Code.LEDGER_UNAVAILABLE.value] * len(rows)
 
-    @staticmethod
-    async def _retrying(method: Any, payload: Any) -> Any:
-        """Resend the same rows while the actor restarts: request ids make this exactly-once."""
-        for delay in (*RETRY_DELAYS_S, None):
-            try:
-                return await method.remote(payload)
-            except (RayActorError, ActorUnavailableError):  # restarting: resend; a RayTaskError is final
-                if delay is None:
-                    raise
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
+
+async def _retrying(method: Any, payload: Any) -> Any:
+    """Resend the same rows while the shard restarts: request ids make this exactly-once."""
+    for delay in (*RETRY_DELAYS_S, None):
+        try:
+            return await method.remote(payload)
+        except (RayActorError, ActorUnavailableError):  # restarting: resend; a RayTaskError is final
+            if delay is None:
+                raise
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+class LedgerClient(_Api):
+    """Implements `LedgerApi` (every operation is a method, generated from `ledger.api.OPS`)."""
+
+    def __init__(
+        self,
+        coordinator: Any,
+        shards: Sequence[Any],
+        *,
+        max_batch: int = 4096,
+        max_inflight: int = 2,
+        acting: tuple[str, str, str] | None = None,
+        roots: dict[str, str] | None = None,
+    ) -> None:
+        self.coordinator = coordinator
+        self.shard_map = ShardMap(len(shards))
+        self.shards = [s if isinstance(s, _Shard) else _Shard(s, max_batch, max_inflight) for s in shards]
+        self.acting = acting  # (token id, credential id, root id) of a token acting on its subtree
+        self.roots = {} if roots is None else roots  # token id -> root id (never changes)
+        self._next = itertools.count()
+
+    def acting_as(self, token_id: str, jti: str, root_id: str) -> LedgerClient:
+        """This client for calls a token makes on its own subtree (from its verified credential): the
+        shard refuses it unless `jti` is the token's current credential on a live path."""
+        clone = copy.copy(self)  # shares the shards' batchers and the root cache
+        clone.acting = (token_id, jti, root_id)
+        return clone
+
+    @property
+    def shard_actors(self) -> list[Any]:
+        return [s.actor for s in self.shards]
+
+    # ---------------------------------------------------------------- hot path
+    async def admit(self, a: Admission) -> Decision:
+        """One atomic admission; batched with concurrent callers; durable when it returns."""
+        try:
+            root = a.root_id or await self._aroot(a.token_id)
+        except LedgerUnavailable as exc:
+            return unavailable(a.request_id, exc.message)
+        if root is None:
+            return Decision(Code.INVALID_TOKEN, a.request_id, a.token_id, message="unknown token")
+        decision: Decision = await self.shards[self.shard_map.of_root(root)].admit.submit(a.row())
+        return decision
+
+    async def settle(self, s: Settlement) -> Code:
+        try:
+            root = s.root_id or await self._aroot(s.token_id)
+        except LedgerUnavailable:
+            return Code.LEDGER_UNAVAILABLE
+        if root is None:
+            return Code.NOT_FOUND
+        return Code(await self.shards[self.shard_map.of_root(root)].settle.submit(s.row()))
 
     def admit_sync(self, items: Sequence[Admission]) -> list[Decision]:
-        """Blocking batch admission, for scripts and tests outside an event loop."""
-        decisions: list[Decision] = ray.get(self.actor.admit_batch.remote([a.row() for a in items]))
-        return decisions
+        """Blocking admissions, for scripts and tests outside an event loop (one call per shard)."""
+        out: list[Decision | None] = [None] * len(items)
+        for index, part in self._by_shard(items).items():
+            decisions = ray.get(self.shards[index].actor.admit_batch.remote([items[i].row() for i in part]))
+            for i, d in zip(part, decisions, strict=True):
+                out[i] = d
+        return cast("list[Decision]", out)
 
     def settle_sync(self, items: Sequence[Settlement]) -> list[Code]:
-        codes: list[str] = ray.get(self.actor.settle_batch.remote([s.row() for s in items]))
-        return [Code(c) for c in codes]
+        out: list[Code] = [Code.NOT_FOUND] * len(items)
+        for index, part in self._by_shard(items).items():
+            codes = ray.get(self.shards[index].actor.settle_batch.remote([items[i].row() for i in part]))
+            for i, c in zip(part, codes, strict=True):
+                out[i] = Code(c)
+        return out
 
-    # ---------------------------------------------------------------- admin + reads
-    def call(self, op: str, **kwargs: Any) -> Any:
-        """An admin operation or read by name. Token-scoped calls pass `actor` (token id) AND
-        `actor_jti` (its current credential id): the ledger refuses stale or revoked actors."""
+    def _by_shard(self, items: Sequence[Admission | Settlement]) -> dict[int, list[int]]:
+        parts: dict[int, list[int]] = {}
+        for i, it in enumerate(items):
+            root = it.root_id or self._root(it.token_id) or ""
+            parts.setdefault(self.shard_map.of_root(root), []).append(i)
+        return parts
+
+    # ---------------------------------------------------------------- the typed API
+    def invoke(self, op: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+        """Operation `op` of `LedgerApi`, blocking. Raises the ledger's exception tree."""
+        spec, named = prepare(op, args, kwargs or {}, self.acting[0] if self.acting else None)
+        to = targets(spec, named, self.shard_map, self._acting_root, self._root, next(self._next))
         try:
-            reply: tuple[Any, ...] = ray.get(self.actor.call.remote(op, kwargs))
+            parts = ray.get([self._send(t, op, named) for t in to])
         except RayError as exc:
-            raise LedgerUnavailable(f"ledger actor unavailable: {type(exc).__name__}") from exc
-        return unwrap(reply)
+            raise _unwrapped(exc) from None
+        return parts[0] if len(to) == 1 and spec.route is not Route.ALL_SHARDS else merge(op, parts)
 
-    async def acall(self, op: str, **kwargs: Any) -> Any:
-        return unwrap(await self.acall_reply(op, **kwargs))
-
-    async def acall_reply(self, op: str, **kwargs: Any) -> tuple[Any, ...]:
-        """The raw reply tuple: for relaying across another process without losing the error code."""
+    async def ainvoke(self, op: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+        spec, named = prepare(op, args, kwargs or {}, self.acting[0] if self.acting else None)
+        key = routing_key(spec, named, self.shard_map, self.acting is not None)
+        roots = {key: await self._aroot(key)} if key is not None else {}
+        to = targets(spec, named, self.shard_map, self._acting_root, roots.get, next(self._next))
         try:
-            reply: tuple[Any, ...] = await self.actor.call.remote(op, kwargs)
+            parts = await asyncio.gather(*[self._send(t, op, named) for t in to])
         except RayError as exc:
-            return ("err", Code.LEDGER_UNAVAILABLE.value, f"ledger actor unavailable: {type(exc).__name__}")
-        return reply
+            raise _unwrapped(exc) from None
+        return parts[0] if len(to) == 1 and spec.route is not Route.ALL_SHARDS else merge(op, parts)
 
-    def create_package(self, spec: TokenSpec) -> dict[str, Any]:
-        """Returns {"token": TokenView, "credential": str}; the credential is shown once."""
-        return cast("dict[str, Any]", self.call("create_package", spec=spec))
+    async def aio(self, method: Callable[Concatenate[Any, P], R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """`await client.aio(LedgerApi.split, parent_id, spec)`: an operation, awaited, typed."""
+        return cast(R, await self.ainvoke(method.__name__, args, kwargs))
 
-    def split(self, parent_id: str, spec: TokenSpec) -> dict[str, Any]:
-        return cast("dict[str, Any]", self.call("split", parent_id=parent_id, spec=spec))
-
-    def update_limits(
-        self,
-        token_id: str,
-        *,
-        expires_at: float | None = None,
-        models: Iterable[str] | None = None,
-        ips: Iterable[str] | None = None,
-        rate: str | None = None,
-        actor: str | None = None,
-    ) -> TokenView:
-        return cast(
-            "TokenView",
-            self.call(
-                "update_limits",
-                token_id=token_id,
-                expires_at=expires_at,
-                models=_opt_list(models),
-                ips=_opt_list(ips),
-                rate=rate,
-                actor=actor,
-            ),
-        )
-
-    def top_up(self, token_id: str, units: int) -> TokenView:
-        return cast("TokenView", self.call("top_up", token_id=token_id, units=units))
-
-    def revoke(self, token_id: str) -> dict[str, Any]:
-        return cast("dict[str, Any]", self.call("revoke", token_id=token_id))
-
-    def reclaim(self, token_id: str, units: int | None = None) -> dict[str, Any]:
-        return cast("dict[str, Any]", self.call("reclaim", token_id=token_id, units=units))
-
-    def rotate(self, token_id: str) -> dict[str, Any]:
-        return cast("dict[str, Any]", self.call("rotate", token_id=token_id))
-
-    def token(self, token_id: str) -> TokenView:
-        return cast("TokenView", self.call("token", token_id=token_id))
-
-    def tokens(self, root_id: str | None = None) -> list[TokenView]:
-        return cast("list[TokenView]", self.call("tokens", root_id=root_id))
-
-    def usage(self, **filters: Any) -> list[dict[str, Any]]:
-        return cast("list[dict[str, Any]]", self.call("usage", **filters))
-
-    def admin_events(self, token_id: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
-        return cast("list[dict[str, Any]]", self.call("admin_events", token_id=token_id, limit=limit))
-
-    def alerts(self, limit: int = 1000) -> list[dict[str, Any]]:
-        return cast("list[dict[str, Any]]", self.call("alerts", limit=limit))
-
-    # ---------------------------------------------------------------- periodic jobs, on demand (admin)
-    def deliver_alerts(self) -> dict[str, int]:
-        """Run one alert delivery pass now (the actor also runs one every sweep interval)."""
-        return cast("dict[str, int]", self._direct(self.actor.deliver_alerts))
-
-    def prune_audit(self) -> dict[str, int]:
-        """Delete audit rows older than the retention window now; returns rows deleted per table."""
-        return cast("dict[str, int]", self._direct(self.actor.prune_audit))
-
-    def acknowledge_alert(self, alert_id: int, by: str) -> bool:
-        return cast(bool, self._direct(self.actor.acknowledge_alert, alert_id, by))
-
-    @staticmethod
-    def _direct(method: Any, *args: Any) -> Any:
-        try:
-            return ray.get(method.remote(*args))
-        except RayTaskError as exc:
-            if isinstance(exc.cause, LedgerError):
-                raise exc.cause from None
-            raise LedgerUnavailable(f"ledger actor failed: {type(exc.cause).__name__}") from exc
-        except RayError as exc:
-            raise LedgerUnavailable(f"ledger actor unavailable: {type(exc).__name__}") from exc
-
-    def public_keys(self) -> dict[str, bytes]:
-        return cast("dict[str, bytes]", self.call("public_keys"))
-
-    def rotate_keys(self) -> dict[str, Any]:
-        return cast("dict[str, Any]", self.call("rotate_keys"))
-
-    def issue_admin(self, name: str, ttl_s: float = 12 * 3600.0) -> str:
-        return cast("str", self.call("issue_admin", name=name, ttl_s=ttl_s))
-
-    def sweep(self) -> dict[str, Any]:
-        return cast("dict[str, Any]", self.call("sweep"))
-
-    def consistency(self) -> dict[str, Any]:
-        return cast("dict[str, Any]", self.call("consistency"))
-
-    def stats(self) -> dict[str, Any]:
-        stats: dict[str, Any] = ray.get(self.actor.stats.remote())
+    def stats(self) -> list[dict[str, Any]]:
+        """Each shard's counters (pid, epoch, commits, tokens, ...)."""
+        stats: list[dict[str, Any]] = ray.get([s.actor.stats.remote() for s in self.shards])
         return stats
 
+    # ---------------------------------------------------------------- routing
+    @property
+    def _acting_root(self) -> str | None:
+        return self.acting[2] if self.acting is not None else None
 
-def unwrap(reply: tuple[Any, ...]) -> Any:
-    """An actor reply ("ok", value) | ("err", code, message) as a value or a typed exception."""
-    if reply[0] == "ok":
-        return reply[1]
-    code = Code(reply[1])
-    if code is Code.LEDGER_UNAVAILABLE:
-        raise LedgerUnavailable(reply[2])
-    raise OperationRefused(reply[2], code)
+    def _send(self, target: int | None, op: str, named: dict[str, Any]) -> Any:
+        jti = self.acting[1] if self.acting is not None else None
+        actor = self.coordinator if target is None else self.shards[target].actor
+        return actor.call.remote(op, (), named, jti)
+
+    def _root(self, token_id: str) -> str | None:
+        if self.shard_map.count == 1:
+            return token_id  # one shard owns every package
+        root = self.roots.get(token_id)
+        if root is None:
+            try:
+                root = ray.get(self.coordinator.root_of.remote(token_id))
+            except RayError as exc:
+                raise LedgerUnavailable(f"ledger coordinator unavailable: {type(exc).__name__}") from exc
+            if root is not None:
+                self.roots[token_id] = root
+        return root
+
+    async def _aroot(self, token_id: str) -> str | None:
+        if self.shard_map.count == 1:
+            return token_id  # one shard owns every package
+        root = self.roots.get(token_id)
+        if root is None:
+            try:
+                root = await self.coordinator.root_of.remote(token_id)
+            except RayError as exc:
+                raise LedgerUnavailable(f"ledger coordinator unavailable: {type(exc).__name__}") from exc
+            if root is not None:
+                self.roots[token_id] = root
+        return root
 
 
-def _opt_list(values: Iterable[str] | None) -> list[str] | None:
-    return None if values is None else list(values)
+def _unwrapped(exc: RayError) -> LedgerError:
+    """A Ray error as the ledger's exception tree."""
+    if isinstance(exc, RayTaskError) and isinstance(exc.cause, LedgerError):
+        return exc.cause
+    if isinstance(exc, RayTaskError):
+        return LedgerUnavailable(f"internal error in the ledger: {type(exc.cause).__name__}")
+    return LedgerUnavailable(f"ledger actor unavailable: {type(exc).__name__}")
+
+
+def _operation(op: str) -> Callable[..., Any]:
+    def method(self: LedgerClient, *args: Any, **kwargs: Any) -> Any:
+        return self.invoke(op, args, kwargs)
+
+    method.__name__ = method.__qualname__ = op
+    method.__doc__ = getattr(LedgerApi, op).__doc__
+    return method
+
+
+for _op in OPS:  # the client mirrors the protocol: one generated method per operation
+    setattr(LedgerClient, _op, _operation(_op))

@@ -162,8 +162,9 @@ class Admission:
     idem_key: str | None = None
     body_hash: str | None = None
     image_bytes: int = 0
+    root_id: str = ""  # the credential's `pkg` claim: which shard owns the token ("" = look it up)
 
-    def row(self) -> tuple[str, str, str, int, str, str | None, str | None, str | None, int]:
+    def row(self) -> AdmissionRow:
         """Wire form (field order); `dataclasses.astuple` deep-copies and is ~10x slower."""
         return (
             self.request_id,
@@ -175,7 +176,47 @@ class Admission:
             self.idem_key,
             self.body_hash,
             self.image_bytes,
+            self.root_id,
         )
+
+    @classmethod
+    def from_row(cls, r: object) -> Admission | None:
+        """The admission a wire row stands for, or None when its types or sizes are wrong (so that a
+        bad caller can neither crash a batch nor the write)."""
+        if not isinstance(r, tuple | list) or len(r) != 10:
+            return None
+        a = cls(*r)
+        ok = (
+            _str(a.request_id, 1, 64)
+            and _str(a.token_id, 0, 40)
+            and _str(a.jti, 0, 64)
+            and type(a.units) is int
+            and _str(a.model, 1, 200)
+            and _opt_str(a.client_ip, 64)
+            and _opt_str(a.idem_key, 255)
+            and _opt_str(a.body_hash, 128)
+            and type(a.image_bytes) is int
+            and 0 <= a.image_bytes < MAX_IMAGE_BYTES
+            and _str(a.root_id, 0, 40)
+        )
+        return a if ok else None
+
+
+AdmissionRow = tuple[str, str, str, int, str, str | None, str | None, str | None, int, str]
+SettlementRow = tuple[str, str, bool, int | None, float, int, float, str | None, str]
+MAX_IMAGE_BYTES = 2**62  # image_bytes is a BIGINT column
+
+
+def _str(v: object, low: int, high: int) -> bool:
+    return isinstance(v, str) and low <= len(v) <= high
+
+
+def _opt_str(v: object, limit: int) -> bool:
+    return v is None or (isinstance(v, str) and len(v) <= limit)
+
+
+def _finite(v: object, top: float) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v < top
 
 
 class Decision(NamedTuple):
@@ -215,8 +256,9 @@ class Settlement:
     detections: int = 0
     gpu_ms: float = 0.0
     result: str | None = None  # JSON kept for idempotent replays
+    root_id: str = ""  # which shard owns the token ("" = look it up)
 
-    def row(self) -> tuple[str, str, bool, int | None, float, int, float, str | None]:
+    def row(self) -> SettlementRow:
         return (
             self.request_id,
             self.token_id,
@@ -226,12 +268,34 @@ class Settlement:
             self.detections,
             self.gpu_ms,
             self.result,
+            self.root_id,
         )
+
+    @classmethod
+    def from_row(cls, r: object) -> Settlement | None:
+        """The settlement a wire row stands for, or None when no column could hold its values."""
+        if not isinstance(r, tuple | list) or len(r) != 9:
+            return None
+        s = cls(*r)
+        ok = (
+            _str(s.request_id, 1, 64)
+            and _str(s.token_id, 0, 40)
+            and type(s.success) is bool
+            and (s.charged is None or type(s.charged) is int)
+            and _finite(s.latency_ms, 1e12)
+            and type(s.detections) is int
+            and 0 <= s.detections < 2**31
+            and _finite(s.gpu_ms, 1e12)
+            and _opt_str(s.result, 16 * 2**20)
+            and _str(s.root_id, 0, 40)
+        )
+        return s if ok else None
 
 
 @dataclass(frozen=True, slots=True)
-class Limits:
-    """Limits for a new or edited node. `None` leaves a field as inherited / unchanged."""
+class TokenLimits:
+    """Limits of a token (expiry, models, IPs, rate) for a new or edited node. `None` leaves a
+    field as inherited / unchanged."""
 
     expires_at: float | None = None
     models: frozenset[str] | None = None
@@ -245,7 +309,7 @@ class TokenSpec:
 
     name: str
     allocation: int
-    limits: Limits = Limits()
+    limits: TokenLimits = TokenLimits()
     team: str | None = None
     thresholds: tuple[int, ...] = DEFAULT_THRESHOLDS
     meta: dict[str, Any] = field(default_factory=dict)
@@ -265,7 +329,7 @@ class TokenSpec:
         meta: dict[str, Any] | None = None,
     ) -> TokenSpec:
         """From plain values (CLI, HTTP, console); raises OperationRefused(INVALID_REQUEST) on bad ones."""
-        limits = make_limits(expires_at, models, ips, rate)
+        limits = make_token_limits(expires_at, models, ips, rate)
         spec = cls(name, allocation, limits, team, _thresholds(thresholds), meta or {})
         spec_problems(spec)
         return spec
@@ -295,7 +359,7 @@ def spec_problems(spec: TokenSpec) -> None:
         raise OperationRefused(
             f"alert thresholds must be at most {MAX_THRESHOLDS} percentages in 1..100", Code.INVALID_REQUEST
         )
-    check_limits(spec.limits)
+    check_token_limits(spec.limits)
     if not isinstance(spec.meta, dict):
         raise OperationRefused("meta must be an object", Code.INVALID_REQUEST)
     try:
@@ -313,10 +377,10 @@ def _is_time(v: object) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and 0 < v < MAX_EPOCH_S
 
 
-def check_limits(limits: Limits) -> None:
+def check_token_limits(limits: TokenLimits) -> None:
     """Raise OperationRefused(INVALID_REQUEST) unless `limits` holds only well-formed values (as
-    `make_limits` builds them). Narrowing against a parent is the tree's business."""
-    if not isinstance(limits, Limits):
+    `make_token_limits` builds them). Narrowing against a parent is the tree's business."""
+    if not isinstance(limits, TokenLimits):
         raise OperationRefused("limits are required", Code.INVALID_REQUEST)
     if limits.expires_at is not None and not _is_time(limits.expires_at):
         raise OperationRefused(f"expiry {str(limits.expires_at)[:40]!r} is not a time", Code.INVALID_REQUEST)
@@ -334,16 +398,16 @@ def check_limits(limits: Limits) -> None:
         raise OperationRefused("malformed rate limit", Code.INVALID_REQUEST)
 
 
-def make_limits(
+def make_token_limits(
     expires_at: float | None = None,
     models: Iterable[str] | None = None,
     ips: Iterable[str] | None = None,
     rate: str | None = None,
-) -> Limits:
-    """Validated `Limits` from plain values; `None` leaves a field inherited / unchanged."""
+) -> TokenLimits:
+    """Validated `TokenLimits` from plain values; `None` leaves a field inherited / unchanged."""
     if expires_at is not None and not _is_time(expires_at):
         raise OperationRefused(f"expiry {str(expires_at)[:40]!r} is not a time", Code.INVALID_REQUEST)
-    return Limits(
+    return TokenLimits(
         expires_at=expires_at,
         models=normalize_models(models),
         ips=normalize_ips(ips),

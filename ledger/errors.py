@@ -3,7 +3,8 @@
     LedgerError
     ├── CredentialError          a credential is missing, malformed, forged, expired, ...
     ├── LedgerUnavailable        the actor or the database cannot answer durably
-    │   └── WriteRejected        the database refused a write's data (not its availability)
+    │   ├── WriteRejected        the database refused a write's data (not its availability)
+    │   └── Fenced               a newer instance of this ledger shard started: this one may not commit
     ├── OperationRefused         an admin operation was refused; carries a `Code`
     └── ConfigError              settings or key ring unusable
 
@@ -49,6 +50,11 @@ class LedgerUnavailable(LedgerError):
 class WriteRejected(LedgerUnavailable):
     """The database is up but refused the data of a group commit (a value out of range, a
     constraint): one operation of the batch is at fault, so the batch is retried op by op."""
+
+
+class Fenced(LedgerUnavailable):
+    """This shard instance was superseded (its epoch is no longer the database's): it commits
+    nothing more. Callers retry; the named actor is then the successor."""
 
 
 class OperationRefused(LedgerError):

@@ -4,7 +4,8 @@ Build once at the edge (`LedgerSettings.from_env()` or explicit arguments) and p
 Variables (all optional):
     YT_DATABASE_URL   sqlite:///./var/ledger.db | postgresql+psycopg://user@host:port/db
     YT_DATA_DIR       ./var          (key ring lives in $YT_DATA_DIR/keys, mode 0700/0600)
-    YT_LEDGER_NAME    yolo-tokens-ledger   (named Ray actor)
+    YT_LEDGER_NAME    yolo-tokens-ledger   (the coordinator actor; shards are <name>-shard-<i>)
+    YT_LEDGER_SHARDS  1                    (ledger shards; change only with the whole ledger stopped)
     YT_NAMESPACE      yolo-tokens          (Ray namespace)
     YT_SMTP_HOST, YT_SMTP_PORT (25), YT_SMTP_STARTTLS (0|1), YT_SMTP_SENDER, YT_SMTP_USER,
     YT_SMTP_PASSWORD  alert e-mail; no host = e-mail channels fail with a clear error
@@ -32,6 +33,8 @@ class LedgerSettings:
     data_dir: Path = DEFAULT_DATA_DIR
     actor_name: str = "yolo-tokens-ledger"
     namespace: str = "yolo-tokens"
+    # ledger shards (named, detached actors), each owning the packages whose root maps to it
+    shards: int = 1
     # admissions per actor call sent by one client; the actor commits all queued calls together
     max_batch: int = 4096
     # unsettled admissions older than this are kept charged and no longer refundable after a restart
@@ -50,6 +53,8 @@ class LedgerSettings:
     # custom Ray resources the ledger actor asks for, e.g. {"ledger_host": 0.001}: on a cluster this
     # pins it to the node that holds data_dir (the signing keys); empty = anywhere (one-node runs)
     actor_resources: dict[str, float] = field(default_factory=dict)
+    # custom Ray resources every shard asks for (shards hold no files: any node will do)
+    shard_resources: dict[str, float] = field(default_factory=dict)
     # alert delivery (ledger/notify.py), run by the actor's periodic loop
     smtp_host: str | None = None
     smtp_port: int = 25
@@ -84,6 +89,7 @@ class LedgerSettings:
             data_dir=data_dir,
             actor_name=env.get("YT_LEDGER_NAME", default.actor_name),
             namespace=env.get("YT_NAMESPACE", default.namespace),
+            shards=int(env.get("YT_LEDGER_SHARDS", default.shards)),
             smtp_host=env.get("YT_SMTP_HOST") or None,
             smtp_port=int(env.get("YT_SMTP_PORT", default.smtp_port)),
             smtp_starttls=env.get("YT_SMTP_STARTTLS", "0").lower() in ("1", "true", "yes"),

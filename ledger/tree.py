@@ -15,7 +15,7 @@ from typing import Any
 
 from ledger.changes import Changes
 from ledger.codes import Code
-from ledger.entities import Limits, Node, Status, TokenSpec, TokenView, check_limits, spec_problems
+from ledger.entities import Node, Status, TokenLimits, TokenSpec, TokenView, check_token_limits, spec_problems
 from ledger.errors import LedgerUnavailable, OperationRefused
 from ledger.limits import Bucket, ips_narrow, models_narrow
 
@@ -218,7 +218,7 @@ class TokenTree:
         self.out.new_nodes.append(n)
         return n
 
-    def _narrow_limits(self, parent: Node, limits: Limits, now: float) -> float | None:
+    def _narrow_limits(self, parent: Node, limits: TokenLimits, now: float) -> float | None:
         """Refuse anything wider than the parent's effective limits; return the child's expiry."""
         eff_exp = min((a.expires_at for a in parent.path() if a.expires_at is not None), default=None)
         expires_at = limits.expires_at if limits.expires_at is not None else eff_exp
@@ -235,10 +235,10 @@ class TokenTree:
                 raise OperationRefused("a child cannot have a higher rate than its parent", Code.LIMIT_WIDENING)
         return expires_at
 
-    def update_limits(self, token_id: str, limits: Limits, actor: str | None = None) -> Node:
+    def update_limits(self, token_id: str, limits: TokenLimits, actor: str | None = None) -> Node:
         """Change limits of a node (fields left None stay as they are); children may only narrow."""
         n = self._strict_descendant(token_id, actor)
-        check_limits(limits)
+        check_token_limits(limits)
         now = self.clock()
         self._require_usable(n, now)
         if n.parent is not None:

@@ -9,6 +9,7 @@ from typing import Any
 
 from ray.serve import Application, Deployment
 
+from ledger.service import launch
 from serve_app.config import AppArgs
 from serve_app.detector_deployment import Detector
 from serve_app.gate import TokenGate
@@ -21,6 +22,9 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
     args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
     for m in args.models:
         m.check_weights()  # fail at startup, naming the path, not at the first request
+    # the ledger's one launch step (idempotent; other settings than the running ledger's are an
+    # error): the gate's replicas then only attach
+    launch(args.ledger_settings())
     detector = deployment(Detector)
     detectors = {m.key: detector.options(**m.deployment_options()).bind(m) for m in args.models}
     # every detection is routed through the gate, which verifies and prices it itself

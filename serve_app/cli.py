@@ -27,8 +27,9 @@ import yaml
 from ray import serve
 
 from ledger import cli as ledger_cli
-from ledger.client import LedgerClient
+from ledger.api import Issued, LedgerApi
 from ledger.entities import TokenSpec
+from ledger.service import attach
 from ledger.settings import ClientSettings, LedgerSettings
 from serve_app.app import APP_NAME, build_app
 from serve_app.config import AppArgs
@@ -48,13 +49,13 @@ def load_config(path: Path) -> tuple[AppArgs, dict[str, Any]]:
     return AppArgs.model_validate(app.get("args") or {}), http
 
 
-def ensure_demo(client: LedgerClient) -> dict[str, Any]:
+def ensure_demo(client: LedgerApi) -> Issued:
     """The demo package: created on first start; later starts rotate it to show a fresh credential."""
     for t in client.tokens():
         if t.parent_id is None and t.name == DEMO_PACKAGE and t.status == "active":
-            return client.rotate(t.id)  # type: ignore[no-any-return]
+            return client.rotate(t.id)
     spec = TokenSpec.build(DEMO_PACKAGE, 10_000, expires_at=time.time() + 30 * 86400, rate="pro", team="demo")
-    return client.create_package(spec)  # type: ignore[no-any-return]
+    return client.create_package(spec)
 
 
 class Console:
@@ -108,12 +109,13 @@ def cmd_serve(a: argparse.Namespace) -> int:
     print(f"starting Ray on {local.address} (log: {settings.data_dir / 'ray.log'}) ...", flush=True)
     try:
         address = local.start()  # inside the try: Ctrl-C during start-up still stops what started
-        client = ledger_cli.connect(address, settings, create=True)
+        ledger_cli.join(address, settings)
         signal.signal(signal.SIGTERM, _stop)  # after ray.init, which installs handlers of its own
         signal.signal(signal.SIGINT, _stop)
         serve.start(http_options={"host": http["host"], "port": int(http["port"])})
         print(f"deploying {a.config} (models: {', '.join(m.key for m in args.models)}) ...", flush=True)
-        serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+        serve.run(build_app(args), name=APP_NAME, route_prefix="/")  # launches the ledger
+        client = attach(settings)
         demo = ledger_cli.to_plain(ensure_demo(client))
         url = f"http://{http['host']}:{http['port']}"
         console_url = None if a.no_console else console.start(address, settings, url)

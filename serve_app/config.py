@@ -85,6 +85,18 @@ class RequestLimits(BaseModel):
     trusted_proxies: list[str] = []
 
 
+class LedgerArgs(BaseModel):
+    """`ledger:` of ray_config.yaml: how the ledger is laid out on the cluster."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # shards (named actors), each owning the packages whose root maps to it; change it only with
+    # the whole ledger stopped
+    shards: int = Field(default=1, ge=1, le=1024)
+    # custom Ray resources every shard asks for (shards hold no files: any node with them will do)
+    shard_resources: dict[str, float] = {}
+
+
 class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -94,6 +106,7 @@ class AppArgs(BaseModel):
     namespace: str = LedgerSettings().namespace
     # custom resources of the node that holds data_dir (cluster/): the ledger actor is placed there
     ledger_resources: dict[str, float] = {}
+    ledger: LedgerArgs = Field(default=LedgerArgs())
     default_model: str = "parts"
     # HTTP/handle ingress replicas (each verifies, decodes and routes through the TokenGate)
     ingress_replicas: int = Field(default=1, ge=1, le=64)
@@ -118,4 +131,6 @@ class AppArgs(BaseModel):
             actor_name=self.ledger_name,
             namespace=self.namespace,
             actor_resources=dict(self.ledger_resources),
+            shards=self.ledger.shards,
+            shard_resources=dict(self.ledger.shard_resources),
         ).resolved()

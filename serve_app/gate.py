@@ -1,6 +1,6 @@
 """TokenGate: the token-check deployment (DESIGN §1), through which every detection is routed.
 
-    Ingress ──verify, decode──► TokenGate.detect ──verify, admit──► ledger actor (micro-batched)
+    Ingress ──verify, decode──► TokenGate.detect ──verify, admit──► ledger shard[root] (micro-batched)
                                     │ admitted
                                     ├──► Detector[model@version] (autoscaling replicas), within the
                                     │    version's `timeout_s` (a cold start included)
@@ -29,10 +29,11 @@ from typing import Any
 import numpy as np
 from ray import serve
 
-from ledger.client import LedgerClient
+from ledger.api import LedgerApi
 from ledger.codes import Code
 from ledger.entities import Admission, Decision, Settlement
 from ledger.errors import LedgerError
+from ledger.service import attach
 from ledger.settings import LedgerSettings
 from serve_app.answer import result_body, usage_headers
 from serve_app.auth import KeyedVerifier
@@ -78,7 +79,7 @@ class TokenGate:
     def __init__(
         self, settings: LedgerSettings, detectors: dict[str, Any], models: list[ModelSpec], default_model: str
     ) -> None:
-        self.client = LedgerClient.connect(settings)
+        self.client = attach(settings)  # the app builder launched the ledger; replicas only attach
         self.detectors = detectors
         self.catalog = ModelCatalog(models, default_model)
         self.auth = KeyedVerifier(self.public_keys)
@@ -105,6 +106,7 @@ class TokenGate:
             req.idempotency_key,
             req.body_hash,
             req.image_bytes,
+            claims.pkg,  # the package root: the ledger shard that owns the token
         )
         decision = await self._admit(admission)
         headers = usage_headers(decision)
@@ -115,7 +117,7 @@ class TokenGate:
         if not decision.admitted:
             return GateReply(error=ApiError.from_code(decision.code, decision.message, decision.retry_after, headers))
         t_admitted = time.perf_counter()
-        refund = Settlement(admission.request_id, admission.token_id, success=False)
+        refund = _refund(admission)
         try:
             result = await self._infer(spec, pixels, params)
         except asyncio.CancelledError:
@@ -151,6 +153,7 @@ class TokenGate:
             detections=sum(len(d) for d in result["detections"]),
             gpu_ms=float(result["gpu_ms"]),
             result=json.dumps(body) if req.idempotency_key else None,
+            root_id=admission.root_id,
         )
         if req.idempotency_key:
             # a retry with this key replays the stored body, so it is stored before we answer
@@ -169,15 +172,14 @@ class TokenGate:
             raise ApiError("forbidden", f"{op!r} is not a token operation")
         claims = await self.auth.verify(credential)
         # the actor is the verified token, whatever the caller put in kwargs
-        kwargs = {**kwargs, "actor": claims.sub, "actor_jti": claims.jti}
+        as_token = self.client.acting_as(claims.sub, claims.jti, claims.pkg)
         try:
-            return await self.client.acall(op, **kwargs)
+            return await as_token.ainvoke(op, (), {k: v for k, v in kwargs.items() if k not in ("actor", "actor_jti")})
         except LedgerError as exc:
             raise ApiError.from_code(exc.code, exc.message) from None
 
     async def public_keys(self) -> dict[str, bytes]:
-        keys: dict[str, bytes] = await self.client.acall("public_keys")
-        return keys
+        return await self.client.aio(LedgerApi.public_keys)
 
     # ------------------------------------------------------------ steps
     async def _admit(self, admission: Admission) -> Decision:
@@ -194,7 +196,7 @@ class TokenGate:
         if task.cancelled() or task.exception() is not None:
             return
         if task.result().code is Code.OK:
-            self._settle_later(Settlement(admission.request_id, admission.token_id, success=False))
+            self._settle_later(_refund(admission))
 
     async def _infer(self, spec: ModelSpec, pixels: list[np.ndarray], params: InferenceParams) -> dict[str, Any]:
         """The version's answer within `spec.timeout_s` (queueing for a replica and a cold start
@@ -245,6 +247,10 @@ class TokenGate:
 
 async def _awaited(response: Any) -> Any:
     return await response
+
+
+def _refund(admission: Admission) -> Settlement:
+    return Settlement(admission.request_id, admission.token_id, success=False, root_id=admission.root_id)
 
 
 def _ms(start: float, end: float | None = None) -> float:

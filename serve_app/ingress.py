@@ -204,25 +204,25 @@ class Ingress:
         except OperationRefused as exc:
             raise ApiError.from_code(exc.code, exc.message) from None
         out = await self._ledger("split", request, parent_id=claims.sub, spec=spec)
-        return {"token": plain(out["token"]), "credential": out["credential"]}
+        return {"token": plain(out.token), "credential": out.credential}
 
     @api.post("/v1/tokens/{token_id}/revoke")
     async def revoke(self, request: Request, token_id: str) -> dict[str, Any]:
         self._start(request)
         out = await self._ledger("revoke", request, token_id=token_id)
-        return {"returned": out["returned"], "token": plain(out["token"])}
+        return {"returned": out.returned, "token": plain(out.token)}
 
     @api.post("/v1/tokens/{token_id}/reclaim")
     async def reclaim(self, request: Request, token_id: str, body: ReclaimBody | None = None) -> dict[str, Any]:
         self._start(request)
         out = await self._ledger("reclaim", request, token_id=token_id, units=body.units if body else None)
-        return {"returned": out["returned"], "token": plain(out["token"])}
+        return {"returned": out.returned, "token": plain(out.token)}
 
     @api.post("/v1/tokens/{token_id}/rotate")
     async def rotate(self, request: Request, token_id: str) -> dict[str, Any]:
         self._start(request)
         out = await self._ledger("rotate", request, token_id=token_id)
-        return {"token": plain(out["token"]), "credential": out["credential"]}
+        return {"token": plain(out.token), "credential": out.credential}
 
     # ------------------------------------------------------------ handle API (Ray jobs)
     async def detect(

@@ -1,7 +1,8 @@
 """yolo-tokens admin console (Streamlit): `streamlit run ui/app.py` (or `make serve`, which starts it).
 
-Every read and write goes through the ledger's public API (`LedgerClient`), attached to the
-running cluster (`YT_RAY_ADDRESS`, default the local one). Nothing works before sign-in with an
+Every read and write goes through the ledger's typed API (`ledger.LedgerApi`): the running
+cluster's (`YT_RAY_ADDRESS`, default the local one), or the one a caller put in the session
+state as `ledger_api` (the console's tests put an in-process `FakeLedger` there). Nothing works before sign-in with an
 admin credential (`yolo-tokens admin issue`). New token credentials are shown once, never again.
 """
 
@@ -16,14 +17,19 @@ import pandas as pd
 import streamlit as st
 from PIL import Image, ImageDraw, ImageOps
 
-from ledger.cli import connect
-from ledger.client import LedgerClient
-from ledger.credentials import Verifier
-from ledger.entities import TokenSpec
-from ledger.errors import CredentialError, LedgerError
-from ledger.reports import cost_report
-from ledger.settings import ClientSettings, LedgerSettings
-from ledger.store.repository import usage_csv
+from ledger import (
+    ClientSettings,
+    CredentialError,
+    Issued,
+    LedgerApi,
+    LedgerError,
+    LedgerSettings,
+    TokenSpec,
+    Verifier,
+    connect,
+    cost_report,
+    usage_csv,
+)
 from ui.data import DAY, overview, plain, tree_rows, unplaceable, usage_series
 
 PAGES = ("Overview", "Token tree", "Alerts", "Audit", "Models", "Try it")
@@ -32,15 +38,20 @@ OUTCOMES = ("", "ok", "quota_exhausted", "rate_limited", "model_not_allowed", "i
 
 
 @st.cache_resource
-def ledger() -> LedgerClient:
+def cluster_ledger() -> LedgerApi:
     return connect(ClientSettings.from_env().ray_address, LedgerSettings.from_env())
+
+
+def ledger() -> LedgerApi:
+    given: LedgerApi | None = st.session_state.get("ledger_api")
+    return given if given is not None else cluster_ledger()
 
 
 def when(ts: float | None) -> str:
     return "never" if ts is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
 
 
-def sign_in(client: LedgerClient) -> str | None:
+def sign_in(client: LedgerApi) -> str | None:
     """The signed-in admin's name, or None after drawing the sign-in form."""
     if st.session_state.get("admin"):
         return str(st.session_state["admin"])
@@ -62,7 +73,7 @@ def sign_in(client: LedgerClient) -> str | None:
 
 
 # ------------------------------------------------------------------ pages
-def page_overview(client: LedgerClient) -> None:
+def page_overview(client: LedgerApi) -> None:
     st.header("Overview")
     now = time.time()
     tokens = client.tokens()
@@ -93,13 +104,13 @@ def page_overview(client: LedgerClient) -> None:
     st.dataframe(pd.DataFrame(cost_report(events, tokens, by)), hide_index=True)
 
 
-def _issued(out: dict[str, Any]) -> None:
-    t = plain(out["token"])
+def _issued(out: Issued) -> None:
+    t = plain(out.token)
     st.success(f"Token {t['id']} ({t['name']}) with {t['allocation']} units. Its credential, shown this once:")
-    st.code(out["credential"], language=None)  # st.code has a copy button
+    st.code(out.credential, language=None)  # st.code has a copy button
 
 
-def page_tree(client: LedgerClient) -> None:
+def page_tree(client: LedgerApi) -> None:
     st.header("Token tree")
     tokens = client.tokens()
     roots = {f"{t.name} ({t.id})": t.id for t in tokens if t.parent_id is None}
@@ -160,9 +171,9 @@ def page_tree(client: LedgerClient) -> None:
         action = st.radio("Action", ["reclaim unspent units", "revoke (subtree stops now)"], key="revoke_action")
         if st.form_submit_button("Apply"):
             if action.startswith("reclaim"):
-                _act(lambda: st.success(f"{client.reclaim(target)['returned']} units returned to the parent"))
+                _act(lambda: st.success(f"{client.reclaim(target).returned} units returned to the parent"))
             else:
-                _act(lambda: st.success(f"revoked; {client.revoke(target)['returned']} units returned"))
+                _act(lambda: st.success(f"revoked; {client.revoke(target).returned} units returned"))
     with tabs[4], st.form("rotate"):
         target = st.selectbox("Token", ids, key="rotate_token")
         if st.form_submit_button("Rotate credential"):
@@ -193,7 +204,7 @@ def _act(fn: Any) -> None:
         st.error(f"{exc.code.value}: {exc.message}")
 
 
-def page_alerts(client: LedgerClient, admin: str) -> None:
+def page_alerts(client: LedgerApi, admin: str) -> None:
     st.header("Alerts")
     alerts = client.alerts(limit=500)
     if not alerts:
@@ -226,7 +237,7 @@ def page_alerts(client: LedgerClient, admin: str) -> None:
             _act(lambda: client.acknowledge_alert(int(pick), admin) and st.rerun())
 
 
-def page_audit(client: LedgerClient) -> None:
+def page_audit(client: LedgerApi) -> None:
     st.header("Audit")
     tokens = client.tokens()
     names = {t.id: f"{t.name} ({t.id})" for t in tokens}
@@ -256,8 +267,12 @@ def page_audit(client: LedgerClient) -> None:
 
 def page_models() -> None:
     st.header("Models")
+    import ray
+
+    if not ray.is_initialized():  # a console on an in-process ledger: no cluster to ask
+        st.info("The console is not attached to a Ray cluster: no Serve deployments to show.")
+        return
     try:
-        import ray
         from ray import serve
         from ray.serve.context import _get_global_client
 

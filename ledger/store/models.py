@@ -23,6 +23,8 @@ class TokenRow(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     root_id: Mapped[str] = mapped_column(String(40), index=True)
+    # the root's hash slot (ledger.shards.slot_of): shard i of n owns the slots with slot % n == i
+    slot: Mapped[int] = mapped_column(Integer, index=True, default=0, server_default="0")
     parent_id: Mapped[str | None] = mapped_column(String(40), index=True)
     name: Mapped[str] = mapped_column(String(200))
     team: Mapped[str | None] = mapped_column(String(200))
@@ -109,3 +111,15 @@ class IdempotencyRow(Base):
     state: Mapped[str] = mapped_column(String(16))
     result: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[float] = mapped_column(Float, index=True)
+
+
+class ShardRow(Base):
+    """The fencing epoch of each ledger shard: a shard takes the next epoch when it starts and every
+    commit checks it, so an old instance (partitioned, not yet dead) can never commit again."""
+
+    __tablename__ = "ledger_shards"
+
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    epoch: Mapped[int] = mapped_column(BigInteger)
+    holder: Mapped[str | None] = mapped_column(String(120))
+    started_at: Mapped[float | None] = mapped_column(Float)

@@ -10,7 +10,7 @@ import csv
 import io
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -21,16 +21,18 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, InternalError, Operationa
 
 from ledger.changes import SETTLE_COLUMNS, USAGE_COLUMNS, Changes, IdemRecord, Pending
 from ledger.entities import Node, Status
-from ledger.errors import ConfigError, LedgerUnavailable, WriteRejected
+from ledger.errors import ConfigError, Fenced, LedgerUnavailable, WriteRejected
 from ledger.limits import RateLimit, normalize_ips
+from ledger.shards import ShardScope, slot_of
 from ledger.store.migrate import upgrade
-from ledger.store.models import AdminEventRow, AlertRow, Base, IdempotencyRow, TokenRow, UsageEventRow
+from ledger.store.models import AdminEventRow, AlertRow, Base, IdempotencyRow, ShardRow, TokenRow, UsageEventRow
 
 TOKENS = cast(Table, TokenRow.__table__)
 USAGE = cast(Table, UsageEventRow.__table__)
 ADMIN = cast(Table, AdminEventRow.__table__)
 ALERTS = cast(Table, AlertRow.__table__)
 IDEM = cast(Table, IdempotencyRow.__table__)
+SHARDS = cast(Table, ShardRow.__table__)
 AUDIT_COLUMNS = tuple(c for c in USAGE.columns if c.name != "body_hash")
 
 
@@ -88,10 +90,17 @@ def make_engine(url: str) -> Engine:
 
 
 class Store:
-    """Reads and writes ledger rows. Raises `LedgerUnavailable` when the database cannot answer."""
+    """Reads and writes ledger rows. Raises `LedgerUnavailable` when the database cannot answer.
 
-    def __init__(self, url: str) -> None:
+    `scope` is the shard this store serves: `load` reads only its packages' rows, and once
+    `fence()` took an epoch every commit first checks that epoch is still the shard's, in the
+    same transaction, so a superseded instance's commit is refused (`Fenced`) and writes nothing.
+    """
+
+    def __init__(self, url: str, scope: ShardScope | None = None) -> None:
         self.url = url
+        self.scope = scope or ShardScope()
+        self.epoch: int | None = None
         self.engine = make_engine(url)
         # the hot inserts go straight to the driver's executemany with positional rows:
         # SQLAlchemy's per-row parameter processing would cost more than the insert itself
@@ -117,12 +126,50 @@ class Store:
         Base.metadata.create_all(self.engine)
 
     # ---------------------------------------------------------------- writes
-    def commit(self, ch: Changes) -> None:
-        """Raises WriteRejected when the database refused the data (nothing was written: one
-        transaction), LedgerUnavailable when it could not be reached or failed otherwise."""
+    def fence(self, holder: str, now: float) -> int:
+        """Take the next epoch of this store's shard: from now on only this instance commits for it."""
+        shard = self.scope.index
         try:
             with self.engine.begin() as conn:
+                row = conn.execute(
+                    update(SHARDS)
+                    .where(SHARDS.c.shard == shard)
+                    .values(epoch=SHARDS.c.epoch + 1, holder=holder[:120], started_at=now)
+                    .returning(SHARDS.c.epoch)
+                ).first()
+                if row is None:
+                    conn.execute(insert(SHARDS).values(shard=shard, epoch=1, holder=holder[:120], started_at=now))
+                    epoch = 1
+                else:
+                    epoch = int(row[0])
+        except SQLAlchemyError as exc:
+            raise LedgerUnavailable(f"could not take the shard's epoch: {type(exc).__name__}") from exc
+        self.epoch = epoch
+        return epoch
+
+    def _check_fence(self, conn: Connection) -> None:
+        """In the commit's transaction: the row lock (PostgreSQL) or the write lock (SQLite) taken
+        here orders this commit against a successor's `fence`, so a commit after it never lands."""
+        if self.epoch is None:
+            return
+        held = conn.execute(
+            update(SHARDS)
+            .where(and_(SHARDS.c.shard == self.scope.index, SHARDS.c.epoch == self.epoch))
+            .values(epoch=SHARDS.c.epoch)
+        ).rowcount
+        if held != 1:
+            raise Fenced(f"shard {self.scope.index} epoch {self.epoch} was superseded: this instance may not commit")
+
+    def commit(self, ch: Changes) -> None:
+        """Raises WriteRejected when the database refused the data (nothing was written: one
+        transaction), Fenced when a newer instance of this shard started, LedgerUnavailable when
+        the database could not be reached or failed otherwise."""
+        try:
+            with self.engine.begin() as conn:
+                self._check_fence(conn)
                 self._write(conn, ch)
+        except Fenced:
+            raise
         except SQLAlchemyError as exc:
             if _refused_data(exc):
                 raise WriteRejected(f"database refused the write: {type(exc).__name__}") from exc
@@ -178,8 +225,12 @@ class Store:
     ) -> tuple[list[Node], list[Pending], list[tuple[str, str, str, float]], list[IdemRecord], int]:
         """Everything the quota book needs to rebuild itself."""
         try:
+            owned = TOKENS.c.slot % self.scope.count == self.scope.index
+            # usage and idempotency rows of this shard's packages: joined to their token's slot
+            usage_of_shard = USAGE.join(TOKENS, USAGE.c.root_id == TOKENS.c.id)
+            idem_of_shard = IDEM.join(TOKENS, IDEM.c.token_id == TOKENS.c.id)
             with self.engine.connect() as conn:
-                nodes = [_row_node(r) for r in conn.execute(select(TOKENS)).mappings()]
+                nodes = [_row_node(r) for r in conn.execute(select(TOKENS).where(owned)).mappings()]
                 last_id = int(conn.execute(select(func.coalesce(func.max(USAGE.c.id), 0))).scalar_one())
                 pending = [
                     Pending(r.request_id, r.token_id, r.units, r.ts, None, r.id, r.model, r.body_hash)
@@ -192,16 +243,21 @@ class Store:
                             USAGE.c.id,
                             USAGE.c.model,
                             USAGE.c.body_hash,
-                        ).where(and_(USAGE.c.ts >= now - settle_window_s, USAGE.c.state == "admitted"))
+                        )
+                        .select_from(usage_of_shard)
+                        .where(and_(owned, USAGE.c.ts >= now - settle_window_s, USAGE.c.state == "admitted"))
                     )
                 ]
                 recent = [
                     (r.request_id, r.token_id, r.state, r.settled_at)
                     for r in conn.execute(
                         select(USAGE.c.request_id, USAGE.c.token_id, USAGE.c.state, USAGE.c.settled_at)
+                        .select_from(usage_of_shard)
                         .where(
                             and_(
-                                USAGE.c.settled_at >= now - recent_window_s, USAGE.c.state.in_(("settled", "refunded"))
+                                owned,
+                                USAGE.c.settled_at >= now - recent_window_s,
+                                USAGE.c.state.in_(("settled", "refunded")),
                             )
                         )
                         .order_by(USAGE.c.settled_at, USAGE.c.id)  # a request id's latest outcome wins
@@ -209,7 +265,7 @@ class Store:
                 ]
                 idem = [
                     IdemRecord(r.token_id, r.key, r.body_hash, r.request_id, r.created_at, r.state, r.result)
-                    for r in conn.execute(select(IDEM)).mappings()
+                    for r in conn.execute(select(IDEM).select_from(idem_of_shard).where(owned)).mappings()
                 ]
         except SQLAlchemyError as exc:
             raise LedgerUnavailable(f"database read failed: {type(exc).__name__}") from exc
@@ -219,13 +275,20 @@ class Store:
         return nodes, pending, recent, idem, last_id
 
     # ---------------------------------------------------------------- reads
-    def balances(self) -> dict[str, tuple[int, int, str]]:
-        """token id -> (allocation, used, status), straight from the database."""
+    def balances(self, *, whole: bool = False) -> dict[str, tuple[int, int, str]]:
+        """token id -> (allocation, used, status), straight from the database: this shard's
+        packages, or every package with `whole`."""
+        stmt = select(TOKENS.c.id, TOKENS.c.allocation, TOKENS.c.used, TOKENS.c.status)
+        if not whole:
+            stmt = stmt.where(TOKENS.c.slot % self.scope.count == self.scope.index)
         with self.engine.connect() as conn:
-            return {
-                r.id: (r.allocation, r.used, r.status)
-                for r in conn.execute(select(TOKENS.c.id, TOKENS.c.allocation, TOKENS.c.used, TOKENS.c.status))
-            }
+            return {r.id: (r.allocation, r.used, r.status) for r in conn.execute(stmt)}
+
+    def root_of(self, token_id: str) -> str | None:
+        """The package root of a token (any shard's), or None if there is no such token."""
+        with self.engine.connect() as conn:
+            root: str | None = conn.execute(select(TOKENS.c.root_id).where(TOKENS.c.id == token_id)).scalar()
+        return root
 
     def usage_counts(self, token_id: str | None = None) -> dict[str, tuple[int, int]]:
         """state -> (rows, units), optionally for one token."""
@@ -350,7 +413,7 @@ def iso_utc(ts: float | None) -> str | None:
 TIME_COLUMNS = frozenset({"ts", "settled_at"})
 
 
-def usage_csv(rows: Sequence[dict[str, Any]]) -> Iterator[str]:
+def usage_csv(rows: Sequence[Mapping[str, object]]) -> Iterator[str]:
     """CSV lines (header first) for audit export; times as ISO-8601 UTC (`iso_utc`)."""
     cols = [c.name for c in AUDIT_COLUMNS]
     buf = io.StringIO()
@@ -360,8 +423,12 @@ def usage_csv(rows: Sequence[dict[str, Any]]) -> Iterator[str]:
     for r in rows:
         buf.seek(0)
         buf.truncate()
-        w.writerow([iso_utc(r.get(c)) if c in TIME_COLUMNS else r.get(c) for c in cols])
+        w.writerow([iso_utc(_time(r.get(c))) if c in TIME_COLUMNS else r.get(c) for c in cols])
         yield buf.getvalue()
+
+
+def _time(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) else None
 
 
 def _refused_data(exc: SQLAlchemyError) -> bool:
@@ -377,6 +444,7 @@ def _node_row(n: Node) -> dict[str, Any]:
     return {
         "id": n.id,
         "root_id": n.root_id,
+        "slot": slot_of(n.root_id),
         "parent_id": n.parent_id,
         "name": n.name,
         "team": n.team,

@@ -19,10 +19,10 @@ pytestmark = pytest.mark.ray
 def tree(app: LiveApp, tag: str) -> dict[str, tuple[str, str]]:
     """A package, a child and a grandchild: name -> (token id, credential)."""
     pkg = app.ledger.create_package(TokenSpec.build(f"{tag}-{time.monotonic_ns()}", 100))
-    kid = app.ledger.split(pkg["token"].id, TokenSpec.build(f"{tag}-team", 40))
-    grand = app.ledger.split(kid["token"].id, TokenSpec.build(f"{tag}-dev", 10))
-    return {tag: (pkg["token"].id, pkg["credential"]), f"{tag}1": (kid["token"].id, kid["credential"]),
-            f"{tag}2": (grand["token"].id, grand["credential"])}  # fmt: skip
+    kid = app.ledger.split(pkg.token.id, TokenSpec.build(f"{tag}-team", 40))
+    grand = app.ledger.split(kid.token.id, TokenSpec.build(f"{tag}-dev", 10))
+    return {tag: (pkg.token.id, pkg.credential), f"{tag}1": (kid.token.id, kid.credential),
+            f"{tag}2": (grand.token.id, grand.credential)}  # fmt: skip
 
 
 def call(app: LiveApp, method: str, path: str, credential: str, **kw: object) -> httpx.Response:
@@ -83,7 +83,7 @@ def test_given_a_child_then_it_cannot_widen_any_limit_of_its_parent(live_app: Li
             rate="basic",
         )
     )
-    pid, cred = parent["token"].id, parent["credential"]
+    pid, cred = parent.token.id, parent.credential
     attempts = {
         "more quota": {"quota": 101},
         "later expiry": {"quota": 1, "expires_in_s": 2 * 86400},

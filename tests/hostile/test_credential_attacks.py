@@ -54,7 +54,7 @@ def detect(app: LiveApp, credential: str) -> httpx.Response:
 
 def test_given_forged_or_stale_credentials_then_401_with_its_code_and_nothing_charged(live_app: LiveApp) -> None:
     pkg = live_app.ledger.create_package(TokenSpec.build(f"attack-{time.monotonic_ns()}", 50))
-    good = pkg["credential"]
+    good = pkg.credential
     claims = Verifier(live_app.ledger.public_keys()).verify(good)
     kid, key, public_pem = ring_key(live_app)
     now = int(time.time())
@@ -82,11 +82,11 @@ def test_given_forged_or_stale_credentials_then_401_with_its_code_and_nothing_ch
         "admin typ on detect": (signed(key, head, {**base, "typ": "admin"}), "forbidden"),
     }
     child = live_app.ledger.split(claims.sub, TokenSpec.build("victim", 10))
-    live_app.ledger.revoke(child["token"].id)
-    attacks["revoked"] = (child["credential"], "revoked_token")
+    live_app.ledger.revoke(child.token.id)
+    attacks["revoked"] = (child.credential, "revoked_token")
     other = live_app.ledger.split(claims.sub, TokenSpec.build("rotated", 10))
-    live_app.ledger.rotate(other["token"].id)
-    attacks["rotated out"] = (other["credential"], "revoked_token")
+    live_app.ledger.rotate(other.token.id)
+    attacks["rotated out"] = (other.credential, "revoked_token")
     used = live_app.ledger.token(claims.sub).used
     for name, (credential, code) in attacks.items():
         r = detect(live_app, credential)

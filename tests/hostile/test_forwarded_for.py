@@ -28,7 +28,7 @@ def test_given_forwarded_for_from_untrusted_and_trusted_peers_then_only_the_trus
 ) -> None:
     assert "127.0.0.2/32" in live_app.args.limits.trusted_proxies
     pkg = live_app.ledger.create_package(TokenSpec.build("pinned", 100, ips=[f"{PINNED}/32"]))
-    tid, cred = pkg["token"].id, pkg["credential"]
+    tid, cred = pkg.token.id, pkg.credential
     cases = [  # (source, X-Forwarded-For lines, expected status)
         ("127.0.0.1", [PINNED], 403),  # untrusted peer: its header is ignored
         ("127.0.0.1", [f"1.2.3.4, {PINNED}"], 403),

@@ -47,7 +47,7 @@ def replica_rss(name: str) -> dict[int, int]:
 
 def test_given_hostile_bodies_then_4xx_no_charge_bounded_memory_and_still_serving(live_app: LiveApp) -> None:
     pkg = live_app.ledger.create_package(TokenSpec.build(f"bodies-{time.monotonic_ns()}", 100))
-    tid, cred = pkg["token"].id, pkg["credential"]
+    tid, cred = pkg.token.id, pkg.credential
     auth = {"Authorization": f"Bearer {cred}"}
     url = f"{live_app.url}/v1/detect"
     before = {n: replica_rss(n) for n in ("Ingress", "Detector-parts-1")}

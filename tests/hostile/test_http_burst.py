@@ -30,9 +30,9 @@ def test_given_500_concurrent_requests_on_100_units_then_exactly_100_served_and_
     ingress = serve.status().applications["yolo-tokens"].deployments["Ingress"]
     assert ingress.replica_states.get("RUNNING") == 2
     out = live_app.ledger.create_package(TokenSpec.build(f"burst-{time.monotonic_ns()}", 100))
-    tid = out["token"].id
+    tid = out.token.id
     t0 = time.perf_counter()
-    responses = asyncio.run(burst(live_app.url, out["credential"], 500))
+    responses = asyncio.run(burst(live_app.url, out.credential, 500))
     elapsed = time.perf_counter() - t0
     codes = [r.status_code for r in responses]
     assert codes.count(200) == 100 and codes.count(429) == 400, {c: codes.count(c) for c in set(codes)}

@@ -20,8 +20,8 @@ import httpx
 import psutil
 import pytest
 
-from ledger.client import LedgerClient
 from ledger.entities import TokenSpec
+from ledger.service import attach, stop
 from ledger.store.repository import Store, UsageQuery
 from tests.hostile.conftest import replica_pids, side_app_args
 from tests.serve_app.conftest import LiveApp, jpeg
@@ -63,11 +63,11 @@ def test_given_an_ingress_replica_dead_before_it_acknowledged_then_ray_redeliver
     args = side_app_args(f"sqlite:///{tmp_path / 'ledger.db'}", tmp_path, f"retry-ledger-{uuid.uuid4().hex[:6]}")
     args = args.model_copy(update={"ingress_replicas": 2})
     serve.run(build_app(args), name=APP, route_prefix="/retry")
-    client = LedgerClient.connect(args.ledger_settings(), create=False)
+    client = attach(args.ledger_settings())
     url = f"{live_app.url}/retry/v1/detect"
     try:
         pkg = client.create_package(TokenSpec.build("retry", 1000))
-        tid, cred = pkg["token"].id, pkg["credential"]
+        tid, cred = pkg.token.id, pkg.credential
         warm = asyncio.run(burst(url, cred, 8))  # both replicas answer: the router caches their queues
         assert [s for s, _, _ in warm] == [200] * 8
         victim, *_ = replica_pids(APP, "Ingress")
@@ -94,6 +94,5 @@ def test_given_an_ingress_replica_dead_before_it_acknowledged_then_ray_redeliver
                           "statuses": {"200": N}, "charged": N}))  # fmt: skip
     finally:
         serve.delete(APP)
-        import ray
 
-        ray.kill(client.actor, no_restart=True)
+        stop(client)

@@ -40,7 +40,7 @@ def wait_ready(app: LiveApp) -> int:
     deadline = time.monotonic() + 120
     while True:
         try:
-            stats = ray.get(app.ledger.actor.stats.remote(), timeout=10)
+            stats = ray.get(app.ledger.shard_actors[0].stats.remote(), timeout=10)
             if stats["ready"]:
                 return int(stats["pid"])
         except Exception:  # restarting
@@ -51,7 +51,7 @@ def wait_ready(app: LiveApp) -> int:
 
 def test_given_the_ledger_killed_under_load_then_no_served_request_lacks_its_debit(live_app: LiveApp) -> None:
     pkg = live_app.ledger.create_package(TokenSpec.build(f"kill-{time.monotonic_ns()}", 100_000))
-    tid, cred = pkg["token"].id, pkg["credential"]
+    tid, cred = pkg.token.id, pkg.credential
     served: list[str] = []
     statuses: dict[int, int] = {}
     for seed in SEEDS:

@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ledger.client import LedgerClient
 from ledger.entities import TokenSpec
+from ledger.service import attach, stop
 from ledger.store.repository import Store, UsageQuery
 from tests.hostile.conftest import side_app_args
 from tests.serve_app.conftest import LiveApp, jpeg
@@ -88,10 +88,10 @@ def test_given_postgres_restarted_under_load_then_503_while_down_and_no_lost_deb
     args = side_app_args(private_pg.url, tmp_path, f"pg-ledger-{uuid.uuid4().hex[:6]}")
     serve.run(build_app(args), name="pg-app", route_prefix="/pg")
     url = f"{live_app.url}/pg/v1/detect"
-    client = LedgerClient.connect(args.ledger_settings(), create=False)
+    client = attach(args.ledger_settings())
     try:
         pkg = client.create_package(TokenSpec.build("pg-restart", 10_000))
-        tid, cred = pkg["token"].id, pkg["credential"]
+        tid, cred = pkg.token.id, pkg.credential
         before = asyncio.run(fire(url, cred, 10))
         assert [r.status_code for r in before] == [200] * 10
         private_pg.stop()
@@ -118,6 +118,5 @@ def test_given_postgres_restarted_under_load_then_503_while_down_and_no_lost_deb
                           "after": len(after), "debited": len(debited)}))  # fmt: skip
     finally:
         serve.delete("pg-app")
-        import ray
 
-        ray.kill(client.actor, no_restart=True)
+        stop(client)

@@ -86,7 +86,7 @@ def direct_admission(live_app: LiveApp, credential: str, rid: str) -> None:
 
 def test_given_one_request_id_delivered_six_times_at_once_then_charged_once(live_app: LiveApp) -> None:
     pkg = live_app.ledger.create_package(TokenSpec.build("redeliver", 10))
-    tid, cred = pkg["token"].id, pkg["credential"]
+    tid, cred = pkg.token.id, pkg.credential
     rid = str(uuid.uuid4())
     outcomes = deliver(live_app, rid, 6, cred)
     served = [o for o in outcomes if isinstance(o, dict)]
@@ -106,7 +106,7 @@ def test_given_a_first_delivery_admitted_then_lost_when_redelivered_then_served_
     live_app: LiveApp,
 ) -> None:
     pkg = live_app.ledger.create_package(TokenSpec.build("lost-first", 10))
-    tid, cred = pkg["token"].id, pkg["credential"]
+    tid, cred = pkg.token.id, pkg.credential
     rid = str(uuid.uuid4())
     direct_admission(live_app, cred, rid)  # admitted, then the replica that held it died
     (out,) = deliver(live_app, rid, 1, cred)
@@ -118,7 +118,7 @@ def test_given_a_first_delivery_admitted_then_lost_when_redelivered_then_served_
 
 def test_given_a_first_delivery_refunded_when_redelivered_then_served_and_charged_once(live_app: LiveApp) -> None:
     pkg = live_app.ledger.create_package(TokenSpec.build("refunded-first", 10))
-    tid, cred = pkg["token"].id, pkg["credential"]
+    tid, cred = pkg.token.id, pkg.credential
     rid = str(uuid.uuid4())
     direct_admission(live_app, cred, rid)
     assert live_app.ledger.settle_sync([Settlement(rid, tid, success=False)]) == [Code.OK]  # its detector failed
@@ -134,16 +134,16 @@ def test_given_another_tokens_request_id_then_refused_and_nothing_charged(live_a
     a = live_app.ledger.create_package(TokenSpec.build("owner", 10))
     b = live_app.ledger.create_package(TokenSpec.build("other", 10))
     rid = str(uuid.uuid4())
-    direct_admission(live_app, a["credential"], rid)
-    assert deliver(live_app, rid, 1, b["credential"]) == ["invalid_request"]
-    assert (live_app.ledger.token(a["token"].id).used, live_app.ledger.token(b["token"].id).used) == (1, 0)
+    direct_admission(live_app, a.credential, rid)
+    assert deliver(live_app, rid, 1, b.credential) == ["invalid_request"]
+    assert (live_app.ledger.token(a.token.id).used, live_app.ledger.token(b.token.id).used) == (1, 0)
 
 
 def test_given_a_client_chosen_x_request_id_then_ray_names_the_request_and_each_is_charged(
     live_app: LiveApp,
 ) -> None:
     pkg = live_app.ledger.create_package(TokenSpec.build("chooser", 10))
-    tid, cred = pkg["token"].id, pkg["credential"]
+    tid, cred = pkg.token.id, pkg.credential
     headers = {"Authorization": f"Bearer {cred}", "Content-Type": "image/jpeg", "X-Request-ID": "mine-1"}
     ids = []
     for _ in range(2):
@@ -157,7 +157,7 @@ def test_given_a_client_chosen_x_request_id_then_ray_names_the_request_and_each_
 
 def test_given_a_pending_id_when_delivered_for_another_model_then_refused_and_not_charged(live_app: LiveApp) -> None:
     pkg = live_app.ledger.create_package(TokenSpec.build("switch-model", 10))
-    tid, cred = pkg["token"].id, pkg["credential"]
+    tid, cred = pkg.token.id, pkg.credential
     rid = str(uuid.uuid4())
     direct_admission(live_app, cred, rid)  # parts@1, 1 unit
     assert deliver(live_app, rid, 1, cred, model="parts@2") == ["invalid_request"]  # 2 units, another model
@@ -175,7 +175,7 @@ def test_given_handle_calls_under_one_request_context_then_each_call_is_its_own_
     from serve_app.app import APP_NAME
 
     pkg = live_app.ledger.create_package(TokenSpec.build("composed", 10))
-    tid, cred = pkg["token"].id, pkg["credential"]
+    tid, cred = pkg.token.id, pkg.credential
     handle = get_app_handle(APP_NAME)
 
     def send() -> list[Any]:

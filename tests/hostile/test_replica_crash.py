@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ledger.client import LedgerClient
 from ledger.entities import TokenSpec
+from ledger.service import attach, stop
 from ledger.store.repository import Store, UsageQuery
 from tests.hostile.conftest import replica_pids, side_app_args
 from tests.serve_app.conftest import LiveApp, jpeg
@@ -58,11 +58,11 @@ def test_given_the_detector_killed_mid_request_then_each_request_is_served_once_
         f"sqlite:///{tmp_path / 'ledger.db'}", tmp_path, f"crash-ledger-{uuid.uuid4().hex[:6]}", max_batch_size=4
     )
     serve.run(build_app(args), name=APP, route_prefix="/crash")
-    client = LedgerClient.connect(args.ledger_settings(), create=False)
+    client = attach(args.ledger_settings())
     rng = random.Random(SEED)
     try:
         pkg = client.create_package(TokenSpec.build("crash", 1000))
-        tid, cred = pkg["token"].id, pkg["credential"]
+        tid, cred = pkg.token.id, pkg.credential
         statuses: dict[int, int] = {}
         ok_ids: list[str] = []
         for _ in range(3):
@@ -98,6 +98,5 @@ def test_given_the_detector_killed_mid_request_then_each_request_is_served_once_
                           "statuses": statuses, "charged": len(charged), "refunded": len(refunded)}))  # fmt: skip
     finally:
         serve.delete(APP)
-        import ray
 
-        ray.kill(client.actor, no_restart=True)
+        stop(client)

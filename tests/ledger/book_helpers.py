@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 
 from ledger.book import QuotaBook
-from ledger.entities import Admission, Decision, Limits, Node, TokenSpec
+from ledger.entities import Admission, Decision, Node, TokenLimits, TokenSpec
 
 _ids = itertools.count()
 
@@ -26,16 +26,18 @@ def new_book() -> tuple[QuotaBook, Clock]:
     return QuotaBook(clock), clock
 
 
-def package(book: QuotaBook, allocation: int, limits: Limits | None = None) -> Node:
+def package(book: QuotaBook, allocation: int, limits: TokenLimits | None = None) -> Node:
     i = next(_ids)
-    return book.tree.create_package(f"pkg{i}", f"j{i}", TokenSpec(f"p{i}", allocation, limits or Limits()))
+    return book.tree.create_package(f"pkg{i}", f"j{i}", TokenSpec(f"p{i}", allocation, limits or TokenLimits()))
 
 
 def child(
-    book: QuotaBook, parent: Node, allocation: int, limits: Limits | None = None, actor: str | None = None
+    book: QuotaBook, parent: Node, allocation: int, limits: TokenLimits | None = None, actor: str | None = None
 ) -> Node:
     i = next(_ids)
-    return book.tree.split(parent.id, f"tok{i}", f"j{i}", TokenSpec(f"c{i}", allocation, limits or Limits()), actor=actor)
+    return book.tree.split(
+        parent.id, f"tok{i}", f"j{i}", TokenSpec(f"c{i}", allocation, limits or TokenLimits()), actor=actor
+    )
 
 
 def admit(

@@ -17,15 +17,14 @@ def settings(db_url: str, tmp_path: Path) -> LedgerSettings:
         actor_name=f"ledger-{uuid.uuid4().hex[:8]}",
         namespace="yt-tests",
         sweep_interval_s=0,
+        shards=3,  # the actor tests run against a sharded ledger: packages land on different shards
     )
 
 
 @pytest.fixture
 def ledger(ray_cluster: None, settings: LedgerSettings) -> Iterator[object]:
-    import ray
+    from ledger.service import launch, stop
 
-    from ledger.client import LedgerClient
-
-    client = LedgerClient.connect(settings)
+    client = launch(settings)
     yield client
-    ray.kill(client.actor, no_restart=True)
+    stop(client)

@@ -16,7 +16,8 @@ from ledger.client import LedgerClient
 from ledger.codes import Code
 from ledger.credentials import Verifier
 from ledger.entities import Admission, Settlement, TokenSpec
-from ledger.errors import OperationRefused
+from ledger.errors import LedgerUnavailable, OperationRefused
+from ledger.service import launch, stop
 from ledger.settings import LedgerSettings
 from ledger.store.repository import Store
 
@@ -27,8 +28,8 @@ pytestmark = pytest.mark.ray
 class Caller:
     """A separate worker process with its own LedgerClient (and so its own micro-batcher)."""
 
-    def __init__(self, ledger_actor: Any) -> None:
-        self.client = LedgerClient(ledger_actor)
+    def __init__(self, coordinator: Any, shards: list[Any]) -> None:
+        self.client = LedgerClient(coordinator, shards)
 
     async def burst(
         self, token_id: str, jti: str, n: int, prefix: str, key: str | None = None, body: str | None = None
@@ -48,12 +49,12 @@ class Caller:
         return out
 
 
-def actor_pid(client: LedgerClient, timeout_s: float = 30.0) -> int:
-    """The actor's pid, waiting while it restarts."""
+def actor_pid(client: LedgerClient, shard: int, timeout_s: float = 30.0) -> int:
+    """The pid of a shard's actor, waiting while it restarts."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            return int(client.stats()["pid"])
+            return int(ray.get(client.shard_actors[shard].stats.remote())["pid"])
         except ray.exceptions.RayError:
             if time.monotonic() > deadline:
                 raise
@@ -68,8 +69,8 @@ def test_given_100_units_when_500_admissions_race_from_two_processes_then_exactl
     ledger: LedgerClient, settings: LedgerSettings
 ) -> None:
     pkg = ledger.create_package(TokenSpec("burst", 100))
-    tid, jti = pkg["token"].id, jti_of(ledger, pkg["credential"])
-    callers = [Caller.remote(ledger.actor) for _ in range(2)]
+    tid, jti = pkg.token.id, jti_of(ledger, pkg.credential)
+    callers = [Caller.remote(ledger.coordinator, ledger.shard_actors) for _ in range(2)]
     results = ray.get([c.burst.remote(tid, jti, 250, f"c{i}") for i, c in enumerate(callers)])
     codes = [code for r in results for code, _ in r]
     assert codes.count("ok") == 100
@@ -87,8 +88,8 @@ def test_given_one_idempotency_key_sent_10x_concurrently_then_one_debit_and_conf
     ledger: LedgerClient, settings: LedgerSettings
 ) -> None:
     pkg = ledger.create_package(TokenSpec("idem", 50))
-    tid, jti = pkg["token"].id, jti_of(ledger, pkg["credential"])
-    callers = [Caller.remote(ledger.actor) for _ in range(2)]
+    tid, jti = pkg.token.id, jti_of(ledger, pkg.credential)
+    callers = [Caller.remote(ledger.coordinator, ledger.shard_actors) for _ in range(2)]
     results = ray.get([c.burst.remote(tid, jti, 5, f"i{i}", "key-1", "hash-a") for i, c in enumerate(callers)])
     codes = sorted(code for r in results for code, _ in r)
     assert codes.count("ok") == 1
@@ -108,16 +109,16 @@ def test_given_one_idempotency_key_sent_10x_concurrently_then_one_debit_and_conf
 
 def test_given_revoked_or_rotated_credentials_then_admission_is_refused(ledger: LedgerClient) -> None:
     pkg = ledger.create_package(TokenSpec("rev", 50))
-    tid = pkg["token"].id
+    tid = pkg.token.id
     kid = ledger.split(tid, TokenSpec("team", 10))
-    kid_id, old_jti = kid["token"].id, jti_of(ledger, kid["credential"])
+    kid_id, old_jti = kid.token.id, jti_of(ledger, kid.credential)
     rotated = ledger.rotate(kid_id)
-    new_jti = jti_of(ledger, rotated["credential"])
+    new_jti = jti_of(ledger, rotated.credential)
     d_old, d_new = ledger.admit_sync(
         [Admission("a", kid_id, old_jti, 1, "m@1"), Admission("b", kid_id, new_jti, 1, "m@1")]
     )
     assert (d_old.code, d_new.code) == (Code.REVOKED_TOKEN, Code.OK)
-    assert ledger.revoke(kid_id)["returned"] == 9
+    assert ledger.revoke(kid_id).returned == 9
     assert ledger.admit_sync([Admission("c", kid_id, new_jti, 1, "m@1")])[0].code is Code.REVOKED_TOKEN
     assert ledger.token(tid).free == 49
     with pytest.raises(OperationRefused) as e:
@@ -128,9 +129,9 @@ def test_given_revoked_or_rotated_credentials_then_admission_is_refused(ledger: 
 def test_given_a_random_concurrent_mix_then_conservation_holds_and_book_equals_database(ledger: LedgerClient) -> None:
     rng = random.Random(20261128)
     pkg = ledger.create_package(TokenSpec("mix", 2000))
-    root = pkg["token"].id
-    creds = {root: jti_of(ledger, pkg["credential"])}
-    callers = [Caller.remote(ledger.actor) for _ in range(2)]
+    root = pkg.token.id
+    creds = {root: jti_of(ledger, pkg.credential)}
+    callers = [Caller.remote(ledger.coordinator, ledger.shard_actors) for _ in range(2)]
     for step in range(30):
         ids = list(creds)
         op = rng.choice(["split", "admit", "admit", "revoke", "reclaim", "top_up", "settle"])
@@ -138,7 +139,7 @@ def test_given_a_random_concurrent_mix_then_conservation_holds_and_book_equals_d
         try:
             if op == "split":
                 c = ledger.split(t, TokenSpec(f"s{step}", rng.randint(1, 200)))
-                creds[c["token"].id] = jti_of(ledger, c["credential"])
+                creds[c.token.id] = jti_of(ledger, c.credential)
             elif op == "admit":
                 refs = [cl.burst.remote(rng.choice(ids), creds[t], 20, f"m{step}-{i}") for i, cl in enumerate(callers)]
                 ray.get(refs)
@@ -160,24 +161,25 @@ def test_given_a_random_concurrent_mix_then_conservation_holds_and_book_equals_d
         except OperationRefused:
             pass
         report = ledger.consistency()
-        assert report["violations"] == []
-        assert report["book"] == report["db"]
+        assert report.violations == []
+        assert report.book == report.db
 
 
 def test_given_load_when_the_actor_is_sigkilled_then_it_restarts_and_every_ok_has_its_durable_debit(
     ledger: LedgerClient, settings: LedgerSettings
 ) -> None:
     pkg = ledger.create_package(TokenSpec("kill", 1_000_000))
-    tid, jti = pkg["token"].id, jti_of(ledger, pkg["credential"])
-    callers = [Caller.remote(ledger.actor) for _ in range(2)]
+    tid, jti = pkg.token.id, jti_of(ledger, pkg.credential)
+    callers = [Caller.remote(ledger.coordinator, ledger.shard_actors) for _ in range(2)]
     refs = [c.load.remote(tid, jti, 40, 200, f"k{i}") for i, c in enumerate(callers)]
+    shard = ledger.shard_map.of_root(tid)
     killed = []
     for _ in range(2):
         time.sleep(0.4)
-        killed.append(actor_pid(ledger))
+        killed.append(actor_pid(ledger, shard))
         os.kill(killed[-1], signal.SIGKILL)
     results = ray.get(refs)
-    assert actor_pid(ledger) not in killed
+    assert actor_pid(ledger, shard) not in killed
     ok = {rid for r in results for code, rid in r if code == "ok"}
     codes = {code for r in results for code, _ in r}
     assert codes <= {"ok", "ledger_unavailable"}
@@ -186,16 +188,16 @@ def test_given_load_when_the_actor_is_sigkilled_then_it_restarts_and_every_ok_ha
     charged = store.charged_request_ids()
     assert ok <= charged, f"{len(ok - charged)} admitted verdicts lack a durable debit"
     report = ledger.consistency()
-    assert report["violations"] == []
-    assert report["book"] == report["db"]
+    assert report.violations == []
+    assert report.book == report.db
     assert store.balances()[tid][1] == len(charged)
     store.close()
 
 
 def test_given_a_rotated_out_credential_then_it_can_no_longer_steer_its_subtree(ledger: LedgerClient) -> None:
     pkg = ledger.create_package(TokenSpec("stale", 100))
-    tid, old_jti = pkg["token"].id, jti_of(ledger, pkg["credential"])
-    new_jti = jti_of(ledger, ledger.rotate(tid)["credential"])
+    tid, old_jti = pkg.token.id, jti_of(ledger, pkg.credential)
+    new_jti = jti_of(ledger, ledger.rotate(tid).credential)
     for op, kw in (
         ("split", {"parent_id": tid, "spec": TokenSpec("x", 1)}),
         ("rotate", {"token_id": tid}),
@@ -203,9 +205,9 @@ def test_given_a_rotated_out_credential_then_it_can_no_longer_steer_its_subtree(
         ("usage", {}),
     ):
         with pytest.raises(OperationRefused) as e:
-            ledger.call(op, actor=tid, actor_jti=old_jti, **kw)
+            ledger.acting_as(tid, old_jti, tid).invoke(op, (), kw)
         assert e.value.code is Code.REVOKED_TOKEN, op
-    assert ledger.call("split", parent_id=tid, spec=TokenSpec("ok", 1), actor=tid, actor_jti=new_jti)["token"]
+    assert ledger.acting_as(tid, new_jti, tid).split(tid, TokenSpec("ok", 1)).token.parent_id == tid
 
 
 def _fail_credentials_and_slow_commits(actor_self: Any, token_id: str, commit_delay_s: float) -> None:
@@ -213,18 +215,18 @@ def _fail_credentials_and_slow_commits(actor_self: Any, token_id: str, commit_de
     second once failed, after the node had changed), and every commit takes a while, so that the
     calls sent meanwhile are queued into one batch."""
     core = actor_self.core
-    credential, commit = core._credential, core.store.commit
+    unsigned, commit = core._unsigned, core.store.commit
 
-    def failing(n: Any) -> str:
+    def failing(n: Any) -> Any:
         if n.id == token_id:
             raise ValueError("exp and iat must be ints with exp > iat")
-        return str(credential(n))
+        return unsigned(n)
 
     def slow(changes: Any) -> None:
         time.sleep(commit_delay_s)
         commit(changes)
 
-    core._credential = failing
+    core._unsigned = failing
     core.store.commit = slow
 
 
@@ -232,26 +234,28 @@ def test_given_a_victim_on_1_per_s_when_another_holder_fails_rotates_in_its_batc
     ledger: LedgerClient, settings: LedgerSettings
 ) -> None:
     pkg = ledger.create_package(TokenSpec("shared", 1000))
-    root, root_jti = pkg["token"].id, jti_of(ledger, pkg["credential"])
+    root, root_jti = pkg.token.id, jti_of(ledger, pkg.credential)
     victim = ledger.split(root, TokenSpec.build("victim", 100, rate="1/s:1"))
-    vid, vjti = victim["token"].id, jti_of(ledger, victim["credential"])
+    vid, vjti = victim.token.id, jti_of(ledger, victim.credential)
     attacker = ledger.split(root, TokenSpec("attacker", 100))
-    aid, ajti = attacker["token"].id, jti_of(ledger, attacker["credential"])
-    ray.get(ledger.actor.__ray_call__.remote(_fail_credentials_and_slow_commits, aid, 0.3))
+    aid, ajti = attacker.token.id, jti_of(ledger, attacker.credential)
+    shard = ledger.shard_actors[ledger.shard_map.of_root(root)]
+    ray.get(shard.__ray_call__.remote(_fail_credentials_and_slow_commits, aid, 0.3))
     rounds = 3
     for r in range(rounds):
         time.sleep(1.1)  # one rate token for the victim
-        pacer = ledger.actor.admit_batch.remote([Admission(f"pace-{r}", root, root_jti, 1, "m@1").row()])
+        pacer = shard.admit_batch.remote([Admission(f"pace-{r}", root, root_jti, 1, "m@1").row()])
         time.sleep(0.1)  # its commit is now in flight: the next calls queue into ONE batch
-        first = ledger.actor.admit_batch.remote([Admission(f"v{r}a{i}", vid, vjti, 1, "m@1").row() for i in range(2)])
-        rotated = ledger.actor.call.remote("rotate", {"token_id": aid})
-        second = ledger.actor.admit_batch.remote([Admission(f"v{r}b{i}", vid, vjti, 1, "m@1").row() for i in range(2)])
+        first = shard.admit_batch.remote([Admission(f"v{r}a{i}", vid, vjti, 1, "m@1").row() for i in range(2)])
+        rotated = shard.call.remote("rotate", (), {"token_id": aid})
+        second = shard.admit_batch.remote([Admission(f"v{r}b{i}", vid, vjti, 1, "m@1").row() for i in range(2)])
         codes = sorted(d.code.value for d in [*ray.get(first), *ray.get(second)])
         assert codes == ["ok", "rate_limited", "rate_limited", "rate_limited"], codes
-        status, code, message = ray.get(rotated)
-        assert (status, code) == ("err", "ledger_unavailable") and "internal error" in message
+        with pytest.raises(ray.exceptions.RayTaskError) as failed:
+            ray.get(rotated)
+        assert isinstance(failed.value.cause, LedgerUnavailable) and "internal error" in failed.value.cause.message
         assert ray.get(pacer)[0].code is Code.OK
-    stats = ledger.stats()
+    stats = ray.get(shard.stats.remote())
     assert stats["failed_ops"] == rounds and stats["ready"]
     store = Store(settings.resolved().database_url)
     assert store.balances()[vid][1] == rounds
@@ -259,7 +263,7 @@ def test_given_a_victim_on_1_per_s_when_another_holder_fails_rotates_in_its_batc
     store.close()
     assert ledger.admit_sync([Admission("attacker-ok", aid, ajti, 1, "m@1")])[0].code is Code.OK, "jti unchanged"
     report = ledger.consistency()
-    assert report["violations"] == [] and report["book"] == report["db"]
+    assert report.violations == [] and report.book == report.db
 
 
 def test_given_a_stored_row_the_book_cannot_load_then_the_actor_starts_answers_unavailable_and_recovers(
@@ -268,7 +272,6 @@ def test_given_a_stored_row_the_book_cannot_load_then_the_actor_starts_answers_u
     from sqlalchemy import delete, insert
 
     from ledger.entities import Node
-    from ledger.errors import LedgerUnavailable
     from ledger.store.repository import TOKENS, _node_row
 
     settings = settings.resolved()
@@ -277,17 +280,18 @@ def test_given_a_stored_row_the_book_cannot_load_then_the_actor_starts_answers_u
     orphan = Node(id="tok_orphan", root_id="pkg_gone", parent_id="pkg_gone", name="o", allocation=1, jti="j")
     with store.engine.begin() as conn:
         conn.execute(insert(TOKENS), [_node_row(orphan)])
-    client = LedgerClient.connect(settings)
+    client = launch(settings)
     try:
-        assert client.stats()["ready"] is False, "the actor is up, its book is not"
+        assert not all(s["ready"] for s in client.stats()), "the shard is up, its book is not"
         assert client.admit_sync([Admission("r", "tok_orphan", "j", 1, "m@1")])[0].code is Code.LEDGER_UNAVAILABLE
         with pytest.raises(LedgerUnavailable):
             client.tokens()
         with store.engine.begin() as conn:
             conn.execute(delete(TOKENS).where(TOKENS.c.id == "tok_orphan"))
         time.sleep(0.6)  # the reload back-off
+        assert client.tokens() == [], "every shard answers again"
         pkg = client.create_package(TokenSpec("after", 5))
-        assert client.stats()["ready"] is True and client.token(pkg["token"].id).free == 5
+        assert all(s["ready"] for s in client.stats()) and client.token(pkg.token.id).free == 5
     finally:
-        ray.kill(client.actor, no_restart=True)
+        stop(client)
         store.close()

@@ -18,7 +18,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-import ray
 from aiosmtpd.controller import Controller
 
 from ledger.client import LedgerClient
@@ -26,6 +25,7 @@ from ledger.codes import Code
 from ledger.credentials import Verifier
 from ledger.entities import Admission, TokenSpec, contact_problems
 from ledger.errors import OperationRefused
+from ledger.service import launch, stop
 from ledger.settings import LedgerSettings
 from ledger.store.repository import Store
 
@@ -107,9 +107,9 @@ def alerting(ray_cluster: None, settings: LedgerSettings, smtp: tuple[Inbox, int
         alert_backoff_s=0.0,  # retry at the next pass
         alert_max_attempts=3,
     )
-    client = LedgerClient.connect(s)
+    client = launch(s)
     yield client
-    ray.kill(client.actor, no_restart=True)
+    stop(client)
 
 
 def spend(client: LedgerClient, token_id: str, jti: str, units: int) -> None:
@@ -124,10 +124,10 @@ def test_given_thresholds_crossed_then_each_fires_once_and_each_channel_gets_it_
     pkg = alerting.create_package(
         TokenSpec.build("factory-a", 20, meta={"alert_emails": ["pm@example.com"], "alert_webhooks": [hooks.url]})
     )
-    root = pkg["token"].id
+    root = pkg.token.id
     team = alerting.split(root, TokenSpec.build("front-end", 10))  # no contacts: inherits the package's
-    tid = team["token"].id
-    jti = Verifier(alerting.public_keys()).verify(team["credential"]).jti
+    tid = team.token.id
+    jti = Verifier(alerting.public_keys()).verify(team.credential).jti
     spend(alerting, tid, jti, 8)  # team 80 % (package 40 %)
     assert alerting.deliver_alerts()["sent"] == 3  # pm e-mail, ops catch-all, webhook
     spend(alerting, tid, jti, 2)  # team 95 % and 100 %, package 50 %
@@ -163,8 +163,8 @@ def test_given_a_failing_webhook_then_it_is_retried_until_delivered_and_email_is
     inbox, _ = smtp
     hooks.fail_next[0] = 2
     pkg = alerting.create_package(TokenSpec.build("retry", 5, meta={"alert_webhooks": [hooks.url]}))
-    tid = pkg["token"].id
-    spend(alerting, tid, Verifier(alerting.public_keys()).verify(pkg["credential"]).jti, 4)  # 80 %
+    tid = pkg.token.id
+    spend(alerting, tid, Verifier(alerting.public_keys()).verify(pkg.credential).jti, 4)  # 80 %
     passes = [alerting.deliver_alerts() for _ in range(3)]
     assert [p["failed_attempts"] for p in passes] == [1, 1, 0]
     (alert,) = alerting.alerts()
@@ -177,7 +177,7 @@ def test_given_an_unreachable_channel_then_it_gives_up_after_max_attempts(
     alerting: LedgerClient, smtp: tuple[Inbox, int]
 ) -> None:
     pkg = alerting.create_package(TokenSpec.build("dead", 5, meta={"alert_webhooks": ["http://127.0.0.1:9/none"]}))
-    spend(alerting, pkg["token"].id, Verifier(alerting.public_keys()).verify(pkg["credential"]).jti, 5)
+    spend(alerting, pkg.token.id, Verifier(alerting.public_keys()).verify(pkg.credential).jti, 5)
     for _ in range(5):
         alerting.deliver_alerts()
     alerts = alerting.alerts()
@@ -193,7 +193,7 @@ def test_given_bad_contacts_then_the_token_is_refused() -> None:
     with pytest.raises(OperationRefused):
         from ledger.book import QuotaBook
 
-        QuotaBook(time.time).create_package(
+        QuotaBook(time.time).tree.create_package(
             "t1", "j1", TokenSpec.build("p", 5, meta={"alert_webhooks": ["gopher://x"]})
         )
 
@@ -202,8 +202,8 @@ def test_given_old_and_new_audit_rows_then_the_prune_deletes_only_those_outside_
     ledger: LedgerClient, settings: LedgerSettings
 ) -> None:
     pkg = ledger.create_package(TokenSpec.build("audit", 10))
-    tid = pkg["token"].id
-    jti = Verifier(ledger.public_keys()).verify(pkg["credential"]).jti
+    tid = pkg.token.id
+    jti = Verifier(ledger.public_keys()).verify(pkg.credential).jti
     spend(ledger, tid, jti, 4)
     store = Store(settings.database_url)
     try:
@@ -227,12 +227,12 @@ def test_given_old_and_new_audit_rows_then_the_prune_deletes_only_those_outside_
 
 
 def test_given_a_token_expiring_within_a_week_then_one_expiry_alert_rearmed_by_a_new_expiry() -> None:
-    from ledger.entities import Limits
+    from ledger.entities import TokenLimits
     from tests.ledger.book_helpers import new_book, package
 
     book, clock = new_book()
     day = 86400.0
-    n = package(book, 10, Limits(expires_at=clock.t + 10 * day))
+    n = package(book, 10, TokenLimits(expires_at=clock.t + 10 * day))
     book.drain()
     assert book.tree.warn_expiring(7 * day) == [] and book.drain().alerts == []
     clock.advance(3.5 * day)  # 6.5 days left
@@ -240,6 +240,6 @@ def test_given_a_token_expiring_within_a_week_then_one_expiry_alert_rearmed_by_a
     (alert,) = book.drain().alerts
     assert (alert["kind"], alert["threshold"], alert["token_id"]) == ("expiry", 7, n.id)
     assert book.tree.warn_expiring(7 * day) == []  # once
-    book.tree.update_limits(n.id, Limits(expires_at=clock.t + 30 * day))
+    book.tree.update_limits(n.id, TokenLimits(expires_at=clock.t + 30 * day))
     clock.advance(24 * day)  # 6 days left of the new expiry: warned again
     assert book.tree.warn_expiring(7 * day) == [n.id]

@@ -8,7 +8,7 @@ import pytest
 
 from ledger.book import IDEMPOTENCY_TTL_S, QuotaBook
 from ledger.codes import Code
-from ledger.entities import Limits, Settlement, Status, TokenSpec
+from ledger.entities import Settlement, Status, TokenLimits, TokenSpec
 from ledger.errors import OperationRefused
 from ledger.limits import RateLimit, normalize_ips, normalize_models
 from ledger.store.repository import Store
@@ -89,7 +89,7 @@ def test_given_a_live_child_when_reclaimed_partially_then_it_keeps_the_rest_and_
 def test_given_an_expired_child_when_swept_then_it_is_expired_and_unspent_returns() -> None:
     book, clock = new_book()
     root = package(book, 100)
-    kid = child(book, root, 50, Limits(expires_at=clock.t + 60))
+    kid = child(book, root, 50, TokenLimits(expires_at=clock.t + 60))
     admit(book, kid, units=5)
     clock.advance(61)
     assert admit(book, kid).code is Code.EXPIRED_TOKEN
@@ -126,12 +126,12 @@ def test_given_thresholds_when_one_admission_crosses_two_then_each_fires_exactly
 @pytest.mark.parametrize("field", ["rate", "model", "ip", "expiry", "ancestor_revoked", "jti"])
 def test_given_one_limit_denies_then_no_counter_of_any_other_limit_moves(field: str) -> None:
     book, clock = new_book()
-    root = package(book, 100, Limits(rate=RateLimit(rate=1.0, burst=1)))
+    root = package(book, 100, TokenLimits(rate=RateLimit(rate=1.0, burst=1)))
     kid = child(
         book,
         root,
         50,
-        Limits(
+        TokenLimits(
             models=normalize_models(["parts"]),
             ips=normalize_ips(["10.0.0.0/8"]),
             expires_at=clock.t + 100,
@@ -170,7 +170,7 @@ def test_given_one_limit_denies_then_no_counter_of_any_other_limit_moves(field: 
 
 def test_given_rate_buckets_on_ancestors_when_a_child_spends_then_the_parent_bucket_limits_it() -> None:
     book, clock = new_book()
-    root = package(book, 100, Limits(rate=RateLimit(rate=2.0, burst=2)))
+    root = package(book, 100, TokenLimits(rate=RateLimit(rate=2.0, burst=2)))
     a = child(book, root, 10)
     b = child(book, root, 10)
     assert [admit(book, a).code, admit(book, b).code, admit(book, a).code] == [Code.OK, Code.OK, Code.RATE_LIMITED]
@@ -180,7 +180,7 @@ def test_given_rate_buckets_on_ancestors_when_a_child_spends_then_the_parent_buc
 
 def test_given_a_quota_denial_then_rate_tokens_are_not_consumed() -> None:
     book, _ = new_book()
-    root = package(book, 1, Limits(rate=RateLimit(rate=1.0, burst=3)))
+    root = package(book, 1, TokenLimits(rate=RateLimit(rate=1.0, burst=3)))
     admit(book, root)
     level = root.bucket.level  # type: ignore[union-attr]
     assert admit(book, root).code is Code.QUOTA_EXHAUSTED
@@ -190,21 +190,21 @@ def test_given_a_quota_denial_then_rate_tokens_are_not_consumed() -> None:
 @pytest.mark.parametrize(
     "limits",
     [
-        Limits(expires_at=2_000_000.0),
-        Limits(models=normalize_models(["parts", "yolov8n"])),
-        Limits(models=normalize_models(["yolov8n@1"])),
-        Limits(ips=normalize_ips(["10.0.0.0/7"])),
-        Limits(ips=normalize_ips(["192.168.0.1"])),
-        Limits(rate=RateLimit(rate=20.0, burst=20)),
-        Limits(rate=RateLimit(rate=5.0, burst=100)),
+        TokenLimits(expires_at=2_000_000.0),
+        TokenLimits(models=normalize_models(["parts", "yolov8n"])),
+        TokenLimits(models=normalize_models(["yolov8n@1"])),
+        TokenLimits(ips=normalize_ips(["10.0.0.0/7"])),
+        TokenLimits(ips=normalize_ips(["192.168.0.1"])),
+        TokenLimits(rate=RateLimit(rate=20.0, burst=20)),
+        TokenLimits(rate=RateLimit(rate=5.0, burst=100)),
     ],
 )
-def test_given_a_narrow_parent_when_a_child_asks_for_wider_limits_then_refused(limits: Limits) -> None:
+def test_given_a_narrow_parent_when_a_child_asks_for_wider_limits_then_refused(limits: TokenLimits) -> None:
     book, clock = new_book()
     root = package(
         book,
         100,
-        Limits(
+        TokenLimits(
             expires_at=clock.t + 1000,
             models=normalize_models(["parts"]),
             ips=normalize_ips(["10.0.0.0/8"]),
@@ -223,7 +223,7 @@ def test_given_a_narrow_parent_when_a_child_narrows_every_limit_then_allowed_and
     root = package(
         book,
         100,
-        Limits(
+        TokenLimits(
             expires_at=clock.t + 1000,
             models=normalize_models(["parts"]),
             ips=normalize_ips(["10.0.0.0/8"]),
@@ -234,7 +234,7 @@ def test_given_a_narrow_parent_when_a_child_narrows_every_limit_then_allowed_and
         book,
         root,
         10,
-        Limits(
+        TokenLimits(
             models=normalize_models(["parts@1"]), ips=normalize_ips(["10.1.0.0/16"]), rate=RateLimit(rate=1.0, burst=2)
         ),
     )
@@ -313,7 +313,7 @@ def test_given_a_pending_id_when_redelivered_for_another_model_or_units_then_ref
 
 def test_given_a_pending_id_when_redelivered_then_status_model_and_ip_are_checked_again() -> None:
     book, _ = new_book()
-    root = package(book, 10, Limits(models=normalize_models(["parts@1"]), ips=normalize_ips(["10.0.0.1/32"])))
+    root = package(book, 10, TokenLimits(models=normalize_models(["parts@1"]), ips=normalize_ips(["10.0.0.1/32"])))
     admit(book, root, rid="r-ip")
     assert admit(book, root, rid="r-ip", ip="6.6.6.6").code is Code.IP_NOT_ALLOWED
     kid = child(book, root, 5)
@@ -325,7 +325,7 @@ def test_given_a_pending_id_when_redelivered_then_status_model_and_ip_are_checke
 
 def test_given_a_pending_id_when_redelivered_then_no_rate_token_is_taken() -> None:
     book, _ = new_book()
-    root = package(book, 10, Limits(rate=RateLimit.parse("1/min:1")))
+    root = package(book, 10, TokenLimits(rate=RateLimit.parse("1/min:1")))
     assert admit(book, root, rid="once").code is Code.OK
     again = admit(book, root, rid="once")
     assert (again.code, again.replayed, root.used) == (Code.OK, True, 1)
@@ -450,7 +450,7 @@ def test_given_an_expiry_less_than_a_second_ahead_then_refused() -> None:
     book, clock = new_book()
     root = package(book, 10)
     with pytest.raises(OperationRefused):
-        child(book, root, 1, Limits(expires_at=clock.t + 0.5))
+        child(book, root, 1, TokenLimits(expires_at=clock.t + 0.5))
 
 
 def test_given_a_fractional_charge_then_it_is_ignored_and_the_debit_kept_whole() -> None:

@@ -7,18 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from ledger.actor import _Flusher
 from ledger.changes import Changes
 from ledger.codes import Code
-from ledger.core import LedgerCore
 from ledger.entities import Admission, TokenSpec
 from ledger.errors import LedgerUnavailable
+from ledger.flusher import Flusher
 from ledger.settings import LedgerSettings
+from ledger.shard import ShardCore
 
 
 @pytest.fixture
-def core(tmp_path: Path) -> LedgerCore:
-    c = LedgerCore(LedgerSettings(database_url=f"sqlite:///{tmp_path / 'l.db'}", data_dir=tmp_path))
+def core(tmp_path: Path) -> ShardCore:
+    c = ShardCore(LedgerSettings(database_url=f"sqlite:///{tmp_path / 'l.db'}", data_dir=tmp_path))
     c.start()
     return c
 
@@ -27,11 +27,11 @@ def _rows(token_id: str, jti: str, n: int, prefix: str) -> list[tuple[object, ..
     return [Admission(f"{prefix}{i}", token_id, jti, 1, "parts@1").row() for i in range(n)]
 
 
-async def test_given_concurrent_calls_then_they_share_one_commit_and_answers_come_after_it(core: LedgerCore) -> None:
+async def test_given_concurrent_calls_then_they_share_one_commit_and_answers_come_after_it(core: ShardCore) -> None:
     pkg = core.create_package(TokenSpec("p", 100))
     core.commit()
-    tid, jti = pkg["token"].id, core.book.nodes[pkg["token"].id].jti
-    flusher = _Flusher(core)
+    tid, jti = pkg.token.id, core.book.nodes[pkg.token.id].jti
+    flusher = Flusher(core)
     commits: list[int] = []
     real = core.store.commit
 
@@ -49,11 +49,11 @@ async def test_given_concurrent_calls_then_they_share_one_commit_and_answers_com
     assert core.store.balances()[tid][1] == 50
 
 
-async def test_given_a_failed_write_then_callers_get_unavailable_and_the_book_is_rebuilt(core: LedgerCore) -> None:
+async def test_given_a_failed_write_then_callers_get_unavailable_and_the_book_is_rebuilt(core: ShardCore) -> None:
     pkg = core.create_package(TokenSpec("p", 10))
     core.commit()
-    tid, jti = pkg["token"].id, core.book.nodes[pkg["token"].id].jti
-    flusher = _Flusher(core)
+    tid, jti = pkg.token.id, core.book.nodes[pkg.token.id].jti
+    flusher = Flusher(core)
     real = core.store.commit
 
     def failing(_ch: Changes) -> None:
@@ -67,14 +67,14 @@ async def test_given_a_failed_write_then_callers_get_unavailable_and_the_book_is
     core.store.commit = real  # type: ignore[method-assign]
     decisions = await flusher.run(lambda: core.admit_rows(_rows(tid, jti, 4, "y")))
     assert [d.code for d in decisions] == [Code.OK] * 4
-    assert core.consistency()["book"] == core.consistency()["db"]
+    assert core.consistency().book == core.consistency().db
 
 
-async def test_given_malformed_rows_in_a_batch_then_only_they_are_refused_and_the_rest_commit(core: LedgerCore) -> None:
+async def test_given_malformed_rows_in_a_batch_then_only_they_are_refused_and_the_rest_commit(core: ShardCore) -> None:
     pkg = core.create_package(TokenSpec("p", 10))
     core.commit()
-    tid, jti = pkg["token"].id, core.book.nodes[pkg["token"].id].jti
-    flusher = _Flusher(core)
+    tid, jti = pkg.token.id, core.book.nodes[pkg.token.id].jti
+    flusher = Flusher(core)
     rows = [*_rows(tid, jti, 2, "ok"), ("bad", tid, jti, 1, None, None, None, None, 0), ("short",), (1, 2, 3)]
     decisions = await flusher.run(lambda: core.admit_rows(rows))
     assert [d.code for d in decisions] == [Code.OK, Code.OK] + [Code.INVALID_REQUEST] * 3
@@ -82,12 +82,12 @@ async def test_given_malformed_rows_in_a_batch_then_only_they_are_refused_and_th
 
 
 async def test_given_a_bug_in_an_operation_then_it_fails_alone_and_the_rest_of_its_batch_commits(
-    core: LedgerCore,
+    core: ShardCore,
 ) -> None:
     pkg = core.create_package(TokenSpec("p", 10))
     core.commit()
-    tid, jti = pkg["token"].id, core.book.nodes[pkg["token"].id].jti
-    flusher = _Flusher(core)
+    tid, jti = pkg.token.id, core.book.nodes[pkg.token.id].jti
+    flusher = Flusher(core)
 
     def half_done() -> None:
         core.admit_rows(_rows(tid, jti, 3, "h"))
@@ -99,12 +99,12 @@ async def test_given_a_bug_in_an_operation_then_it_fails_alone_and_the_rest_of_i
     assert isinstance(results[0], LedgerUnavailable) and "internal error" in results[0].message
     assert [d.code for d in results[1]] == [Code.OK]  # type: ignore[union-attr]
     assert core.book.nodes[tid].used == 1 == core.store.balances()[tid][1], "the half-done debit is gone"
-    assert core.consistency()["book"] == core.consistency()["db"]
+    assert core.consistency().book == core.consistency().db
 
 
 def test_given_the_database_down_at_start_then_unavailable_not_a_driver_error(tmp_path: Path) -> None:
     settings = LedgerSettings(database_url="postgresql+psycopg://postgres@127.0.0.1:1/none", data_dir=tmp_path)
-    c = LedgerCore(settings)
+    c = ShardCore(settings)
     with pytest.raises(LedgerUnavailable):
         c.start()
     assert not c.ready

@@ -1,4 +1,4 @@
-"""One caller cannot disturb another: the group commit of `_Flusher` over a real LedgerCore, without
+"""One caller cannot disturb another: the group commit of `Flusher` over a real ShardCore, without
 Ray, on SQLite and PostgreSQL. A failing operation fails alone, a rebuild refills no rate bucket,
 and a book that cannot be rebuilt is `ledger_unavailable`, never a hang or a crash."""
 
@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 from sqlalchemy import insert
 
-from ledger.actor import _Flusher
 from ledger.codes import Code
-from ledger.core import LedgerCore
 from ledger.entities import Admission, Node, TokenSpec
 from ledger.errors import LedgerUnavailable, OperationRefused
+from ledger.flusher import Flusher
 from ledger.settings import LedgerSettings
+from ledger.shard import ShardCore, Unsigned
 from ledger.store.repository import ALERTS, TOKENS, _node_row
 from tests.ledger.book_helpers import Clock
 
@@ -35,8 +35,8 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def core(settings: LedgerSettings, clock: Clock) -> Iterator[LedgerCore]:
-    c = LedgerCore(settings, clock=clock)
+def core(settings: LedgerSettings, clock: Clock) -> Iterator[ShardCore]:
+    c = ShardCore(settings, clock=clock)
     c.start()
     yield c
     c.close()
@@ -46,41 +46,41 @@ def rows(token_id: str, jti: str, prefix: str, n: int) -> list[tuple[Any, ...]]:
     return [Admission(f"{prefix}{i}", token_id, jti, 1, "parts@1").row() for i in range(n)]
 
 
-def token(core: LedgerCore, parent: str | None, name: str, units: int, **limits: Any) -> tuple[str, str]:
+def token(core: ShardCore, parent: str | None, name: str, units: int, **limits: Any) -> tuple[str, str]:
     spec = TokenSpec.build(name, units, **limits)
     made = core.create_package(spec) if parent is None else core.split(parent, spec)
     core.commit()
-    tid = made["token"].id
+    tid = made.token.id
     return tid, core.book.nodes[tid].jti
 
 
-def credentials_fail_for(core: LedgerCore, token_id: str) -> None:
-    """What a credential that cannot be signed did inside `LedgerCore.rotate`, after `Tree.rotate`
+def credentials_fail_for(core: ShardCore, token_id: str) -> None:
+    """What a credential that cannot be signed did inside `ShardCore.rotate`, after `Tree.rotate`
     had already changed the node: raise something that is not an OperationRefused."""
-    real = core._credential
+    real = core._unsigned
 
-    def credential(n: Node) -> str:
+    def unsigned(n: Node) -> Unsigned:
         if n.id == token_id:
             raise ValueError("exp and iat must be ints with exp > iat")
         return real(n)
 
-    core._credential = credential  # type: ignore[method-assign]
+    core._unsigned = unsigned  # type: ignore[method-assign]
 
 
-def book_equals_database(core: LedgerCore) -> None:
+def book_equals_database(core: ShardCore) -> None:
     report = core.consistency()
-    assert report["violations"] == []
-    assert report["book"] == report["db"]
+    assert report.violations == []
+    assert report.book == report.db
 
 
 async def test_given_a_victim_on_1_per_s_when_another_holder_fails_operations_in_the_same_batches_then_the_victim_stays_limited_and_its_good_admissions_commit(  # noqa: E501
-    core: LedgerCore, clock: Clock
+    core: ShardCore, clock: Clock
 ) -> None:
     root, _ = token(core, None, "shared", 1000)
     victim, vjti = token(core, root, "victim", 100, rate="1/s:1")
     attacker, ajti = token(core, root, "attacker", 100)
     credentials_fail_for(core, attacker)
-    flusher = _Flusher(core)
+    flusher = Flusher(core)
     for second in range(4):
         clock.advance(1.0)  # one rate token a second for the victim
         commits = flusher.commits
@@ -104,16 +104,16 @@ async def test_given_a_victim_on_1_per_s_when_another_holder_fails_operations_in
 
 
 async def test_given_a_failing_operation_then_its_caller_alone_gets_an_internal_error_and_it_is_logged(
-    core: LedgerCore, caplog: pytest.LogCaptureFixture
+    core: ShardCore, caplog: pytest.LogCaptureFixture
 ) -> None:
     root, rjti = token(core, None, "p", 100)
-    flusher = _Flusher(core)
+    flusher = Flusher(core)
 
     def bug() -> None:
         core.book.nodes[root].used += 7  # half-changed book
         raise KeyError("a bug")
 
-    with caplog.at_level(logging.ERROR, logger="ledger.actor"):
+    with caplog.at_level(logging.ERROR, logger="ledger.flusher"):
         results = await asyncio.gather(
             flusher.run(partial(core.admit_rows, rows(root, rjti, "a-", 2))),
             flusher.run(bug),
@@ -131,10 +131,10 @@ async def test_given_a_failing_operation_then_its_caller_alone_gets_an_internal_
 
 
 async def test_given_an_operation_that_keeps_failing_then_each_round_drops_it_and_the_others_still_commit(
-    core: LedgerCore,
+    core: ShardCore,
 ) -> None:
     root, rjti = token(core, None, "p", 100)
-    flusher = _Flusher(core)
+    flusher = Flusher(core)
     calls = {"n": 0}
 
     def flaky_bug() -> None:
@@ -152,9 +152,9 @@ async def test_given_an_operation_that_keeps_failing_then_each_round_drops_it_an
     book_equals_database(core)
 
 
-async def test_given_the_database_refuses_one_calls_data_then_only_that_call_fails(core: LedgerCore) -> None:
+async def test_given_the_database_refuses_one_calls_data_then_only_that_call_fails(core: ShardCore) -> None:
     root, rjti = token(core, None, "p", 100)
-    flusher = _Flusher(core)
+    flusher = Flusher(core)
 
     def unwritable() -> str:
         # a value no INTEGER column takes: SQLite and PostgreSQL both refuse the whole transaction
@@ -178,13 +178,13 @@ async def test_given_the_database_refuses_one_calls_data_then_only_that_call_fai
 
 
 async def test_given_a_rotate_in_the_last_second_before_expiry_then_it_is_refused_alone_with_nothing_changed(
-    core: LedgerCore, clock: Clock
+    core: ShardCore, clock: Clock
 ) -> None:
     root, rjti = token(core, None, "p", 100)
     short, sjti = token(core, root, "short", 10, expires_at=clock.t + 1.5)
-    events = len(core.admin_events(short))
+    events = len(core.store.admin_events(short))
     clock.advance(1.0)  # 0.5 s left: a credential would have exp == iat
-    flusher = _Flusher(core)
+    flusher = Flusher(core)
     results = await asyncio.gather(
         flusher.run(partial(core.admit_rows, rows(root, rjti, "r-", 2))),
         flusher.run(partial(core.rotate, short)),
@@ -195,12 +195,12 @@ async def test_given_a_rotate_in_the_last_second_before_expiry_then_it_is_refuse
     assert isinstance(refused, OperationRefused) and refused.code is Code.INVALID_REQUEST
     assert flusher.failed_ops == 0, "refused before anything changed: no rebuild"
     assert core.book.nodes[short].jti == sjti
-    assert len(core.admin_events(short)) == events
+    assert len(core.store.admin_events(short)) == events
     book_equals_database(core)
 
 
 def test_given_a_drained_bucket_when_the_book_is_rebuilt_then_it_stays_drained_and_a_cold_start_begins_empty(
-    core: LedgerCore, settings: LedgerSettings, clock: Clock
+    core: ShardCore, settings: LedgerSettings, clock: Clock
 ) -> None:
     tid, jti = token(core, None, "p", 100, rate="1/s:5")
     assert [d.code for d in core.admit_rows(rows(tid, jti, "a-", 6))] == [Code.OK] * 5 + [Code.RATE_LIMITED]
@@ -211,7 +211,7 @@ def test_given_a_drained_bucket_when_the_book_is_rebuilt_then_it_stays_drained_a
     clock.advance(1.0)
     assert [d.code for d in core.admit_rows(rows(tid, jti, "c-", 2))] == [Code.OK, Code.RATE_LIMITED]
     core.commit()
-    cold = LedgerCore(settings, clock=clock)  # a new actor: nothing in memory to carry over
+    cold = ShardCore(settings, clock=clock)  # a new actor: nothing in memory to carry over
     cold.start()
     bucket = cold.book.nodes[tid].bucket
     assert bucket is not None and (bucket.level, bucket.stamp) == (0.0, clock.t)
@@ -222,7 +222,7 @@ def test_given_a_drained_bucket_when_the_book_is_rebuilt_then_it_stays_drained_a
 
 
 def test_given_a_failed_commit_when_discarded_then_the_rate_tokens_of_its_admissions_come_back(
-    core: LedgerCore,
+    core: ShardCore,
 ) -> None:
     tid, jti = token(core, None, "p", 100, rate="1/s:3")
     real = core.store.commit
@@ -243,7 +243,7 @@ def test_given_a_failed_commit_when_discarded_then_the_rate_tokens_of_its_admiss
 def _orphan_row(settings: LedgerSettings, clock: Clock) -> None:
     ghost = Node(id="tok_orphan", root_id="pkg_gone", parent_id="pkg_gone", name="orphan", allocation=1, jti="j")
     ghost.created_at = clock.t
-    core = LedgerCore(settings, clock=clock)
+    core = ShardCore(settings, clock=clock)
     core.store.migrate()
     with core.store.engine.begin() as conn:
         conn.execute(insert(TOKENS), [_node_row(ghost)])
@@ -254,19 +254,19 @@ async def test_given_a_stored_row_whose_parent_is_missing_then_start_and_calls_a
     settings: LedgerSettings, clock: Clock
 ) -> None:
     _orphan_row(settings, clock)
-    core = LedgerCore(settings, clock=clock)
+    core = ShardCore(settings, clock=clock)
     with pytest.raises(LedgerUnavailable) as e:
         core.start()
     assert "parent" in e.value.message or "rebuilt" in e.value.message
     assert not core.ready
-    flusher = _Flusher(core)
+    flusher = Flusher(core)
     results = await asyncio.gather(flusher.run(lambda: "never"), flusher.run(lambda: 1), return_exceptions=True)
     assert all(isinstance(r, LedgerUnavailable) for r in results)
     core.close()
 
 
 async def test_given_a_rebuild_that_raises_anything_then_it_is_unavailable_and_every_future_resolves(
-    core: LedgerCore,
+    core: ShardCore,
 ) -> None:
     root, rjti = token(core, None, "p", 100)
 
@@ -277,7 +277,7 @@ async def test_given_a_rebuild_that_raises_anything_then_it_is_unavailable_and_e
     core.store.load = deep  # type: ignore[method-assign]
     with pytest.raises(LedgerUnavailable):
         core.reload()
-    flusher = _Flusher(core)
+    flusher = Flusher(core)
     results = await asyncio.gather(
         flusher.run(partial(core.admit_rows, rows(root, rjti, "a-", 1))), return_exceptions=True
     )
@@ -288,10 +288,10 @@ async def test_given_a_rebuild_that_raises_anything_then_it_is_unavailable_and_e
 
 
 async def test_given_a_bug_in_the_flusher_itself_then_every_caller_is_answered_and_the_next_batch_works(
-    core: LedgerCore,
+    core: ShardCore,
 ) -> None:
     root, rjti = token(core, None, "p", 100)
-    flusher = _Flusher(core)
+    flusher = Flusher(core)
     real = flusher._apply
 
     def broken(_calls: Any) -> Any:

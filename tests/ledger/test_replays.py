@@ -12,9 +12,9 @@ from sqlalchemy import update
 
 from ledger.book import IDEM_PENDING_TIMEOUT_S, QuotaBook
 from ledger.codes import Code
-from ledger.core import LedgerCore
-from ledger.entities import Admission, Limits, Settlement, TokenSpec
+from ledger.entities import Admission, Settlement, TokenLimits, TokenSpec
 from ledger.settings import LedgerSettings
+from ledger.shard import ShardCore
 from ledger.store.repository import USAGE, Store
 from tests.ledger.book_helpers import Clock, admit, child, new_book, package
 
@@ -26,8 +26,8 @@ def test_given_a_stored_idempotent_result_when_the_token_is_no_longer_usable_the
     how: str,
 ) -> None:
     book, clock = new_book()
-    root = package(book, 100, Limits(expires_at=clock.t + 100))
-    kid = child(book, root, 10, Limits(expires_at=clock.t + 50))
+    root = package(book, 100, TokenLimits(expires_at=clock.t + 100))
+    kid = child(book, root, 10, TokenLimits(expires_at=clock.t + 50))
     d = admit(book, kid, key="k", body="h")
     book.settle(Settlement(d.request_id, kid.id, success=True, result='{"secret": 1}'))
     assert admit(book, kid, key="k", body="h").replay == '{"secret": 1}'
@@ -49,7 +49,7 @@ def test_given_a_stored_idempotent_result_when_the_token_is_no_longer_usable_the
 def test_given_a_settled_request_id_when_sent_again_by_an_unusable_token_then_its_401_not_a_replay(how: str) -> None:
     book, clock = new_book()
     root = package(book, 100)
-    kid = child(book, root, 10, Limits(expires_at=clock.t + 50))
+    kid = child(book, root, 10, TokenLimits(expires_at=clock.t + 50))
     admit(book, kid, rid="done-once")
     book.settle(Settlement("done-once", kid.id, success=True))
     assert admit(book, kid, rid="done-once").code is Code.REPLAY
@@ -169,26 +169,26 @@ def test_given_a_completed_idempotent_request_then_it_is_never_refunded_by_the_s
 
 
 @pytest.fixture
-def core(db_url: str, tmp_path: Path) -> Iterator[tuple[LedgerCore, Clock]]:
+def core(db_url: str, tmp_path: Path) -> Iterator[tuple[ShardCore, Clock]]:
     clock = Clock()
     settings = LedgerSettings(database_url=db_url, data_dir=tmp_path / "data", idem_pending_timeout_s=60.0)
-    c = LedgerCore(settings, clock=clock)
+    c = ShardCore(settings, clock=clock)
     c.start()
     yield c, clock
     c.close()
 
 
 def test_given_the_ledger_sweep_then_an_abandoned_idempotent_admission_is_refunded_durably(
-    core: tuple[LedgerCore, Clock],
+    core: tuple[ShardCore, Clock],
 ) -> None:
     c, clock = core
-    tid = c.create_package(TokenSpec("p", 10))["token"].id
+    tid = c.create_package(TokenSpec("p", 10)).token.id
     jti = c.book.nodes[tid].jti
     c.admit_rows([Admission("idem-1", tid, jti, 2, "parts@1", None, "key", "h").row()])
     c.admit_rows([Admission("plain-1", tid, jti, 1, "parts@1").row()])
     c.commit()
     clock.advance(61)
-    assert c.sweep()["idem_refunded"] == ["idem-1"]
+    assert c.sweep().idem_refunded == ["idem-1"]
     c.commit()
     assert c.store.balances()[tid][1] == 1
     states = {r["request_id"]: r["state"] for r in c.usage(token_id=tid)}
@@ -200,4 +200,4 @@ def test_given_the_ledger_sweep_then_an_abandoned_idempotent_admission_is_refund
     assert c.settle_rows([Settlement("idem-1", tid, True).row()]) == [Code.NOT_FOUND.value]
     c.commit()
     assert c.store.balances()[tid][1] == 3
-    assert c.consistency()["violations"] == []
+    assert c.consistency().violations == []

@@ -1,6 +1,8 @@
-"""The books survive upgrades: databases written by the version with schema 0002 (fixtures in
-`data/`, made by `data/make_ledger_v0002.py` with that version's code) are migrated by the current
-code, and every balance, usage row, admin event and alert is intact and the ledger keeps working."""
+"""The books survive upgrades: databases written by the versions with schema 0002 and 0003 (the
+last landed one; fixtures in `data/`, made by `data/make_ledger_fixture.py` with that version's
+code) are migrated by the current code, and every balance, usage row, admin event and alert is
+intact, every token gets its package's shard slot, and the ledger keeps working — on 1 shard and
+on 3."""
 
 from __future__ import annotations
 
@@ -16,26 +18,30 @@ import pytest
 from sqlalchemy import select, text
 
 from ledger.codes import Code
-from ledger.core import LedgerCore
 from ledger.entities import Admission, Settlement
 from ledger.settings import LedgerSettings
+from ledger.shard import ShardCore
+from ledger.shards import slot_of
 from ledger.store.repository import ADMIN, ALERTS, IDEM, TOKENS, USAGE
 from tests.ledger.book_helpers import Clock
 
 DATA = Path(__file__).parent / "data"
-EXPECTED: dict[str, Any] = json.loads((DATA / "ledger_v0002.expected.json").read_text())
+VERSIONS = ("0002", "0003")
+EXPECTED: dict[str, dict[str, Any]] = {
+    v: json.loads((DATA / f"ledger_v{v}.expected.json").read_text()) for v in VERSIONS
+}
 TABLES = {"tokens": TOKENS, "usage_events": USAGE, "admin_events": ADMIN, "alerts": ALERTS, "idempotency": IDEM}
 KEYS = {"idempotency": "key"}
 
 
-def restore(db_url: str) -> str:
-    """Put the 0002 fixture into the fresh database `db_url`; returns which fixture it was."""
+def restore(db_url: str, version: str) -> str:
+    """Put the fixture of `version` into the fresh database `db_url`; returns which fixture it was."""
     if db_url.startswith("sqlite"):
-        shutil.copyfile(DATA / "ledger_v0002.db", db_url.split("///", 1)[1])
+        shutil.copyfile(DATA / f"ledger_v{version}.db", db_url.split("///", 1)[1])
         return "sqlite"
     # a plain pg_dump: psql's own meta-commands (\restrict) are for psql, the rest is SQL
     dump = "\n".join(
-        line for line in (DATA / "ledger_v0002.pg.sql").read_text().splitlines() if not line.startswith("\\")
+        line for line in (DATA / f"ledger_v{version}.pg.sql").read_text().splitlines() if not line.startswith("\\")
     )
     with psycopg.connect(db_url.replace("+psycopg", ""), autocommit=True) as conn:
         conn.execute(dump)  # type: ignore[call-overload]
@@ -46,7 +52,7 @@ def plain(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
-def table_rows(core: LedgerCore) -> dict[str, list[dict[str, Any]]]:
+def table_rows(core: ShardCore) -> dict[str, list[dict[str, Any]]]:  # every shard reads the whole table
     out = {}
     with core.store.engine.connect() as conn:
         for name, table in TABLES.items():
@@ -55,45 +61,53 @@ def table_rows(core: LedgerCore) -> dict[str, list[dict[str, Any]]]:
     return out
 
 
-@pytest.fixture
-def upgraded(db_url: str, tmp_path: Path) -> Iterator[tuple[LedgerCore, Clock, dict[str, Any]]]:
-    expected = EXPECTED[restore(db_url)]
+@pytest.fixture(params=VERSIONS)
+def upgraded(
+    db_url: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[ShardCore, Clock, dict[str, Any]]]:
+    expected = EXPECTED[request.param][restore(db_url, request.param)]
     clock = Clock(expected["t0"] + 60)  # a minute later: unsettled rows are still in their windows
-    core = LedgerCore(LedgerSettings(database_url=db_url, data_dir=tmp_path / "data", sweep_interval_s=0), clock)
+    core = ShardCore(LedgerSettings(database_url=db_url, data_dir=tmp_path / "data", sweep_interval_s=0), clock)
     core.start()  # the current migrations, then the book from the upgraded rows
     yield core, clock, expected
     core.close()
 
 
-def test_given_a_0002_database_when_upgraded_then_every_row_is_intact(
-    upgraded: tuple[LedgerCore, Clock, dict[str, Any]],
+def test_given_an_older_database_when_upgraded_then_every_row_is_intact(
+    upgraded: tuple[ShardCore, Clock, dict[str, Any]],
 ) -> None:
     core, _, expected = upgraded
     with core.store.engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0003"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0004"
     rows = table_rows(core)
-    assert [r.pop("body_hash") for r in rows["usage_events"]] == [None] * len(rows["usage_events"])
+    assert [r.pop("slot") for r in rows["tokens"]] == [slot_of(r["root_id"]) for r in rows["tokens"]]
+    if "body_hash" not in expected["rows"]["usage_events"][0]:  # written before 0003
+        assert [r.pop("body_hash") for r in rows["usage_events"]] == [None] * len(rows["usage_events"])
     for name, before in expected["rows"].items():
         assert plain(rows[name]) == before, name
     assert len(rows["usage_events"]) == 17 and len(rows["admin_events"]) == 9
     assert rows["alerts"][0]["acknowledged_by"] == "pm" and rows["alerts"][0]["status"] == "delivered"
 
 
-def test_given_a_0002_database_when_upgraded_then_the_book_has_every_balance_and_conservation_holds(
-    upgraded: tuple[LedgerCore, Clock, dict[str, Any]],
+def test_given_an_older_database_when_upgraded_then_the_book_has_every_balance_and_conservation_holds(
+    upgraded: tuple[ShardCore, Clock, dict[str, Any]],
 ) -> None:
     core, _, expected = upgraded
     assert {n.id: plain(asdict(n.view())) for n in core.book.nodes.values()} == expected["views"]
     report = core.consistency()
-    assert report["violations"] == []
-    assert report["book"] == report["db"]
+    assert report.violations == []
+    assert report.book == report.db
     pending = {"a-3", "a-4", "a-5", "b-0", "b-1", "idem-pending", "plain-pending"}
     assert set(core.book.pending) == pending
-    assert all(p.body_hash is None for p in core.book.pending.values()), "bodies before 0003 are unknown"
+    if "body_hash" in expected["rows"]["usage_events"][0]:
+        hashes = {p.request_id: p.body_hash for p in core.book.pending.values()}
+        assert hashes == {rid: ("h-pending" if rid == "idem-pending" else "") for rid in pending}
+    else:
+        assert all(p.body_hash is None for p in core.book.pending.values()), "bodies before 0003 are unknown"
 
 
-def test_given_a_0002_database_when_upgraded_then_old_requests_settle_replay_and_new_ones_are_admitted(
-    upgraded: tuple[LedgerCore, Clock, dict[str, Any]],
+def test_given_an_older_database_when_upgraded_then_old_requests_settle_replay_and_new_ones_are_admitted(
+    upgraded: tuple[ShardCore, Clock, dict[str, Any]],
 ) -> None:
     core, clock, expected = upgraded
     t, jti = expected["tokens"], expected["jti"]
@@ -107,7 +121,11 @@ def test_given_a_0002_database_when_upgraded_then_old_requests_settle_replay_and
     replay = one("again-1", root, key="key-done", body="h-done")
     assert (replay.code, replay.replay) == (Code.REPLAY, '{"images": [], "stored": true}')
     assert one("again-2", root, key="key-pending", body="h-pending").code is Code.IDEMPOTENCY_IN_PROGRESS
-    assert one("a-4", a, units=2, body="any").replayed, "a redelivery of an old pending request: no new debit"
+    # before 0003 a stored admission's body is unknown (any body redelivers); from 0003 it must match
+    body = "any" if "body_hash" not in expected["rows"]["usage_events"][0] else None
+    assert one("a-4", a, units=2, body=body).replayed, "a redelivery of an old pending request: no new debit"
+    if body is None:
+        assert one("a-4", a, units=2, body="other").code is Code.INVALID_REQUEST, "a different body is refused"
     assert core.settle_rows([Settlement("a-3", a, True).row(), Settlement("a-5", a, False).row()]) == ["ok", "ok"]
     assert one("early", a).code is Code.RATE_LIMITED, "a cold start begins with empty rate buckets"
     clock.advance(1.0)  # the root's `pro` bucket refills ten a second
@@ -116,7 +134,7 @@ def test_given_a_0002_database_when_upgraded_then_old_requests_settle_replay_and
     core.commit()
     assert core.book.nodes[a].used == used_before - 2 + 3
     clock.advance(200)  # the idempotent request pending since before the upgrade was never answered
-    assert core.sweep()["idem_refunded"] == ["idem-pending"]
+    assert core.sweep().idem_refunded == ["idem-pending"]
     core.commit()
     assert one("again-3", root, key="key-pending", body="h-pending").code is Code.OK
     core.commit()
@@ -127,9 +145,9 @@ def test_given_a_0002_database_when_upgraded_then_old_requests_settle_replay_and
         stored = conn.execute(select(USAGE.c.body_hash).where(USAGE.c.request_id == "fresh-1")).scalar_one()
     assert stored == "h-fresh"
     report = core.consistency()
-    assert report["violations"] == [] and report["book"] == report["db"]
+    assert report.violations == [] and report.book == report.db
     core.reload()
-    assert core.consistency()["book"] == report["book"]
+    assert core.consistency().book == report.book
 
 
 def _name(tokens: dict[str, str], token_id: str) -> str:

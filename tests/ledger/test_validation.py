@@ -12,11 +12,12 @@ import pytest
 
 from ledger.book import QuotaBook
 from ledger.codes import Code
-from ledger.core import LedgerCore
-from ledger.entities import Admission, Limits, Settlement, TokenSpec, make_limits
+from ledger.coordinator import CoordinatorCore
+from ledger.entities import Admission, Settlement, TokenLimits, TokenSpec, make_token_limits
 from ledger.errors import OperationRefused
 from ledger.limits import MAX_BURST, MAX_RATE, RateLimit, normalize_models
 from ledger.settings import LedgerSettings
+from ledger.shard import ShardCore
 from ledger.tree import MAX_BALANCE, MAX_UNITS, MIN_LIFETIME_S
 from tests.ledger.book_helpers import child, counters, new_book, package
 
@@ -38,15 +39,15 @@ def refused_with_nothing_changed(book: QuotaBook, op: Callable[[], Any]) -> Oper
 def test_given_a_token_expiring_within_a_second_when_rotated_then_refused_and_nothing_changes(left_s: float) -> None:
     book, clock = new_book()
     root = package(book, 100)
-    kid = child(book, root, 10, Limits(expires_at=clock.t + 10))
+    kid = child(book, root, 10, TokenLimits(expires_at=clock.t + 10))
     clock.advance(10 - left_s)
     refused_with_nothing_changed(book, lambda: book.tree.rotate(kid.id, "new-jti"))
 
 
 def test_given_an_ancestor_expiring_within_a_second_when_a_child_is_rotated_or_split_then_refused() -> None:
     book, clock = new_book()
-    root = package(book, 100, Limits(expires_at=clock.t + 10))
-    kid = child(book, root, 10, Limits(expires_at=clock.t + 10))
+    root = package(book, 100, TokenLimits(expires_at=clock.t + 10))
+    kid = child(book, root, 10, TokenLimits(expires_at=clock.t + 10))
     kid.expires_at = None  # its own expiry gone (as stored by an older version): the ancestor's still counts
     clock.advance(9.5)
     refused_with_nothing_changed(book, lambda: book.tree.rotate(kid.id, "new-jti"))
@@ -55,7 +56,7 @@ def test_given_an_ancestor_expiring_within_a_second_when_a_child_is_rotated_or_s
 
 def test_given_a_token_with_time_left_when_rotated_then_allowed() -> None:
     book, clock = new_book()
-    root = package(book, 100, Limits(expires_at=clock.t + 10))
+    root = package(book, 100, TokenLimits(expires_at=clock.t + 10))
     clock.advance(8.5)
     assert book.tree.rotate(root.id, "fresh").jti == "fresh"
 
@@ -84,7 +85,7 @@ def test_given_a_token_with_time_left_when_rotated_then_allowed() -> None:
         lambda: TokenSpec.build("ok", 1, expires_at=float("nan")),
         lambda: TokenSpec.build("ok", 1, expires_at=float("inf")),
         lambda: TokenSpec.build("ok", 1, expires_at=True),  # type: ignore[arg-type]
-        lambda: make_limits(expires_at=float("-inf")),
+        lambda: make_token_limits(expires_at=float("-inf")),
     ],
 )
 def test_given_values_that_do_not_fit_when_a_spec_is_built_then_invalid_request(build: Callable[[], Any]) -> None:
@@ -139,11 +140,11 @@ def test_given_sane_rates_then_they_parse_and_round_trip() -> None:
         TokenSpec("n" * 201, 1),
         TokenSpec("ok", 1, team="t" * 201),
         TokenSpec(123, 1),  # type: ignore[arg-type]
-        TokenSpec("ok", 1, Limits(expires_at=math.nan)),
-        TokenSpec("ok", 1, Limits(expires_at=math.inf)),
-        TokenSpec("ok", 1, Limits(models=frozenset({"m" * 300}))),
-        TokenSpec("ok", 1, Limits(ips=("10.0.0.0/8",))),  # type: ignore[arg-type]
-        TokenSpec("ok", 1, Limits(rate={"rate": 1e400})),  # type: ignore[arg-type]
+        TokenSpec("ok", 1, TokenLimits(expires_at=math.nan)),
+        TokenSpec("ok", 1, TokenLimits(expires_at=math.inf)),
+        TokenSpec("ok", 1, TokenLimits(models=frozenset({"m" * 300}))),
+        TokenSpec("ok", 1, TokenLimits(ips=("10.0.0.0/8",))),  # type: ignore[arg-type]
+        TokenSpec("ok", 1, TokenLimits(rate={"rate": 1e400})),  # type: ignore[arg-type]
         TokenSpec("ok", 1, thresholds=(80.5,)),  # type: ignore[arg-type]
         TokenSpec("ok", 1, meta={"bad": math.inf}),
         TokenSpec("ok", 1, meta=["not", "a", "dict"]),  # type: ignore[arg-type]
@@ -162,18 +163,18 @@ def test_given_a_spec_built_directly_when_the_tree_gets_it_then_refused_before_a
 @pytest.mark.parametrize(
     "limits",
     [
-        Limits(expires_at=math.nan),
-        Limits(expires_at=math.inf),
-        Limits(expires_at=-5.0),
-        Limits(models=frozenset({"bad name!"})),
-        Limits(models=["parts"]),  # type: ignore[arg-type]
-        Limits(ips=("10.0.0.1",)),  # type: ignore[arg-type]
-        Limits(rate=5.0),  # type: ignore[arg-type]
+        TokenLimits(expires_at=math.nan),
+        TokenLimits(expires_at=math.inf),
+        TokenLimits(expires_at=-5.0),
+        TokenLimits(models=frozenset({"bad name!"})),
+        TokenLimits(models=["parts"]),  # type: ignore[arg-type]
+        TokenLimits(ips=("10.0.0.1",)),  # type: ignore[arg-type]
+        TokenLimits(rate=5.0),  # type: ignore[arg-type]
     ],
 )
-def test_given_malformed_limits_when_updated_then_refused_and_nothing_changes(limits: Limits) -> None:
+def test_given_malformed_limits_when_updated_then_refused_and_nothing_changes(limits: TokenLimits) -> None:
     book, clock = new_book()
-    root = package(book, 100, Limits(expires_at=clock.t + 1000))
+    root = package(book, 100, TokenLimits(expires_at=clock.t + 1000))
     kid = child(book, root, 10)
     refused_with_nothing_changed(book, lambda: book.tree.update_limits(kid.id, limits))
     refused_with_nothing_changed(book, lambda: book.tree.update_limits(root.id, limits))
@@ -192,7 +193,11 @@ def test_given_a_top_up_beyond_the_largest_balance_then_refused() -> None:
 def test_given_a_token_id_that_is_not_a_string_then_not_found_not_a_type_error(token_id: Any) -> None:
     book, _ = new_book()
     package(book, 10)
-    for op in (lambda: book.tree.revoke(token_id), lambda: book.node(token_id), lambda: book.tree.rotate(token_id, "j")):
+    for op in (
+        lambda: book.tree.revoke(token_id),
+        lambda: book.node(token_id),
+        lambda: book.tree.rotate(token_id, "j"),
+    ):
         with pytest.raises(OperationRefused) as e:
             op()
         assert e.value.code is Code.NOT_FOUND
@@ -200,8 +205,8 @@ def test_given_a_token_id_that_is_not_a_string_then_not_found_not_a_type_error(t
 
 
 @pytest.fixture
-def core(tmp_path: Path) -> LedgerCore:
-    c = LedgerCore(LedgerSettings(database_url=f"sqlite:///{tmp_path / 'l.db'}", data_dir=tmp_path))
+def core(tmp_path: Path) -> ShardCore:
+    c = ShardCore(LedgerSettings(database_url=f"sqlite:///{tmp_path / 'l.db'}", data_dir=tmp_path))
     c.start()
     return c
 
@@ -219,9 +224,9 @@ def core(tmp_path: Path) -> LedgerCore:
         None,
     ],
 )
-def test_given_a_malformed_settlement_row_then_it_alone_is_invalid(core: LedgerCore, row: Any) -> None:
+def test_given_a_malformed_settlement_row_then_it_alone_is_invalid(core: ShardCore, row: Any) -> None:
     pkg = core.create_package(TokenSpec("p", 10))
-    tid = pkg["token"].id
+    tid = pkg.token.id
     core.admit_rows([Admission("r", tid, core.book.nodes[tid].jti, 1, "parts@1").row()])
     core.commit()
     good = Settlement("r", tid, True).row()
@@ -229,20 +234,21 @@ def test_given_a_malformed_settlement_row_then_it_alone_is_invalid(core: LedgerC
     core.commit()
 
 
-def test_given_batches_that_are_not_lists_then_empty_not_a_crash(core: LedgerCore) -> None:
+def test_given_batches_that_are_not_lists_then_empty_not_a_crash(core: ShardCore) -> None:
     assert core.admit_rows(None) == []  # type: ignore[arg-type]
     assert core.settle_rows("abc") == []
-    assert core.admit_rows([("r", "t", "j", 1, "m@1", None, None, None, 2**70)])[0].code is Code.INVALID_REQUEST
+    assert core.admit_rows([("r", "t", "j", 1, "m@1", None, None, None, 2**70, "")])[0].code is Code.INVALID_REQUEST
 
 
 @pytest.mark.parametrize(("name", "ttl"), [("ops", math.inf), ("ops", math.nan), ("ops", 0), ("", 60), ("x" * 300, 60)])
-def test_given_a_bad_admin_credential_request_then_invalid_request(core: LedgerCore, name: str, ttl: float) -> None:
+def test_given_a_bad_admin_credential_request_then_invalid_request(tmp_path: Path, name: str, ttl: float) -> None:
+    coordinator = CoordinatorCore(LedgerSettings(database_url=f"sqlite:///{tmp_path / 'l.db'}", data_dir=tmp_path))
     with pytest.raises(OperationRefused) as e:
-        core.issue_admin(name, ttl)
+        coordinator.issue_admin(name, ttl)
     assert e.value.code is Code.INVALID_REQUEST
 
 
 def test_given_normalized_models_then_they_still_round_trip_through_the_tree_check() -> None:
     book, _ = new_book()
-    root = package(book, 10, Limits(models=normalize_models(["parts", "yolo@2"])))
+    root = package(book, 10, TokenLimits(models=normalize_models(["parts", "yolo@2"])))
     assert root.models == frozenset({"parts", "yolo@2"})

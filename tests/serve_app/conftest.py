@@ -32,10 +32,9 @@ def jpeg(w: int = 160, h: int = 120, color: tuple[int, int, int] = (120, 120, 12
 
 @pytest.fixture(scope="session")
 def live_app(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveApp]:
-    import ray
     from ray import serve
 
-    from ledger.client import LedgerClient
+    from ledger.service import attach, stop
     from serve_app.app import APP_NAME, build_app
 
     tmp: Path = tmp_path_factory.mktemp("serve")
@@ -80,7 +79,7 @@ def live_app(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Ite
     )
     serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-    client = LedgerClient.connect(args.ledger_settings())
+    client = attach(args.ledger_settings())  # build_app launched it
     yield LiveApp(f"http://127.0.0.1:{HTTP_PORT}", args, client)
     serve.delete(APP_NAME)
-    ray.kill(client.actor, no_restart=True)
+    stop(client)

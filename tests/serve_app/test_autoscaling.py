@@ -34,7 +34,7 @@ def wait_for(pred: object, timeout_s: float) -> bool:
 
 
 def test_given_sustained_load_then_replicas_go_up_and_come_back_down(live_app: LiveApp) -> None:
-    cred = live_app.ledger.create_package(TokenSpec("scale", 100_000))["credential"]
+    cred = live_app.ledger.create_package(TokenSpec("scale", 100_000)).credential
     headers = {"Authorization": f"Bearer {cred}", "Content-Type": "image/jpeg"}
     image = jpeg(320, 320)
     assert running_replicas() == 1

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.ray
 
 def credential(app: LiveApp, units: int, **limits: object) -> tuple[str, str]:
     out = app.ledger.create_package(TokenSpec.build(f"cli-{time.monotonic_ns()}", units, **limits))
-    return out["token"].id, out["credential"]
+    return out.token.id, out.credential
 
 
 def image_folder(root: Path, n: int) -> list[Path]:

@@ -1,4 +1,5 @@
-"""TokenGate's rules with a fake ledger client and fake detectors (the real graph is in test_http).
+"""TokenGate's rules with the in-process ledger (`FakeLedger`: the real rules, no Ray) and fake
+detectors (the real graph is in test_http).
 
 The gate verifies the credential and prices the request itself; a denial never reaches a
 detector; every admitted request ends settled or refunded — on a detector failure, a timeout,
@@ -9,17 +10,19 @@ is retried until it is durable.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from ledger.api import Issued
 from ledger.codes import Code
 from ledger.credentials import KeyRing, issue
-from ledger.entities import Admission, Decision, Settlement
+from ledger.entities import Admission, Decision, Settlement, TokenSpec
+from ledger.fake import FakeLedger
 from serve_app import gate as gate_mod
 from serve_app.auth import KeyedVerifier
 from serve_app.catalog import ModelCatalog
@@ -32,37 +35,32 @@ GateClass: Any = TokenGate.func_or_class  # the plain class behind the deploymen
 DET = Detection(0, "bolt", 0.9, 1.0, 2.0, 3.0, 4.0)
 
 
-class FakeClient:
-    """The ledger as the gate sees it; `settle_failures` makes the first settlements fail to commit."""
+class Ledger(FakeLedger):
+    """The real ledger rules in-process (`ledger.fake.FakeLedger`), with two faults to inject:
+    admissions that take a while, and settlements the ledger cannot take for a while."""
 
-    def __init__(self, ring: KeyRing, code: Code = Code.OK, admit_delay_s: float = 0.0) -> None:
-        self.ring = ring
-        self.code = code
+    def __init__(self, directory: Path, admit_delay_s: float = 0.0) -> None:
+        super().__init__(directory)
         self.admit_delay_s = admit_delay_s
         self.settle_failures = 0
-        self.admitted: list[Admission] = []
-        self.settled: list[Settlement] = []
         self.settle_attempts = 0
-        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.admissions = 0
 
     async def admit(self, a: Admission) -> Decision:
         await asyncio.sleep(self.admit_delay_s)
-        self.admitted.append(a)
-        return Decision(self.code, a.request_id, a.token_id, a.units)
+        self.admissions += 1
+        return await super().admit(a)
 
     async def settle(self, s: Settlement) -> Code:
         self.settle_attempts += 1
         if self.settle_failures > 0:
             self.settle_failures -= 1
             return Code.LEDGER_UNAVAILABLE
-        self.settled.append(s)
-        return Code.OK
+        return await super().settle(s)
 
-    async def acall(self, op: str, **kwargs: Any) -> Any:
-        if op == "public_keys":
-            return self.ring.public_keys()
-        self.calls.append((op, kwargs))
-        return {"op": op}
+    def states(self, token_id: str) -> list[tuple[str, str, int]]:
+        """(request id, state, units) of the token's audit rows, oldest first."""
+        return [(r["request_id"], r["state"], r["units"]) for r in reversed(self.usage(token_id=token_id))]
 
 
 class FakeResponse:
@@ -104,7 +102,7 @@ SPECS = [
 ]
 
 
-def gate(client: FakeClient, detector: FakeDetector) -> Any:
+def gate(client: Ledger, detector: FakeDetector) -> Any:
     g = object.__new__(GateClass)
     g.client, g._pending = client, set()
     g.detectors = {"parts@1": detector, "parts@2": detector}
@@ -114,12 +112,15 @@ def gate(client: FakeClient, detector: FakeDetector) -> Any:
 
 
 @pytest.fixture
-def ring(tmp_path: Path) -> KeyRing:
-    return KeyRing.open(tmp_path / "keys")
+def ledger(tmp_path: Path) -> Iterator[Ledger]:
+    fake = Ledger(tmp_path / "ledger")
+    yield fake
+    fake.close()
 
 
-def credential(ring: KeyRing, sub: str = "tok_1", typ: str = "access") -> str:
-    return issue(ring, sub=sub, pkg="pkg_1", jti="jti_1", typ=typ, exp=int(time.time()) + 3600)
+@pytest.fixture
+def pkg(ledger: Ledger) -> Issued:
+    return ledger.create_package(TokenSpec("gate", 100))
 
 
 def request(cred: str | None, model: str | None = None, idem: str | None = None, n: int = 1) -> GateRequest:
@@ -135,116 +136,142 @@ async def settled(g: Any) -> None:
 
 
 async def test_given_no_or_a_forged_credential_then_refused_before_the_ledger_and_the_detector(
-    ring: KeyRing, tmp_path: Path
+    ledger: Ledger, pkg: Issued, tmp_path: Path
 ) -> None:
-    client, det = FakeClient(ring), FakeDetector()
-    g = gate(client, det)
+    det = FakeDetector()
+    g = gate(ledger, det)
     foreign = KeyRing.open(tmp_path / "foreign")
-    for cred in [None, "", "Bearer x.y.z", credential(ring, typ="admin"), credential(foreign)]:
+    forged = issue(foreign, sub=pkg.token.id, pkg=pkg.token.id, jti="j", typ="access", exp=int(time.time()) + 60)
+    admin = ledger.issue_admin("ops", 60)
+    for cred in [None, "", "Bearer x.y.z", admin, forged]:
         reply = await g.detect(request(cred), pixels(), InferenceParams())
         assert reply.body is None and reply.error is not None and reply.error.status in (401, 403), cred
-    assert client.admitted == [] and det.calls == 0
+    assert ledger.admissions == 0 and det.calls == 0 and ledger.states(pkg.token.id) == []
 
 
-async def test_given_a_request_then_the_gate_prices_it_from_its_own_catalog(ring: KeyRing) -> None:
-    client, det = FakeClient(ring), FakeDetector()
-    reply = await gate(client, det).detect(request(credential(ring), "parts@2", n=2), pixels(2), InferenceParams())
+async def test_given_a_request_then_the_gate_prices_it_from_its_own_catalog(ledger: Ledger, pkg: Issued) -> None:
+    det = FakeDetector()
+    reply = await gate(ledger, det).detect(request(pkg.credential, "parts@2", n=2), pixels(2), InferenceParams())
     assert reply.error is None and reply.body is not None
-    (a,) = client.admitted
-    assert (a.token_id, a.jti, a.units, a.model) == ("tok_1", "jti_1", 6, "parts@2")  # 3 units x 2 images
+    assert ledger.states(pkg.token.id) == [("req-1", "admitted", 6)]  # 3 units x 2 images
+    assert ledger.usage(token_id=pkg.token.id)[0]["model"] == "parts@2"
+    assert reply.body["usage"] == {"units": 6, "used": 6, "allocation": 100, "remaining": 94}
     assert [len(im["detections"]) for im in reply.body["images"]] == [2, 2]
 
 
-async def test_given_a_detector_failure_then_refunded_before_the_answer(ring: KeyRing) -> None:
-    client, det = FakeClient(ring), FakeDetector(fail=True)
-    reply = await gate(client, det).detect(request(credential(ring)), pixels(), InferenceParams())
+async def test_given_a_detector_failure_then_refunded_before_the_answer(ledger: Ledger, pkg: Issued) -> None:
+    reply = await gate(ledger, FakeDetector(fail=True)).detect(request(pkg.credential), pixels(), InferenceParams())
     assert reply.error is not None and reply.error.code == "model_unavailable" and reply.error.retry_after
-    assert [(s.request_id, s.success) for s in client.settled] == [("req-1", False)]
+    assert ledger.states(pkg.token.id) == [("req-1", "refunded", 0)]
+    assert ledger.token(pkg.token.id).used == 0
 
 
-async def test_given_a_detector_that_does_not_answer_in_time_then_503_refunded_and_withdrawn(ring: KeyRing) -> None:
-    client, det = FakeClient(ring), FakeDetector(delay_s=30)
+async def test_given_a_detector_that_does_not_answer_in_time_then_503_refunded_and_withdrawn(
+    ledger: Ledger, pkg: Issued
+) -> None:
+    det = FakeDetector(delay_s=30)
     t0 = time.monotonic()
-    reply = await gate(client, det).detect(request(credential(ring)), pixels(), InferenceParams())
+    reply = await gate(ledger, det).detect(request(pkg.credential), pixels(), InferenceParams())
     assert time.monotonic() - t0 < 5  # parts@1 times out after 0.5 s
     assert reply.error is not None and reply.error.code == "model_unavailable"
     assert "0.5s" in reply.error.message and reply.error.retry_after
-    assert [(s.request_id, s.success) for s in client.settled] == [("req-1", False)]
+    assert ledger.states(pkg.token.id) == [("req-1", "refunded", 0)]
     assert det.responses[0].cancelled  # the request is withdrawn from the detector's queue
 
 
-async def test_given_a_denial_then_no_detector_runs_and_nothing_is_settled(ring: KeyRing) -> None:
-    client, det = FakeClient(ring, Code.QUOTA_EXHAUSTED), FakeDetector()
-    reply = await gate(client, det).detect(request(credential(ring)), pixels(), InferenceParams())
+async def test_given_a_denial_then_no_detector_runs_and_nothing_is_settled(ledger: Ledger) -> None:
+    small = ledger.create_package(TokenSpec("small", 1))
+    det = FakeDetector()
+    reply = await gate(ledger, det).detect(request(small.credential, "parts@2"), pixels(), InferenceParams())
     assert reply.error is not None and reply.error.code == "quota_exhausted"
-    assert det.calls == 0 and client.settled == []
+    assert det.calls == 0 and ledger.states(small.token.id) == [("req-1", "denied", 0)]
+    assert ledger.settle_attempts == 0
 
 
-async def test_given_a_success_then_settled_in_the_background(ring: KeyRing) -> None:
-    client, det = FakeClient(ring), FakeDetector()
-    g = gate(client, det)
-    reply = await g.detect(request(credential(ring)), pixels(), InferenceParams())
+async def test_given_a_success_then_settled_in_the_background(ledger: Ledger, pkg: Issued) -> None:
+    det = FakeDetector()
+    g = gate(ledger, det)
+    reply = await g.detect(request(pkg.credential), pixels(), InferenceParams())
     assert reply.body is not None and det.calls == 1
     await settled(g)
-    assert [(s.success, s.detections, s.gpu_ms, s.result) for s in client.settled] == [(True, 2, 3.5, None)]
+    (row,) = ledger.usage(token_id=pkg.token.id)
+    assert (row["state"], row["units"], row["detections"], row["gpu_ms"]) == ("settled", 1, 2, 3.5)
 
 
-async def test_given_an_idempotent_success_then_its_body_is_stored_before_the_answer(ring: KeyRing) -> None:
-    client, det = FakeClient(ring), FakeDetector()
-    reply = await gate(client, det).detect(request(credential(ring), idem="k-1"), pixels(), InferenceParams())
-    (s,) = client.settled  # already durable when the answer comes back
-    assert s.success and s.result is not None and json.loads(s.result) == reply.body
+async def test_given_an_idempotent_success_then_its_body_is_stored_before_the_answer(
+    ledger: Ledger, pkg: Issued
+) -> None:
+    g = gate(ledger, FakeDetector())
+    reply = await g.detect(request(pkg.credential, idem="k-1"), pixels(), InferenceParams())
+    assert ledger.states(pkg.token.id) == [("req-1", "settled", 1)]  # durable when the answer came back
+    again = await g.detect(GateRequest("req-2", pkg.credential, None, "127.0.0.1", "k-1", "hash", ((8, 8),), 64),
+                           pixels(), InferenceParams())  # fmt: skip
+    assert again.body == reply.body and again.headers.get("Idempotent-Replayed") == "true"
+    assert ledger.token(pkg.token.id).used == 1
 
 
-async def test_given_the_caller_cancelled_during_inference_then_refunded(ring: KeyRing) -> None:
-    client, det = FakeClient(ring), FakeDetector(delay_s=5)
-    g = gate(client, det)
-    task = asyncio.ensure_future(g.detect(request(credential(ring)), pixels(), InferenceParams()))
+async def test_given_the_caller_cancelled_during_inference_then_refunded(ledger: Ledger, pkg: Issued) -> None:
+    det = FakeDetector(delay_s=5)
+    g = gate(ledger, det)
+    task = asyncio.ensure_future(g.detect(request(pkg.credential), pixels(), InferenceParams()))
     await asyncio.sleep(0.2)  # admitted, inferring
     task.cancel()  # what Serve does when the HTTP client hangs up
     with pytest.raises(asyncio.CancelledError):
         await task
     await settled(g)
-    assert [(s.request_id, s.success) for s in client.settled] == [("req-1", False)]
+    assert ledger.states(pkg.token.id) == [("req-1", "refunded", 0)]
     assert det.responses[0].cancelled
 
 
-async def test_given_the_caller_cancelled_while_the_ledger_admits_then_refunded_once_admitted(ring: KeyRing) -> None:
-    client, det = FakeClient(ring, admit_delay_s=0.3), FakeDetector()
-    g = gate(client, det)
-    task = asyncio.ensure_future(g.detect(request(credential(ring)), pixels(), InferenceParams()))
+async def test_given_the_caller_cancelled_while_the_ledger_admits_then_refunded_once_admitted(
+    tmp_path: Path,
+) -> None:
+    ledger = Ledger(tmp_path / "slow", admit_delay_s=0.3)
+    pkg = ledger.create_package(TokenSpec("slow", 10))
+    det = FakeDetector()
+    g = gate(ledger, det)
+    task = asyncio.ensure_future(g.detect(request(pkg.credential), pixels(), InferenceParams()))
     await asyncio.sleep(0.1)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     await asyncio.sleep(0.4)  # the admission lands after the caller left
     await settled(g)
-    assert len(client.admitted) == 1 and det.calls == 0
-    assert [(s.request_id, s.success) for s in client.settled] == [("req-1", False)]
+    assert ledger.admissions == 1 and det.calls == 0
+    assert ledger.states(pkg.token.id) == [("req-1", "refunded", 0)]
+    ledger.close()
 
 
 async def test_given_a_refund_whose_first_commits_fail_then_it_is_retried_until_durable(
-    ring: KeyRing, monkeypatch: pytest.MonkeyPatch
+    ledger: Ledger, pkg: Issued, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(gate_mod, "SETTLE_BACKOFF_S", (0.01,))
-    client, det = FakeClient(ring), FakeDetector(fail=True)
-    client.settle_failures = 5  # the ledger is unavailable for the first five attempts
-    g = gate(client, det)
-    reply = await g.detect(request(credential(ring)), pixels(), InferenceParams())
+    ledger.settle_failures = 5  # the ledger is unavailable for the first five attempts
+    g = gate(ledger, FakeDetector(fail=True))
+    reply = await g.detect(request(pkg.credential), pixels(), InferenceParams())
     assert reply.error is not None and reply.error.code == "model_unavailable"
     await settled(g)
-    assert client.settle_attempts == 6
-    assert [(s.request_id, s.success) for s in client.settled] == [("req-1", False)]
+    assert ledger.settle_attempts == 6
+    assert ledger.states(pkg.token.id) == [("req-1", "refunded", 0)]
 
 
-async def test_given_token_operations_then_the_gate_acts_as_the_verified_token_only(ring: KeyRing) -> None:
-    client, det = FakeClient(ring), FakeDetector()
-    g = gate(client, det)
-    assert await g.call(credential(ring), "tokens", {}) == {"op": "tokens"}
-    assert client.calls == [("tokens", {"actor": "tok_1", "actor_jti": "jti_1"})]
-    await g.call(credential(ring), "token", {"token_id": "t", "actor": "tok_9", "actor_jti": "x"})
-    assert client.calls[-1] == ("token", {"token_id": "t", "actor": "tok_1", "actor_jti": "jti_1"})  # not tok_9
-    for cred, op in [(None, "tokens"), (credential(ring), "create_package"), (credential(ring), "issue_admin")]:
+async def test_given_token_operations_then_the_gate_acts_as_the_verified_token_only(
+    ledger: Ledger, pkg: Issued
+) -> None:
+    g = gate(ledger, FakeDetector())
+    other = ledger.create_package(TokenSpec("other", 10))
+    assert [t.id for t in await g.call(pkg.credential, "tokens", {})] == [pkg.token.id]
+    child = await g.call(pkg.credential, "split", {"parent_id": pkg.token.id, "spec": TokenSpec("kid", 5)})
+    assert child.token.parent_id == pkg.token.id
+    # an `actor` in the arguments is ignored: the gate acts as the verified token
+    with pytest.raises(ApiError) as err:
+        await g.call(pkg.credential, "token", {"token_id": other.token.id, "actor": other.token.id})
+    assert err.value.status == 404
+    ledger.rotate(pkg.token.id)  # the credential the caller holds is rotated out
+    with pytest.raises(ApiError) as err:
+        await g.call(pkg.credential, "tokens", {})
+    assert err.value.status == 401
+    for cred, op in [(None, "tokens"), (child.credential, "create_package"), (child.credential, "issue_admin")]:
         with pytest.raises(ApiError) as err:
             await g.call(cred, op, {})
         assert err.value.status in (401, 403)

@@ -43,9 +43,9 @@ DRIVER = textwrap.dedent("""
 
 def test_given_a_ray_job_when_it_detects_through_the_handle_then_usage_is_charged(live_app: LiveApp) -> None:
     pkg = live_app.ledger.create_package(TokenSpec("job", 10))
-    tid = pkg["token"].id
+    tid = pkg.token.id
     done = subprocess.run(
-        [sys.executable, "-c", DRIVER, ray.get_runtime_context().gcs_address, pkg["credential"]],
+        [sys.executable, "-c", DRIVER, ray.get_runtime_context().gcs_address, pkg.credential],
         env=dict(os.environ),
         capture_output=True,
         text=True,

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.ray
 
 def package(app: LiveApp, units: int = 50, **limits: Any) -> tuple[str, str]:
     out = app.ledger.create_package(TokenSpec.build(f"p-{time.monotonic_ns()}", units, **limits))
-    return out["token"].id, out["credential"]
+    return out.token.id, out.credential
 
 
 def post(app: LiveApp, cred: str | None, body: bytes = b"", ctype: str = "image/jpeg", **params: Any) -> httpx.Response:

@@ -78,7 +78,7 @@ def side_app(live_app: LiveApp) -> Iterator[SideApp]:
 
 def package(app: LiveApp, units: int = 20) -> tuple[str, str]:
     out = app.ledger.create_package(TokenSpec.build(f"na-{uuid.uuid4().hex[:8]}", units))
-    return out["token"].id, out["credential"]
+    return out.token.id, out.credential
 
 
 def settled_rows(app: LiveApp, token_id: str, n: int, timeout_s: float = 30.0) -> list[dict[str, Any]]:

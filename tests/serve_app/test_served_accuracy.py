@@ -60,4 +60,4 @@ def test_given_generated_images_with_known_boxes_then_served_recall_is_at_least_
             compared += 1
     assert compared > 0
     assert truths > 0 and found / truths >= 0.9, f"recall {found}/{truths}"
-    assert live_app.ledger.token(out["token"].id).used == N_IMAGES
+    assert live_app.ledger.token(out.token.id).used == N_IMAGES

@@ -53,7 +53,7 @@ def predicted(corpus: dict[str, Path]) -> dict[str, list[Detection]]:
 @pytest.fixture
 def credential(live_app: LiveApp) -> Iterator[tuple[str, str]]:
     out = live_app.ledger.create_package(TokenSpec.build(f"shapes-{time.monotonic_ns()}", 100))
-    yield out["token"].id, out["credential"]
+    yield out.token.id, out.credential
 
 
 def mime(name: str) -> str:

@@ -1,4 +1,6 @@
-"""The Streamlit console, page by page, with Streamlit's AppTest against the real ledger actor."""
+"""The Streamlit console, page by page, with Streamlit's AppTest against the in-process ledger
+(`FakeLedger`: the ledger's real rules, no Ray). The console on the running service, in a real
+browser, is tests/ui/browser.py's."""
 
 from __future__ import annotations
 
@@ -8,39 +10,30 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import ray
-import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-from ledger.client import LedgerClient
 from ledger.credentials import Verifier
 from ledger.entities import Admission, TokenSpec
-from ledger.settings import LedgerSettings
+from ledger.fake import FakeLedger
 
-pytestmark = pytest.mark.ray
 APP = str(Path(__file__).resolve().parents[2] / "ui" / "app.py")
 
 
 @pytest.fixture
-def console_ledger(ray_cluster: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LedgerClient]:
-    settings = LedgerSettings(
-        database_url=f"sqlite:///{tmp_path / 'ledger.db'}",
-        data_dir=tmp_path / "data",
-        actor_name=f"console-{uuid.uuid4().hex[:8]}",
-        namespace="yt-tests",
-        sweep_interval_s=0,
-    )
-    monkeypatch.setenv("YT_LEDGER_NAME", settings.actor_name)
-    monkeypatch.setenv("YT_NAMESPACE", settings.namespace)
-    client = LedgerClient.connect(settings)
-    st.cache_resource.clear()  # the app caches its client: never one of another test's ledger
-    yield client
-    st.cache_resource.clear()
-    ray.kill(client.actor, no_restart=True)
+def console_ledger(tmp_path: Path) -> Iterator[FakeLedger]:
+    fake = FakeLedger(tmp_path / "ledger")
+    yield fake
+    fake.close()
 
 
-def signed_in(client: LedgerClient, page: str) -> AppTest:
+def console(client: FakeLedger) -> AppTest:
     at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["ledger_api"] = client  # the console's collaborator, passed in
+    return at
+
+
+def signed_in(client: FakeLedger, page: str) -> AppTest:
+    at = console(client)
     at.run()
     at.text_input(key="credential").input(client.issue_admin("alice"))
     at.button(key="signin").click().run()
@@ -50,7 +43,7 @@ def signed_in(client: LedgerClient, page: str) -> AppTest:
     return at
 
 
-def spend(client: LedgerClient, credential: str, units: int, team_token: str) -> None:
+def spend(client: FakeLedger, credential: str, units: int, team_token: str) -> None:
     jti = Verifier(client.public_keys()).verify(credential).jti
     rows = [Admission(uuid.uuid4().hex, team_token, jti, 1, "parts@1") for _ in range(units)]
     client.admit_sync(rows)
@@ -60,12 +53,12 @@ def button(at: AppTest, label: str) -> Any:
     return next(b for b in at.button if b.label == label)
 
 
-def test_given_no_admin_credential_then_nothing_but_the_sign_in_form(console_ledger: LedgerClient) -> None:
+def test_given_no_admin_credential_then_nothing_but_the_sign_in_form(console_ledger: FakeLedger) -> None:
     pkg = console_ledger.create_package(TokenSpec.build("secret-pkg", 10))
-    at = AppTest.from_file(APP, default_timeout=60)
+    at = console(console_ledger)
     at.run()
     assert len(at.sidebar.radio) == 0 and len(at.dataframe) == 0
-    at.text_input(key="credential").input(pkg["credential"])  # a token credential is not an admin's
+    at.text_input(key="credential").input(pkg.credential)  # a token credential is not an admin's
     at.button(key="signin").click().run()
     assert "not an admin credential" in at.error[0].value and len(at.sidebar.radio) == 0
     at.text_input(key="credential").input("garbage.not.a.jwt")
@@ -74,10 +67,10 @@ def test_given_no_admin_credential_then_nothing_but_the_sign_in_form(console_led
     assert "secret-pkg" not in str([e.value for e in at.markdown])
 
 
-def test_given_usage_then_overview_shows_real_numbers_forecast_and_costs(console_ledger: LedgerClient) -> None:
+def test_given_usage_then_overview_shows_real_numbers_forecast_and_costs(console_ledger: FakeLedger) -> None:
     pkg = console_ledger.create_package(TokenSpec.build("plant-7", 1000, team="pm"))
-    team = console_ledger.split(pkg["token"].id, TokenSpec.build("vision", 200, team="algo"))
-    spend(console_ledger, team["credential"], 70, team["token"].id)
+    team = console_ledger.split(pkg.token.id, TokenSpec.build("vision", 200, team="algo"))
+    spend(console_ledger, team.credential, 70, team.token.id)
     at = signed_in(console_ledger, "Overview")
     frame = at.dataframe[0].value
     row = frame[frame["package"] == "plant-7"].iloc[0]
@@ -89,9 +82,9 @@ def test_given_usage_then_overview_shows_real_numbers_forecast_and_costs(console
 
 
 def test_given_the_token_tree_page_then_create_split_top_up_revoke_work_and_credentials_show_once(
-    console_ledger: LedgerClient,
+    console_ledger: FakeLedger,
 ) -> None:
-    at = AppTest.from_file(APP, default_timeout=60)
+    at = console(console_ledger)
     at.run()
     at.text_input(key="credential").input(console_ledger.issue_admin("bob"))
     at.button(key="signin").click().run()
@@ -131,10 +124,10 @@ def test_given_the_token_tree_page_then_create_split_top_up_revoke_work_and_cred
 
 
 def test_given_a_crossed_threshold_then_the_alerts_page_lists_it_and_acknowledges_it(
-    console_ledger: LedgerClient,
+    console_ledger: FakeLedger,
 ) -> None:
     pkg = console_ledger.create_package(TokenSpec.build("alerted", 10))
-    spend(console_ledger, pkg["credential"], 8, pkg["token"].id)
+    spend(console_ledger, pkg.credential, 8, pkg.token.id)
     at = signed_in(console_ledger, "Alerts")
     frame = at.dataframe[0].value
     assert list(frame["threshold %"]) == [80] and list(frame["status"]) == ["pending"]
@@ -143,9 +136,9 @@ def test_given_a_crossed_threshold_then_the_alerts_page_lists_it_and_acknowledge
     assert alert["acknowledged_by"] == "alice" and alert["acknowledged_at"] is not None
 
 
-def test_given_usage_then_the_audit_page_filters_and_exports(console_ledger: LedgerClient) -> None:
+def test_given_usage_then_the_audit_page_filters_and_exports(console_ledger: FakeLedger) -> None:
     pkg = console_ledger.create_package(TokenSpec.build("audited", 3, team="qa"))
-    spend(console_ledger, pkg["credential"], 5, pkg["token"].id)  # 3 admitted, 2 denied
+    spend(console_ledger, pkg.credential, 5, pkg.token.id)  # 3 admitted, 2 denied
     at = signed_in(console_ledger, "Audit")
     assert len(at.dataframe[0].value) == 5
     at.selectbox(key="au_outcome").set_value("quota_exhausted").run()
@@ -155,7 +148,7 @@ def test_given_usage_then_the_audit_page_filters_and_exports(console_ledger: Led
     assert any(b.label == "Export CSV" for b in at.get("download_button"))
 
 
-def test_given_the_models_page_then_it_reports_serve_or_says_it_is_not_running(console_ledger: LedgerClient) -> None:
+def test_given_the_models_page_then_it_reports_serve_or_says_it_is_not_running(console_ledger: FakeLedger) -> None:
     at = signed_in(console_ledger, "Models")
     shown = [d.value for d in at.dataframe] + [i.value for i in at.info] + [w.value for w in at.warning]
     assert shown, "the Models page must show deployments or say why it cannot"

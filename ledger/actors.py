@@ -1,0 +1,258 @@
+"""The ledger's Ray actors: thin shells that forward the typed API (`ledger.api`) generically.
+
+    CoordinatorActor  (one, named `<name>`)            key ring, whole-database reads, periodic jobs:
+                                                        each shard's sweep, alert delivery, retention
+    ShardActor, N     (named `<name>-shard-<i>`)       the only writers of quota state; each owns the
+                                                        packages whose root maps to it (ledger.shards)
+
+Both are detached and restart on failure; `ledger.service.launch` creates them (one launch step),
+everyone else attaches. Operations arrive as (name, args, kwargs), checked against `ledger.api.OPS`:
+nothing outside the protocol runs, and arguments are bound to the core method's signature before
+anything is queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+import pickle
+import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any
+
+import ray
+
+from ledger.api import OPS, SHARD_ROUTES, Issued, Kind, Route
+from ledger.codes import Code
+from ledger.coordinator import AlertContext, CoordinatorCore, no_context
+from ledger.entities import Decision
+from ledger.errors import LedgerError, LedgerUnavailable, OperationRefused
+from ledger.flusher import Flusher, unavailable
+from ledger.settings import LedgerSettings
+from ledger.shard import ShardCore, Unsigned
+from ledger.shards import ShardMap, ShardScope
+
+log = logging.getLogger(__name__)
+SIGN_RETRY_S = (0.1, 0.25, 0.5, 1.0, 2.0, 2.0, 3.0)
+
+
+def shard_name(settings: LedgerSettings, index: int) -> str:
+    return f"{settings.actor_name}-shard-{index}"
+
+
+def _bind(fn: Any, op: str, args: Any, kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Arguments as the core method takes them; `OperationRefused(INVALID_REQUEST)` otherwise."""
+    if (
+        not isinstance(args, tuple | list)
+        or not isinstance(kwargs, dict)
+        or not all(isinstance(k, str) for k in kwargs)
+    ):
+        raise OperationRefused(f"bad arguments for {op}", Code.INVALID_REQUEST)
+    actor = kwargs.get("actor")
+    if actor is not None and not isinstance(actor, str):
+        raise OperationRefused("actor must be a token id", Code.INVALID_REQUEST)
+    try:
+        inspect.signature(fn).bind(*args, **kwargs)  # refused here, not as a failure inside a batch
+    except TypeError as exc:
+        raise OperationRefused(f"bad arguments for {op}: {exc}", Code.INVALID_REQUEST) from None
+    return tuple(args), dict(kwargs)
+
+
+@ray.remote(num_cpus=0)
+class ShardActor:
+    """One ledger shard. Create through `ledger.service.launch`, never directly."""
+
+    def __init__(self, settings: LedgerSettings, index: int, count: int) -> None:
+        self.settings = settings
+        holder = f"{ray.get_runtime_context().get_node_id()[:16]}:{os.getpid()}"
+        self.core = ShardCore(settings, scope=ShardScope(index, count), holder=holder)
+        # the database may be down now, or hold rows the book cannot load: the shard starts
+        # anyway, answers ledger_unavailable, and every batch retries the start (fence + load) first
+        with contextlib.suppress(LedgerUnavailable):
+            self.core.start()
+        self.flusher = Flusher(self.core)
+        self.readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ledger-read")
+        self.coordinator: Any = None
+
+    # ------------------------------------------------------------ hot path
+    async def admit_packed(self, blob: bytes) -> bytes:
+        """Admissions (`Admission.row`), both sides pickled as one bytes object: Ray's cloudpickle
+        calls back into Python for every tuple of a list; one plain pickle costs a fraction."""
+        return pickle.dumps(await self.admit_batch(pickle.loads(blob)), protocol=pickle.HIGHEST_PROTOCOL)
+
+    async def admit_batch(self, rows: list[Any]) -> list[Decision]:
+        """Decisions, all durable when returned."""
+        try:
+            result: list[Decision] = await self.flusher.run(lambda: self.core.admit_rows(rows))
+        except LedgerUnavailable as exc:
+            return [unavailable(r[0] if isinstance(r, tuple | list) and r else "", exc.message) for r in rows]
+        return result
+
+    async def settle_batch(self, rows: list[Any]) -> list[str]:
+        """Settlements (`Settlement.row`); code values, all durable when returned."""
+        try:
+            result: list[str] = await self.flusher.run(lambda: self.core.settle_rows(rows))
+        except LedgerUnavailable:
+            return [Code.LEDGER_UNAVAILABLE.value] * len(rows)
+        return result
+
+    # ------------------------------------------------------------ the typed API, forwarded
+    async def call(self, op: str, args: tuple[Any, ...], kwargs: dict[str, Any], actor_jti: str | None = None) -> Any:
+        """Run operation `op` of `ledger.api.LedgerApi` on this shard; raises the ledger's errors."""
+        spec = OPS.get(op) if isinstance(op, str) else None
+        if spec is None or spec.route not in SHARD_ROUTES:
+            raise OperationRefused(f"{op!r} is not an operation of a ledger shard", Code.INVALID_REQUEST)
+        fn = getattr(self.core, op)
+        args, kwargs = _bind(fn, op, args, kwargs)
+        actor = kwargs.get("actor")
+        if actor_jti is not None and not isinstance(actor_jti, str):
+            raise OperationRefused("actor_jti must be a string", Code.INVALID_REQUEST)
+        if spec.kind is Kind.DB_READ:
+            if not self.core.ready:
+                raise LedgerUnavailable("ledger database unavailable")
+            self.core.authenticate(actor, actor_jti)
+            return await asyncio.get_running_loop().run_in_executor(self.readers, lambda: fn(*args, **kwargs))
+
+        def run() -> Any:
+            self.core.authenticate(actor, actor_jti)
+            return fn(*args, **kwargs)
+
+        value = await self.flusher.run(run)
+        if isinstance(value, Unsigned):  # committed: now the coordinator signs its credential
+            value = Issued(value.token, await self._sign(value.claims))
+        return value
+
+    async def _sign(self, claims: dict[str, Any]) -> str:
+        for delay in (*SIGN_RETRY_S, None):
+            try:
+                if self.coordinator is None:
+                    self.coordinator = ray.get_actor(self.settings.actor_name, namespace=self.settings.namespace)
+                credential: str = await self.coordinator.sign.remote(claims)
+                return credential
+            except (ValueError, ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                self.coordinator = None
+                if delay is None:
+                    break
+                await asyncio.sleep(delay)
+        # the token exists (committed); only its credential could not be made: `rotate` makes one
+        raise LedgerUnavailable("the token was created but the ledger coordinator could not sign its credential")
+
+    # ------------------------------------------------------------ for the coordinator and tools
+    async def alert_context(self, token_id: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        result: tuple[list[dict[str, Any]], dict[str, Any]] = await self.flusher.run(
+            partial(self.core.alert_context, token_id)
+        )
+        return result
+
+    async def check_credential(self, token_id: str, jti: str) -> str:
+        code: str = await self.flusher.run(partial(self.core.check_credential, token_id, jti))
+        return code
+
+    async def stats(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "shard": self.core.scope.index,
+            "epoch": self.core.store.epoch,
+            "ready": self.core.ready,
+            "fenced": self.core.fenced,
+            "commits": self.flusher.commits,
+            "ops": self.flusher.ops,
+            "failed_ops": self.flusher.failed_ops,
+            "tokens": len(self.core.book.nodes),
+            "pending": len(self.core.book.pending),
+        }
+
+
+@ray.remote(num_cpus=0)
+class CoordinatorActor:
+    """The ledger coordinator. Create through `ledger.service.launch`, never directly."""
+
+    def __init__(self, settings: LedgerSettings, shards: int) -> None:
+        self.settings = settings
+        self.shards = shards
+        self.core = CoordinatorCore(settings, context_of=self._context)
+        with contextlib.suppress(LedgerUnavailable):
+            self.core.start()
+        # database work and signing (the ring writes its index) never run on the event loop
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ledger-coord")
+        self.senders = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-notify")
+        self.pruned_at = 0.0
+        self.periodic: asyncio.Task[None] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """What attaching clients need: the shard count and the settings the ledger runs with."""
+        self._start_periodic()
+        return {"shards": self.shards, "settings": self.settings}
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, partial(fn, *args))
+
+    # ------------------------------------------------------------ the typed API, forwarded
+    async def call(self, op: str, args: tuple[Any, ...], kwargs: dict[str, Any], actor_jti: str | None = None) -> Any:
+        self._start_periodic()
+        spec = OPS.get(op) if isinstance(op, str) else None
+        if spec is None or Route.COORDINATOR not in (spec.route, spec.fallback):
+            raise OperationRefused(f"{op!r} is not an operation of the ledger coordinator", Code.INVALID_REQUEST)
+        if op == "deliver_alerts":  # network I/O on its own thread
+            return await self.deliver_alerts()
+        fn = getattr(self.core, op)
+        args, kwargs = _bind(fn, op, args, kwargs)
+        return await self._run(lambda: fn(*args, **kwargs))
+
+    async def sign(self, claims: dict[str, Any]) -> str:
+        credential: str = await self._run(self.core.sign, claims)
+        return credential
+
+    async def root_of(self, token_id: str) -> str | None:
+        root: str | None = await self._run(self.core.root_of, token_id)
+        return root
+
+    # ------------------------------------------------------------ periodic jobs
+    def _start_periodic(self) -> None:
+        if self.periodic is None and self.settings.sweep_interval_s > 0:
+            self.periodic = asyncio.get_running_loop().create_task(self._periodic())
+
+    def _shard(self, index: int) -> Any:
+        return ray.get_actor(shard_name(self.settings, index), namespace=self.settings.namespace)
+
+    async def _periodic(self) -> None:
+        """Inside the cluster: each shard's expiry sweep, alert delivery, audit retention."""
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval_s)
+            for job in (self._sweep_shards, self.deliver_alerts, self._prune_when_due):
+                try:
+                    await job()
+                except (LedgerError, ray.exceptions.RayError, ValueError):  # retried at the next tick
+                    pass
+                except Exception:  # a bug in one job must not end the periodic loop
+                    log.exception("periodic ledger job %s failed", job.__name__)
+
+    async def _sweep_shards(self) -> None:
+        for i in range(self.shards):
+            with contextlib.suppress(LedgerError, ray.exceptions.RayError, ValueError):
+                await self._shard(i).call.remote("sweep", (), {})
+
+    async def _prune_when_due(self) -> None:
+        if time.time() - self.pruned_at >= self.settings.prune_interval_s:
+            await self._run(self.core.prune_audit)
+            self.pruned_at = time.time()
+
+    def _context(self, token_id: str) -> AlertContext:
+        """The alert contacts along the token's path, from the shard that owns it (on a pool
+        thread of this actor, never its event loop)."""
+        root = self.core.root_of(token_id)
+        if root is None:
+            return no_context(token_id)
+        shard = self._shard(ShardMap(self.shards).of_root(root))
+        context: AlertContext = ray.get(shard.alert_context.remote(token_id))
+        return context
+
+    async def deliver_alerts(self) -> dict[str, int]:
+        counts: dict[str, int] = await asyncio.get_running_loop().run_in_executor(
+            self.senders, self.core.deliver_alerts
+        )
+        return counts

@@ -1,0 +1,132 @@
+"""InProcessLedger: the typed ledger API (`ledger.api.LedgerApi`) in one process, without Ray.
+
+The same shard cores, coordinator core, routing and signing as the running service, each
+call committed before it returns. It is the fake that unit tests of the gate, the ingress and
+the console use (`ledger.fake.FakeLedger`), and a way to script a ledger without a cluster.
+Single-threaded: one call at a time (tests, scripts).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
+
+from ledger.api import OPS, Issued, Kind, LedgerApi, Route, merge, prepare, targets
+from ledger.codes import Code
+from ledger.coordinator import AlertContext, CoordinatorCore
+from ledger.entities import Admission, Decision, Settlement
+from ledger.errors import OperationRefused
+from ledger.settings import LedgerSettings
+from ledger.shard import ShardCore, Unsigned
+from ledger.shards import ShardMap, ShardScope
+
+if TYPE_CHECKING:
+    _Api = LedgerApi
+else:
+    _Api = object
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class InProcessLedger(_Api):
+    """Implements `LedgerApi` (one generated method per operation of `ledger.api.OPS`)."""
+
+    def __init__(self, settings: LedgerSettings, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.coordinator = CoordinatorCore(settings, clock, context_of=self._context)
+        self.coordinator.start()
+        self.shard_map = ShardMap(settings.shards)
+        self.shards = [ShardCore(settings, clock, ShardScope(i, settings.shards)) for i in range(settings.shards)]
+        for shard in self.shards:
+            shard.start()
+        self.acting: tuple[str, str, str] | None = None
+        self._turn = itertools.count()
+
+    def acting_as(self, token_id: str, jti: str, root_id: str) -> InProcessLedger:
+        clone = copy.copy(self)
+        clone.acting = (token_id, jti, root_id)
+        return clone
+
+    def _context(self, token_id: str) -> AlertContext:
+        return self._shard_of(token_id).alert_context(token_id)
+
+    def close(self) -> None:
+        for shard in self.shards:
+            shard.close()
+        self.coordinator.close()
+
+    # ---------------------------------------------------------------- hot path
+    async def admit(self, a: Admission) -> Decision:
+        return self.admit_sync([a])[0]
+
+    async def settle(self, s: Settlement) -> Code:
+        return self.settle_sync([s])[0]
+
+    def admit_sync(self, items: Sequence[Admission]) -> list[Decision]:
+        out = []
+        for a in items:
+            shard = self._shard_of(a.root_id or a.token_id)
+            out.append(shard.admit_rows([a.row()])[0])
+            shard.commit()
+        return out
+
+    def settle_sync(self, items: Sequence[Settlement]) -> list[Code]:
+        out = []
+        for s in items:
+            shard = self._shard_of(s.root_id or s.token_id)
+            out.append(Code(shard.settle_rows([s.row()])[0]))
+            shard.commit()
+        return out
+
+    def _shard_of(self, root_or_token: str) -> ShardCore:
+        root = self.coordinator.root_of(root_or_token) or root_or_token
+        return self.shards[self.shard_map.of_root(root)]
+
+    # ---------------------------------------------------------------- the typed API
+    def invoke(self, op: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+        spec, named = prepare(op, args, kwargs or {}, self.acting[0] if self.acting else None)
+        acting_root = self.acting[2] if self.acting else None
+        to = targets(spec, named, self.shard_map, acting_root, self.coordinator.root_of, next(self._turn))
+        parts = [self._run(t, op, spec.kind, named) for t in to]
+        return parts[0] if len(to) == 1 and spec.route is not Route.ALL_SHARDS else merge(op, parts)
+
+    async def ainvoke(self, op: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+        return self.invoke(op, args, kwargs)
+
+    async def aio(self, method: Callable[Concatenate[Any, P], R], *args: P.args, **kwargs: P.kwargs) -> R:
+        return cast(R, self.invoke(method.__name__, args, kwargs))
+
+    def _run(self, target: int | None, op: str, kind: Kind, named: dict[str, Any]) -> Any:
+        if target is None:
+            return getattr(self.coordinator, op)(**named)
+        shard = self.shards[target]
+        if self.acting is not None:
+            shard.authenticate(self.acting[0], self.acting[1])
+        try:
+            value = getattr(shard, op)(**named)
+            shard.commit()
+        except OperationRefused:
+            raise
+        except Exception:
+            shard.discard()
+            raise
+        if isinstance(value, Unsigned):
+            value = Issued(value.token, self.coordinator.sign(value.claims))
+        return value
+
+
+def _operation(op: str) -> Callable[..., Any]:
+    def method(self: InProcessLedger, *args: Any, **kwargs: Any) -> Any:
+        return self.invoke(op, args, kwargs)
+
+    method.__name__ = method.__qualname__ = op
+    method.__doc__ = getattr(LedgerApi, op).__doc__
+    return method
+
+
+for _op in OPS:  # mirrors the protocol, like LedgerClient
+    setattr(InProcessLedger, _op, _operation(_op))

@@ -1,0 +1,75 @@
+"""The ledger's one launch step, and how everyone else attaches.
+
+`launch(settings)` creates the coordinator and the shards (named, detached, restarting actors),
+once: `yolo-tokens serve` runs it, and so does the app builder (`serve run ray_config.yaml`),
+idempotently. A ledger already running with other settings is a `ConfigError`, never a silent
+"the first caller's settings win". Gateways, the CLI and the console only `attach`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import ray
+
+from ledger.actors import CoordinatorActor, ShardActor, shard_name
+from ledger.client import LedgerClient
+from ledger.errors import ConfigError, LedgerUnavailable
+from ledger.settings import LedgerSettings
+
+ACTOR_OPTIONS: dict[str, Any] = {
+    "lifetime": "detached",
+    "get_if_exists": True,
+    "max_restarts": -1,
+    "max_task_retries": 0,
+    "max_concurrency": 10_000,
+}
+
+
+def launch(settings: LedgerSettings, **client_options: Any) -> LedgerClient:
+    """Start the ledger's actors if they are not running; attach to them either way."""
+    settings = settings.resolved()
+    coordinator: Any = CoordinatorActor.options(  # type: ignore[attr-defined]
+        name=settings.actor_name,
+        namespace=settings.namespace,
+        resources=dict(settings.actor_resources),
+        **ACTOR_OPTIONS,
+    ).remote(settings, settings.shards)
+    running = ray.get(coordinator.describe.remote())
+    if running["settings"] != settings:
+        theirs, ours = asdict(running["settings"]), asdict(settings)
+        differ = sorted(k for k in ours if ours[k] != theirs.get(k))
+        raise ConfigError(
+            f"ledger {settings.actor_name!r} already runs with other settings ({', '.join(differ)}): "
+            "stop it first, or use its settings"
+        )
+    for i in range(settings.shards):
+        ShardActor.options(  # type: ignore[attr-defined]
+            name=shard_name(settings, i),
+            namespace=settings.namespace,
+            resources=dict(settings.shard_resources),
+            **ACTOR_OPTIONS,
+        ).remote(settings, i, settings.shards)
+    return attach(settings, **client_options)
+
+
+def attach(settings: LedgerSettings, **client_options: Any) -> LedgerClient:
+    """A client of the running ledger named by `settings` (its name and namespace)."""
+    try:
+        coordinator: Any = ray.get_actor(settings.actor_name, namespace=settings.namespace)
+        running: dict[str, Any] = ray.get(coordinator.describe.remote())
+        count = int(running["shards"])
+        shards = [ray.get_actor(shard_name(settings, i), namespace=settings.namespace) for i in range(count)]
+    except ValueError:
+        raise LedgerUnavailable(
+            f"no ledger {settings.actor_name!r} in namespace {settings.namespace!r}: is the service running?"
+        ) from None
+    # its methods are generated from `ledger.api.OPS` at import, which mypy cannot see
+    return LedgerClient(coordinator, shards, **client_options)  # type: ignore[abstract]
+
+
+def stop(client: LedgerClient) -> None:
+    """Kill the ledger's actors for good (tests, `yolo-tokens` teardown)."""
+    for actor in (*client.shard_actors, client.coordinator):
+        ray.kill(actor, no_restart=True)
