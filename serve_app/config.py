@@ -67,7 +67,12 @@ class ModelSpec(BaseModel):
     def deployment_options(self) -> dict[str, Any]:
         return {
             "name": self.deployment_name,
-            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "ray_actor_options": {
+                "num_cpus": self.num_cpus,
+                "num_gpus": self.num_gpus,
+                # whatever shell started the cluster: ultralytics in a replica never downloads
+                "runtime_env": {"env_vars": {"YOLO_OFFLINE": "1"}},
+            },
             "autoscaling_config": self.autoscaling.serve_config(),
             "max_ongoing_requests": max(2 * self.max_batch_size, 8),
         }

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
-
-os.environ.setdefault("YOLO_OFFLINE", "1")
 
 from ultralytics import YOLO
 

@@ -22,11 +22,8 @@ Importing this package does not import torch or ultralytics; `registry` and the 
 
 from __future__ import annotations
 
-import os
-
-# before any submodule imports ultralytics, which reads its settings once: never download
-os.environ.setdefault("YOLO_OFFLINE", "1")
-
+# YOLO_OFFLINE (ultralytics never downloads) is the launcher's rule (serve_app.launcher); the
+# Detector's replicas also get it from their runtime environment (config.ModelSpec)
 from serve_app.engine.errors import EngineError, EngineUnavailable, ModelFileMissing, UnknownBackend
 from serve_app.engine.protocol import Backend, BatchResult, Engine, EngineFactory
 
