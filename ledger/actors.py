@@ -155,6 +155,7 @@ class ShardActor:
     async def stats(self) -> dict[str, Any]:
         return {
             "pid": os.getpid(),
+            "node": ray.get_runtime_context().get_node_id(),
             "shard": self.core.scope.index,
             "epoch": self.core.store.epoch,
             "ready": self.core.ready,

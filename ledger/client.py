@@ -17,6 +17,7 @@ import asyncio
 import copy
 import itertools
 import pickle
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
 
@@ -216,9 +217,18 @@ class LedgerClient(_Api):
         return cast(R, await self.ainvoke(method.__name__, args, kwargs))
 
     def stats(self) -> list[dict[str, Any]]:
-        """Each shard's counters (pid, epoch, commits, tokens, ...)."""
-        stats: list[dict[str, Any]] = ray.get([s.actor.stats.remote() for s in self.shards])
-        return stats
+        """Each shard's counters (pid, node, epoch, commits, tokens, ...), waiting while one restarts."""
+        out: list[dict[str, Any]] = []
+        for shard in self.shards:
+            for delay in (*RETRY_DELAYS_S, None):
+                try:
+                    out.append(ray.get(shard.actor.stats.remote()))
+                    break
+                except (RayActorError, ActorUnavailableError):
+                    if delay is None:
+                        raise
+                    time.sleep(delay)
+        return out
 
     # ---------------------------------------------------------------- routing
     @property
