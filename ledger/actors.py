@@ -30,7 +30,7 @@ from ledger.api import OPS, SHARD_ROUTES, Issued, Kind, Route
 from ledger.codes import Code
 from ledger.coordinator import AlertContext, CoordinatorCore, no_context
 from ledger.entities import Decision
-from ledger.errors import LedgerError, LedgerUnavailable, OperationRefused
+from ledger.errors import CredentialNotIssued, LedgerError, LedgerUnavailable, OperationRefused
 from ledger.flusher import Flusher, unavailable
 from ledger.settings import LedgerSettings
 from ledger.shard import ShardCore, Unsigned
@@ -38,6 +38,7 @@ from ledger.shards import ShardMap, ShardScope
 
 log = logging.getLogger(__name__)
 SIGN_RETRY_S = (0.1, 0.25, 0.5, 1.0, 2.0, 2.0, 3.0)
+SHARD_CALL_TIMEOUT_S = 30.0  # the coordinator's periodic jobs never wait longer on one shard
 
 
 def shard_name(settings: LedgerSettings, index: int) -> str:
@@ -76,7 +77,8 @@ class ShardActor:
             self.core.start()
         self.flusher = Flusher(self.core)
         self.readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ledger-read")
-        self.coordinator: Any = None
+        # launch() creates the coordinator first; the handle stays valid across its restarts
+        self.coordinator: Any = ray.get_actor(settings.actor_name, namespace=settings.namespace)
 
     # ------------------------------------------------------------ hot path
     async def admit_packed(self, blob: bytes) -> bytes:
@@ -90,6 +92,8 @@ class ShardActor:
             result: list[Decision] = await self.flusher.run(lambda: self.core.admit_rows(rows))
         except LedgerUnavailable as exc:
             return [unavailable(r[0] if isinstance(r, tuple | list) and r else "", exc.message) for r in rows]
+        finally:
+            self._exit_if_fenced()
         return result
 
     async def settle_batch(self, rows: list[Any]) -> list[str]:
@@ -98,6 +102,8 @@ class ShardActor:
             result: list[str] = await self.flusher.run(lambda: self.core.settle_rows(rows))
         except LedgerUnavailable:
             return [Code.LEDGER_UNAVAILABLE.value] * len(rows)
+        finally:
+            self._exit_if_fenced()
         return result
 
     # ------------------------------------------------------------ the typed API, forwarded
@@ -121,25 +127,36 @@ class ShardActor:
             self.core.authenticate(actor, actor_jti)
             return fn(*args, **kwargs)
 
-        value = await self.flusher.run(run)
+        try:
+            value = await self.flusher.run(run)
+        finally:
+            self._exit_if_fenced()
         if isinstance(value, Unsigned):  # committed: now the coordinator signs its credential
-            value = Issued(value.token, await self._sign(value.claims))
+            value = Issued(value.token, await self._sign(value))
         return value
 
-    async def _sign(self, claims: dict[str, Any]) -> str:
+    async def _sign(self, unsigned: Unsigned) -> str:
         for delay in (*SIGN_RETRY_S, None):
             try:
-                if self.coordinator is None:
-                    self.coordinator = ray.get_actor(self.settings.actor_name, namespace=self.settings.namespace)
-                credential: str = await self.coordinator.sign.remote(claims)
+                credential: str = await self.coordinator.sign.remote(unsigned.claims)
                 return credential
-            except (ValueError, ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                self.coordinator = None
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
                 if delay is None:
                     break
                 await asyncio.sleep(delay)
         # the token exists (committed); only its credential could not be made: `rotate` makes one
-        raise LedgerUnavailable("the token was created but the ledger coordinator could not sign its credential")
+        raise CredentialNotIssued(
+            f"token {unsigned.token.id} was committed, but the ledger coordinator could not sign its credential: "
+            "do not repeat the operation; rotate the token to get a credential",
+            unsigned.token.id,
+        )
+
+    def _exit_if_fenced(self) -> None:
+        """A superseded instance ends its process: Ray restarts the shard with a fresh epoch if it
+        is still the named one (a zombie's successor is already running)."""
+        if self.core.fenced:
+            log.error("ledger shard %d superseded: exiting", self.core.scope.index)
+            asyncio.get_running_loop().call_later(0.5, os._exit, 1)
 
     # ------------------------------------------------------------ for the coordinator and tools
     async def alert_context(self, token_id: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -157,6 +174,7 @@ class ShardActor:
             "pid": os.getpid(),
             "node": ray.get_runtime_context().get_node_id(),
             "shard": self.core.scope.index,
+            "count": self.core.scope.count,
             "epoch": self.core.store.epoch,
             "ready": self.core.ready,
             "fenced": self.core.fenced,
@@ -176,8 +194,11 @@ class CoordinatorActor:
         self.settings = settings
         self.shards = shards
         self.core = CoordinatorCore(settings, context_of=self._context)
+        self.started = False
         with contextlib.suppress(LedgerUnavailable):
             self.core.start()
+            self.started = True
+        self.shard_handles: dict[int, Any] = {}
         # database work and signing (the ring writes its index) never run on the event loop
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ledger-coord")
         self.senders = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-notify")
@@ -190,7 +211,11 @@ class CoordinatorActor:
         return {"shards": self.shards, "settings": self.settings}
 
     async def _run(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.pool, partial(fn, *args))
+        loop = asyncio.get_running_loop()
+        if not self.started:  # the database was down when this instance started: migrate now
+            await loop.run_in_executor(self.pool, self.core.start)
+            self.started = True
+        return await loop.run_in_executor(self.pool, partial(fn, *args))
 
     # ------------------------------------------------------------ the typed API, forwarded
     async def call(self, op: str, args: tuple[Any, ...], kwargs: dict[str, Any], actor_jti: str | None = None) -> Any:
@@ -218,7 +243,12 @@ class CoordinatorActor:
             self.periodic = asyncio.get_running_loop().create_task(self._periodic())
 
     def _shard(self, index: int) -> Any:
-        return ray.get_actor(shard_name(self.settings, index), namespace=self.settings.namespace)
+        """A shard's handle (looked up once: it stays valid across the shard's restarts)."""
+        if index not in self.shard_handles:
+            self.shard_handles[index] = ray.get_actor(
+                shard_name(self.settings, index), namespace=self.settings.namespace
+            )
+        return self.shard_handles[index]
 
     async def _periodic(self) -> None:
         """Inside the cluster: each shard's expiry sweep, alert delivery, audit retention."""
@@ -234,8 +264,8 @@ class CoordinatorActor:
 
     async def _sweep_shards(self) -> None:
         for i in range(self.shards):
-            with contextlib.suppress(LedgerError, ray.exceptions.RayError, ValueError):
-                await self._shard(i).call.remote("sweep", (), {})
+            with contextlib.suppress(LedgerError, ray.exceptions.RayError, ValueError, TimeoutError):
+                await asyncio.wait_for(self._shard(i).call.remote("sweep", (), {}), SHARD_CALL_TIMEOUT_S)
 
     async def _prune_when_due(self) -> None:
         if time.time() - self.pruned_at >= self.settings.prune_interval_s:
@@ -249,7 +279,7 @@ class CoordinatorActor:
         if root is None:
             return no_context(token_id)
         shard = self._shard(ShardMap(self.shards).of_root(root))
-        context: AlertContext = ray.get(shard.alert_context.remote(token_id))
+        context: AlertContext = ray.get(shard.alert_context.remote(token_id), timeout=SHARD_CALL_TIMEOUT_S)
         return context
 
     async def deliver_alerts(self) -> dict[str, int]:

@@ -170,7 +170,7 @@ class LedgerClient(_Api):
         """Blocking admissions, for scripts and tests outside an event loop (one call per shard)."""
         out: list[Decision | None] = [None] * len(items)
         for index, part in self._by_shard(items).items():
-            decisions = ray.get(self.shards[index].actor.admit_batch.remote([items[i].row() for i in part]))
+            decisions = _get(self.shards[index].actor.admit_batch.remote([items[i].row() for i in part]))
             for i, d in zip(part, decisions, strict=True):
                 out[i] = d
         return cast("list[Decision]", out)
@@ -178,7 +178,7 @@ class LedgerClient(_Api):
     def settle_sync(self, items: Sequence[Settlement]) -> list[Code]:
         out: list[Code] = [Code.NOT_FOUND] * len(items)
         for index, part in self._by_shard(items).items():
-            codes = ray.get(self.shards[index].actor.settle_batch.remote([items[i].row() for i in part]))
+            codes = _get(self.shards[index].actor.settle_batch.remote([items[i].row() for i in part]))
             for i, c in zip(part, codes, strict=True):
                 out[i] = Code(c)
         return out
@@ -224,10 +224,12 @@ class LedgerClient(_Api):
                 try:
                     out.append(ray.get(shard.actor.stats.remote()))
                     break
-                except (RayActorError, ActorUnavailableError):
+                except (RayActorError, ActorUnavailableError) as exc:
                     if delay is None:
-                        raise
+                        raise _unwrapped(exc) from None
                     time.sleep(delay)
+                except RayError as exc:
+                    raise _unwrapped(exc) from None
         return out
 
     # ---------------------------------------------------------------- routing
@@ -265,6 +267,13 @@ class LedgerClient(_Api):
             if root is not None:
                 self.roots[token_id] = root
         return root
+
+
+def _get(ref: Any) -> Any:
+    try:
+        return ray.get(ref)
+    except RayError as exc:
+        raise _unwrapped(exc) from None
 
 
 def _unwrapped(exc: RayError) -> LedgerError:

@@ -5,6 +5,7 @@
     ├── LedgerUnavailable        the actor or the database cannot answer durably
     │   ├── WriteRejected        the database refused a write's data (not its availability)
     │   └── Fenced               a newer instance of this ledger shard started: this one may not commit
+    ├── CredentialNotIssued      the operation WAS committed, but its credential could not be signed
     ├── OperationRefused         an admin operation was refused; carries a `Code`
     └── ConfigError              settings or key ring unusable
 
@@ -50,6 +51,18 @@ class LedgerUnavailable(LedgerError):
 class WriteRejected(LedgerUnavailable):
     """The database is up but refused the data of a group commit (a value out of range, a
     constraint): one operation of the batch is at fault, so the batch is retried op by op."""
+
+
+class CredentialNotIssued(LedgerError):
+    """A token was created or rotated (committed), but the coordinator could not sign its
+    credential: do not retry the operation; `rotate` the token (`token_id`) to get one."""
+
+    def __init__(self, message: str, token_id: str) -> None:
+        super().__init__(message, Code.LEDGER_UNAVAILABLE)
+        self.token_id = token_id
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.message, self.token_id))
 
 
 class Fenced(LedgerUnavailable):

@@ -12,6 +12,7 @@ import copy
 import itertools
 import time
 from collections.abc import Callable, Sequence
+from operator import methodcaller
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
 
 from ledger.api import OPS, Issued, Kind, LedgerApi, Route, merge, prepare, targets
@@ -67,20 +68,34 @@ class InProcessLedger(_Api):
         return self.settle_sync([s])[0]
 
     def admit_sync(self, items: Sequence[Admission]) -> list[Decision]:
-        out = []
+        out: list[Decision] = []
         for a in items:
             shard = self._shard_of(a.root_id or a.token_id)
-            out.append(shard.admit_rows([a.row()])[0])
-            shard.commit()
+            out.append(self._durably(shard, methodcaller("admit_rows", [a.row()]))[0])
         return out
 
     def settle_sync(self, items: Sequence[Settlement]) -> list[Code]:
-        out = []
-        for s in items:
-            shard = self._shard_of(s.root_id or s.token_id)
-            out.append(Code(shard.settle_rows([s.row()])[0]))
-            shard.commit()
+        out: list[Code] = []
+        for x in items:
+            shard = self._shard_of(x.root_id or x.token_id)
+            out.append(Code(self._durably(shard, methodcaller("settle_rows", [x.row()]))[0]))
         return out
+
+    @staticmethod
+    def _durably(shard: ShardCore, op: Callable[[ShardCore], Any]) -> Any:
+        """Apply and commit, as the shard actor's flusher does: a failed commit drops the change
+        from the book (rebuilt from the database), so no answer outlives its write."""
+        if not shard.ready:
+            shard.start()
+        try:
+            value = op(shard)
+            shard.commit()
+        except OperationRefused:
+            raise
+        except Exception:
+            shard.discard()
+            raise
+        return value
 
     def _shard_of(self, root_or_token: str) -> ShardCore:
         root = self.coordinator.root_of(root_or_token) or root_or_token
@@ -104,16 +119,13 @@ class InProcessLedger(_Api):
         if target is None:
             return getattr(self.coordinator, op)(**named)
         shard = self.shards[target]
-        if self.acting is not None:
-            shard.authenticate(self.acting[0], self.acting[1])
-        try:
-            value = getattr(shard, op)(**named)
-            shard.commit()
-        except OperationRefused:
-            raise
-        except Exception:
-            shard.discard()
-            raise
+        jti = self.acting[1] if self.acting is not None else None
+
+        def run(s: ShardCore) -> Any:
+            s.authenticate(named.get("actor"), jti)  # as the shard actor: an actor needs its credential id
+            return getattr(s, op)(**named)
+
+        value = self._durably(shard, run)
         if isinstance(value, Unsigned):
             value = Issued(value.token, self.coordinator.sign(value.claims))
         return value

@@ -8,10 +8,12 @@ idempotently. A ledger already running with other settings is a `ConfigError`, n
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
 from typing import Any
 
 import ray
+from ray.exceptions import RayError
 
 from ledger.actors import CoordinatorActor, ShardActor, shard_name
 from ledger.client import LedgerClient
@@ -44,27 +46,43 @@ def launch(settings: LedgerSettings, **client_options: Any) -> LedgerClient:
             f"ledger {settings.actor_name!r} already runs with other settings ({', '.join(differ)}): "
             "stop it first, or use its settings"
         )
-    for i in range(settings.shards):
+    shards = [
         ShardActor.options(  # type: ignore[attr-defined]
             name=shard_name(settings, i),
             namespace=settings.namespace,
             resources=dict(settings.shard_resources),
             **ACTOR_OPTIONS,
         ).remote(settings, i, settings.shards)
+        for i in range(settings.shards)
+    ]
+    for i, stats in enumerate(ray.get([s.stats.remote() for s in shards])):
+        if (stats["shard"], stats["count"]) != (i, settings.shards):  # an older ledger's shard by that name
+            raise ConfigError(
+                f"{shard_name(settings, i)} runs as shard {stats['shard']} of {stats['count']}, not {i} of "
+                f"{settings.shards}: stop the whole ledger before changing its shard count"
+            )
     return attach(settings, **client_options)
 
 
-def attach(settings: LedgerSettings, **client_options: Any) -> LedgerClient:
-    """A client of the running ledger named by `settings` (its name and namespace)."""
-    try:
-        coordinator: Any = ray.get_actor(settings.actor_name, namespace=settings.namespace)
-        running: dict[str, Any] = ray.get(coordinator.describe.remote())
-        count = int(running["shards"])
-        shards = [ray.get_actor(shard_name(settings, i), namespace=settings.namespace) for i in range(count)]
-    except ValueError:
-        raise LedgerUnavailable(
-            f"no ledger {settings.actor_name!r} in namespace {settings.namespace!r}: is the service running?"
-        ) from None
+def attach(settings: LedgerSettings, *, wait_s: float = 30.0, **client_options: Any) -> LedgerClient:
+    """A client of the running ledger named by `settings` (its name and namespace); the shard
+    count is the running ledger's. Waits up to `wait_s` while the coordinator restarts."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            coordinator: Any = ray.get_actor(settings.actor_name, namespace=settings.namespace)
+            running: dict[str, Any] = ray.get(coordinator.describe.remote(), timeout=wait_s)
+            count = int(running["shards"])
+            shards = [ray.get_actor(shard_name(settings, i), namespace=settings.namespace) for i in range(count)]
+            break
+        except ValueError:
+            raise LedgerUnavailable(
+                f"no ledger {settings.actor_name!r} in namespace {settings.namespace!r}: is the service running?"
+            ) from None
+        except (RayError, TimeoutError) as exc:  # the coordinator is restarting
+            if time.monotonic() > deadline:
+                raise LedgerUnavailable(f"ledger coordinator unavailable: {type(exc).__name__}") from exc
+            time.sleep(0.5)
     # its methods are generated from `ledger.api.OPS` at import, which mypy cannot see
     return LedgerClient(coordinator, shards, **client_options)  # type: ignore[abstract]
 

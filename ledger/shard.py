@@ -93,6 +93,9 @@ class ShardCore:
                 self.clock(), self.settings.settle_window_s, self.settings.recent_window_s
             )
             self.book.load(nodes, pending, recent, idem, last_id)
+        except Fenced:
+            self.fenced = True
+            raise
         except LedgerUnavailable as exc:
             log.warning("ledger book not rebuilt: %s", exc.message)
             raise

@@ -230,6 +230,10 @@ class Store:
             usage_of_shard = USAGE.join(TOKENS, USAGE.c.root_id == TOKENS.c.id)
             idem_of_shard = IDEM.join(TOKENS, IDEM.c.token_id == TOKENS.c.id)
             with self.engine.connect() as conn:
+                if self.epoch is not None:
+                    current = conn.execute(select(SHARDS.c.epoch).where(SHARDS.c.shard == self.scope.index)).scalar()
+                    if current != self.epoch:
+                        raise Fenced(f"shard {self.scope.index} epoch {self.epoch} was superseded by epoch {current}")
                 nodes = [_row_node(r) for r in conn.execute(select(TOKENS).where(owned)).mappings()]
                 last_id = int(conn.execute(select(func.coalesce(func.max(USAGE.c.id), 0))).scalar_one())
                 pending = [

@@ -66,8 +66,8 @@ def test_given_the_ledger_killed_under_load_then_no_served_request_lacks_its_deb
                 served.append(r.json()["request_id"])
         assert wait_ready(live_app) != pid, f"seed {seed}: the actor was not restarted"
         report = live_app.ledger.consistency()
-        assert report["violations"] == [], (seed, report["violations"])
-        assert {k: tuple(v) for k, v in report["book"].items()} == {k: tuple(v) for k, v in report["db"].items()}
+        assert report.violations == [], (seed, report.violations)
+        assert {k: tuple(v) for k, v in report.book.items()} == {k: tuple(v) for k, v in report.db.items()}
     store = Store(live_app.args.ledger_settings().database_url)
     try:
         rows = store.usage(UsageQuery(token_id=tid, limit=100_000))

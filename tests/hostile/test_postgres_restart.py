@@ -105,8 +105,8 @@ def test_given_postgres_restarted_under_load_then_503_while_down_and_no_lost_deb
             time.sleep(1)
         served = [r.json()["request_id"] for r in before + after]
         report = client.consistency()
-        assert report["violations"] == []
-        assert {k: tuple(v) for k, v in report["book"].items()} == {k: tuple(v) for k, v in report["db"].items()}
+        assert report.violations == []
+        assert {k: tuple(v) for k, v in report.book.items()} == {k: tuple(v) for k, v in report.db.items()}
         store = Store(private_pg.url)
         try:
             rows = store.usage(UsageQuery(token_id=tid, limit=10_000))

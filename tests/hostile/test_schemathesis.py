@@ -20,7 +20,7 @@ EXAMPLES = int(os.environ.get("YT_FUZZ_EXAMPLES", "25"))
 
 def test_given_generated_requests_for_every_operation_then_never_a_5xx(live_app: LiveApp) -> None:
     pkg = live_app.ledger.create_package(TokenSpec.build(f"fuzz-{time.monotonic_ns()}", 10_000))
-    auth = {"Authorization": f"Bearer {pkg['credential']}"}
+    auth = {"Authorization": f"Bearer {pkg.credential}"}
     schema = schemathesis.openapi.from_url(f"{live_app.url}/openapi.json")
     counts: dict[str, dict[int, int]] = {}
     for result in schema.get_all_operations():

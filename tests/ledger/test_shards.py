@@ -133,3 +133,37 @@ def test_given_a_random_mix_across_three_shards_then_conservation_holds_for_ever
     # every root's tree is whole on one shard
     for shard in sharded.shards:
         assert all(shard.book.nodes[n.id].root_id in shard.book.roots for n in shard.book.nodes.values())
+
+
+def test_given_a_superseded_shard_that_never_committed_then_it_cannot_reload_and_answer_either(
+    settings: LedgerSettings,
+) -> None:
+    first = ShardCore(settings, scope=ShardScope(2, 3), holder="first")
+    first.start()
+    second = ShardCore(settings, scope=ShardScope(2, 3), holder="second")
+    second.start()
+    with pytest.raises(Fenced):
+        first.reload()  # a stale book would answer reads and redeliveries: refused at the load
+    assert first.fenced and not first.ready
+    first.close()
+    second.close()
+
+
+def test_given_a_commit_that_fails_in_process_then_the_admission_is_not_charged_later(
+    sharded: InProcessLedger, settings: LedgerSettings
+) -> None:
+    pkg = sharded.create_package(TokenSpec("flaky", 100)).token.id
+    shard = sharded.shards[ShardMap(3).of_root(pkg)]
+    real = shard.store.commit
+
+    def down(_changes: object) -> None:
+        shard.store.commit = real  # type: ignore[method-assign]
+        raise OSError("database went away")
+
+    shard.store.commit = down  # type: ignore[method-assign]
+    with pytest.raises(OSError):
+        sharded.admit_sync([Admission("lost", pkg, jti(sharded, pkg), 10, "m@1")])
+    assert sharded.admit_sync([Admission("next", pkg, jti(sharded, pkg), 10, "m@1")])[0].admitted
+    assert Store(settings.database_url).balances()[pkg] == (100, 10, "active"), "only the answered admission"
+    report = sharded.consistency()
+    assert report.violations == [] and report.book == report.db

@@ -32,7 +32,7 @@ def test_given_generated_images_with_known_boxes_then_served_recall_is_at_least_
     live_app: LiveApp,
 ) -> None:
     out = live_app.ledger.create_package(TokenSpec.build(f"acc-{time.monotonic_ns()}", N_IMAGES))
-    headers = {"Authorization": f"Bearer {out['credential']}", "Content-Type": "image/png"}
+    headers = {"Authorization": f"Bearer {out.credential}", "Content-Type": "image/png"}
     model = YOLO(str(DEMO_WEIGHTS))
     truths = found = compared = 0
     for i in range(N_IMAGES):
