@@ -51,6 +51,8 @@ def launch(settings: LedgerSettings, **client_options: Any) -> LedgerClient:
             name=shard_name(settings, i),
             namespace=settings.namespace,
             resources=dict(settings.shard_resources),
+            # shards on as many nodes as can hold them: losing a node pauses fewer packages
+            scheduling_strategy="SPREAD",
             **ACTOR_OPTIONS,
         ).remote(settings, i, settings.shards)
         for i in range(settings.shards)

@@ -4,10 +4,10 @@ test_shard_failover.py in its own process; writes one JSON report to REPORT).
     python tests/ledger/cluster_failover.py sqlite:///tmp/l.db /tmp/data REPORT
 
 Head (coordinator, pinned by the custom resource `head`) + 2 workers (resource `ledger_node`,
-which the 3 shards ask for). One package per shard is loaded from the driver; after 2 s the
-worker holding the most shards is removed (its raylet and every process on it killed). Its
-shards restart on the other worker; the load goes on until they admit again. Then: every `ok`
-has its durable debit, the book equals the database, conservation holds.
+which the 3 shards ask for; `launch` spreads them over both). One package per shard is loaded
+from the driver; after 2 s the worker holding the most shards is removed (its raylet and every
+process on it killed). Its shards restart on the other worker; the load goes on until they admit
+again. Then: every `ok` has its durable debit, the book equals the database, conservation holds.
 """
 
 from __future__ import annotations
@@ -44,16 +44,18 @@ def shard_nodes(client: LedgerClient) -> dict[int, str]:
 async def load(
     client: LedgerClient, pkgs: dict[int, tuple[str, str]], until: Any, log: list[tuple[float, int, str, str]]
 ) -> None:
-    n = 0
-    while not until():
-        batch = []
-        for shard, (tid, jti) in pkgs.items():
-            for _ in range(20):
-                n += 1
-                batch.append((shard, Admission(f"r{n}", tid, jti, 1, "m@1", root_id=tid)))
-        decisions = await asyncio.gather(*[client.admit(a) for _, a in batch])
-        now = time.monotonic()
-        log += [(now, shard, d.code.value, d.request_id) for (shard, _), d in zip(batch, decisions, strict=True)]
+    """One loop per package, each at its own pace: a shard that pauses holds up only its own loop."""
+
+    async def one(shard: int, tid: str, jti: str) -> None:
+        n = 0
+        while not until():
+            batch = [Admission(f"s{shard}-r{n + i}", tid, jti, 1, "m@1", root_id=tid) for i in range(20)]
+            n += len(batch)
+            decisions = await asyncio.gather(*[client.admit(a) for a in batch])
+            now = time.monotonic()
+            log.extend((now, shard, d.code.value, d.request_id) for d in decisions)
+
+    await asyncio.gather(*[one(shard, tid, jti) for shard, (tid, jti) in pkgs.items()])
 
 
 async def run(cluster: Cluster, client: LedgerClient, pkgs: dict[int, tuple[str, str]]) -> dict[str, Any]:
@@ -79,7 +81,16 @@ async def run(cluster: Cluster, client: LedgerClient, pkgs: dict[int, tuple[str,
     gone = time.monotonic()  # every process of the node is dead from here on
     await loader
     after = shard_nodes(client)
+    others = sorted(s for s in before if s not in on_victim)
+    first_back = min((t for t, s, c, _ in log if t > gone and c == "ok" and s in on_victim), default=gone)
     return {
+        "shard_nodes_before": {s: n[:8] for s, n in before.items()},
+        "other_shards": others,
+        # admissions of the shards on the surviving worker between the removal and the removed shards' return
+        "other_shards_ok_during_outage": sum(
+            1 for t, s, c, _ in log if removed_at[0] < t <= first_back and s in others and c == "ok"
+        ),
+        "other_shards_unavailable": sum(1 for _, s, c, _ in log if s in others and c != "ok"),
         "removed_node_shards": on_victim,
         "restarted_elsewhere": sorted(s for s in on_victim if after[s] != victim_id),
         "log": log,

@@ -71,13 +71,13 @@ def test_given_load_on_two_shards_when_one_is_sigkilled_then_only_its_packages_p
 
 
 def test_given_a_three_node_cluster_when_a_worker_node_is_removed_under_load_then_its_shards_restart_elsewhere(
-    tmp_path: Path,
+    db_url: str, tmp_path: Path
 ) -> None:
     """Runs in its own process: a test session has one Ray cluster, this test needs a cluster of
     three nodes (`ray.cluster_utils.Cluster`, all on loopback)."""
-    db, out = tmp_path / "ledger.db", tmp_path / "report.json"
+    out = tmp_path / "report.json"
     done = subprocess.run(
-        [sys.executable, str(HERE / "cluster_failover.py"), f"sqlite:///{db}", str(tmp_path / "data"), str(out)],
+        [sys.executable, str(HERE / "cluster_failover.py"), db_url, str(tmp_path / "data"), str(out)],
         capture_output=True,
         text=True,
         timeout=540,
@@ -93,3 +93,6 @@ def test_given_a_three_node_cluster_when_a_worker_node_is_removed_under_load_the
     assert report["violations"] == [] and report["mismatched"] == []
     assert report["codes"] and set(report["codes"]) <= {"ok", "ledger_unavailable"}
     assert report["ok_after_node_gone"] > 0, "the restarted shards admit again"
+    for other in report["other_shards"]:  # shards spread over both workers: the other node's never stopped
+        assert report["epochs"][str(other)] == 1, "a shard on the surviving node was not restarted"
+    assert report["other_shards_unavailable"] == 0
