@@ -18,26 +18,20 @@ import copy
 import itertools
 import pickle
 import time
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
+from collections.abc import Sequence
+from typing import Any, cast
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayError, RayTaskError
 
-from ledger.api import OPS, LedgerApi, Route, merge, prepare, routing_key, targets
+from ledger.api import Route, merge, prepare, routing_key, targets
 from ledger.codes import Code
+from ledger.dispatch import Dispatcher
 from ledger.entities import Admission, Decision, Settlement
 from ledger.errors import LedgerError, LedgerUnavailable
 from ledger.flusher import unavailable
 from ledger.shards import ShardMap
 
-if TYPE_CHECKING:
-    _Api = LedgerApi
-else:
-    _Api = object
-
-P = ParamSpec("P")
-R = TypeVar("R")
 RETRY_DELAYS_S = (0.05, 0.1, 0.2, 0.5, 1.0, 1.0, 2.0, 2.0, 2.0, 3.0, 3.0)
 
 
@@ -114,7 +108,7 @@ async def _retrying(method: Any, payload: Any) -> Any:
     raise AssertionError("unreachable")
 
 
-class LedgerClient(_Api):
+class LedgerClient(Dispatcher):
     """Implements `LedgerApi` (every operation is a method, generated from `ledger.api.OPS`)."""
 
     def __init__(
@@ -212,10 +206,6 @@ class LedgerClient(_Api):
             raise _unwrapped(exc) from None
         return parts[0] if len(to) == 1 and spec.route is not Route.ALL_SHARDS else merge(op, parts)
 
-    async def aio(self, method: Callable[Concatenate[Any, P], R], *args: P.args, **kwargs: P.kwargs) -> R:
-        """`await client.aio(LedgerApi.split, parent_id, spec)`: an operation, awaited, typed."""
-        return cast(R, await self.ainvoke(method.__name__, args, kwargs))
-
     def stats(self) -> list[dict[str, Any]]:
         """Each shard's counters (pid, node, epoch, commits, tokens, ...), waiting while one restarts."""
         out: list[dict[str, Any]] = []
@@ -283,16 +273,3 @@ def _unwrapped(exc: RayError) -> LedgerError:
     if isinstance(exc, RayTaskError):
         return LedgerUnavailable(f"internal error in the ledger: {type(exc.cause).__name__}")
     return LedgerUnavailable(f"ledger actor unavailable: {type(exc).__name__}")
-
-
-def _operation(op: str) -> Callable[..., Any]:
-    def method(self: LedgerClient, *args: Any, **kwargs: Any) -> Any:
-        return self.invoke(op, args, kwargs)
-
-    method.__name__ = method.__qualname__ = op
-    method.__doc__ = getattr(LedgerApi, op).__doc__
-    return method
-
-
-for _op in OPS:  # the client mirrors the protocol: one generated method per operation
-    setattr(LedgerClient, _op, _operation(_op))

@@ -13,27 +13,20 @@ import itertools
 import time
 from collections.abc import Callable, Sequence
 from operator import methodcaller
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar, cast
+from typing import Any
 
-from ledger.api import OPS, Issued, Kind, LedgerApi, Route, merge, prepare, targets
+from ledger.api import Issued, Kind, Route, merge, prepare, targets
 from ledger.codes import Code
 from ledger.coordinator import AlertContext, CoordinatorCore
+from ledger.dispatch import Dispatcher
 from ledger.entities import Admission, Decision, Settlement
 from ledger.errors import OperationRefused
 from ledger.settings import LedgerSettings
 from ledger.shard import ShardCore, Unsigned
 from ledger.shards import ShardMap, ShardScope
 
-if TYPE_CHECKING:
-    _Api = LedgerApi
-else:
-    _Api = object
 
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-class InProcessLedger(_Api):
+class InProcessLedger(Dispatcher):
     """Implements `LedgerApi` (one generated method per operation of `ledger.api.OPS`)."""
 
     def __init__(self, settings: LedgerSettings, clock: Callable[[], float] = time.time) -> None:
@@ -70,14 +63,14 @@ class InProcessLedger(_Api):
     def admit_sync(self, items: Sequence[Admission]) -> list[Decision]:
         out: list[Decision] = []
         for a in items:
-            shard = self._shard_of(a.root_id or a.token_id)
+            shard = self.shards[self.shard_map.of_root(a.root_id)] if a.root_id else self._shard_of(a.token_id)
             out.append(self._durably(shard, methodcaller("admit_rows", [a.row()]))[0])
         return out
 
     def settle_sync(self, items: Sequence[Settlement]) -> list[Code]:
         out: list[Code] = []
         for x in items:
-            shard = self._shard_of(x.root_id or x.token_id)
+            shard = self.shards[self.shard_map.of_root(x.root_id)] if x.root_id else self._shard_of(x.token_id)
             out.append(Code(self._durably(shard, methodcaller("settle_rows", [x.row()]))[0]))
         return out
 
@@ -98,6 +91,8 @@ class InProcessLedger(_Api):
         return value
 
     def _shard_of(self, root_or_token: str) -> ShardCore:
+        if self.shard_map.count == 1:  # one shard owns every package: no lookup
+            return self.shards[0]
         root = self.coordinator.root_of(root_or_token) or root_or_token
         return self.shards[self.shard_map.of_root(root)]
 
@@ -108,12 +103,6 @@ class InProcessLedger(_Api):
         to = targets(spec, named, self.shard_map, acting_root, self.coordinator.root_of, next(self._turn))
         parts = [self._run(t, op, spec.kind, named) for t in to]
         return parts[0] if len(to) == 1 and spec.route is not Route.ALL_SHARDS else merge(op, parts)
-
-    async def ainvoke(self, op: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
-        return self.invoke(op, args, kwargs)
-
-    async def aio(self, method: Callable[Concatenate[Any, P], R], *args: P.args, **kwargs: P.kwargs) -> R:
-        return cast(R, self.invoke(method.__name__, args, kwargs))
 
     def _run(self, target: int | None, op: str, kind: Kind, named: dict[str, Any]) -> Any:
         if target is None:
@@ -129,16 +118,3 @@ class InProcessLedger(_Api):
         if isinstance(value, Unsigned):
             value = Issued(value.token, self.coordinator.sign(value.claims))
         return value
-
-
-def _operation(op: str) -> Callable[..., Any]:
-    def method(self: InProcessLedger, *args: Any, **kwargs: Any) -> Any:
-        return self.invoke(op, args, kwargs)
-
-    method.__name__ = method.__qualname__ = op
-    method.__doc__ = getattr(LedgerApi, op).__doc__
-    return method
-
-
-for _op in OPS:  # mirrors the protocol, like LedgerClient
-    setattr(InProcessLedger, _op, _operation(_op))
