@@ -32,6 +32,7 @@ from ledger.coordinator import AlertContext, CoordinatorCore, no_context
 from ledger.entities import Decision
 from ledger.errors import CredentialNotIssued, LedgerError, LedgerUnavailable, OperationRefused
 from ledger.flusher import Flusher, unavailable
+from ledger.leases import LeaseGrant, Version, WatchReply
 from ledger.settings import LedgerSettings
 from ledger.shard import ShardCore, Unsigned
 from ledger.shards import ShardMap, ShardScope
@@ -75,7 +76,10 @@ class ShardActor:
         # anyway, answers ledger_unavailable, and every batch retries the start (fence + load) first
         with contextlib.suppress(LedgerUnavailable):
             self.core.start()
-        self.flusher = Flusher(self.core)
+        self.flusher = Flusher(self.core, on_commit=self._committed)
+        self.changed = asyncio.Event()  # set (and replaced) when the watch log publishes a version
+        self.published = self.core.watch.version
+        self.lease_task: asyncio.Task[None] | None = None
         self.readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ledger-read")
         # launch() creates the coordinator first; the handle stays valid across its restarts
         self.coordinator: Any = ray.get_actor(settings.actor_name, namespace=settings.namespace)
@@ -105,6 +109,67 @@ class ShardActor:
         finally:
             self._exit_if_fenced()
         return result
+
+    # ------------------------------------------------------------ leases (DESIGN §3a)
+    async def lease_sync(self, blob: bytes) -> bytes:
+        """Holders' `LeaseAsk`s → `LeaseGrant`s, pickled like `admit_packed`. The holders are marked
+        alive before anything else: a lease whose reports cannot be committed now is not lost."""
+        self._start_leases()
+        asks = pickle.loads(blob)
+        if not isinstance(asks, list):
+            asks = []
+        self.core.leases.heard(asks)
+        try:
+            grants: list[LeaseGrant] = await self.flusher.run(lambda: self.core.lease_sync(asks))
+        except LedgerUnavailable as exc:
+            down = LeaseGrant(Code.LEDGER_UNAVAILABLE, ttl_s=self.settings.lease_ttl_s, message=exc.message)
+            grants = [down] * len(asks)
+        finally:
+            self._exit_if_fenced()
+        return pickle.dumps(grants, protocol=pickle.HIGHEST_PROTOCOL)
+
+    async def lease_watch(self, since: Version, tokens: list[str], timeout_s: float) -> WatchReply:
+        """Long poll: answers as soon as a narrowing change after `since` is committed (or at once if
+        `since` is stale), else after `timeout_s` (at most 30 s) with nothing changed."""
+        self._start_leases()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, min(float(timeout_s), 30.0))
+        while True:
+            event = self.changed
+            reply: WatchReply = await self.flusher.run(partial(self.core.lease_watch, since, tokens))
+            if reply.version != since or reply.policies:
+                return reply
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return reply
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), remaining)
+
+    def _committed(self, seconds: float, ops: int) -> None:
+        version = self.core.watch.version
+        if version != self.published:
+            self.published = version
+            self.changed.set()
+            self.changed = asyncio.Event()
+
+    def _start_leases(self) -> None:
+        if self.lease_task is None:
+            self.lease_task = asyncio.get_running_loop().create_task(self._lost_leases())
+
+    async def _lost_leases(self) -> None:
+        """Settle leases whose holder went silent past the TTL (DESIGN §3a), every second."""
+        while True:
+            await asyncio.sleep(min(1.0, self.settings.lease_ttl_s / 4))
+            if not self.core.book.leases:
+                continue
+            try:
+                await self.flusher.run(self.core.settle_lost_leases)
+            except LedgerError:
+                pass  # the database is down: retried at the next tick
+            except Exception:
+                log.exception("settling lost leases failed")
+            finally:
+                self._exit_if_fenced()
 
     # ------------------------------------------------------------ the typed API, forwarded
     async def call(self, op: str, args: tuple[Any, ...], kwargs: dict[str, Any], actor_jti: str | None = None) -> Any:
@@ -183,6 +248,9 @@ class ShardActor:
             "failed_ops": self.flusher.failed_ops,
             "tokens": len(self.core.book.nodes),
             "pending": len(self.core.book.pending),
+            "leases": self.core.leases.outstanding()[0],
+            "leased_units": self.core.leases.outstanding()[1],
+            "version": self.core.watch.version,
         }
 
 

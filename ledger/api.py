@@ -93,6 +93,7 @@ class SweepReport:
     expired: list[str] = field(default_factory=list)
     expiry_warned: list[str] = field(default_factory=list)
     idem_refunded: list[str] = field(default_factory=list)
+    lost_leases: list[str] = field(default_factory=list)
 
     @staticmethod
     def merge(parts: Iterable[SweepReport]) -> SweepReport:
@@ -101,6 +102,7 @@ class SweepReport:
             out.expired.extend(p.expired)
             out.expiry_warned.extend(p.expiry_warned)
             out.idem_refunded.extend(p.idem_refunded)
+            out.lost_leases.extend(p.lost_leases)
         return out
 
 

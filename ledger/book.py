@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 
-from ledger.changes import Changes, IdemRecord, Pending
+from ledger.changes import Changes, IdemRecord, Lease, Pending
 from ledger.codes import Code
 from ledger.entities import (
     Admission,
@@ -26,7 +26,7 @@ from ledger.entities import (
     Status,
     UsageState,
 )
-from ledger.limits import ip_allowed, model_allowed
+from ledger.leases import access_refusal, status_refusal
 from ledger.shards import ID_STRIDE, ShardScope
 from ledger.tree import MAX_TREE_DEPTH, MAX_UNITS, TokenTree
 
@@ -66,6 +66,7 @@ class QuotaBook:
         # request_id -> (token_id, settled state, ts) for recently settled requests (dedupe retries)
         self.recent: dict[str, tuple[str, str, float]] = {}
         self.idem: dict[tuple[str, str], IdemRecord] = {}
+        self.leases: dict[str, Lease] = {}  # quota leases of ingress replicas (ledger.leases)
         self.scope = scope or ShardScope()
         # usage row ids are assigned here (the shard is the only writer of its rows): this shard's
         # residue modulo ID_STRIDE, so that no two shards ever pick the same id
@@ -94,6 +95,7 @@ class QuotaBook:
         recent: Iterable[tuple[str, str, str, float]],
         idem: Iterable[IdemRecord],
         last_row_id: int = 0,
+        leases: Iterable[Lease] = (),
     ) -> None:
         """Rebuild from stored rows (any order). Derived fields are recomputed here.
 
@@ -104,6 +106,12 @@ class QuotaBook:
         self.pending = {p.request_id: p for p in pending}
         self.recent = {rid: (tid, state, ts) for rid, tid, state, ts in recent}
         self.idem = {(r.token_id, r.key): r for r in idem}
+        self.leases = {}
+        for lease in leases:
+            node = self.nodes.get(lease.token_id)
+            if node is not None:  # a lease names a token of its package: always here
+                node.leased += lease.units
+                self.leases[lease.id] = lease
         self.next_row_id = self.scope.first_row_id(last_row_id)
         self.tree.out = Changes()
 
@@ -145,19 +153,9 @@ class QuotaBook:
         # status and expiry first: a credential that would be refused now gets its 401, never a
         # stored result (the replays below) nor a redelivery's OK
         path = node.path()
-        for n in path:
-            if n.status is not Status.ACTIVE:
-                return self._deny(
-                    a,
-                    node,
-                    Code.REVOKED_TOKEN if n.status is Status.REVOKED else Code.EXPIRED_TOKEN,
-                    f"token {'or an ancestor ' if n is not node else ''}is {n.status.value}",
-                    now,
-                )
-            if n.expires_at is not None and now >= n.expires_at:
-                return self._deny(
-                    a, node, Code.EXPIRED_TOKEN, f"token {'or an ancestor ' if n is not node else ''}has expired", now
-                )
+        refusal = status_refusal(path, now)
+        if refusal is not None:
+            return self._deny(a, node, refusal[0], refusal[1], now)
         # a request id names one request: the same id again is a redelivery of it (the client's
         # resend to a restarted ledger, or Ray Serve retrying it on another replica). It is
         # served without a second debit, after the same model and IP checks below.
@@ -193,16 +191,9 @@ class QuotaBook:
                 return self._decision(Code.REPLAY, rec.request_id, node, 0, replay=rec.result)
         if type(a.units) is not int or not 0 < a.units <= MAX_UNITS:
             return self._deny(a, node, Code.INVALID_REQUEST, f"units must be an integer in 1..{MAX_UNITS}", now)
-        for n in path:
-            if n.models is not None and not model_allowed(n.models, a.model):
-                return self._deny(
-                    a, node, Code.MODEL_NOT_ALLOWED, f"model {a.model!r} is not allowed for this token", now
-                )
-        for n in path:
-            if n.ips is not None and not ip_allowed(n.ips, a.client_ip):
-                return self._deny(
-                    a, node, Code.IP_NOT_ALLOWED, f"client IP {a.client_ip!r} is not allowed for this token", now
-                )
+        refusal = access_refusal(path, a.model, a.client_ip)
+        if refusal is not None:
+            return self._deny(a, node, refusal[0], refusal[1], now)
         if prior is not None:  # a redelivery that passes every check: no second debit, no rate token
             return self._decision(Code.OK, a.request_id, node, prior.units, replayed=True)
         if node.free < a.units:
@@ -338,11 +329,7 @@ class QuotaBook:
         if refund:
             self._refund(node, refund)
         state = UsageState.SETTLED.value if s.success else UsageState.REFUNDED.value
-        recent = self.recent
-        recent.pop(s.request_id, None)  # a re-admitted id moves to the end: eviction stays oldest-first
-        recent[s.request_id] = (p.token_id, state, now)
-        if len(recent) > MAX_RECENT:
-            del recent[next(iter(recent))]
+        self.remember(s.request_id, p.token_id, state, now)
         self.out.settles.append((state, keep, s.latency_ms, s.detections, s.gpu_ms, now, p.row_id))
         if p.idem_key is not None:
             rec = self.idem.get((p.token_id, p.idem_key))
@@ -353,6 +340,44 @@ class QuotaBook:
                 else:  # a failed request may be retried with the same key
                     self._forget_idem((p.token_id, p.idem_key))
         return Code.OK
+
+    def remember(self, request_id: str, token_id: str, state: str, now: float) -> None:
+        """A settled request id, so that a redelivery of it is not charged again."""
+        recent = self.recent
+        recent.pop(request_id, None)  # a re-admitted id moves to the end: eviction stays oldest-first
+        recent[request_id] = (token_id, state, now)
+        if len(recent) > MAX_RECENT:
+            del recent[next(iter(recent))]
+
+    def take_row_id(self) -> int:
+        row_id = self.next_row_id
+        self.next_row_id = row_id + ID_STRIDE
+        return row_id
+
+    # ------------------------------------------------------------------ leases (ledger.leases)
+    def charge_leased(self, node: Node, units: int, now: float) -> None:
+        """Leased units answered for: they become `used` (free does not move)."""
+        if units <= 0:
+            return
+        node.leased -= units
+        node.used += units
+        self.out.dirty[node.id] = node
+        for n in node.path():
+            n.consumed += units
+            self._check_thresholds(n, now)
+
+    def unlease(self, node: Node, units: int) -> None:
+        """Leased units back to `free`; a dead node passes them up, as a refund does."""
+        if units <= 0:
+            return
+        node.leased -= units
+        n: Node | None = node
+        while n is not None and not n.live:  # dead nodes hold exactly what they spent
+            n.allocation -= units
+            self.out.dirty[n.id] = n
+            if n.parent is not None:
+                n.parent.delegated -= units
+            n = n.parent
 
     def _abandoned(self, rec: IdemRecord, now: float) -> bool:
         """Whether the unfinished idempotent request `rec` was abandoned; if so it is refunded (never

@@ -41,6 +41,20 @@ class Pending:
     body_hash: str | None = ""
 
 
+@dataclass(slots=True)
+class Lease:
+    """Units escrowed at a shard for one holder and token (a row of the `leases` table, DESIGN §3a)."""
+
+    id: str
+    token_id: str
+    root_id: str
+    holder: str
+    units: int
+    granted_at: float
+    expires_at: float
+    seq: int = 0  # the last report applied: reports are idempotent by their number
+
+
 # usage row tuples, in column order:
 # (id, ts, root_id, token_id, request_id, model, units, state, outcome, client_ip, image_bytes, body_hash)
 USAGE_COLUMNS = (
@@ -61,6 +75,12 @@ UsageRow = tuple[int, float, str, str, str, str, int, str, str, str | None, int,
 # settle tuples: (state, units, latency_ms, detections, gpu_ms, settled_at, id)
 SETTLE_COLUMNS = ("state", "units", "latency_ms", "detections", "gpu_ms", "settled_at")
 SettleRow = tuple[str, int, float, int, float, float, int]
+# finished rows (lease reports): the usage columns, then latency_ms, detections, gpu_ms, settled_at
+USAGE_DONE_COLUMNS = (*USAGE_COLUMNS, "latency_ms", "detections", "gpu_ms", "settled_at")
+UsageDoneRow = tuple[
+    int, float, str, str, str, str, int, str, str, str | None, int, str | None,
+    float | None, int | None, float | None, float | None,
+]  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -74,6 +94,9 @@ class Changes:
     idem_deleted: list[tuple[str, str]] = field(default_factory=list)
     admin_events: list[dict[str, Any]] = field(default_factory=list)
     alerts: list[dict[str, Any]] = field(default_factory=list)
+    usage_done: list[UsageDoneRow] = field(default_factory=list)
+    lease_put: dict[str, Lease] = field(default_factory=dict)
+    lease_deleted: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(
@@ -86,4 +109,7 @@ class Changes:
             or self.idem_deleted
             or self.admin_events
             or self.alerts
+            or self.usage_done
+            or self.lease_put
+            or self.lease_deleted
         )

@@ -25,51 +25,16 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayError, RayTaskError
 
 from ledger.api import Route, merge, prepare, routing_key, targets
+from ledger.batcher import Batcher
 from ledger.codes import Code
 from ledger.dispatch import Dispatcher
 from ledger.entities import Admission, Decision, Settlement
 from ledger.errors import LedgerError, LedgerUnavailable
 from ledger.flusher import unavailable
+from ledger.leases import LeaseAsk, LeaseGrant, Version, WatchReply
 from ledger.shards import ShardMap
 
 RETRY_DELAYS_S = (0.05, 0.1, 0.2, 0.5, 1.0, 1.0, 2.0, 2.0, 2.0, 3.0, 3.0)
-
-
-class _Batcher:
-    """Collects items from concurrent coroutines of ONE event loop and sends them in batches."""
-
-    def __init__(self, send: Any, max_batch: int, max_inflight: int) -> None:
-        self.send = send
-        self.max_batch = max_batch
-        self.max_inflight = max_inflight
-        self.queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
-        self.inflight = 0
-
-    async def submit(self, row: tuple[Any, ...]) -> Any:
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.queue.append((row, fut))
-        if self.inflight < self.max_inflight:
-            self.inflight += 1
-            asyncio.get_running_loop().create_task(self._drain())
-        return await fut
-
-    async def _drain(self) -> None:
-        try:
-            while self.queue:
-                batch = self.queue[: self.max_batch]
-                del self.queue[: self.max_batch]
-                try:
-                    results = await self.send([r for r, _ in batch])
-                except BaseException as exc:  # deliver, never lose a waiter
-                    for _, fut in batch:
-                        if not fut.done():
-                            fut.set_exception(exc)
-                    continue
-                for (_, fut), res in zip(batch, results, strict=True):
-                    if not fut.done():
-                        fut.set_result(res)
-        finally:
-            self.inflight -= 1
 
 
 class _Shard:
@@ -77,8 +42,8 @@ class _Shard:
 
     def __init__(self, actor: Any, max_batch: int, max_inflight: int) -> None:
         self.actor = actor
-        self.admit = _Batcher(self._send_admissions, max_batch, max_inflight)
-        self.settle = _Batcher(self._send_settlements, max_batch, max_inflight)
+        self.admit = Batcher(self._send_admissions, max_batch, max_inflight)
+        self.settle = Batcher(self._send_settlements, max_batch, max_inflight)
 
     async def _send_admissions(self, rows: list[tuple[Any, ...]]) -> list[Any]:
         try:
@@ -138,6 +103,31 @@ class LedgerClient(Dispatcher):
     @property
     def shard_actors(self) -> list[Any]:
         return [s.actor for s in self.shards]
+
+    # ---------------------------------------------------------------- leases (ledger.holder.LeaseTransport)
+    @property
+    def shard_count(self) -> int:
+        return self.shard_map.count
+
+    def shard_of(self, root_id: str) -> int:
+        return self.shard_map.of_root(root_id)
+
+    async def lease_sync(self, shard: int, asks: list[LeaseAsk]) -> list[LeaseGrant]:
+        """One call for many holders' asks; raises LedgerUnavailable when the shard cannot be reached
+        (its restart is waited for, as for admissions)."""
+        try:
+            blob = await _retrying(self.shards[shard].actor.lease_sync, pickle.dumps(asks, pickle.HIGHEST_PROTOCOL))
+        except RayError as exc:
+            raise LedgerUnavailable(f"ledger shard unavailable: {type(exc).__name__}") from None
+        grants: list[LeaseGrant] = pickle.loads(blob)
+        return grants
+
+    async def lease_watch(self, shard: int, since: Version, tokens: list[str], timeout_s: float) -> WatchReply:
+        try:
+            reply: WatchReply = await self.shards[shard].actor.lease_watch.remote(since, tokens, timeout_s)
+        except RayError as exc:
+            raise LedgerUnavailable(f"ledger shard unavailable: {type(exc).__name__}") from None
+        return reply
 
     # ---------------------------------------------------------------- hot path
     async def admit(self, a: Admission) -> Decision:

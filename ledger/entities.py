@@ -63,6 +63,7 @@ class Node:
     children: list[Node] = field(default_factory=list, repr=False)
     parent: Node | None = field(default=None, repr=False)
     delegated: int = 0
+    leased: int = 0  # escrowed in quota leases of ingress replicas (DESIGN §3a); from the leases table
     consumed: int = 0
     bucket: Bucket | None = field(default=None, repr=False)
     ancestry: tuple[Node, ...] = field(default=(), repr=False)  # cache of path(); parents never change
@@ -73,7 +74,7 @@ class Node:
 
     @property
     def free(self) -> int:
-        return self.allocation - self.used - self.delegated
+        return self.allocation - self.used - self.delegated - self.leased
 
     def path(self) -> tuple[Node, ...]:
         """This node, then each ancestor up to the root. Iterative: no depth of tree can recurse."""
@@ -108,6 +109,7 @@ class Node:
             allocation=self.allocation,
             used=self.used,
             delegated=self.delegated,
+            leased=self.leased,
             free=self.free if self.live else 0,
             consumed=self.consumed,
             status=self.status.value,
@@ -147,6 +149,7 @@ class TokenView:
     fired: list[int]
     children: list[str]
     meta: dict[str, Any]
+    leased: int = 0  # units escrowed in leases of ingress replicas (DESIGN §3a)
 
 
 @dataclass(frozen=True, slots=True)

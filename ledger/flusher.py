@@ -62,8 +62,9 @@ class Flusher:
     reached does a whole batch get `ledger_unavailable`.
     """
 
-    def __init__(self, core: ShardCore) -> None:
+    def __init__(self, core: ShardCore, on_commit: Callable[[float, int], None] | None = None) -> None:
         self.core = core
+        self.on_commit = on_commit  # (seconds, ops) on the loop after every successful commit
         self.queue: list[_Call] = []
         self.running = False
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-commit")
@@ -182,6 +183,7 @@ class Flusher:
                             c.reply(error=LedgerUnavailable("ledger could not apply this batch; retry"))
                     return
                 continue
+            t0 = time.perf_counter()
             try:
                 await loop.run_in_executor(self.pool, self.core.commit)
             except WriteRejected:
@@ -200,6 +202,8 @@ class Flusher:
             self.ops += len(live)
             for c in live:
                 c.durable = True
+            if self.on_commit is not None:
+                self.on_commit(time.perf_counter() - t0, len(live))
             return
 
     async def _one_by_one(self, calls: list[_Call]) -> None:
@@ -235,3 +239,5 @@ class Flusher:
                 self.commits += 1
                 self.ops += 1
                 c.durable = True
+                if self.on_commit is not None:
+                    self.on_commit(0.0, 1)

@@ -8,6 +8,7 @@ Single-threaded: one call at a time (tests, scripts).
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import itertools
 import time
@@ -21,6 +22,7 @@ from ledger.coordinator import AlertContext, CoordinatorCore
 from ledger.dispatch import Dispatcher
 from ledger.entities import Admission, Decision, Settlement
 from ledger.errors import OperationRefused
+from ledger.leases import LeaseAsk, LeaseGrant, Version, WatchReply
 from ledger.settings import LedgerSettings
 from ledger.shard import ShardCore, Unsigned
 from ledger.shards import ShardMap, ShardScope
@@ -73,6 +75,30 @@ class InProcessLedger(Dispatcher):
             shard = self.shards[self.shard_map.of_root(x.root_id)] if x.root_id else self._shard_of(x.token_id)
             out.append(Code(self._durably(shard, methodcaller("settle_rows", [x.row()]))[0]))
         return out
+
+    # ---------------------------------------------------------------- leases (ledger.holder.LeaseTransport)
+    @property
+    def shard_count(self) -> int:
+        return self.shard_map.count
+
+    def shard_of(self, root_id: str) -> int:
+        return self.shard_map.of_root(root_id)
+
+    async def lease_sync(self, shard: int, asks: list[LeaseAsk]) -> list[LeaseGrant]:
+        core = self.shards[shard]
+        core.leases.heard(asks)
+        grants: list[LeaseGrant] = self._durably(core, methodcaller("lease_sync", asks))
+        return grants
+
+    async def lease_watch(self, shard: int, since: Version, tokens: list[str], timeout_s: float) -> WatchReply:
+        """Polls (every 20 ms) instead of waiting on the commit: one process, no actor to wake it."""
+        core = self.shards[shard]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            reply = core.lease_watch(since, tokens) if core.ready else WatchReply(since)
+            if reply.version != since or reply.policies or time.monotonic() >= deadline:
+                return reply
+            await asyncio.sleep(0.02)
 
     @staticmethod
     def _durably(shard: ShardCore, op: Callable[[ShardCore], Any]) -> Any:

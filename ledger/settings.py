@@ -73,6 +73,14 @@ class LedgerSettings:
     # audit retention: older usage and admin events are deleted by the periodic loop
     audit_retention_days: float = 90.0
     prune_interval_s: float = 3600.0
+    # quota leases of ingress replicas (DESIGN §3a): a holder silent this long loses its lease, and
+    # the units in doubt are settled by `lost_lease_policy` (refund: never charged without an
+    # answer; charge: never served unpaid); a grant takes at most 1/lease_max_share of `free`, and
+    # tokens with fewer free units than lease_strict_below admit synchronously at the shard
+    lease_ttl_s: float = 10.0
+    lost_lease_policy: str = "refund"
+    lease_max_share: int = 4
+    lease_strict_below: int = 16
 
     @property
     def key_dir(self) -> Path:
@@ -100,6 +108,8 @@ class LedgerSettings:
             alert_webhooks=_csv(env.get("YT_ALERT_WEBHOOKS")),
             webhook_secret=env.get("YT_WEBHOOK_SECRET") or None,
             audit_retention_days=float(env.get("YT_AUDIT_RETENTION_DAYS", default.audit_retention_days)),
+            lease_ttl_s=float(env.get("YT_LEASE_TTL_S", default.lease_ttl_s)),
+            lost_lease_policy=env.get("YT_LOST_LEASE_POLICY", default.lost_lease_policy),
         )
         return replace(s, **overrides)  # type: ignore[arg-type]
 

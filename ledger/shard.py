@@ -25,7 +25,8 @@ from ledger.changes import Changes
 from ledger.codes import Code
 from ledger.credentials import new_id, new_jti
 from ledger.entities import Admission, Decision, Node, Settlement, TokenSpec, TokenView, make_token_limits
-from ledger.errors import Fenced, LedgerError, LedgerUnavailable, OperationRefused
+from ledger.errors import ConfigError, Fenced, LedgerError, LedgerUnavailable, OperationRefused
+from ledger.leases import LOST_LEASE_POLICIES, NARROWING, LeaseDesk, LeaseGrant, LeaseRules, Version, WatchLog, WatchReply
 from ledger.settings import LedgerSettings
 from ledger.shards import ShardScope
 from ledger.store.repository import Store, UsageQuery
@@ -60,6 +61,17 @@ class ShardCore:
             idem_pending_timeout_s=settings.idem_pending_timeout_s,
             scope=self.scope,
         )
+        if settings.lost_lease_policy not in LOST_LEASE_POLICIES:
+            raise ConfigError(f"lost_lease_policy must be one of {LOST_LEASE_POLICIES}")
+        self.watch = WatchLog()
+        self.leases = LeaseDesk(
+            self.book,
+            LeaseRules(
+                settings.lease_ttl_s, settings.lost_lease_policy, settings.lease_max_share, settings.lease_strict_below
+            ),
+            clock,
+            self.watch,
+        )
         self.ready = False
         self.fenced = False  # a newer instance of this shard started: this one never commits again
         self.unwritten: Changes | None = None  # the outbox of a commit that failed, until discarded
@@ -78,7 +90,7 @@ class ShardCore:
             log.exception("ledger database migration failed")
             raise LedgerUnavailable(f"database migration failed: {type(exc).__name__}") from exc
         if self.store.epoch is None:
-            self.store.fence(self.holder, self.clock())
+            self.watch.epoch = self.store.fence(self.holder, self.clock())
         self.reload()
 
     def reload(self) -> None:
@@ -89,10 +101,10 @@ class ShardCore:
         if self.fenced:
             raise Fenced(f"shard {self.scope.index} was superseded by a newer instance")
         try:
-            nodes, pending, recent, idem, last_id = self.store.load(
+            nodes, pending, recent, idem, last_id, leases = self.store.load(
                 self.clock(), self.settings.settle_window_s, self.settings.recent_window_s
             )
-            self.book.load(nodes, pending, recent, idem, last_id)
+            self.book.load(nodes, pending, recent, idem, last_id, leases)
         except Fenced:
             self.fenced = True
             raise
@@ -146,6 +158,8 @@ class ShardCore:
             self.ready = False
             self.unwritten = changes
             raise
+        # durable now: holders watching the changed tokens may be told (DESIGN §3a)
+        self.watch.publish(e["token_id"] for e in changes.admin_events if e["action"] in NARROWING)
 
     def close(self) -> None:
         self.store.close()
@@ -164,6 +178,18 @@ class ShardCore:
         settle = self.book.settle
         bad = Code.INVALID_REQUEST.value
         return [settle(s, now).value if (s := Settlement.from_row(r)) else bad for r in _rows(rows)]
+
+    # ---------------------------------------------------------------- leases (DESIGN §3a)
+    def lease_sync(self, asks: object) -> list[LeaseGrant]:
+        """Holders' reports, releases and grants (`LeaseAsk`); a malformed ask is refused alone."""
+        return self.leases.answer(_rows(asks))
+
+    def settle_lost_leases(self) -> list[str]:
+        return self.leases.settle_lost()
+
+    def lease_watch(self, since: Version, tokens: object) -> WatchReply:
+        ok = isinstance(since, tuple) and len(since) == 2 and all(type(v) is int for v in since)
+        return self.leases.watch_answer(since if ok else (-1, -1), [t for t in _rows(tokens) if isinstance(t, str)])
 
     # ---------------------------------------------------------------- credentials
     def _unsigned(self, n: Node) -> Unsigned:
@@ -216,8 +242,9 @@ class ShardCore:
         expired = self.book.tree.expire_due()
         warned = self.book.tree.warn_expiring(self.settings.expiry_warning_days * 86400)
         abandoned = self.book.refund_abandoned()
+        lost = self.leases.settle_lost()
         self.book.prune(settle_window_s=self.settings.settle_window_s, recent_window_s=self.settings.recent_window_s)
-        return SweepReport(expired, warned, abandoned)
+        return SweepReport(expired, warned, abandoned, lost)
 
     def alert_context(self, token_id: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Meta of the token and each ancestor (for its alert contacts), and its name/team."""

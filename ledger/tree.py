@@ -60,6 +60,7 @@ class TokenTree:
         now = self.clock()
         for n in by_id.values():
             n.children, n.parent, n.delegated, n.consumed, n.ancestry = [], None, 0, 0, ()
+            n.leased = 0  # set from the leases table by the book
             old = carry.get(n.id) if carry else None
             if n.rate is None:
                 n.bucket = None
@@ -380,7 +381,7 @@ class TokenTree:
         for x in reversed(sub):  # children first, so x.delegated is already their spend
             if x.live:
                 x.status = status
-            shrunk = x.allocation - (x.used + x.delegated)
+            shrunk = x.allocation - (x.used + x.delegated + x.leased)  # leased units stay escrowed
             x.allocation -= shrunk
             if x.parent is not None:
                 x.parent.delegated -= shrunk  # a root has no parent: its unspent units are withdrawn
@@ -403,10 +404,13 @@ class TokenTree:
             sub = root.subtree()
             used = sum(x.used for x in sub)
             free = sum(x.free for x in sub if x.live)
-            if used + free != root.allocation:
-                bad.append(f"root {root.id}: used {used} + free {free} != allocation {root.allocation}")
+            leased = sum(x.leased for x in sub)
+            if used + free + leased != root.allocation:
+                bad.append(
+                    f"root {root.id}: used {used} + free {free} + leased {leased} != allocation {root.allocation}"
+                )
             for x in sub:
-                if x.used < 0 or x.allocation < 0 or x.delegated < 0 or (x.live and x.free < 0):
+                if x.used < 0 or x.allocation < 0 or x.delegated < 0 or x.leased < 0 or (x.live and x.free < 0):
                     bad.append(f"node {x.id}: negative balance {x.view()}")
                 if not x.live and x.free != 0:
                     bad.append(f"dead node {x.id} holds {x.free} free units")

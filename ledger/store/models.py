@@ -123,3 +123,19 @@ class ShardRow(Base):
     epoch: Mapped[int] = mapped_column(BigInteger)
     holder: Mapped[str | None] = mapped_column(String(120))
     started_at: Mapped[float | None] = mapped_column(Float)
+
+
+class LeaseRow(Base):
+    """A quota lease (DESIGN §3a): `units` of a token escrowed for one holder (an ingress replica).
+    A token's `leased` balance is the sum of its leases; `free` excludes it."""
+
+    __tablename__ = "leases"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    token_id: Mapped[str] = mapped_column(String(40), index=True)
+    root_id: Mapped[str] = mapped_column(String(40), index=True)
+    holder: Mapped[str] = mapped_column(String(120))
+    units: Mapped[int] = mapped_column(BigInteger)
+    granted_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float] = mapped_column(Float)
+    seq: Mapped[int] = mapped_column(BigInteger, default=0)

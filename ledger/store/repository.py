@@ -19,13 +19,13 @@ from sqlalchemy import Engine, Table, and_, bindparam, create_engine, delete, ev
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, InterfaceError, InternalError, OperationalError, SQLAlchemyError
 
-from ledger.changes import SETTLE_COLUMNS, USAGE_COLUMNS, Changes, IdemRecord, Pending
+from ledger.changes import SETTLE_COLUMNS, USAGE_COLUMNS, USAGE_DONE_COLUMNS, Changes, IdemRecord, Lease, Pending
 from ledger.entities import Node, Status
 from ledger.errors import ConfigError, Fenced, LedgerUnavailable, WriteRejected
 from ledger.limits import RateLimit, normalize_ips
 from ledger.shards import ShardScope, slot_of
 from ledger.store.migrate import upgrade
-from ledger.store.models import AdminEventRow, AlertRow, Base, IdempotencyRow, ShardRow, TokenRow, UsageEventRow
+from ledger.store.models import AdminEventRow, AlertRow, Base, IdempotencyRow, LeaseRow, ShardRow, TokenRow, UsageEventRow
 
 TOKENS = cast(Table, TokenRow.__table__)
 USAGE = cast(Table, UsageEventRow.__table__)
@@ -33,6 +33,7 @@ ADMIN = cast(Table, AdminEventRow.__table__)
 ALERTS = cast(Table, AlertRow.__table__)
 IDEM = cast(Table, IdempotencyRow.__table__)
 SHARDS = cast(Table, ShardRow.__table__)
+LEASES = cast(Table, LeaseRow.__table__)
 AUDIT_COLUMNS = tuple(c for c in USAGE.columns if c.name != "body_hash")
 
 
@@ -107,6 +108,10 @@ class Store:
         mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
         self._insert_usage = (
             f"INSERT INTO usage_events ({', '.join(USAGE_COLUMNS)}) VALUES ({', '.join([mark] * len(USAGE_COLUMNS))})"
+        )
+        self._insert_usage_done = (
+            f"INSERT INTO usage_events ({', '.join(USAGE_DONE_COLUMNS)}) "
+            f"VALUES ({', '.join([mark] * len(USAGE_DONE_COLUMNS))})"
         )
         self._settle_usage = (
             f"UPDATE usage_events SET {', '.join(f'{c} = {mark}' for c in SETTLE_COLUMNS)} WHERE id = {mark}"
@@ -186,6 +191,13 @@ class Store:
             conn.exec_driver_sql(self._insert_usage, ch.usage)
         if ch.settles:
             conn.exec_driver_sql(self._settle_usage, ch.settles)
+        if ch.usage_done:
+            conn.exec_driver_sql(self._insert_usage_done, ch.usage_done)
+        gone = [*ch.lease_put, *ch.lease_deleted]
+        if gone:
+            conn.execute(delete(LEASES).where(LEASES.c.id.in_(gone)))
+        if ch.lease_put:
+            conn.execute(insert(LEASES), [_lease_row(x) for x in ch.lease_put.values()])
         if ch.idem_deleted:
             conn.execute(
                 delete(IDEM).where(and_(IDEM.c.token_id == bindparam("b_tid"), IDEM.c.key == bindparam("b_key"))),
@@ -222,7 +234,7 @@ class Store:
     # ---------------------------------------------------------------- loading
     def load(
         self, now: float, settle_window_s: float, recent_window_s: float
-    ) -> tuple[list[Node], list[Pending], list[tuple[str, str, str, float]], list[IdemRecord], int]:
+    ) -> tuple[list[Node], list[Pending], list[tuple[str, str, str, float]], list[IdemRecord], int, list[Lease]]:
         """Everything the quota book needs to rebuild itself."""
         try:
             owned = TOKENS.c.slot % self.scope.count == self.scope.index
@@ -271,12 +283,18 @@ class Store:
                     IdemRecord(r.token_id, r.key, r.body_hash, r.request_id, r.created_at, r.state, r.result)
                     for r in conn.execute(select(IDEM).select_from(idem_of_shard).where(owned)).mappings()
                 ]
+                leases = [
+                    Lease(r.id, r.token_id, r.root_id, r.holder, int(r.units), r.granted_at, r.expires_at, int(r.seq))
+                    for r in conn.execute(
+                        select(LEASES).select_from(LEASES.join(TOKENS, LEASES.c.token_id == TOKENS.c.id)).where(owned)
+                    )
+                ]
         except SQLAlchemyError as exc:
             raise LedgerUnavailable(f"database read failed: {type(exc).__name__}") from exc
         by_req = {(i.token_id, i.request_id): i.key for i in idem}
         for p in pending:
             p.idem_key = by_req.get((p.token_id, p.request_id))
-        return nodes, pending, recent, idem, last_id
+        return nodes, pending, recent, idem, last_id, leases
 
     # ---------------------------------------------------------------- reads
     def balances(self, *, whole: bool = False) -> dict[str, tuple[int, int, str]]:
@@ -442,6 +460,19 @@ def _refused_data(exc: SQLAlchemyError) -> bool:
         return not exc.connection_invalidated and not isinstance(exc, OperationalError | InterfaceError | InternalError)
     # a StatementError wrapping a value the driver could not bind (e.g. an int too large for SQLite)
     return isinstance(getattr(exc, "orig", None), TypeError | ValueError | OverflowError)
+
+
+def _lease_row(x: Lease) -> dict[str, Any]:
+    return {
+        "id": x.id,
+        "token_id": x.token_id,
+        "root_id": x.root_id,
+        "holder": x.holder,
+        "units": x.units,
+        "granted_at": x.granted_at,
+        "expires_at": x.expires_at,
+        "seq": x.seq,
+    }
 
 
 def _node_row(n: Node) -> dict[str, Any]:

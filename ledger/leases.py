@@ -1,0 +1,493 @@
+"""Quota leases (DESIGN §3a), the shard's side: grants, reports, releases, lost leases, the watch log.
+
+A lease escrows units of one token for one holder (an ingress replica): `free` → `leased`, durably.
+The holder admits locally from them and reports what it did; the shard turns reported units into
+`used` ones. Everything here runs inside the shard's single-threaded owner, on its `QuotaBook`; no
+I/O, every change goes to the book's outbox, and the store commits it in the same group commit
+as admissions.
+
+    LeaseAsk  (holder → shard, one per token)   report rows (idempotent by `seq`), release, `want` more
+    LeaseGrant (shard → holder)                 units granted, units escrowed, the token's policy
+    lost leases                                 past their deadline: settled by `lost_lease_policy`
+                                                (`refund` | `charge`), one `lease.lost` audit row
+
+Lease deadlines: the durable `expires_at` (renewed by every report) and, in memory only, the time
+this shard instance last heard from the holder, or started: a shard instance never settles a lease
+before its own start + TTL, so a holder whose reports could not be committed (the database down)
+or whose shard restarted keeps its lease while it keeps reporting. The holder stops admitting from
+a lease `ttl - margin` after the send time of its last answered report, which is never later than
+the shard's deadline: units are never granted twice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ledger.changes import Changes, Lease, Pending
+from ledger.codes import Code
+from ledger.credentials import new_id
+from ledger.entities import Node, Status, UsageState
+from ledger.limits import IPNetwork, ip_allowed, model_allowed
+
+LOST_LEASE_POLICIES = ("refund", "charge")
+# tree actions that can make a holder refuse what it admitted before (DESIGN §3a: narrowing changes)
+NARROWING = frozenset(
+    {"token.revoke", "token.expire", "token.rotate", "token.reclaim", "token.limits", "token.top_up"}
+)
+WATCH_LOG = 100_000  # changed token ids remembered for watchers; an older `since` gets every policy
+
+Version = tuple[int, int]  # (shard epoch, change counter): a new epoch makes every cached policy stale
+
+
+# ---------------------------------------------------------------- checks shared with the book
+def status_refusal(path: Iterable[Rule | Node], now: float) -> tuple[Code, str] | None:
+    """The first dead or expired node on a token's path, as the verdict to give (None: all live)."""
+    first = True
+    for n in path:
+        status = n.status if isinstance(n.status, str) else n.status.value
+        if status != Status.ACTIVE.value:
+            code = Code.REVOKED_TOKEN if status == Status.REVOKED.value else Code.EXPIRED_TOKEN
+            return code, f"token {'' if first else 'or an ancestor '}is {status}"
+        if n.expires_at is not None and now >= n.expires_at:
+            return Code.EXPIRED_TOKEN, f"token {'' if first else 'or an ancestor '}has expired"
+        first = False
+    return None
+
+
+def access_refusal(path: Iterable[Rule | Node], model: str, client_ip: str | None) -> tuple[Code, str] | None:
+    """The model and IP allowlists of every node on the path (None: allowed)."""
+    path = tuple(path)
+    for n in path:
+        if n.models is not None and not model_allowed(n.models, model):
+            return Code.MODEL_NOT_ALLOWED, f"model {model!r} is not allowed for this token"
+    for n in path:
+        if n.ips is not None and not ip_allowed(n.ips, client_ip):
+            return Code.IP_NOT_ALLOWED, f"client IP {client_ip!r} is not allowed for this token"
+    return None
+
+
+# ---------------------------------------------------------------- wire types
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """What a holder needs of one node on a token's path to admit locally."""
+
+    id: str
+    status: str
+    expires_at: float | None
+    models: frozenset[str] | None
+    ips: tuple[IPNetwork, ...] | None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPolicy:
+    """A token's local admission rules (itself, then each ancestor) and its balance at `version`."""
+
+    token_id: str
+    root_id: str
+    jti: str
+    path: tuple[Rule, ...]
+    allocation: int
+    used: int
+    free: int
+    rate_limit: float | None
+    strict: bool
+    version: Version
+
+    @staticmethod
+    def of(node: Node, version: Version) -> TokenPolicy:
+        path = node.path()
+        rates = [n.rate.rate for n in path if n.rate is not None]
+        return TokenPolicy(
+            node.id,
+            node.root_id,
+            node.jti,
+            tuple(Rule(n.id, n.status.value, n.expires_at, n.models, n.ips) for n in path),
+            node.allocation,
+            node.used,
+            max(node.free, 0) if node.live else 0,
+            min(rates) if rates else None,
+            is_strict(node),
+            version,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseUse:
+    """One request a holder finished (settled, refunded) or denied, reported once."""
+
+    request_id: str
+    ts: float
+    model: str
+    units: int  # units it held from the lease (0 for a denial)
+    kept: int  # units charged: what the holder answered for
+    state: str  # settled | refunded | denied
+    outcome: str  # the Code value
+    client_ip: str | None = None
+    image_bytes: int = 0
+    latency_ms: float = 0.0
+    detections: int = 0
+    gpu_ms: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseAsk:
+    """One holder's message about one token: a report (`seq` > 0), a release, and/or `want` more."""
+
+    token_id: str
+    jti: str
+    root_id: str
+    holder: str
+    lease_id: str = ""  # "" = no lease yet
+    seq: int = 0  # this report's number (the last applied + 1); 0 = no report
+    uses: tuple[LeaseUse, ...] = ()
+    want: int = 0
+    release: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseGrant:
+    """The shard's answer to one `LeaseAsk`. `code` says why nothing (more) was granted."""
+
+    code: Code
+    lease_id: str = ""
+    granted: int = 0  # units added now
+    units: int = 0  # units escrowed for the lease after this answer
+    applied_seq: int = 0  # the last report applied: the holder forgets reports up to it
+    ttl_s: float = 0.0
+    policy: TokenPolicy | None = None
+    strict: bool = False  # admit this token synchronously at the shard (strict package, small balance)
+    lost: bool = False  # the lease is gone (settled by policy): drop it, its unreported rows with it
+    alive: bool = True  # the shard heard this holder (its deadline moved) even if nothing was committed
+    message: str = ""
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WatchReply:
+    """Fresh policies of the watched tokens that changed since `since` (None: the token is gone), and
+    every token id changed since (`changed`; None: anything may have, e.g. the shard restarted)."""
+
+    version: Version
+    policies: dict[str, TokenPolicy | None] = field(default_factory=dict)
+    changed: frozenset[str] | None = frozenset()
+
+
+def is_strict(node: Node) -> bool:
+    """Packages created `--strict` admit every request synchronously at the shard."""
+    root = node.path()[-1]
+    return bool(root.meta.get("strict"))
+
+
+# ---------------------------------------------------------------- the watch log
+class WatchLog:
+    """Versions of narrowing changes, published after their commit. Lives outside the book: a
+    rebuilt book never takes a version back."""
+
+    def __init__(self, epoch: int = 0) -> None:
+        self.epoch = epoch
+        self.counter = 0
+        self.log: deque[tuple[int, str]] = deque(maxlen=WATCH_LOG)
+
+    @property
+    def version(self) -> Version:
+        return (self.epoch, self.counter)
+
+    def publish(self, token_ids: Iterable[str]) -> bool:
+        ids = set(token_ids)
+        if not ids:
+            return False
+        self.counter += 1
+        for t in ids:
+            self.log.append((self.counter, t))
+        return True
+
+    def changed_since(self, since: Version) -> set[str] | None:
+        """Token ids changed after `since`; None when `since` is from another epoch or too old."""
+        if since[0] != self.epoch or (self.log and since[1] < self.log[0][0] - 1):
+            return None
+        if since[1] >= self.counter:
+            return set()
+        return {t for v, t in self.log if v > since[1]}
+
+
+# ---------------------------------------------------------------- the shard's desk
+@dataclass(frozen=True, slots=True)
+class LeaseRules:
+    ttl_s: float = 10.0
+    lost_lease_policy: str = "refund"
+    max_share: int = 4  # one grant takes at most 1/max_share of the token's free units
+    strict_below: int = 16  # tokens with fewer free units admit synchronously
+    max_grant: int = 100_000
+
+
+class LeaseDesk:
+    """Grants, reports and releases on a `QuotaBook` (passed in; its `leases` hold the state).
+
+    `seen` is the in-memory "last heard from" of each lease and `started` this shard instance's
+    start: see the module docstring for the deadlines they give."""
+
+    def __init__(self, book: LeaseBook, rules: LeaseRules, clock: Callable[[], float], watch: WatchLog) -> None:
+        self.book = book
+        self.rules = rules
+        self.clock = clock
+        self.watch = watch
+        self.seen: dict[str, float] = {}
+        self.started = clock()
+
+    def heard(self, asks: Sequence[object]) -> None:
+        """Record that the holders of these asks are alive (memory only; see the module docstring)."""
+        now = self.clock()
+        for a in asks:
+            lease_id = getattr(a, "lease_id", "")
+            if isinstance(lease_id, str) and lease_id:
+                self.seen[lease_id] = now
+
+    def answer(self, asks: Sequence[object]) -> list[LeaseGrant]:
+        now = self.clock()
+        return [self._one(a, now) if isinstance(a, LeaseAsk) else LeaseGrant(Code.INVALID_REQUEST) for a in asks]
+
+    def _one(self, a: LeaseAsk, now: float) -> LeaseGrant:
+        book = self.book
+        node = book.nodes.get(a.token_id) if type(a.token_id) is str else None
+        if node is None or type(a.holder) is not str or not a.holder:
+            return LeaseGrant(Code.INVALID_TOKEN, message="unknown token")
+        lease = book.leases.get(a.lease_id) if a.lease_id else None
+        if a.lease_id and (lease is None or lease.holder != a.holder or lease.token_id != node.id):
+            # expired and settled by policy (or never this holder's): its unreported rows are in the
+            # lost_lease row; denials in them still go to the audit
+            self._record(node, lease, [u for u in a.uses if u.state == UsageState.DENIED.value], now)
+            return LeaseGrant(Code.OK, lost=True, ttl_s=self.rules.ttl_s, policy=self._policy(node))
+        if lease is not None:
+            lease.expires_at = now + self.rules.ttl_s  # renewed: durable with this commit
+            book.out.lease_put[lease.id] = lease
+            if a.seq > lease.seq:
+                self._record(node, lease, a.uses, now)
+                lease.seq = a.seq
+        elif a.uses:  # no lease: only denials can be reported
+            self._record(node, None, [u for u in a.uses if u.state == UsageState.DENIED.value], now)
+        if a.release:
+            if lease is not None:
+                self._end(lease, node)
+            return LeaseGrant(Code.OK, applied_seq=a.seq, ttl_s=self.rules.ttl_s, policy=self._policy(node))
+        grant = self._grant(a, node, lease, now) if type(a.want) is int and a.want > 0 else None
+        if grant is not None:
+            return grant
+        return self._reply(Code.OK, node, lease, 0, a)
+
+    def _reply(
+        self,
+        code: Code,
+        node: Node,
+        lease: Lease | None,
+        granted: int,
+        a: LeaseAsk,
+        *,
+        strict: bool = False,
+        message: str = "",
+        retry_after: float | None = None,
+    ) -> LeaseGrant:
+        return LeaseGrant(
+            code,
+            lease.id if lease else "",
+            granted,
+            lease.units if lease else 0,
+            lease.seq if lease else a.seq,
+            self.rules.ttl_s,
+            self._policy(node),
+            strict,
+            message=message,
+            retry_after=retry_after,
+        )
+
+    def _policy(self, node: Node) -> TokenPolicy:
+        return TokenPolicy.of(node, self.watch.version)
+
+    def _grant(self, a: LeaseAsk, node: Node, lease: Lease | None, now: float) -> LeaseGrant | None:
+        """All checks of DESIGN §3 except the per-request ones (model, IP: the holder checks those),
+        then `n` units from `free` to the lease, drawing `n` tokens from every rate bucket."""
+        if a.jti != node.jti:
+            return self._reply(Code.REVOKED_TOKEN, node, lease, 0, a, message="credential was rotated or revoked")
+        path = node.path()
+        refusal = status_refusal(path, now)
+        if refusal is not None:
+            return self._reply(refusal[0], node, lease, 0, a, message=refusal[1])
+        if is_strict(node):
+            return self._reply(Code.OK, node, lease, 0, a, strict=True)
+        free = node.free
+        if free <= 0:
+            return self._reply(
+                Code.QUOTA_EXHAUSTED, node, lease, 0, a, message=f"quota exhausted: {max(free, 0)} units left"
+            )
+        if free < self.rules.strict_below:
+            return self._reply(Code.OK, node, lease, 0, a, strict=True)
+        n = min(a.want, self.rules.max_grant, max(1, free // self.rules.max_share))
+        wait = 0.0
+        for x in path:
+            b = x.bucket
+            if b is not None:
+                b.refill(now)
+                n = min(n, math.floor(b.level))
+                wait = max(wait, b.wait_s())
+        if n < 1:
+            return self._reply(Code.RATE_LIMITED, node, lease, 0, a, message="rate limit exceeded", retry_after=wait)
+        for x in path:
+            if x.bucket is not None:
+                x.bucket.level -= n
+        if lease is None:
+            lease = Lease(new_id("lse"), node.id, node.root_id, a.holder[:120], 0, now, now + self.rules.ttl_s)
+            self.book.leases[lease.id] = lease
+        lease.units += n
+        node.leased += n
+        self.book.out.lease_put[lease.id] = lease
+        return self._reply(Code.OK, node, lease, n, a)
+
+    def _record(self, node: Node, lease: Lease | None, uses: Iterable[LeaseUse], now: float) -> None:
+        """Audit rows of reported requests; settled units go from the lease to `used` (once per
+        request id: a request Ray redelivered to two holders is charged once)."""
+        book = self.book
+        for u in uses:
+            if not isinstance(u, LeaseUse) or not _fits(u):
+                continue
+            kept = 0
+            state, outcome = u.state, u.outcome
+            if state == UsageState.SETTLED.value and lease is not None:
+                seen = book.recent.get(u.request_id)
+                if u.request_id in book.pending or (seen is not None and seen[1] != UsageState.REFUNDED.value):
+                    outcome = Code.REPLAY.value  # served twice, charged once
+                else:
+                    kept = max(0, min(u.kept, u.units, lease.units))
+                    lease.units -= kept
+                    book.charge_leased(node, kept, now)
+                book.remember(u.request_id, node.id, state, now)
+            elif state == UsageState.REFUNDED.value:
+                book.remember(u.request_id, node.id, state, now)
+            book.out.usage_done.append(
+                (
+                    book.take_row_id(),
+                    u.ts,
+                    node.root_id,
+                    node.id,
+                    u.request_id,
+                    u.model,
+                    kept,
+                    state,
+                    outcome,
+                    u.client_ip,
+                    u.image_bytes,
+                    None,
+                    u.latency_ms if state != UsageState.DENIED.value else None,
+                    u.detections if state != UsageState.DENIED.value else None,
+                    u.gpu_ms if state != UsageState.DENIED.value else None,
+                    now if state != UsageState.DENIED.value else None,
+                )
+            )
+
+    def _end(self, lease: Lease, node: Node) -> None:
+        """Return what is left in the lease to `free` (or up the tree, if the token is dead)."""
+        self.book.unlease(node, lease.units)
+        lease.units = 0
+        del self.book.leases[lease.id]
+        self.book.out.lease_put.pop(lease.id, None)
+        self.book.out.lease_deleted.append(lease.id)
+        self.seen.pop(lease.id, None)
+
+    def deadline(self, lease: Lease) -> float:
+        return max(lease.expires_at, self.seen.get(lease.id, 0.0) + self.rules.ttl_s, self.started + self.rules.ttl_s)
+
+    def settle_lost(self) -> list[str]:
+        """Leases past their deadline: their units in doubt settled by `lost_lease_policy`, one
+        `lease.lost` audit row each. Returns their ids."""
+        now = self.clock()
+        lost = [x for x in self.book.leases.values() if now > self.deadline(x)]
+        charge = self.rules.lost_lease_policy == "charge"
+        for lease in lost:
+            node = self.book.nodes[lease.token_id]
+            units = lease.units
+            if charge and units:
+                lease.units = 0
+                self.book.charge_leased(node, units, now)
+            self._end(lease, node)
+            self.book.out.admin_events.append(
+                {
+                    "ts": now,
+                    "actor": "ledger",
+                    "action": "lease.lost",
+                    "token_id": node.id,
+                    "root_id": node.root_id,
+                    "detail": {
+                        "lease": lease.id,
+                        "holder": lease.holder,
+                        "units": units,
+                        "policy": self.rules.lost_lease_policy,
+                        "granted_at": lease.granted_at,
+                        "reported_seq": lease.seq,
+                    },
+                }
+            )
+        return [x.id for x in lost]
+
+    def watch_answer(self, since: Version, tokens: Iterable[str]) -> WatchReply:
+        """Policies of the `tokens` (a holder's) whose path changed after `since`."""
+        changed = self.watch.changed_since(since)
+        out: dict[str, TokenPolicy | None] = {}
+        for t in tokens:
+            node = self.book.nodes.get(t) if type(t) is str else None
+            if node is None:
+                if changed is None or t in changed:
+                    out[t] = None
+                continue
+            if changed is None or any(n.id in changed for n in node.path()):
+                out[t] = self._policy(node)
+        return WatchReply(self.watch.version, out, None if changed is None else frozenset(changed))
+
+    def outstanding(self) -> tuple[int, int]:
+        leases = self.book.leases.values()
+        return len(leases), sum(x.units for x in leases)
+
+
+class LeaseBook(Protocol):
+    """What `LeaseDesk` needs of the quota book (`QuotaBook` implements it)."""
+
+    leases: dict[str, Lease]
+    pending: dict[str, Pending]
+    recent: dict[str, tuple[str, str, float]]
+
+    @property
+    def nodes(self) -> dict[str, Node]: ...
+
+    @property
+    def out(self) -> Changes: ...
+
+    def charge_leased(self, node: Node, units: int, now: float) -> None: ...
+
+    def unlease(self, node: Node, units: int) -> None: ...
+
+    def remember(self, request_id: str, token_id: str, state: str, now: float) -> None: ...
+
+    def take_row_id(self) -> int: ...
+
+
+def _fits(u: LeaseUse) -> bool:
+    return (
+        type(u.request_id) is str
+        and 0 < len(u.request_id) <= 64
+        and type(u.model) is str
+        and 0 < len(u.model) <= 200
+        and type(u.units) is int
+        and type(u.kept) is int
+        and u.state in (UsageState.SETTLED.value, UsageState.REFUNDED.value, UsageState.DENIED.value)
+        and type(u.outcome) is str
+        and len(u.outcome) <= 40
+        and (u.client_ip is None or (type(u.client_ip) is str and len(u.client_ip) <= 64))
+        and type(u.image_bytes) is int
+        and 0 <= u.image_bytes < 2**62
+        and isinstance(u.ts, int | float)
+        and math.isfinite(u.ts)
+        and all(isinstance(v, int | float) and math.isfinite(v) and 0 <= v < 1e12 for v in (u.latency_ms, u.gpu_ms))
+        and type(u.detections) is int
+        and 0 <= u.detections < 2**31
+    )
