@@ -430,16 +430,20 @@ class LeaseHolder:
             if h.busy is not None:
                 continue
             idle = now - h.last_used > c.idle_release_s and not h.inflight
+            # a revoked or expired token (seen through the watch): its lease goes back at once,
+            # after the requests admitted before the change are answered and reported
+            dead = h.policy is not None and not h.inflight and status_refusal(h.policy.path, now) is not None
             if idle and not h.lease_id and not h.buffer and h.report is None:
                 del self.held[h.token_id]
                 continue
             usable = not h.stale and now >= h.strict_until
             denied = h.deny is not None and now < h.deny[2]
             want = self._want(h)
-            refill = usable and not idle and not denied and h.avail < max(1, want // 2)
+            refill = usable and not idle and not dead and not denied and h.avail < max(1, want // 2)
             renew = bool(h.lease_id) and h.valid_until - now < h.ttl_s / 2
-            if h.buffer or h.report or refill or renew or (idle and h.lease_id):
-                jobs.append(self._exchange(h, want if refill else 0, release=idle and bool(h.lease_id)))
+            release = (idle or dead) and bool(h.lease_id)
+            if h.buffer or h.report or refill or renew or release:
+                jobs.append(self._exchange(h, want if refill and not release else 0, release=release))
         if jobs:
             await asyncio.gather(*jobs)
 

@@ -12,7 +12,6 @@ from ray.serve import Application, Deployment
 from ledger.service import launch
 from serve_app.config import AppArgs
 from serve_app.detector_deployment import Detector
-from serve_app.gate import TokenGate
 from serve_app.ingress import Ingress
 
 APP_NAME = "yolo-tokens"
@@ -23,13 +22,13 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
     for m in args.models:
         m.check_weights()  # fail at startup, naming the path, not at the first request
     # the ledger's one launch step (idempotent; other settings than the running ledger's are an
-    # error): the gate's replicas then only attach
+    # error): the ingress replicas then only attach
     launch(args.ledger_settings())
     detector = deployment(Detector)
     detectors = {m.key: detector.options(**m.deployment_options()).bind(m) for m in args.models}
-    # every detection is routed through the gate, which verifies and prices it itself
-    gate = deployment(TokenGate).bind(args.ledger_settings(), detectors, args.models, args.default_model)
-    return deployment(Ingress).options(num_replicas=args.ingress_replicas).bind(gate, args)
+    # the ingress is the token-check deployment: each replica admits from its own quota leases and
+    # sends admitted images straight to the version's detectors (no middle replica)
+    return deployment(Ingress).options(**args.ingress_options()).bind(args.ledger_settings(), detectors, args)
 
 
 def deployment(decorated: object) -> Deployment:

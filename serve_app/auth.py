@@ -4,8 +4,8 @@
 with none) and when a credential names a kid it lacks (a key rotated in): single-flight, each kid
 at most once per `KEY_REFRESH_INTERVAL_S`, and all kids together at most once per
 `KEY_REFRESH_INTERVAL_S / 25`, so random kids cannot flood the ledger while a real new key is
-picked up by the first request that needs it (the ingress and the gate each hold a ring, and
-neither may refuse a fresh credential because the other fetched a moment before). Revocation,
+picked up by the first request that needs it (each ingress replica holds its own ring, and
+none may refuse a fresh credential because another fetched a moment before). Revocation,
 expiry of ancestors and quota are NOT decided here: the ledger decides them at admission.
 """
 

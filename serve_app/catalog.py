@@ -1,6 +1,6 @@
 """ModelCatalog: the served model versions, how a request names one, what it costs, and the
 list `GET /v1/models` shows. The one place that resolves models, prices requests and lists them
-(the ingress, its request steps and the gate each hold one, built from the same args)."""
+(the ingress and its request steps hold one, built from the args)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -100,6 +100,10 @@ class LedgerArgs(BaseModel):
     shards: int = Field(default=1, ge=1, le=1024)
     # custom Ray resources every shard asks for (shards hold no files: any node with them will do)
     shard_resources: dict[str, float] = {}
+    # quota leases of ingress replicas (DESIGN §3a): a replica silent this long loses its lease;
+    # its units in doubt are refunded (never charged without an answer) or charged
+    lease_ttl_s: float = Field(default=10.0, ge=1.0, le=3600.0)
+    lost_lease_policy: Literal["refund", "charge"] = "refund"
 
 
 class AppArgs(BaseModel):
@@ -113,8 +117,10 @@ class AppArgs(BaseModel):
     ledger_resources: dict[str, float] = {}
     ledger: LedgerArgs = Field(default=LedgerArgs())
     default_model: str = "parts"
-    # HTTP/handle ingress replicas (each verifies, decodes and routes through the TokenGate)
+    # HTTP/handle ingress replicas: each verifies, decodes, admits from its own quota leases and
+    # calls the detectors; `ingress_autoscaling` (if set) replaces the fixed count
     ingress_replicas: int = Field(default=1, ge=1, le=64)
+    ingress_autoscaling: Autoscaling | None = None
     models: list[ModelSpec] = [ModelSpec(name="parts", version="1", weights=DEMO_WEIGHTS, imgsz=320)]
     limits: RequestLimits = RequestLimits()
 
@@ -125,6 +131,18 @@ class AppArgs(BaseModel):
         if len(set(keys)) != len(keys) or not models:
             raise ValueError(f"model versions must be unique and at least one: {keys}")
         return models
+
+    @field_validator("ingress_autoscaling")
+    @classmethod
+    def _serving(cls, a: Autoscaling | None) -> Autoscaling | None:
+        if a is not None and a.min_replicas < 1:
+            raise ValueError("the ingress needs min_replicas >= 1: with none, nothing answers HTTP")
+        return a
+
+    def ingress_options(self) -> dict[str, Any]:
+        if self.ingress_autoscaling is not None:
+            return {"autoscaling_config": self.ingress_autoscaling.serve_config()}
+        return {"num_replicas": self.ingress_replicas}
 
     def ledger_settings(self) -> LedgerSettings:
         """The ledger's settings: these args for where it lives; alert delivery and retention
@@ -138,4 +156,6 @@ class AppArgs(BaseModel):
             actor_resources=dict(self.ledger_resources),
             shards=self.ledger.shards,
             shard_resources=dict(self.ledger.shard_resources),
+            lease_ttl_s=self.ledger.lease_ttl_s,
+            lost_lease_policy=self.ledger.lost_lease_policy,
         ).resolved()

@@ -1,7 +1,9 @@
-"""Ingress: the FastAPI routes of DESIGN §5 and the handle API, on one Serve deployment.
+"""Ingress: the token-check deployment (DESIGN §1) — the FastAPI routes of DESIGN §5 and the handle API.
 
-Routes stay thin: they parse the transport and call `IngressSteps` (detection), the model
-catalog (`/v1/models`) or the gate's token-scoped ledger operations. Every failure leaves
+Every replica verifies credentials, decodes images, admits from its own quota leases (a
+`LeaseHolder`, no ledger round trip on the hot path) and sends admitted images straight to the
+model version's Detector replicas. Replicas autoscale; no single replica sees every request.
+Routes stay thin: they parse the transport and call `IngressSteps`. Every failure leaves
 through the one error table.
 """
 
@@ -11,8 +13,11 @@ through the one error table.
 import asyncio
 import ipaddress
 import logging
+import os
 import re
 import time
+import uuid
+from dataclasses import asdict
 from typing import Any
 
 import ray
@@ -22,14 +27,19 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.context import _get_serve_request_context
 
-from ledger.entities import TokenSpec
+from ledger.entities import Decision, TokenSpec
 from ledger.errors import OperationRefused
+from ledger.holder import LeaseHolder
+from ledger.service import attach
+from ledger.settings import LedgerSettings
 from serve_app import proxy_hooks
 from serve_app.catalog import placement_problem
 from serve_app.config import AppArgs
 from serve_app.errors import ApiError, QuietDenials
 from serve_app.http import client_ip, images_from_body, plain, read_body
 from serve_app.ingress_steps import DetectCall, IngressSteps, new_request_id
+from serve_app.metering import Meter
+from serve_app.metrics import IngressMetrics
 from serve_app.results import InferenceParams
 
 _IDEM_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
@@ -63,19 +73,39 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse(exc.body(rid), status_code=exc.status, headers=headers)
 
 
-# async: it awaits the gate and detectors, so many requests may be in flight per replica (default 5)
+# async: it awaits detectors, so many requests may be in flight per replica (default 5)
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256)
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, gate: Any, args: AppArgs) -> None:
+    def __init__(self, settings: LedgerSettings, detectors: dict[str, Any], args: AppArgs) -> None:
         self.args = args
-        self.gate = gate
         self.trusted = [ipaddress.ip_network(p, strict=False) for p in args.limits.trusted_proxies]
-        self.steps = IngressSteps(args, gate, {})  # no keys yet: the first credential fetches them
+        self.ledger = attach(settings)  # the app builder launched the ledger; replicas only attach
+        self.metrics = IngressMetrics()
+        holder_id = f"{serve.get_replica_context().replica_id.unique_id}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.holder = LeaseHolder(self.ledger, holder_id, on_admit=self._admitted)
+        # no keys yet: the first credential fetches them
+        self.steps = IngressSteps(args, self.ledger, Meter(self.holder), detectors)
         self.mark = proxy_hooks.MarkSecret()
         self.warned_unmarked = False
         self._status: tuple[float, dict[str, dict[str, Any]]] = (float("-inf"), {})
         QuietDenials.install()  # a denial over a handle is a warning line, not a traceback
+
+    async def __del__(self) -> None:
+        """Serve's graceful shutdown: report and release this replica's leases (a replica that
+        dies without this loses them: the ledger settles them after their TTL)."""
+        await self.holder.close()
+
+    def _admitted(self, decision: Decision, model: str, package: str, local: bool) -> None:
+        self.metrics.admission(decision.code.value, model, package, local)
+        if decision.admitted:
+            self.metrics.units_used(decision.units, model, package)
+
+    def stats(self) -> dict[str, Any]:
+        """This replica's lease holder: admissions by path, leases, report lag (tests, benchmarks)."""
+        leases, units = self.holder.outstanding()
+        return {"holder": self.holder.holder_id, **asdict(self.holder.stats), "leases": leases, "units": units,
+                "report_lag_s": self.holder.report_lag(), "pid": os.getpid()}
 
     # ------------------------------------------------------------ helpers
     def _request_id(self, request: Request) -> str:
@@ -105,12 +135,8 @@ class Ingress:
         return await self.steps.verify(request.headers.get("authorization"), typ)
 
     async def _ledger(self, op: str, request: Request, **kwargs: Any) -> Any:
-        """A ledger operation on behalf of the calling token: the gate verifies the credential and
-        acts as its token (its id AND current credential id)."""
-        try:
-            return await self.gate.call.remote(request.headers.get("authorization"), op, kwargs)
-        except ApiError as exc:  # Ray's wrapper of the gate's error: answer with a plain one
-            raise ApiError(exc.code, exc.message, retry_after=exc.retry_after) from None
+        """A ledger operation on behalf of the calling token (its id AND current credential id)."""
+        return await self.steps.token_call(request.headers.get("authorization"), op, kwargs)
 
     async def _model_status(self) -> dict[str, dict[str, Any]]:
         """Per model version: Serve's deployment status and replicas, and whether any node of the

@@ -1,32 +1,51 @@
-"""The ingress-side steps of a detection request, shared by HTTP and handle calls. One order
-for every request:
+"""The steps of a detection request inside the ingress replica that received it (DESIGN §1), shared
+by HTTP and handle calls. One order for every request:
 
-verify signature (local, no I/O) → decode + validate images (bounded) → admit (ledger,
-atomic, durable) → infer (Detector replica) → settle (keep, or refund on server failure).
-The ingress verifies and decodes here; admit, infer and settle happen in the TokenGate
-deployment, which verifies the credential again, prices the request from its own catalog and
-routes each admitted request into its model version's Detector replicas.
+verify signature (local, no I/O) → decode + validate images (bounded, before any charge) →
+admit from this replica's lease (local, no I/O; `serve_app.metering`) → infer on the model
+version's Detector replicas (the image crosses the object store once, from here to there) →
+settle (keep, or give back on a server failure).
 
+No middle replica: the ingress IS the token-check deployment. It trusts nothing the caller says
+about money: it verifies the credential and prices the request from its own model catalog, so a
+Ray job holding a handle gets exactly what HTTP gets — no unmetered inference, no chosen price.
 Client errors are caught before admission, so they never cost anything; a detector failure,
-timeout or a caller that went away after admission is refunded, so no answer never costs either.
+timeout or a caller that went away after admission is given back, so no answer never costs either.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
+import logging
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from ledger.api import LedgerApi
+from ledger.codes import Code
 from ledger.credentials import Claims
+from ledger.entities import Admission, Settlement
+from ledger.errors import LedgerError
+from serve_app.answer import result_body, usage_headers
 from serve_app.auth import KeyedVerifier
 from serve_app.catalog import ModelCatalog
 from serve_app.config import AppArgs, ModelSpec
 from serve_app.errors import ApiError
-from serve_app.gate import GateReply, GateRequest
 from serve_app.imaging import DecodedImage, ImageLimits, decode_image
+from serve_app.metering import Meter, refund
 from serve_app.results import InferenceParams
+
+log = logging.getLogger(__name__)
+IDEM_SETTLE_WAIT_S = 5.0  # an idempotent answer waits this long for its stored replay body
+MODEL_RETRY_AFTER_S = 10.0
+# operations a token may run on its own subtree (the HTTP routes under /v1/tokens and /v1/usage)
+TOKEN_OPS = frozenset({"tokens", "token", "usage", "split", "revoke", "reclaim", "rotate"})
 
 
 def new_request_id() -> str:
@@ -52,17 +71,27 @@ class DetectOutcome:
 
 
 class IngressSteps:
-    """Plain object; the Ingress deployment owns one and passes its gate handle in."""
+    """Plain object; the Ingress deployment owns one and passes the ledger, its lease holder (in a
+    `Meter`) and the detector handles in."""
 
-    def __init__(self, args: AppArgs, gate: Any, public_keys: dict[str, bytes]) -> None:
+    def __init__(
+        self,
+        args: AppArgs,
+        ledger: Any,
+        meter: Meter,
+        detectors: Mapping[str, Any],
+        public_keys: dict[str, bytes] | None = None,
+    ) -> None:
         self.args = args
-        self.gate = gate
+        self.ledger = ledger
+        self.meter = meter
+        self.detectors = detectors
         self.catalog = ModelCatalog.from_args(args)
-        self.auth = KeyedVerifier(self._fetch_keys, public_keys)
+        self.auth = KeyedVerifier(self._fetch_keys, public_keys or {})
         self.image_limits = ImageLimits(max_bytes=args.limits.max_body_bytes, max_pixels=args.limits.max_pixels)
 
     async def _fetch_keys(self) -> dict[str, bytes]:
-        keys: dict[str, bytes] = await self.gate.public_keys.remote()
+        keys: dict[str, bytes] = await self.ledger.aio(LedgerApi.public_keys)
         return keys
 
     # ------------------------------------------------------------ steps
@@ -81,36 +110,112 @@ class IngressSteps:
             raise ApiError("payload_too_large", f"images exceed {self.args.limits.max_body_bytes} bytes")
         return [decode_image(b, self.image_limits) for b in blobs]
 
+    async def token_call(self, credential: str | None, op: str, kwargs: dict[str, Any]) -> Any:
+        """A token-scoped tree operation or read, on behalf of the credential's token (its id AND
+        current credential id: the ledger refuses stale or revoked actors). Raises `ApiError`."""
+        if op not in TOKEN_OPS:
+            raise ApiError("forbidden", f"{op!r} is not a token operation")
+        claims = await self.verify(credential)
+        # the actor is the verified token, whatever the caller put in kwargs
+        as_token = self.ledger.acting_as(claims.sub, claims.jti, claims.pkg)
+        try:
+            return await as_token.ainvoke(op, (), {k: v for k, v in kwargs.items() if k not in ("actor", "actor_jti")})
+        except LedgerError as exc:
+            raise ApiError.from_code(exc.code, exc.message) from None
+
     # ------------------------------------------------------------ the whole request
     async def detect(self, call: DetectCall) -> DetectOutcome:
-        """Verify and decode here (client errors cost nothing), then the gate admits, infers and settles."""
+        """Verify, decode, price and admit here; only if admitted infer on the version's replicas;
+        then settle. Denials raise `ApiError`."""
         t0 = time.perf_counter()
-        await self.verify(call.credential)
+        claims = await self.verify(call.credential)
         images = self.decode(call.images)
         spec = self.resolve_model(call.model)
         t_decoded = time.perf_counter()
-        request = GateRequest(
+        admission = Admission(
             call.request_id,
-            call.credential,
+            claims.sub,
+            claims.jti,
+            self.catalog.units(spec, len(images)),
             spec.key,
             call.client_ip,
             call.idempotency_key,
             body_hash(call, spec),
-            tuple((i.width, i.height) for i in images),
             sum(i.nbytes for i in images),
+            claims.pkg,  # the package root: the ledger shard that owns the token
         )
-        reply: GateReply = await self.gate.detect.remote(request, [i.pixels for i in images], call.params)
-        if reply.error is not None:
-            raise reply.error
-        assert reply.body is not None  # a reply is a body or an error
-        body = reply.body
-        if "Idempotent-Replayed" not in reply.headers:
-            body["timing_ms"] = {
+        decision = await self.meter.admit(admission)
+        headers = usage_headers(decision)
+        if decision.code is Code.REPLAY:
+            if decision.replay is None:
+                raise ApiError("idempotency_conflict", "this request was already processed")
+            return DetectOutcome(json.loads(decision.replay), {**headers, "Idempotent-Replayed": "true"})
+        if not decision.admitted:
+            raise ApiError.from_code(decision.code, decision.message, decision.retry_after, headers)
+        t_admitted = time.perf_counter()
+        try:
+            result = await self._infer(spec, [i.pixels for i in images], call.params)
+        except asyncio.CancelledError:
+            # the caller went away (Serve cancels the call when the client hangs up): no answer, no charge
+            self.meter.settle_later(refund(admission))
+            raise
+        except Exception as exc:  # give the units back before answering, so a 5xx never costs the caller
+            await self.meter.settle_soon(refund(admission))
+            reason = f"did not answer within {spec.timeout_s:g}s" if isinstance(exc, TimeoutError) else "failed"
+            log.warning("detector %s %s: %r", spec.key, reason, exc)
+            raise ApiError(
+                "model_unavailable", f"model {spec.key} {reason}; nothing was charged", retry_after=MODEL_RETRY_AFTER_S
+            ) from None
+        t_inferred = time.perf_counter()
+        body = result_body(call.request_id, spec.name, spec.version, [(i.width, i.height) for i in images], result["detections"])
+        body |= {
+            "usage": {
+                "units": decision.units,
+                "used": decision.used,
+                "allocation": decision.allocation,
+                "remaining": decision.remaining,
+            },
+            "timing_ms": {
                 "decode": _ms(t0, t_decoded),
-                **body["timing_ms"],
-                "total": _ms(t0, time.perf_counter()),
-            }
-        return DetectOutcome(body, reply.headers)
+                "admit": _ms(t_decoded, t_admitted),
+                "infer": _ms(t_admitted, t_inferred),
+                "total": _ms(t0, t_inferred),
+            },
+        }
+        success = Settlement(
+            admission.request_id,
+            admission.token_id,
+            success=True,
+            latency_ms=_ms(t0, t_inferred),
+            detections=sum(len(d) for d in result["detections"]),
+            gpu_ms=float(result["gpu_ms"]),
+            result=json.dumps(body) if call.idempotency_key else None,
+            root_id=admission.root_id,
+        )
+        if call.idempotency_key:
+            # a retry with this key replays the stored body, so it is stored before we answer
+            # (shielded: an answer already computed is kept and charged once even if the caller left)
+            await self.meter.settle_soon(success, wait_s=IDEM_SETTLE_WAIT_S)
+        else:
+            # the units are held for this request; settling only turns them into used ones (and
+            # completes the audit row), so the caller does not wait for it
+            self.meter.settle_later(success)
+        return DetectOutcome(body, headers)
+
+    async def _infer(self, spec: ModelSpec, pixels: list[np.ndarray], params: InferenceParams) -> dict[str, Any]:
+        """The version's answer within `spec.timeout_s` (queueing for a replica and a cold start
+        included); `TimeoutError` otherwise. The request is withdrawn on timeout or cancellation."""
+        response = self.detectors[spec.key].detect.remote(pixels, params)
+        try:
+            result: dict[str, Any] = await asyncio.wait_for(_awaited(response), spec.timeout_s)
+        except BaseException:
+            response.cancel()
+            raise
+        return result
+
+
+async def _awaited(response: Any) -> Any:
+    return await response
 
 
 def body_hash(call: DetectCall, spec: ModelSpec) -> str:

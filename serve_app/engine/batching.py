@@ -2,7 +2,7 @@
 
 Each call carries its own images and inference parameters and gets its own detections back, in
 order; the engine groups all the images by letterboxed shape, whichever call they came from.
-The reply of each call is the Detector's wire format, which the gate reads:
+The reply of each call is the Detector's wire format, which the ingress reads:
 `{"detections": [[Detection, ...] per image], "gpu_ms", "infer_ms", "batch_images"}`.
 """
 
