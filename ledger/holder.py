@@ -32,7 +32,16 @@ from ledger.batcher import Batcher
 from ledger.codes import Code
 from ledger.entities import Admission, Decision, Settlement, UsageState
 from ledger.errors import LedgerError
-from ledger.leases import LeaseAsk, LeaseGrant, LeaseUse, TokenPolicy, Version, WatchReply, access_refusal, status_refusal
+from ledger.leases import (
+    LeaseAsk,
+    LeaseGrant,
+    LeaseUse,
+    TokenPolicy,
+    Version,
+    WatchReply,
+    access_refusal,
+    status_refusal,
+)
 from ledger.tree import MAX_UNITS
 
 log = logging.getLogger(__name__)

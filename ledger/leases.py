@@ -35,9 +35,7 @@ from ledger.limits import IPNetwork, ip_allowed, model_allowed
 
 LOST_LEASE_POLICIES = ("refund", "charge")
 # tree actions that can make a holder refuse what it admitted before (DESIGN §3a: narrowing changes)
-NARROWING = frozenset(
-    {"token.revoke", "token.expire", "token.rotate", "token.reclaim", "token.limits", "token.top_up"}
-)
+NARROWING = frozenset({"token.revoke", "token.expire", "token.rotate", "token.reclaim", "token.limits", "token.top_up"})
 WATCH_LOG = 100_000  # changed token ids remembered for watchers; an older `since` gets every policy
 
 Version = tuple[int, int]  # (shard epoch, change counter): a new epoch makes every cached policy stale

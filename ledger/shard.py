@@ -26,7 +26,16 @@ from ledger.codes import Code
 from ledger.credentials import new_id, new_jti
 from ledger.entities import Admission, Decision, Node, Settlement, TokenSpec, TokenView, make_token_limits
 from ledger.errors import ConfigError, Fenced, LedgerError, LedgerUnavailable, OperationRefused
-from ledger.leases import LOST_LEASE_POLICIES, NARROWING, LeaseDesk, LeaseGrant, LeaseRules, Version, WatchLog, WatchReply
+from ledger.leases import (
+    LOST_LEASE_POLICIES,
+    NARROWING,
+    LeaseDesk,
+    LeaseGrant,
+    LeaseRules,
+    Version,
+    WatchLog,
+    WatchReply,
+)
 from ledger.settings import LedgerSettings
 from ledger.shards import ShardScope
 from ledger.store.repository import Store, UsageQuery

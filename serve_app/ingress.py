@@ -104,8 +104,14 @@ class Ingress:
     def stats(self) -> dict[str, Any]:
         """This replica's lease holder: admissions by path, leases, report lag (tests, benchmarks)."""
         leases, units = self.holder.outstanding()
-        return {"holder": self.holder.holder_id, **asdict(self.holder.stats), "leases": leases, "units": units,
-                "report_lag_s": self.holder.report_lag(), "pid": os.getpid()}
+        return {
+            "holder": self.holder.holder_id,
+            **asdict(self.holder.stats),
+            "leases": leases,
+            "units": units,
+            "report_lag_s": self.holder.report_lag(),
+            "pid": os.getpid(),
+        }
 
     # ------------------------------------------------------------ helpers
     def _request_id(self, request: Request) -> str:

@@ -167,7 +167,9 @@ class IngressSteps:
                 "model_unavailable", f"model {spec.key} {reason}; nothing was charged", retry_after=MODEL_RETRY_AFTER_S
             ) from None
         t_inferred = time.perf_counter()
-        body = result_body(call.request_id, spec.name, spec.version, [(i.width, i.height) for i in images], result["detections"])
+        body = result_body(
+            call.request_id, spec.name, spec.version, [(i.width, i.height) for i in images], result["detections"]
+        )
         body |= {
             "usage": {
                 "units": decision.units,

@@ -25,7 +25,16 @@ from ledger.errors import ConfigError, Fenced, LedgerUnavailable, WriteRejected
 from ledger.limits import RateLimit, normalize_ips
 from ledger.shards import ShardScope, slot_of
 from ledger.store.migrate import upgrade
-from ledger.store.models import AdminEventRow, AlertRow, Base, IdempotencyRow, LeaseRow, ShardRow, TokenRow, UsageEventRow
+from ledger.store.models import (
+    AdminEventRow,
+    AlertRow,
+    Base,
+    IdempotencyRow,
+    LeaseRow,
+    ShardRow,
+    TokenRow,
+    UsageEventRow,
+)
 
 TOKENS = cast(Table, TokenRow.__table__)
 USAGE = cast(Table, UsageEventRow.__table__)
