@@ -33,6 +33,7 @@ from ledger.entities import Decision
 from ledger.errors import CredentialNotIssued, LedgerError, LedgerUnavailable, OperationRefused
 from ledger.flusher import Flusher, unavailable
 from ledger.leases import LeaseGrant, Version, WatchReply
+from ledger.metrics import ShardMetrics
 from ledger.settings import LedgerSettings
 from ledger.shard import ShardCore, Unsigned
 from ledger.shards import ShardMap, ShardScope
@@ -76,6 +77,8 @@ class ShardActor:
         # anyway, answers ledger_unavailable, and every batch retries the start (fence + load) first
         with contextlib.suppress(LedgerUnavailable):
             self.core.start()
+        self.metrics = ShardMetrics(index)
+        self.lost_reported = 0
         self.flusher = Flusher(self.core, on_commit=self._committed)
         self.changed = asyncio.Event()  # set (and replaced) when the watch log publishes a version
         self.published = self.core.watch.version
@@ -92,6 +95,7 @@ class ShardActor:
 
     async def admit_batch(self, rows: list[Any]) -> list[Decision]:
         """Decisions, all durable when returned."""
+        self._start_leases()
         try:
             result: list[Decision] = await self.flusher.run(lambda: self.core.admit_rows(rows))
         except LedgerUnavailable as exc:
@@ -146,6 +150,7 @@ class ShardActor:
                 await asyncio.wait_for(event.wait(), remaining)
 
     def _committed(self, seconds: float, ops: int) -> None:
+        self.metrics.commit(seconds, ops)
         version = self.core.watch.version
         if version != self.published:
             self.published = version
@@ -157,19 +162,30 @@ class ShardActor:
             self.lease_task = asyncio.get_running_loop().create_task(self._lost_leases())
 
     async def _lost_leases(self) -> None:
-        """Settle leases whose holder went silent past the TTL (DESIGN §3a), every second."""
+        """Settle leases whose holder went silent past the TTL (DESIGN §3a), every second; and keep
+        this shard's gauges (leases, quota remaining per package) current."""
         while True:
             await asyncio.sleep(min(1.0, self.settings.lease_ttl_s / 4))
-            if not self.core.book.leases:
-                continue
-            try:
-                await self.flusher.run(self.core.settle_lost_leases)
-            except LedgerError:
-                pass  # the database is down: retried at the next tick
-            except Exception:
-                log.exception("settling lost leases failed")
-            finally:
-                self._exit_if_fenced()
+            if self.core.book.leases:
+                try:
+                    await self.flusher.run(self.core.settle_lost_leases)
+                except LedgerError:
+                    pass  # the database is down: retried at the next tick
+                except Exception:
+                    log.exception("settling lost leases failed")
+                finally:
+                    self._exit_if_fenced()
+            self._gauges()
+
+    def _gauges(self) -> None:
+        lost = self.core.leases.lost_units
+        if lost > self.lost_reported:
+            self.metrics.lost_lease(lost - self.lost_reported, self.settings.lost_lease_policy)
+            self.lost_reported = lost
+        self.metrics.leases(*self.core.leases.outstanding())
+        for root in list(self.core.book.roots.values()):
+            self.metrics.quota_remaining(root.id, max(root.allocation - root.consumed, 0) if root.live else 0)
+        self.metrics.refresh()
 
     # ------------------------------------------------------------ the typed API, forwarded
     async def call(self, op: str, args: tuple[Any, ...], kwargs: dict[str, Any], actor_jti: str | None = None) -> Any:

@@ -235,6 +235,7 @@ class LeaseDesk:
         self.watch = watch
         self.seen: dict[str, float] = {}
         self.started = clock()
+        self.lost_units = 0  # units of lost leases settled by this instance (metrics)
 
     def heard(self, asks: Sequence[object]) -> None:
         """Record that the holders of these asks are alive (memory only; see the module docstring)."""
@@ -405,6 +406,7 @@ class LeaseDesk:
         for lease in lost:
             node = self.book.nodes[lease.token_id]
             units = lease.units
+            self.lost_units += units
             if charge and units:
                 lease.units = 0
                 self.book.charge_leased(node, units, now)

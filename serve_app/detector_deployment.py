@@ -22,6 +22,7 @@ from serve_app.config import ModelSpec
 from serve_app.engine.batching import Call, merge_calls, split_result
 from serve_app.engine.protocol import Engine, EngineFactory
 from serve_app.engine.registry import BACKENDS, create_engine
+from serve_app.metrics import DetectorMetrics
 from serve_app.results import InferenceParams
 
 
@@ -47,6 +48,7 @@ class Detector:
             max_batch=spec.max_batch_size,
             registry=engines,
         )
+        self.metrics = DetectorMetrics(spec.key)
         batch = cast(TunableBatch, self.detect_batch)
         batch.set_max_batch_size(spec.max_batch_size)
         batch.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)
@@ -58,7 +60,9 @@ class Detector:
         # off the event loop (torch releases the GIL): requests keep arriving and queue up for the
         # next batch while this one computes, so batches fill under load
         result = await asyncio.to_thread(self.engine.detect, images, params)
-        return split_result(calls, result, (time.perf_counter() - t0) * 1000)
+        seconds = time.perf_counter() - t0
+        self.metrics.batch(len(images), seconds)
+        return split_result(calls, result, seconds * 1000)
 
     async def detect(self, images: list[np.ndarray], params: InferenceParams) -> dict[str, Any]:
         result: dict[str, Any] = await self.detect_batch((images, params))

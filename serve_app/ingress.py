@@ -86,6 +86,7 @@ class Ingress:
         self.holder = LeaseHolder(self.ledger, holder_id, on_admit=self._admitted)
         # no keys yet: the first credential fetches them
         self.steps = IngressSteps(args, self.ledger, Meter(self.holder), detectors)
+        self.gauges: asyncio.Task[None] | None = None
         self.mark = proxy_hooks.MarkSecret()
         self.warned_unmarked = False
         self._status: tuple[float, dict[str, dict[str, Any]]] = (float("-inf"), {})
@@ -94,7 +95,31 @@ class Ingress:
     async def __del__(self) -> None:
         """Serve's graceful shutdown: report and release this replica's leases (a replica that
         dies without this loses them: the ledger settles them after their TTL)."""
+        if self.gauges is not None:
+            self.gauges.cancel()
         await self.holder.close()
+
+    def _model_tag(self, requested: str | None) -> str:
+        """A catalog key, never the caller's text: a metric tag must not grow a series per typo."""
+        try:
+            return self.steps.resolve_model(requested).key
+        except ApiError:
+            return "unknown"
+
+    def _start_gauges(self) -> None:
+        if self.gauges is None:
+            self.gauges = asyncio.get_running_loop().create_task(self._gauge_loop())
+
+    async def _gauge_loop(self) -> None:
+        """Leases held and report lag, every second (and Ray's gauges kept alive)."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                self.metrics.leases(*self.holder.outstanding())
+                self.metrics.report_lag(self.holder.report_lag())
+                self.metrics.refresh()
+            except Exception:  # metrics must never take the replica down
+                log.exception("ingress gauges failed")
 
     def _admitted(self, decision: Decision, model: str, package: str, local: bool) -> None:
         self.metrics.admission(decision.code.value, model, package, local)
@@ -179,6 +204,22 @@ class Ingress:
     @api.post("/v1/detect")
     async def detect_http(
         self, request: Request, model: str | None = None, conf: float = 0.25, iou: float = 0.7, max_det: int = 300
+    ) -> JSONResponse:
+        t0 = time.perf_counter()
+        self._start_gauges()
+        status = 500
+        try:
+            response = await self._detect_http(request, model, conf, iou, max_det)
+            status = response.status_code
+            return response
+        except ApiError as exc:
+            status = exc.status
+            raise
+        finally:
+            self.metrics.request(time.perf_counter() - t0, self._model_tag(model), status)
+
+    async def _detect_http(
+        self, request: Request, model: str | None, conf: float, iou: float, max_det: int
     ) -> JSONResponse:
         rid = self._start(request)
         if not (0.0 <= conf <= 1.0 and 0.0 <= iou <= 1.0 and 1 <= max_det <= 1000):
