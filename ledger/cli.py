@@ -110,7 +110,19 @@ def _spec(a: argparse.Namespace) -> TokenSpec:
 
 
 def cmd_package_create(a: argparse.Namespace, c: LedgerClient) -> Any:
-    return c.create_package(_spec(a))
+    spec = _spec(a)
+    if a.strict:  # every request admitted synchronously at the shard: no quota leases (DESIGN §3a)
+        spec = TokenSpec.build(
+            spec.name,
+            spec.allocation,
+            expires_at=spec.limits.expires_at,
+            models=a.models,
+            ips=a.ips,
+            rate=a.rate,
+            team=a.team,
+            meta={**spec.meta, "strict": True},
+        )
+    return c.create_package(spec)
 
 
 def cmd_split(a: argparse.Namespace, c: LedgerClient) -> Any:
@@ -257,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True)
     p.add_argument("--quota", type=int, required=True, help="units (calls) granted")
     p.add_argument("--team")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="admit every request synchronously at the ledger shard (no quota leases in ingress replicas)",
+    )
     _limit_args(p)
     p.set_defaults(handler=cmd_package_create, command="package create")
 

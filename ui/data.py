@@ -101,6 +101,7 @@ def tree_rows(tokens: Sequence[Any], root_id: str) -> list[dict[str, Any]]:
                 "allocation": t["allocation"],
                 "used": t["used"],
                 "delegated": t["delegated"],
+                "leased": t.get("leased", 0),
                 "free": t["free"],
                 "models": ", ".join(t["models"] or []) or "any",
                 "ips": ", ".join(t["ips"] or []) or "any",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import csv
 import json
@@ -13,10 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 import ray
 
 from ledger.cli import main, parse_duration
+from ledger.leases import LeaseAsk, LeaseGrant
 from ledger.settings import LedgerSettings
 from ledger.store.repository import iso_utc
 
@@ -218,3 +221,25 @@ def test_given_usage_then_usage_and_audit_export_print_iso_utc_times_and_json_ke
     assert all(ISO_UTC.match(r["settled_at"]) for r in exported if r["request_id"] == "t-0")
     assert abs(time.time() - calendar.timegm(time.strptime(exported[0]["ts"][:19], "%Y-%m-%dT%H:%M:%S"))) < 600
     assert "body_hash" not in exported[0]
+
+
+def test_given_package_create_strict_then_the_package_is_marked_and_never_leased(cli: Any, ledger: Any) -> None:
+    """Given `package create --strict`, then its meta says so and a lease ask for it is answered
+    `strict` (every request admitted synchronously at the shard), while a plain package leases."""
+    code, strict_pkg, _ = cli("package", "create", "--name", "audited", "--quota", "1000", "--strict", "--json")
+    assert code == 0 and strict_pkg["token"]["meta"] == {"strict": True}
+    code, plain_pkg, _ = cli("package", "create", "--name", "plain", "--quota", "1000", "--json")
+    assert code == 0 and plain_pkg["token"]["meta"] == {}
+
+    def ask(pkg: dict[str, Any]) -> LeaseGrant:
+        view = pkg["token"]
+        jti = jwt.decode(pkg["credential"], options={"verify_signature": False})["jti"]
+        shard = ledger.shard_of(view["root_id"])
+        asks = [LeaseAsk(view["id"], jti, view["root_id"], "cli-test", want=10)]
+        grant: LeaseGrant = asyncio.run(ledger.lease_sync(shard, asks))[0]
+        return grant
+
+    strict, leased = ask(strict_pkg), ask(plain_pkg)
+    assert strict.strict and strict.granted == 0
+    assert not leased.strict and leased.granted == 10
+    assert ledger.token(plain_pkg["token"]["id"]).leased == 10
