@@ -8,6 +8,7 @@ import re
 import time
 import urllib.request
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ledger.metrics import ShardMetrics
 from serve_app.metrics import DetectorMetrics, IngressMetrics
+from tests.serve_app.conftest import LiveApp, jpeg
+from tests.serve_app.test_http import package, post
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULES = (ROOT / "serve_app" / "metrics.py", ROOT / "ledger" / "metrics.py")
@@ -216,3 +219,49 @@ def test_given_every_metric_recorded_in_an_actor_when_the_node_is_scraped_then_e
         )
     finally:
         ray.kill(actor)
+
+
+def summed(samples: list[tuple[str, dict[str, str], float]], name: str, **tags: str) -> float:
+    """The sum of every sample named `name` whose labels include `tags` (over workers and nodes)."""
+    return sum(v for n, labels, v in samples if n == name and tags.items() <= labels.items())
+
+
+@pytest.mark.ray
+def test_given_requests_to_the_running_app_when_its_node_is_scraped_then_the_product_metrics_count_them(
+    live_app: LiveApp,
+) -> None:
+    """Given the running app (ingress replicas, detectors, ledger shard) and a fresh package,
+    when 3 detections are answered and 1 is denied for a model the token may not use,
+    then the node's metrics endpoint shows them: admissions by decision for that package, its
+    units used, the detector's batches and inference time, the shard's commits and the package's
+    quota remaining (each polled, bounded: Ray exports on an interval)."""
+    tid, cred = package(live_app, 100, models=["parts@1"])
+    assert [post(live_app, cred, jpeg()).status_code for _ in range(3)] == [200, 200, 200]
+    assert post(live_app, cred, jpeg(), model="parts@2").status_code == 403
+    ports = {int(n["MetricsExportPort"]) for n in ray.nodes() if n["Alive"]}
+    deadline = time.monotonic() + EXPORT_TIMEOUT_S
+    while True:
+        samples = [s for port in ports for s in scrape(port)]
+        total = partial(summed, samples)
+        seen = {
+            "admitted": total("ray_yt_admissions_total", decision="ok", package=tid, model="parts@1"),
+            "denied": total("ray_yt_admissions_total", decision="model_not_allowed", package=tid),
+            "units": total("ray_yt_units_used_total", package=tid),
+            "batches": total("ray_yt_detector_batch_size_count", model="parts@1"),
+            "infer": total("ray_yt_detector_infer_seconds_count", model="parts@1"),
+            "commits": total("ray_yt_ledger_commits_total"),
+            "remaining": total("ray_yt_quota_remaining_units", package=tid),
+        }
+        done = (
+            seen["admitted"] == 3
+            and seen["denied"] == 1
+            and seen["units"] == 3
+            and seen["batches"] >= 1
+            and seen["infer"] >= 1
+            and seen["commits"] >= 1
+            and seen["remaining"] == 97
+        )
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    assert done, seen
