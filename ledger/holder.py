@@ -338,10 +338,12 @@ class LeaseHolder:
         return max(c.min_want, units, min(c.max_want, max(h.waiting, math.ceil(h.rate * c.target_s))))
 
     async def _exchange(self, h: _Held, want: int, release: bool = False, jti: str | None = None) -> None:
-        """One ask for this token (coalesced: a caller arriving meanwhile waits for the same one)."""
-        if h.busy is not None:
+        """One ask for this token (coalesced: a caller arriving meanwhile waits for the same one; a
+        release waits for it and then asks itself)."""
+        while h.busy is not None:
             await asyncio.shield(h.busy)
-            return
+            if not release:
+                return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         h.busy = fut
         try:
