@@ -1,8 +1,14 @@
-"""The books survive upgrades: databases written by the versions with schema 0002 and 0003 (the
-last landed one; fixtures in `data/`, made by `data/make_ledger_fixture.py` with that version's
-code) are migrated by the current code, and every balance, usage row, admin event and alert is
-intact, every token gets its package's shard slot, and the ledger keeps working — on 1 shard and
-on 3."""
+"""The books survive upgrades: databases written by the versions with schema 0002, 0003 and 0004
+(the last landed one) are migrated to the head (0005) by the current code, and every balance, usage
+row, admin event and alert is intact, every token has its package's shard slot, the leases table is
+there and empty, and the ledger keeps working: old requests settle and replay, new ones are
+admitted, and a quota lease is granted, reported and released.
+
+Fixtures in `data/`, made by `data/make_ledger_fixture.py` with the code of the version that wrote
+the schema (0002: 55df6a3, 0003: 469b93a, 0004: 53a94d2). That script drives `ledger.core.LedgerCore`,
+which 53a94d2 no longer has: ledger_v0004 was written in a worktree of 53a94d2 with an untracked
+`ledger/core.py` defining `LedgerCore(ShardCore)` whose `create_package`/`split` return
+`{"token": unsigned.token}`, plus `QuotaBook.invariant_violations = lambda b: b.tree.invariant_violations()`."""
 
 from __future__ import annotations
 
@@ -19,14 +25,16 @@ from sqlalchemy import select, text
 
 from ledger.codes import Code
 from ledger.entities import Admission, Settlement
+from ledger.leases import LeaseAsk, LeaseUse
 from ledger.settings import LedgerSettings
 from ledger.shard import ShardCore
 from ledger.shards import slot_of
-from ledger.store.repository import ADMIN, ALERTS, IDEM, TOKENS, USAGE
+from ledger.store.repository import ADMIN, ALERTS, IDEM, LEASES, TOKENS, USAGE
 from tests.ledger.book_helpers import Clock
 
 DATA = Path(__file__).parent / "data"
-VERSIONS = ("0002", "0003")
+VERSIONS = ("0002", "0003", "0004")
+HEAD = "0005"
 EXPECTED: dict[str, dict[str, Any]] = {
     v: json.loads((DATA / f"ledger_v{v}.expected.json").read_text()) for v in VERSIONS
 }
@@ -78,9 +86,13 @@ def test_given_an_older_database_when_upgraded_then_every_row_is_intact(
 ) -> None:
     core, _, expected = upgraded
     with core.store.engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0004"
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == HEAD
+        assert conn.execute(select(LEASES)).all() == [], "nothing was leased before 0005"
     rows = table_rows(core)
-    assert [r.pop("slot") for r in rows["tokens"]] == [slot_of(r["root_id"]) for r in rows["tokens"]]
+    assert [r["slot"] for r in rows["tokens"]] == [slot_of(r["root_id"]) for r in rows["tokens"]]
+    if "slot" not in expected["rows"]["tokens"][0]:  # written before 0004
+        for r in rows["tokens"]:
+            del r["slot"]
     if "body_hash" not in expected["rows"]["usage_events"][0]:  # written before 0003
         assert [r.pop("body_hash") for r in rows["usage_events"]] == [None] * len(rows["usage_events"])
     for name, before in expected["rows"].items():
@@ -93,7 +105,9 @@ def test_given_an_older_database_when_upgraded_then_the_book_has_every_balance_a
     upgraded: tuple[ShardCore, Clock, dict[str, Any]],
 ) -> None:
     core, _, expected = upgraded
-    assert {n.id: plain(asdict(n.view())) for n in core.book.nodes.values()} == expected["views"]
+    views = {n.id: plain(asdict(n.view())) for n in core.book.nodes.values()}
+    assert [v.pop("leased") for v in views.values()] == [0] * len(views), "no leases before 0005"
+    assert views == expected["views"]
     report = core.consistency()
     assert report.violations == []
     assert report.book == report.db
@@ -144,6 +158,37 @@ def test_given_an_older_database_when_upgraded_then_old_requests_settle_replay_a
     with core.store.engine.connect() as conn:
         stored = conn.execute(select(USAGE.c.body_hash).where(USAGE.c.request_id == "fresh-1")).scalar_one()
     assert stored == "h-fresh"
+    report = core.consistency()
+    assert report.violations == [] and report.book == report.db
+    core.reload()
+    assert core.consistency().book == report.book
+
+
+def test_given_an_older_database_when_upgraded_then_a_lease_is_granted_reported_and_released(
+    upgraded: tuple[ShardCore, Clock, dict[str, Any]],
+) -> None:
+    core, clock, expected = upgraded
+    a = core.book.nodes[expected["tokens"]["a"]]
+    used, free = a.used, a.free
+    clock.advance(2.0)  # a cold start begins with empty buckets: the root's `pro` one refills to its burst, 20
+    grant = core.lease_sync([LeaseAsk(a.id, expected["jti"]["a"], a.root_id, "replica-1", want=1000)])[0]
+    core.commit()
+    assert (grant.code, grant.granted, grant.strict) == (Code.OK, min(free // 4, 20), False)
+    assert (a.leased, a.free) == (grant.granted, free - grant.granted)
+    uses = (
+        LeaseUse("leased-1", clock(), "parts@1", 2, 2, "settled", "ok", "10.0.0.1", 100, 5.0, 1, 1.0),
+        LeaseUse("leased-2", clock(), "cars@1", 0, 0, "denied", "model_not_allowed", "10.0.0.1"),
+    )
+    ask = LeaseAsk(a.id, expected["jti"]["a"], a.root_id, "replica-1", grant.lease_id, 1, uses, release=True)
+    done = core.lease_sync([ask])[0]
+    core.commit()
+    assert (done.code, done.applied_seq) == (Code.OK, 1)
+    assert (a.used, a.leased, a.free) == (used + 2, 0, free - 2)
+    states = {r["request_id"]: (r["state"], r["units"], r["outcome"]) for r in core.usage(token_id=a.id, limit=100)}
+    assert states["leased-1"] == ("settled", 2, "ok")
+    assert states["leased-2"] == ("denied", 0, "model_not_allowed")
+    with core.store.engine.connect() as conn:
+        assert conn.execute(select(LEASES)).all() == []
     report = core.consistency()
     assert report.violations == [] and report.book == report.db
     core.reload()
