@@ -106,6 +106,8 @@ class _Held:
     inflight: dict[str, _Inflight] = field(default_factory=dict)
     buffer: list[LeaseUse] = field(default_factory=list)
     report: tuple[int, tuple[LeaseUse, ...], str] | None = None  # (seq, rows, lease) sent, not yet acked
+    buffer_since: float = 0.0  # when the oldest row of `buffer` was queued
+    report_since: float = 0.0  # ... and of `report`
     seq: int = 0  # the last report of the current lease the shard applied
     strict_until: float = 0.0
     deny: tuple[Code, str, float, float | None] | None = None  # (code, message, until, retry_after)
@@ -268,6 +270,8 @@ class LeaseHolder:
         self, h: _Held, a: Admission, code: Code, message: str, now: float, retry_after: float | None = None
     ) -> Decision:
         self.stats.denied_local += 1
+        if not h.buffer:
+            h.buffer_since = now
         h.buffer.append(
             LeaseUse(a.request_id, now, a.model, 0, 0, UsageState.DENIED.value, code.value, a.client_ip, a.image_bytes)
         )
@@ -314,6 +318,8 @@ class LeaseHolder:
         charged = s.charged if type(s.charged) is int else None
         kept = (f.units if charged is None else max(0, min(charged, f.units))) if s.success else 0
         h.avail += f.units - kept
+        if not h.buffer:
+            h.buffer_since = self.clock()
         h.buffer.append(
             LeaseUse(
                 s.request_id,
@@ -365,6 +371,7 @@ class LeaseHolder:
         if h.report is None and h.buffer:
             rows, h.buffer = tuple(h.buffer), []
             h.report = (h.seq + 1 if h.lease_id else 0, rows, h.lease_id)
+            h.report_since = h.buffer_since
         seq, rows = (h.report[0], h.report[1]) if h.report else (0, ())
         if jti is None:
             jti = h.policy.jti if h.policy else ""
@@ -497,11 +504,8 @@ class LeaseHolder:
         return len(held), sum(h.avail + sum(f.units for f in h.inflight.values()) for h in held)
 
     def report_lag(self) -> float:
-        """Age of the oldest row not yet acknowledged by its shard (0 when all are)."""
+        """Age of the oldest usage row not yet acknowledged by its shard (0 when all are)."""
         now = self.clock()
-        oldest = now
-        for h in self.held.values():
-            rows = (h.report[1] if h.report else ()) + tuple(h.buffer[:1])
-            for u in rows[:1] + rows[-1:]:
-                oldest = min(oldest, u.ts)
-        return now - oldest
+        since = [h.report_since for h in self.held.values() if h.report is not None and h.report[1]]
+        since += [h.buffer_since for h in self.held.values() if h.buffer]
+        return now - min(since) if since else 0.0
