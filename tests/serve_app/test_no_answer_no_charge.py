@@ -3,6 +3,9 @@
 A side app beside the live one shares its ledger and serves two versions made to misbehave:
 `cold@1` needs 64 CPUs (the test cluster has 6: it can never be scheduled) and `slow@1` holds
 each lone request for 4 s in its batch window (time for a client to hang up mid-inference).
+Packages of 20 units are leased (DESIGN §3a): an ingress replica admits and settles locally and
+the ledger hears of it in the replica's next report, in the same commit as the request's audit
+row, so balances are read once every request's row is there (polled, with a deadline).
 """
 
 from __future__ import annotations
@@ -15,15 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
+from starlette.requests import Request
 
 from ledger.entities import TokenSpec
 from ledger.store.repository import Store, UsageQuery
 from serve_app.config import DEMO_WEIGHTS, AppArgs, Autoscaling, ModelSpec
 from serve_app.errors import ApiError
-from serve_app.gate import GateRequest
-from serve_app.results import InferenceParams
 from tests.serve_app.conftest import LiveApp, jpeg
 
 pytestmark = pytest.mark.ray
@@ -135,6 +136,7 @@ def test_given_a_client_that_hangs_up_mid_inference_then_refunded(side_app: Side
     # the client that waits gets its answer and pays for it
     r = httpx.post(f"{side_app.url}/v1/detect", content=jpeg(), headers=headers, timeout=60)
     assert r.status_code == 200, r.text
+    assert len(settled_rows(side_app.live, tid, 3)) == 3
     assert side_app.live.ledger.token(tid).used == 1
 
 
@@ -152,36 +154,58 @@ def test_given_a_handle_caller_that_times_out_then_refunded(side_app: SideApp) -
     assert side_app.live.ledger.token(tid).used == 0
 
 
-def test_given_a_handle_to_the_gate_itself_then_no_unmetered_or_admin_path(side_app: SideApp) -> None:
-    """A Ray job that takes a handle to the token-check deployment gets what the ingress gets."""
+def asgi_request(credential: str | None) -> Request:
+    """What a Ray job can build and send to any method of the ingress over a handle."""
+    headers = [(b"authorization", f"Bearer {credential}".encode())] if credential else []
+    return Request({"type": "http", "method": "POST", "path": "/", "headers": headers, "query_string": b""})
+
+
+def test_given_a_handle_to_the_app_or_the_ingress_then_no_unmetered_or_admin_path(side_app: SideApp) -> None:
+    """A Ray job that takes a handle to the app, or to its `Ingress` deployment (the token-check
+    deployment), gets what HTTP gets: every credential verified, the price from the ingress's
+    catalog, token operations only as the verified token — through any method, helpers included."""
     from ray import serve
 
     from serve_app.app import APP_NAME
 
-    tid, cred = package(side_app.live, 10)
-    gate = serve.get_deployment_handle("TokenGate", APP_NAME)
-    pixels = [np.zeros((32, 32, 3), np.uint8)]
-    for forged in (None, "", "Bearer nope"):
-        reply = gate.detect.remote(
-            GateRequest(uuid.uuid4().hex, forged, None, sizes=((32, 32),)), pixels, InferenceParams()
-        ).result()
-        assert reply.body is None and reply.error is not None and reply.error.status == 401, reply
-    # the gate prices the request itself: asking for the 2-unit version costs 2, whatever the caller thinks
-    reply = gate.detect.remote(
-        GateRequest(uuid.uuid4().hex, cred, "parts@2", sizes=((32, 32),)), pixels, InferenceParams()
-    ).result(timeout_s=120)
-    assert reply.error is None and reply.body["usage"]["units"] == 2
-    assert side_app.live.ledger.token(tid).used == 2
+    live = side_app.live
+    tid, cred = package(live, 20)
+    other_tid, _ = package(live, 20)
+    admin = live.ledger.issue_admin("ops", 600)
+    app = serve.get_app_handle(APP_NAME)
+    ingress = serve.get_deployment_handle("Ingress", APP_NAME)
+    for handle in (app, ingress):
+        for forged in (None, "", "Bearer nope", admin):
+            with pytest.raises(ApiError) as err:
+                handle.detect.remote(token=forged, images=[jpeg()]).result(timeout_s=60)
+            assert err.value.status in (401, 403), (forged, err.value.code)
+    # the ingress prices the request itself: the 2-unit version costs 2, whatever the caller thinks
+    body = app.detect.remote(token=cred, images=[jpeg()], model="parts@2").result(timeout_s=120)
+    assert body["usage"]["units"] == 2
+    body = ingress.detect.remote(token=cred, images=[jpeg()], model="parts@1").result(timeout_s=120)
+    assert body["usage"]["units"] == 1
+    assert sorted((r["state"], r["units"]) for r in settled_rows(live, tid, 2)) == [("settled", 1), ("settled", 2)]
+    assert live.ledger.token(tid).used == 3  # refusals cost nothing
     for cred_, op, kwargs in [
         (None, "tokens", {}),
         (cred, "create_package", {"spec": TokenSpec.build("free", 10**6)}),
         (cred, "top_up", {"token_id": tid, "units": 1000}),
         (cred, "issue_admin", {"name": "me", "ttl_s": 3600}),
+        (cred, "update_limits", {"token_id": tid, "rate": None}),
     ]:
-        with pytest.raises(ApiError) as err:
-            gate.call.remote(cred_, op, kwargs).result()
+        with pytest.raises(ApiError) as err:  # the ingress's own helper for token operations
+            ingress._ledger.remote(op, asgi_request(cred_), **kwargs).result(timeout_s=60)
         assert err.value.status in (401, 403), (op, err.value.code)
-    assert side_app.live.ledger.token(tid).allocation == 10
+    # an `actor` in the arguments is ignored: the ingress acts as the verified token
+    with pytest.raises(ApiError) as err:
+        ingress._ledger.remote("token", asgi_request(cred), token_id=other_tid, actor=other_tid).result(timeout_s=60)
+    assert err.value.status == 404
+    with pytest.raises(ApiError) as err:
+        ingress.revoke.remote(asgi_request(cred), other_tid).result(timeout_s=60)
+    assert err.value.status == 404
+    assert live.ledger.token(tid).allocation == 20 and live.ledger.token(other_tid).status == "active"
+    stats = ingress.stats.remote().result(timeout_s=60)  # read-only counters: no money moves through it
+    assert set(stats) >= {"holder", "local", "strict", "leases", "units"}
 
 
 def test_given_a_forged_proxy_mark_then_ray_names_the_request(side_app: SideApp) -> None:
@@ -198,6 +222,7 @@ def test_given_a_forged_proxy_mark_then_ray_names_the_request(side_app: SideApp)
         assert r.status_code == 200, r.text
         ids.add(r.json()["request_id"])
     assert "forged-1" not in ids and len(ids) == 2
+    assert len(settled_rows(side_app.live, tid, 2)) == 2
     assert side_app.live.ledger.token(tid).used == 2
 
 
