@@ -1,0 +1,179 @@
+"""The lease tests' app on a Ray cluster (issue 12 §4), and the burst with a worker node removed.
+
+Imported by the lease tests: `lease_args` / `deployed` put the real Ingress (token check from quota
+leases, 3 replicas by default) in front of a Detector whose engine is the `FakeEngine` (instant,
+deterministic: thousands of requests fit in a test's time) under its own ledger, beside the test
+session's app; `LeaseApp` reads the outcome back from the ledger and its database.
+
+Run as a script (test_lease_node_loss.py does, in its own process: a test session has one Ray
+cluster, this needs three nodes):
+
+    python tests/hostile/lease_cluster.py DB_URL DATA_DIR REPORT SEED
+
+a `ray.cluster_utils.Cluster` on loopback, head + 2 workers; Serve's proxy and the ledger on the
+head, the 3 ingress replicas spread over the nodes; 5,000 requests from 4 client processes on a
+1,000-unit token, and the worker holding the most ingress replicas removed mid-burst. One JSON
+report to REPORT: what was answered, charged and settled as lost.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from serve_app import launcher
+
+launcher.apply_environment()  # loopback, token auth (a no-op under pytest, whose conftest did it first)
+launcher.ensure_auth_token()
+
+import psutil  # noqa: E402
+from ray import serve  # noqa: E402
+from ray.serve import Application  # noqa: E402
+
+from ledger.api import AdminEvent  # noqa: E402
+from ledger.client import LedgerClient  # noqa: E402
+from ledger.entities import TokenSpec, TokenView  # noqa: E402
+from ledger.service import attach, launch, stop  # noqa: E402
+from ledger.store.repository import Store, UsageQuery  # noqa: E402
+from serve_app.app import deployment  # noqa: E402
+from serve_app.config import DEMO_WEIGHTS, AppArgs, Autoscaling, LedgerArgs, ModelSpec  # noqa: E402
+from serve_app.detector_deployment import Detector  # noqa: E402
+from serve_app.engine.fake import FakeEngine  # noqa: E402
+from serve_app.ingress import Ingress  # noqa: E402
+
+if __package__ in (None, ""):  # run as a script: the repository root is on PYTHONPATH
+    from tests.hostile.lease_helpers import wait_until
+else:
+    from .lease_helpers import wait_until
+
+MODEL = "fast@1"
+FAKE_ENGINES = {"torch": FakeEngine}  # the Detector's engine registry, passed in (serve_app.engine.registry)
+
+
+def lease_args(
+    database_url: str,
+    data_dir: Path,
+    *,
+    ttl_s: float = 10.0,
+    policy: str = "refund",
+    namespace: str = "yt-tests",
+    ledger_resources: dict[str, float] | None = None,
+) -> AppArgs:
+    """An app of its own ledger: 3 ingress replicas, one Detector replica (0 CPUs: its engine is fake)."""
+    spec = ModelSpec(
+        name="fast",
+        weights=DEMO_WEIGHTS,
+        imgsz=64,
+        num_cpus=0,
+        max_batch_size=32,
+        autoscaling=Autoscaling(min_replicas=1, max_replicas=1),
+    )
+    resources = ledger_resources or {}
+    return AppArgs(
+        database_url=database_url,
+        data_dir=data_dir,
+        ledger_name=f"lease-{uuid.uuid4().hex[:8]}",
+        namespace=namespace,
+        ledger_resources=resources,
+        ledger=LedgerArgs(lease_ttl_s=ttl_s, lost_lease_policy=policy, shard_resources=resources),  # type: ignore[arg-type]
+        models=[spec],
+        default_model=MODEL,
+        ingress_replicas=3,
+    )
+
+
+def fake_app(args: AppArgs, detector_resources: dict[str, float] | None = None) -> Application:
+    """`serve_app.app.build_app`'s graph, its detectors given the FakeEngine registry (what the
+    Detector takes for tests); the Ingress is the production one, options and all."""
+    launch(args.ledger_settings())
+    detectors = {}
+    for m in args.models:
+        options = m.deployment_options()
+        if detector_resources:
+            options["ray_actor_options"]["resources"] = detector_resources
+        detectors[m.key] = deployment(Detector).options(**options).bind(m, FAKE_ENGINES)
+    return deployment(Ingress).options(**args.ingress_options()).bind(args.ledger_settings(), detectors, args)
+
+
+@dataclass
+class LeaseApp:
+    name: str
+    url: str  # its detect route
+    args: AppArgs
+    ledger: LedgerClient
+
+    def package(self, units: int, rate: str | None = None) -> tuple[str, str]:
+        """A new package: (token id, credential)."""
+        made = self.ledger.create_package(TokenSpec.build(f"lease-{time.monotonic_ns()}", units, rate=rate))
+        return made.token.id, made.credential
+
+    def token(self, token_id: str) -> TokenView:
+        return self.ledger.token(token_id)
+
+    def rows(self, token_id: str) -> list[dict[str, Any]]:
+        """The token's audit rows, straight from the database."""
+        store = Store(self.args.database_url)
+        try:
+            return store.usage(UsageQuery(token_id=token_id, limit=100_000))
+        finally:
+            store.close()
+
+    def lost(self, token_id: str) -> list[AdminEvent]:
+        """The token's `lease.lost` admin events (detail: lease, holder, units, policy)."""
+        return [e for e in self.ledger.admin_events(token_id=token_id) if e["action"] == "lease.lost"]
+
+    def leases(self) -> int:
+        """Leases the ledger holds for any replica (this app's ledger serves only this app)."""
+        return sum(int(s["leases"]) for s in self.ledger.stats())
+
+    def ingress_pids(self) -> list[int]:
+        return replica_pids(self.name, "Ingress")
+
+    def settled(self, token_id: str) -> tuple[int, int, int]:
+        """(used, leased, settled audit rows): what the ledger has turned into charges so far."""
+        view = self.token(token_id)
+        return view.used, view.leased, sum(1 for r in self.rows(token_id) if charged(r))
+
+    def deleted(self, timeout_s: float = 60.0) -> None:
+        """Delete the app (its replicas release their leases on the way out) and wait for the ledger
+        to hold no lease."""
+        serve.delete(self.name)
+        wait_until(self.leases, lambda n: n == 0, timeout_s, "leases after the app was deleted")
+
+
+def charged(row: dict[str, Any]) -> bool:
+    return bool(row["state"] == "settled" and row["units"] > 0)
+
+
+def replica_pids(app: str, deployment_name: str) -> list[int]:
+    """Live replica processes of a deployment (Ray titles them `ray::ServeReplica:<app>:<deployment>`)."""
+    tag = f"ServeReplica:{app}:{deployment_name}"
+    return [
+        p.info["pid"]
+        for p in psutil.process_iter(["pid", "cmdline"])
+        if (cmd := " ".join(p.info["cmdline"] or [])).startswith("ray::") and tag in cmd
+    ]
+
+
+@contextmanager
+def deployed(args: AppArgs, name: str, http_url: str, **bind: Any) -> Iterator[LeaseApp]:
+    """The app running under `name` at `/name` (Serve's proxy must be up), and its ledger client.
+    Deleted, and its ledger stopped, on the way out."""
+    serve.run(fake_app(args, **bind), name=name, route_prefix=f"/{name}")
+    client = attach(args.ledger_settings())
+    try:
+        yield LeaseApp(name, f"{http_url}/{name}/v1/detect", args, client)
+    finally:
+        serve.delete(name)
+        stop(client)
+
+
+def serve_proxy(port: int) -> str:
+    """Serve's HTTP proxy on 127.0.0.1:`port` (the one the session's live app uses, if it runs)."""
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
