@@ -433,6 +433,42 @@ async def test_given_reports_the_ledger_cannot_take_then_served_from_the_lease_a
         ledger.assert_balanced()
 
 
+async def test_given_a_revocation_then_refused_once_the_replica_saw_it_and_its_lease_comes_back(
+    ledger: Ledger, pkg: Issued
+) -> None:
+    det = FakeDetector()
+    async with replica(ledger, det) as r:
+        await r.steps.detect(call(pkg.credential, rid="before"))
+        assert ledger.token(pkg.token.id).leased > 0
+        returned = ledger.revoke(pkg.token.id)
+        assert returned.token.leased > 0  # still escrowed in the replica's lease
+        calls = det.calls
+        # the watch brings the change; from then on nothing is admitted (a deadline, not a timing check)
+        deadline = time.monotonic() + WAIT_S
+        i = 0
+        while True:
+            i += 1
+            try:
+                await r.steps.detect(call(pkg.credential, rid=f"probe-{i}"))
+            except ApiError as exc:
+                assert exc.code == "revoked_token" and exc.status == 401
+                break
+            assert time.monotonic() < deadline, "the revocation never reached the replica"
+            await asyncio.sleep(0.01)
+        served = det.calls - calls
+        for j in range(5):
+            assert (await refused(r, call(pkg.credential, rid=f"after-{j}"))).code == "revoked_token"
+        assert det.calls == calls + served
+        # the replica gives the lease back once it saw the revocation
+        await eventually(r, lambda: ledger.token(pkg.token.id).leased == 0)
+        await r.reported()
+    view = ledger.token(pkg.token.id)
+    assert view.status == "revoked" and view.used == 1 + served
+    states = Counter(s for _, s, _ in ledger.states(pkg.token.id))
+    assert states == {"settled": 1 + served, "denied": 6}, states
+    ledger.assert_balanced()
+
+
 async def test_given_token_operations_then_the_ingress_acts_as_the_verified_token_only(
     ledger: Ledger, pkg: Issued
 ) -> None:
