@@ -1,12 +1,26 @@
 """Serving benchmarks over real HTTP on 127.0.0.1 (JSON lines; the last line is the summary).
 
-* efficiency: images/s end to end at concurrency C through the metered app, divided by the
-  same engine in-process on the same images with the same batch size, measured in this run.
-* overhead: per-request latency of the metered app minus an unmetered baseline app
-  (`bench/baseline.py`: same body parser, decoder, detector code and number of Serve hops, no
-  token check, admission or settlement), interleaved request by request at concurrency 1, same run.
+One Ray instance runs three apps side by side: the metered product app (`serve_app.app.build_app`),
+the unmetered baseline (`bench/baseline.py`: the same hops, ingress → detector, the same body
+parser, decoder and Detector code, no verify/admit/settle) and a bare Serve echo of the same body.
 
-    python -m bench.serving [--concurrency 8] [--seconds 20] [--overhead-requests 200]
+* throughput: metered and unmetered images/s at concurrency C, in interleaved rounds (the order
+  rotates each round); `metered_vs_unmetered` is their ratio, `efficiency` the metered figure over
+  the same engine in-process on the same images with the same batch size, measured in this run;
+* latency: metered, unmetered and echo requests interleaved one by one at concurrency 1;
+  `overhead_p50_ms`/`overhead_p99_ms` = metered - unmetered; `proxy_echo_p50_ms` is the proxy's and
+  the body's share; the metered answers' `timing_ms` give decode / admit / infer inside the ingress;
+* `local_admit_share`: the ingress replicas' lease holders (`Ingress.stats()`), admissions served
+  from a lease without waiting (local / (local + waited + strict)), over a steady window of metered
+  load alone after a warm-up, on a token with a large allocation and no rate limit; the same share
+  over the interleaved rounds (where the metered side pauses while the other runs) beside it.
+
+Serve's own levers come from the environment of this process (Ray's processes inherit it), e.g.
+`RAY_SERVE_THROUGHPUT_OPTIMIZED=1`, `RAY_SERVE_USE_GRPC_BY_DEFAULT=1`; they are recorded in the
+summary (`serve_env`). `--ingress-max-ongoing` sets both ingresses' `max_ongoing_requests`;
+`--direct` sends requests to the ingress replicas' own ports (Serve's direct ingress) instead of the proxy.
+
+    python -m bench.serving [--concurrency 8] [--seconds 5] [--rounds 4] [--overhead-requests 200]
 """
 
 from __future__ import annotations
@@ -17,12 +31,13 @@ import io
 import json
 import os
 import platform
-import statistics
 import tempfile
+import threading
 import time
 import uuid
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from serve_app import launcher  # neither Ray nor ultralytics
 
@@ -33,8 +48,11 @@ import httpx
 import ray
 import torch
 from ray import serve
+from ray.serve import Application
 
-from bench.baseline import build_baseline_app
+import serve_app
+from bench.baseline import build_baseline_app, build_echo_app
+from bench.loads import interleaved_rounds, interleaved_singles, latency_summary, pct
 from ledger.entities import TokenSpec
 from ledger.service import attach
 from serve_app.app import build_app
@@ -45,11 +63,24 @@ from serve_app.imaging import decode_image
 from serve_app.results import InferenceParams
 
 PORT = 8130
+T = TypeVar("T")
+APPS = {"metered": "/", "unmetered": "/baseline", "echo": "/echo"}
+GOALS = {  # issue 12 §5, this 2-core machine
+    "overhead_p50_ms": ("<=", 0.5),
+    "overhead_p99_ms": ("<=", 3.0),
+    "local_admit_share": (">=", 0.99),
+    "metered_vs_unmetered": (">=", 0.95),
+    "efficiency": (">=", 0.8),
+}
 
 
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(len(xs) * q))]
+def emit(measure: str, **fields: Any) -> None:
+    print(json.dumps({"bench": "serving", "measure": measure, **fields}), flush=True)
+
+
+def serve_env() -> dict[str, str]:
+    """Serve's settings from this environment (the levers under test)."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_SERVE_") and k != launcher.CALLBACK_VAR}
 
 
 def engine_rate(images: list[bytes], batch: int, seconds: float) -> float:
@@ -65,69 +96,112 @@ def engine_rate(images: list[bytes], batch: int, seconds: float) -> float:
     return n / (time.perf_counter() - t0)
 
 
-async def http_load(
-    url: str, headers: dict[str, str], images: list[bytes], concurrency: int, seconds: float
-) -> dict[str, Any]:
-    lat: list[float] = []
-    codes: dict[int, int] = {}
-    async with httpx.AsyncClient(timeout=120) as client:
-        stop = time.perf_counter() + seconds
-
-        async def worker(w: int) -> None:
-            i = w
-            while time.perf_counter() < stop:
-                t0 = time.perf_counter()
-                r = await client.post(url, content=images[i % len(images)], headers=headers)
-                lat.append(time.perf_counter() - t0)
-                codes[r.status_code] = codes.get(r.status_code, 0) + 1
-                i += concurrency
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*[worker(w) for w in range(concurrency)])
-        elapsed = time.perf_counter() - t0
-    ok = codes.get(200, 0)
-    return {
-        "requests": len(lat),
-        "codes": codes,
-        "images_per_s": ok / elapsed,
-        "p50_ms": pct(lat, 0.5) * 1000,
-        "p99_ms": pct(lat, 0.99) * 1000,
-    }
+def with_options(app: Application, **options: Any) -> Application:
+    """`app` with Serve options of its ingress deployment replaced (a lever under test)."""
+    return Application(app._bound_deployment.options(**options)) if options else app
 
 
-async def overhead(metered: str, baseline: str, headers: dict[str, str], images: list[bytes], n: int) -> dict[str, Any]:
-    m, b = [], []
-    async with httpx.AsyncClient(timeout=120) as client:
-        for i in range(n):
-            for url, sink in ((metered, m), (baseline, b)) if i % 2 == 0 else ((baseline, b), (metered, m)):
-                t0 = time.perf_counter()
-                r = await client.post(url, content=images[i % len(images)], headers=headers)
-                sink.append(time.perf_counter() - t0)
-                assert r.status_code == 200, r.text
-    return {
-        "metered_p50_ms": pct(m, 0.5) * 1000,
-        "metered_p99_ms": pct(m, 0.99) * 1000,
-        "baseline_p50_ms": pct(b, 0.5) * 1000,
-        "baseline_p99_ms": pct(b, 0.99) * 1000,
-        "overhead_p50_ms": (pct(m, 0.5) - pct(b, 0.5)) * 1000,
-        "overhead_p99_ms": (pct(m, 0.99) - pct(b, 0.99)) * 1000,
-        "overhead_mean_ms": (statistics.mean(m) - statistics.mean(b)) * 1000,
-    }
+class HandleLoop:
+    """An event loop on its own thread for the driver's Serve handle calls: with
+    RAY_SERVE_THROUGHPUT_OPTIMIZED a handle's router runs on the loop that first used it, which
+    must keep running for the handle's lifetime (`asyncio.run` closes its loop)."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True, name="handles").start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+
+def ingress_stats(loop: HandleLoop) -> dict[str, dict[str, Any]] | None:
+    """The metered ingress replicas' lease-holder counters, by holder (None: this code has no
+    `Ingress.stats`, i.e. before issue 12)."""
+
+    async def ask() -> dict[str, dict[str, Any]] | None:
+        handle = serve.get_deployment_handle("Ingress", app_name="metered")
+        seen: dict[str, dict[str, Any]] = {}
+        try:
+            for _ in range(8):  # routed to some replica each time: enough calls reach every one of a few
+                s = await asyncio.wait_for(handle.stats.remote(), 30)
+                seen[s["holder"]] = s
+        except (AttributeError, ray.exceptions.RayError, ray.serve.exceptions.RayServeException):
+            return None
+        return seen
+
+    return loop.run(ask())
+
+
+def admit_share(before: dict[str, dict[str, Any]] | None, after: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
+    if before is None or after is None:
+        return {"local_admit_share": None}
+    d = {k: sum(a[k] - before.get(h, {}).get(k, 0) for h, a in after.items()) for k in ("local", "waited", "strict")}
+    n = sum(d.values())
+    return {"local_admit_share": round(d["local"] / n, 4) if n else None, **d, "replicas": len(after)}
+
+
+def direct_urls() -> dict[str, str]:
+    """Each app's ingress replica port (Serve's direct ingress), from the controller's target groups."""
+    client = serve.context._get_global_client()
+    assert client is not None, "Serve is running"
+    controller = client._controller
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        groups = ray.get(controller.get_target_groups.remote())
+        found = {}
+        for g in groups:
+            for name, prefix in APPS.items():
+                if g.app_name == name and g.targets and str(g.protocol).upper().endswith("HTTP"):
+                    t = g.targets[0]
+                    found[name] = f"http://{t.ip}:{t.port}{prefix.rstrip('/')}"
+        if len(found) == len(APPS):
+            return found
+        time.sleep(1)
+    raise RuntimeError(f"no direct ingress targets for every app: {groups!r}")
+
+
+def request_id_source(url: str, headers: dict[str, str], body: bytes) -> str:
+    """ "serve" when the ingress used Serve's request id (the proxy middleware marked the request, so a
+    redelivery is charged once), "drawn" when it drew its own (the middleware did not run)."""
+    r = httpx.post(url, content=body, headers=headers, timeout=60)
+    return "serve" if "-" in r.json()["request_id"] else "drawn"
+
+
+def bench_images(n: int, size: int) -> list[bytes]:
+    out = []
+    for i in range(n):
+        buf = io.BytesIO()
+        render(99, "bench", i, size)[0].save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def goals(summary: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    for key, (op, bound) in GOALS.items():
+        v = summary.get(key)
+        if v is None:
+            out[key] = "not measured"
+        else:
+            out[key] = "met" if (v <= bound if op == "<=" else v >= bound) else "missed"
+    return out
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--concurrency", type=int, default=8)
-    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--seconds", type=float, default=5.0, help="per target per throughput round")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--warmup-s", type=float, default=5.0)
+    ap.add_argument("--steady-s", type=float, default=10.0, help="metered load alone, for local_admit_share")
     ap.add_argument("--overhead-requests", type=int, default=200)
+    ap.add_argument("--engine-seconds", type=float, default=10.0)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--replica-cpus", type=float, default=float(os.cpu_count() or 1))
+    ap.add_argument("--ingress-max-ongoing", type=int, default=None)
+    ap.add_argument("--direct", action="store_true", help="hit the ingress replicas' own ports (direct ingress)")
     a = ap.parse_args()
-    images = []
-    for i in range(32):
-        buf = io.BytesIO()
-        render(99, "bench", i, 320)[0].save(buf, format="JPEG", quality=90)
-        images.append(buf.getvalue())
+    images = bench_images(32, 320)
     tmp = Path(tempfile.mkdtemp(prefix="yt-serving-"))
     model = ModelSpec(
         name="parts",
@@ -140,72 +214,105 @@ def main() -> None:
         num_cpus=a.replica_cpus,
         autoscaling=Autoscaling(min_replicas=1, max_replicas=1),
     )
-    common = {
-        "database_url": f"sqlite:///{tmp / 'ledger.db'}",
-        "data_dir": tmp,
-        "models": [model],
-        "ledger_name": f"bench-{uuid.uuid4().hex[:6]}",
-        "namespace": "yt-bench",
-    }
+    args = AppArgs(
+        database_url=f"sqlite:///{tmp / 'ledger.db'}",
+        data_dir=tmp,
+        models=[model],
+        ledger_name=f"bench-{uuid.uuid4().hex[:6]}",
+        namespace="yt-bench",
+    )
+    lever = {"max_ongoing_requests": a.ingress_max_ongoing} if a.ingress_max_ongoing else {}
     # logical CPUs: both apps' replicas must fit; the physical cores are what they share
-    ray.init(address="local", num_cpus=int(2 * a.replica_cpus + 2), include_dashboard=False, log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=int(2 * a.replica_cpus + 2),
+        include_dashboard=False,
+        log_to_driver=False,
+        _node_ip_address="127.0.0.1",
+    )
+    handles = HandleLoop()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-        args = AppArgs(**common)
-        serve.run(build_app(args), name="metered", route_prefix="/")
-        serve.run(build_baseline_app(args), name="baseline", route_prefix="/baseline")
+        serve.run(with_options(build_app(args), **lever), name="metered", route_prefix=APPS["metered"])
+        serve.run(build_baseline_app(args, lever), name="unmetered", route_prefix=APPS["unmetered"])
+        serve.run(build_echo_app(), name="echo", route_prefix=APPS["echo"])
         ledger = attach(args.ledger_settings())  # build_app launched it
-        cred = ledger.create_package(TokenSpec("bench", 10**9)).credential
+        cred = ledger.create_package(TokenSpec("bench", 10**9)).credential  # large, no rate limit
         headers = {"Authorization": f"Bearer {cred}", "Content-Type": "image/jpeg"}
-        metered, baseline = f"http://127.0.0.1:{PORT}/v1/detect", f"http://127.0.0.1:{PORT}/baseline/v1/detect"
-        asyncio.run(http_load(metered, headers, images, a.concurrency, 3))  # warm-up
-        asyncio.run(http_load(baseline, headers, images, a.concurrency, 3))
-        http = asyncio.run(http_load(metered, headers, images, a.concurrency, a.seconds))
-        print(json.dumps({"bench": "serving", "measure": "http", "concurrency": a.concurrency, **http}), flush=True)
-        serve.delete("baseline")  # the engine measurement below gets the CPU the baseline replica held
-        eng = engine_rate(images, a.batch, a.seconds)
-        print(
-            json.dumps(
-                {
-                    "bench": "serving",
-                    "measure": "engine_in_process",
-                    "batch": a.batch,
-                    "torch_threads": torch.get_num_threads(),
-                    "images_per_s": eng,
-                }
-            ),
-            flush=True,
+        if a.direct:
+            base = direct_urls()
+            urls = {k: v + ("" if k == "echo" else "/v1/detect") for k, v in base.items()}
+        else:
+            urls = {k: f"http://127.0.0.1:{PORT}{p.rstrip('/')}" + ("" if k == "echo" else "/v1/detect")
+                    for k, p in APPS.items()}  # fmt: skip
+        detect_urls = {k: urls[k] for k in ("metered", "unmetered")}
+        asyncio.run(interleaved_rounds(detect_urls, headers, images, a.concurrency, a.warmup_s, 1))  # warm-up
+        asyncio.run(interleaved_singles(urls, headers, images, 5))
+        request_ids = request_id_source(urls["metered"], headers, images[0])
+        # steady state: the metered app alone under constant load, after the warm-up
+        before = ingress_stats(handles)
+        steady = asyncio.run(
+            interleaved_rounds({"metered": urls["metered"]}, headers, images, a.concurrency, a.steady_s, 1)
         )
-        serve.run(build_baseline_app(args), name="baseline", route_prefix="/baseline")
-        ovh = asyncio.run(overhead(metered, baseline, headers, images, a.overhead_requests))
-        print(json.dumps({"bench": "serving", "measure": "overhead", **ovh}), flush=True)
-        print(
-            json.dumps(
-                {
-                    "bench": "serving",
-                    "summary": True,
-                    "model": "parts@1",
-                    "imgsz": 320,
-                    "device": "cpu",
-                    "concurrency": a.concurrency,
-                    "replica_cpus": a.replica_cpus,
-                    "http_images_per_s": round(http["images_per_s"], 1),
-                    "engine_images_per_s": round(eng, 1),
-                    "efficiency": round(http["images_per_s"] / eng, 3),
-                    "overhead_p50_ms": round(ovh["overhead_p50_ms"], 2),
-                    "overhead_p99_ms": round(ovh["overhead_p99_ms"], 2),
-                    "machine": {
-                        "cpus": os.cpu_count(),
-                        "python": platform.python_version(),
-                        "platform": platform.platform(),
-                    },
-                }
-            ),
-            flush=True,
-        )
+        share = admit_share(before, ingress_stats(handles))
+        emit("lease_admissions", window="steady", **share, **steady["metered"].summary())
+        # interleaved rounds: each side idles while the other runs, so a lease restarts after a pause
+        before = ingress_stats(handles)
+        rounds = asyncio.run(interleaved_rounds(detect_urls, headers, images, a.concurrency, a.seconds, a.rounds))
+        share_rounds = admit_share(before, ingress_stats(handles))
+        emit("lease_admissions", window="interleaved_rounds", **share_rounds)
+        http = {k: t.summary() for k, t in rounds.items()}
+        for k, s in http.items():
+            emit(f"http_{k}", concurrency=a.concurrency, rounds=a.rounds, **s)
+        lat, timings = asyncio.run(interleaved_singles(urls, headers, images, a.overhead_requests))
+        lats = {k: latency_summary(v) for k, v in lat.items()}
+        parts = {f"{k}_p50_ms": round(pct([t[k] for t in timings if k in t], 0.5), 2)
+                 for k in sorted({k for t in timings for k in t})}  # fmt: skip
+        ovh = {
+            "overhead_p50_ms": round((pct(lat["metered"], 0.5) - pct(lat["unmetered"], 0.5)) * 1000, 2),
+            "overhead_p99_ms": round((pct(lat["metered"], 0.99) - pct(lat["unmetered"], 0.99)) * 1000, 2),
+        }
+        emit("latency_c1", requests_each=a.overhead_requests, **lats, metered_timing_ms=parts, **ovh)
+        eng = engine_rate(images, a.batch, a.engine_seconds)
+        emit("engine_in_process", batch=a.batch, torch_threads=torch.get_num_threads(), images_per_s=round(eng, 2))
+        m, u = http["metered"]["images_per_s"], http["unmetered"]["images_per_s"]
+        summary: dict[str, Any] = {
+            "bench": "serving",
+            "summary": True,
+            "model": "parts@1",
+            "imgsz": 320,
+            "device": "cpu",
+            "concurrency": a.concurrency,
+            "replica_cpus": a.replica_cpus,
+            "http_images_per_s": m,
+            "unmetered_images_per_s": u,
+            "engine_images_per_s": round(eng, 1),
+            "efficiency": round(m / eng, 3),
+            "metered_vs_unmetered": round(m / u, 3) if u else None,
+            "local_admit_share": share["local_admit_share"],
+            "local_admit_share_interleaved": share_rounds["local_admit_share"],
+            "overhead_p50_ms": ovh["overhead_p50_ms"],
+            "overhead_p99_ms": ovh["overhead_p99_ms"],
+            "metered_p50_ms": lats["metered"]["p50_ms"],
+            "unmetered_p50_ms": lats["unmetered"]["p50_ms"],
+            "proxy_echo_p50_ms": lats["echo"]["p50_ms"],
+            "proxy_echo_p99_ms": lats["echo"]["p99_ms"],
+            "metered_timing_p50_ms": parts,
+            "path": "direct" if a.direct else "proxy",
+            "request_ids": request_ids,
+            "ingress_max_ongoing": a.ingress_max_ongoing,
+            "serve_env": serve_env(),
+            "code": str(Path(serve_app.__file__).resolve().parent.parent),
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "ray": ray.__version__,
+                        "platform": platform.platform()},
+        }  # fmt: skip
+        summary["goals"] = goals(summary)
+        print(json.dumps(summary), flush=True)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
 
 
 if __name__ == "__main__":
