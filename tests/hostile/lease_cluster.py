@@ -177,3 +177,15 @@ def serve_proxy(port: int) -> str:
     """Serve's HTTP proxy on 127.0.0.1:`port` (the one the session's live app uses, if it runs)."""
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return f"http://127.0.0.1:{port}"
+
+
+def replica_stats(app: str, replicas: int = 3, timeout_s: float = 30.0) -> dict[int, dict[str, Any]]:
+    """`Ingress.stats()` of every replica (by pid), asked through the app's handle until each answered."""
+    handle = serve.get_app_handle(app)
+    seen: dict[int, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(seen) < replicas:
+        assert time.monotonic() < deadline, f"stats of {len(seen)} of {replicas} ingress replicas"
+        for s in [r.result() for r in [handle.stats.remote() for _ in range(4 * replicas)]]:
+            seen[int(s["pid"])] = s
+    return seen

@@ -162,14 +162,25 @@ def ok_ids(shots: Iterable[Shot]) -> list[str]:
     return [s.request_id for s in shots if s.status == 200]
 
 
-def wait_until(probe: Callable[[], T], done: Callable[[T], bool], timeout_s: float, what: str) -> T:
-    """`probe()` until `done` says yes; past `timeout_s` the last value fails the test."""
+def wait_until(
+    probe: Callable[[], T],
+    done: Callable[[T], bool],
+    timeout_s: float,
+    what: str,
+    passing: tuple[type[Exception], ...] = (),
+) -> T:
+    """`probe()` until `done` says yes (a `passing` exception counts as not yet); past `timeout_s`
+    the last value fails the test."""
     deadline = time.monotonic() + timeout_s
     while True:
-        value = probe()
-        if done(value):
-            return value
-        assert time.monotonic() < deadline, f"{what}: still {value!r} after {timeout_s:g} s"
+        try:
+            value = probe()
+        except passing as exc:
+            assert time.monotonic() < deadline, f"{what}: still {exc!r} after {timeout_s:g} s"
+        else:
+            if done(value):
+                return value
+            assert time.monotonic() < deadline, f"{what}: still {value!r} after {timeout_s:g} s"
         time.sleep(0.25)
 
 
