@@ -31,7 +31,9 @@ def png(img: Image.Image) -> bytes:
 def test_given_generated_images_with_known_boxes_then_served_recall_is_at_least_0_9_and_equals_predict(
     live_app: LiveApp,
 ) -> None:
-    out = live_app.ledger.create_package(TokenSpec.build(f"acc-{time.monotonic_ns()}", N_IMAGES))
+    # more units than images: a quota spent to its last unit through two ingress replicas is
+    # test_ingress_steps' business (a replica's idle lease holds some back: see the xfail there)
+    out = live_app.ledger.create_package(TokenSpec.build(f"acc-{time.monotonic_ns()}", 10 * N_IMAGES))
     headers = {"Authorization": f"Bearer {out.credential}", "Content-Type": "image/png"}
     model = YOLO(str(DEMO_WEIGHTS))
     truths = found = compared = 0
@@ -60,4 +62,7 @@ def test_given_generated_images_with_known_boxes_then_served_recall_is_at_least_
             compared += 1
     assert compared > 0
     assert truths > 0 and found / truths >= 0.9, f"recall {found}/{truths}"
-    assert live_app.ledger.token(out.token.id).used == N_IMAGES
+    deadline = time.monotonic() + 30  # each replica reports its admissions within ~100 ms
+    while (used := live_app.ledger.token(out.token.id).used) < N_IMAGES and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert used == N_IMAGES
