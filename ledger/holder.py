@@ -113,6 +113,7 @@ class _Held:
     deny: tuple[Code, str, float, float | None] | None = None  # (code, message, until, retry_after)
     busy: asyncio.Future[None] | None = None
     waiting: int = 0  # units of admissions waiting for an ask to come back
+    releasing: bool = False  # a release is in flight: admissions go to the shard meanwhile
     rate: float = 0.0  # admissions per second (EWMA)
     count: int = 0
     count_since: float = 0.0
@@ -201,7 +202,7 @@ class LeaseHolder:
             return Decision(Code.REPLAY, a.request_id, a.token_id, message="request already settled")
         waited = False
         for _ in range(3):  # concurrent arrivals share one ask, then ask again for all who still wait
-            if now >= h.strict_until and self._needs_sync(h, a.units, now):
+            if now >= h.strict_until and not h.releasing and self._needs_sync(h, a.units, now):
                 h.waiting += a.units
                 try:
                     await self._exchange(h, self._want(h, a.units), jti=a.jti)
@@ -211,7 +212,7 @@ class LeaseHolder:
                 now = self.clock()
             else:
                 break
-        if now < h.strict_until:
+        if now < h.strict_until or h.releasing:
             return await self._strict(a)
         return await self._local(h, a, now, waited)
 
@@ -353,6 +354,8 @@ class LeaseHolder:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         h.busy = fut
         try:
+            if release:  # nothing more is admitted from a lease being given back
+                h.avail, h.valid_until, h.releasing = 0, 0.0, True
             ask = self._ask(h, max(want, h.waiting) if want else 0, release, jti)
             sent = self.clock()
             try:
@@ -362,7 +365,7 @@ class LeaseHolder:
                 grant = None
             self._apply(h, ask, grant, sent)
         finally:
-            h.busy = None
+            h.busy, h.releasing = None, False
             fut.set_result(None)
 
     def _ask(self, h: _Held, want: int, release: bool, jti: str | None) -> LeaseAsk:

@@ -25,7 +25,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeGuard
 
 from ledger.changes import Changes, Lease, Pending
 from ledger.codes import Code
@@ -36,7 +36,9 @@ from ledger.limits import IPNetwork, ip_allowed, model_allowed
 LOST_LEASE_POLICIES = ("refund", "charge")
 # tree actions that can make a holder refuse what it admitted before (DESIGN §3a: narrowing changes)
 NARROWING = frozenset({"token.revoke", "token.expire", "token.rotate", "token.reclaim", "token.limits", "token.top_up"})
-WATCH_LOG = 100_000  # changed token ids remembered for watchers; an older `since` gets every policy
+WATCH_LOG = 100_000
+MAX_DENIALS = 200_000
+MAX_WANT = 10**9  # changed token ids remembered for watchers; an older `since` gets every policy
 
 Version = tuple[int, int]  # (shard epoch, change counter): a new epoch makes every cached policy stale
 
@@ -234,6 +236,9 @@ class LeaseDesk:
         self.clock = clock
         self.watch = watch
         self.seen: dict[str, float] = {}
+        # denied request ids reported without a lease (those reports carry no sequence number): a
+        # resent report is not recorded twice
+        self.denials: dict[str, None] = {}
         self.started = clock()
         self.lost_units = 0  # units of lost leases settled by this instance (metrics)
 
@@ -246,8 +251,9 @@ class LeaseDesk:
                 self.seen[lease_id] = now
 
     def answer(self, asks: Sequence[object]) -> list[LeaseGrant]:
+        """One grant per ask; a malformed ask is refused alone (INVALID_REQUEST) and changes nothing."""
         now = self.clock()
-        return [self._one(a, now) if isinstance(a, LeaseAsk) else LeaseGrant(Code.INVALID_REQUEST) for a in asks]
+        return [self._one(a, now) if _well_formed(a) else LeaseGrant(Code.INVALID_REQUEST) for a in asks]
 
     def _one(self, a: LeaseAsk, now: float) -> LeaseGrant:
         book = self.book
@@ -351,6 +357,12 @@ class LeaseDesk:
         for u in uses:
             if not isinstance(u, LeaseUse) or not _fits(u):
                 continue
+            if u.state == UsageState.DENIED.value:
+                if u.request_id in self.denials:
+                    continue
+                self.denials[u.request_id] = None
+                if len(self.denials) > MAX_DENIALS:
+                    del self.denials[next(iter(self.denials))]
             kept = 0
             state, outcome = u.state, u.outcome
             if state == UsageState.SETTLED.value and lease is not None:
@@ -469,6 +481,29 @@ class LeaseBook(Protocol):
     def remember(self, request_id: str, token_id: str, state: str, now: float) -> None: ...
 
     def take_row_id(self) -> int: ...
+
+
+def _well_formed(a: object) -> TypeGuard[LeaseAsk]:
+    """Field types and ranges of an ask (a bad one must neither raise inside a batch nor reach a column)."""
+    return (
+        isinstance(a, LeaseAsk)
+        and type(a.token_id) is str
+        and len(a.token_id) <= 40
+        and type(a.jti) is str
+        and len(a.jti) <= 64
+        and type(a.root_id) is str
+        and len(a.root_id) <= 40
+        and type(a.holder) is str
+        and 0 < len(a.holder) <= 120
+        and type(a.lease_id) is str
+        and len(a.lease_id) <= 40
+        and type(a.seq) is int
+        and 0 <= a.seq < 2**62
+        and isinstance(a.uses, tuple | list)
+        and type(a.want) is int
+        and 0 <= a.want <= MAX_WANT
+        and type(a.release) is bool
+    )
 
 
 def _fits(u: LeaseUse) -> bool:

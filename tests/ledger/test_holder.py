@@ -440,11 +440,6 @@ async def test_given_the_ledger_unreachable_then_the_lease_keeps_serving_and_the
     assert (rows[("rows", "settled")], rows[("settled", "ok")]) == (30, 30), "every report applied once"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ledger/leases.py LeaseDesk._one: a report without a lease (seq 0, denials only) is recorded each "
-    "time it is sent; resent after a lost answer, its denied rows are in the audit twice",
-)
 async def test_given_denials_reported_without_a_lease_when_the_answer_is_lost_then_they_are_recorded_once(
     ledger: InProcessLedger, clock: Clock
 ) -> None:
@@ -550,11 +545,6 @@ async def test_given_leases_on_several_tokens_when_the_holder_closes_then_every_
     assert all(v.leased == 0 for v in ledger.tokens())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ledger/holder.py: a lease being released (tick(), idle) still admits locally (_local, line 235); "
-    "_end_lease then bumps gen, so settle() drops the row (line 312): served, never charged, no audit row",
-)
 async def test_given_an_admission_while_an_idle_lease_is_being_released_then_it_is_still_charged(
     ledger: InProcessLedger, clock: Clock
 ) -> None:

@@ -297,12 +297,6 @@ MALFORMED: dict[str, dict[str, Any]] = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ledger/leases.py LeaseDesk.answer/_one does not check an ask's field types: `a.seq > lease.seq` "
-    "(line 266) and `for u in uses` (line 351) raise TypeError for the whole call, and a seq past BIGINT "
-    "makes the commit fail; ShardCore.lease_sync promises 'a malformed ask is refused alone'",
-)
 @pytest.mark.parametrize("bad", sorted(MALFORMED))
 def test_given_a_malformed_ask_beside_a_good_one_then_it_is_refused_alone(
     lite: tuple[ShardCore, Clock], bad: str
