@@ -8,21 +8,26 @@ session's app; `LeaseApp` reads the outcome back from the ledger and its databas
 Run as a script (test_lease_node_loss.py does, in its own process: a test session has one Ray
 cluster, this needs three nodes):
 
-    python tests/hostile/lease_cluster.py DB_URL DATA_DIR REPORT SEED
+    python tests/hostile/lease_cluster.py DB_URL DATA_DIR REPORT SEED POLICY REQUESTS UNITS
 
-a `ray.cluster_utils.Cluster` on loopback, head + 2 workers; Serve's proxy and the ledger on the
-head, the 3 ingress replicas spread over the nodes; 5,000 requests from 4 client processes on a
-1,000-unit token, and the worker holding the most ingress replicas removed mid-burst. One JSON
-report to REPORT: what was answered, charged and settled as lost.
+a `ray.cluster_utils.Cluster` on loopback, head + 2 workers; Serve's proxy, the ledger and the
+detector on the head, the 3 ingress replicas spread over the nodes by Serve (lease TTL 2 s,
+`lost_lease_policy` POLICY); REQUESTS requests from 4 client processes on a token of UNITS, and
+the worker holding the most ingress replicas removed 1-3 s into the burst (SEED). One JSON report
+to REPORT: what was answered, charged and settled as lost.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import random
+import sys
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +37,9 @@ launcher.apply_environment()  # loopback, token auth (a no-op under pytest, whos
 launcher.ensure_auth_token()
 
 import psutil  # noqa: E402
+import ray  # noqa: E402
 from ray import serve  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
 from ray.serve import Application  # noqa: E402
 
 from ledger.api import AdminEvent  # noqa: E402
@@ -45,11 +52,8 @@ from serve_app.config import DEMO_WEIGHTS, AppArgs, Autoscaling, LedgerArgs, Mod
 from serve_app.detector_deployment import Detector  # noqa: E402
 from serve_app.engine.fake import FakeEngine  # noqa: E402
 from serve_app.ingress import Ingress  # noqa: E402
-
-if __package__ in (None, ""):  # run as a script: the repository root is on PYTHONPATH
-    from tests.hostile.lease_helpers import wait_until
-else:
-    from .lease_helpers import wait_until
+from tests.hostile.lease_helpers import ClientSpec, Load, body_file, ok_ids, spread, statuses, wait_until  # noqa: E402
+from tests.serve_app.conftest import jpeg  # noqa: E402
 
 MODEL = "fast@1"
 FAKE_ENGINES = {"torch": FakeEngine}  # the Detector's engine registry, passed in (serve_app.engine.registry)
@@ -189,3 +193,103 @@ def replica_stats(app: str, replicas: int = 3, timeout_s: float = 30.0) -> dict[
         for s in [r.result() for r in [handle.stats.remote() for _ in range(4 * replicas)]]:
             seen[int(s["pid"])] = s
     return seen
+
+
+# ---------------------------------------------------------------- a worker node removed mid-burst
+FAST_FAILURE_DETECTION = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
+NAMESPACE = "yt-lease-nodes"
+SPREAD_VAR = "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"
+
+
+def node_of(pid: int, raylets: dict[int, Any]) -> Any:
+    """The Cluster node whose raylet started process `pid` (Ray workers are its children)."""
+    for parent in psutil.Process(pid).parents():
+        if parent.pid in raylets:
+            return raylets[parent.pid]
+    raise LookupError(f"process {pid} belongs to no node of this cluster")
+
+
+def burst_with_a_node_removed(
+    cluster: Cluster, app: LeaseApp, workdir: Path, rng: random.Random, requests: int, units: int
+) -> dict[str, Any]:
+    raylets = {n.all_processes["raylet"][0].process.pid: n for n in [cluster.head_node, *cluster.worker_nodes]}
+    placed = {pid: node_of(pid, raylets) for pid in wait_until(app.ingress_pids, lambda p: len(p) == 3, 120, "3")}
+    victim = max(cluster.worker_nodes, key=lambda n: sum(1 for node in placed.values() if node is n))
+    doomed = sorted(pid for pid, node in placed.items() if node is victim)
+    tid, cred = app.package(units)
+    start = time.time() + 2.0
+    template = ClientSpec(app.url, cred, body_file(workdir, jpeg(64, 48)), requests, 64, start)
+    load = Load(spread(template, 4), workdir)
+    time.sleep(max(0.0, start + rng.uniform(1.0, 3.0) - time.time()))
+    removed_at = time.time()
+    cluster.remove_node(victim, allow_graceful=False)
+    shots = load.wait(600)
+    lost = wait_until(
+        lambda: app.lost(tid),
+        lambda ev: all(any(f":{pid}:" in e["detail"]["holder"] for e in ev) for pid in doomed),
+        120,
+        "lost leases of the removed node's replicas",
+    )
+    view = wait_until(lambda: app.token(tid), lambda v: v.leased == 0, 120, "leases on the token")
+    lost = app.lost(tid)
+    report = app.ledger.consistency()
+    paid = {r["request_id"] for r in app.rows(tid) if charged(r)}
+    ok = set(ok_ids(shots))
+    return {
+        "policy": app.args.ledger.lost_lease_policy,
+        "requests": len(shots),
+        "allocation": units,
+        "statuses": statuses(shots),
+        "ingress_per_node": sorted(sum(1 for n in placed.values() if n is node) for node in raylets.values()),
+        "removed_node_ingress": len(doomed),
+        "removed_after_s": round(removed_at - start, 2),
+        "ok": len(ok),
+        "ok_sent_after_removal": sum(1 for s in shots if s.status == 200 and s.sent > removed_at),
+        "token": asdict(view),
+        "charged_rows": len(paid),
+        "charged_unanswered": len(paid - ok),
+        "answered_unreported": len(ok - paid),
+        "lost_units": sum(int(e["detail"]["units"]) for e in lost),
+        "lost_policies": sorted({e["detail"]["policy"] for e in lost}),
+        "removed_holders_lost": sorted(pid for pid in doomed if any(f":{pid}:" in e["detail"]["holder"] for e in lost)),
+        "removed_holders": doomed,
+        "violations": report.violations,
+        "mismatched": report.mismatched,
+    }
+
+
+def main(db_url: str, data_dir: str, report_path: str, seed: int, policy: str, requests: int, units: int) -> None:
+    # Serve's proxy sends every request to a replica on its own node while that one keeps up: with
+    # the one proxy on the head, the workers' replicas would never be asked (nor hold a lease)
+    if os.environ.get(SPREAD_VAR) != "0":
+        raise SystemExit(f"run with {SPREAD_VAR}=0 in the environment")
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 2,
+            "node_ip_address": "127.0.0.1",
+            "include_dashboard": False,
+            "resources": {"head": 1},
+            "_system_config": FAST_FAILURE_DETECTION,
+        },
+    )
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+    cluster.connect(namespace=NAMESPACE)
+    try:
+        port = launcher.free_port()
+        # one proxy, on the head: the replicas' nodes share its address and could not bind its port
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+        args = lease_args(db_url, Path(data_dir), ttl_s=2.0, policy=policy, namespace=NAMESPACE,
+                          ledger_resources={"head": 0.01})  # fmt: skip
+        # the ledger and the detector on the head: the node removed takes only ingress replicas with it
+        with deployed(args, "nodes", f"http://127.0.0.1:{port}", detector_resources={"head": 0.01}) as app:
+            out = burst_with_a_node_removed(cluster, app, Path(data_dir), random.Random(seed), requests, units)
+        Path(report_path).write_text(json.dumps(out))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], int(sys.argv[6]), int(sys.argv[7]))
