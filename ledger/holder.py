@@ -24,7 +24,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -47,6 +47,9 @@ from ledger.tree import MAX_UNITS
 log = logging.getLogger(__name__)
 MAX_DONE = 100_000  # request ids settled here, remembered so a retry to this replica is charged once
 WATCH_TIMEOUT_S = 10.0
+MAX_ASKS = 8
+RECALL_POLL_S = 0.05  # while other replicas give units back, a waiting admission asks again this often
+RECALL_WAIT_S = 0.3  # ... for at most this long
 
 
 class LeaseTransport(Protocol):
@@ -114,6 +117,8 @@ class _Held:
     busy: asyncio.Future[None] | None = None
     waiting: int = 0  # units of admissions waiting for an ask to come back
     releasing: bool = False  # a release is in flight: admissions go to the shard meanwhile
+    recall: bool = False  # the shard asked for the unused units of this lease (another replica needs them)
+    recall_until: float = 0.0  # units are on their way back from other replicas: ask again until then
     rate: float = 0.0  # admissions per second (EWMA)
     count: int = 0
     count_since: float = 0.0
@@ -161,6 +166,7 @@ class LeaseHolder:
         self.stats = HolderStats()
         self.batchers = [Batcher(self._sender(i), 4096, 2) for i in range(transport.shard_count)]
         self.tasks: list[asyncio.Task[None]] = []
+        self.jobs: set[asyncio.Future[None]] = set()  # asks started outside the report loop
         self.closed = False
 
     # ------------------------------------------------------------ lifecycle
@@ -201,17 +207,21 @@ class LeaseHolder:
         if self.done.get(a.request_id) == UsageState.SETTLED.value:
             return Decision(Code.REPLAY, a.request_id, a.token_id, message="request already settled")
         waited = False
-        for _ in range(3):  # concurrent arrivals share one ask, then ask again for all who still wait
-            if now >= h.strict_until and not h.releasing and self._needs_sync(h, a.units, now):
-                h.waiting += a.units
-                try:
-                    await self._exchange(h, self._want(h, a.units), jti=a.jti)
-                finally:
-                    h.waiting -= a.units
-                waited = True
-                now = self.clock()
-            else:
+        # concurrent arrivals share one ask, then ask again for all who still wait; while units are
+        # being asked back from other replicas' leases, ask again shortly (bounded)
+        for _ in range(MAX_ASKS):
+            if now < h.strict_until or h.releasing or not self._needs_sync(h, a.units, now):
                 break
+            h.waiting += a.units
+            try:
+                await self._exchange(h, self._want(h, a.units), jti=a.jti)
+            finally:
+                h.waiting -= a.units
+            waited = True
+            now = self.clock()
+            if h.avail < a.units and now < h.recall_until:
+                await asyncio.sleep(RECALL_POLL_S)
+                now = self.clock()
         if now < h.strict_until or h.releasing:
             return await self._strict(a)
         return await self._local(h, a, now, waited)
@@ -256,7 +266,7 @@ class LeaseHolder:
             a.request_id,
             a.token_id,
             0 if replayed else a.units,
-            p.used,
+            p.used + self._unreported(h),
             p.allocation,
             max(0, p.free + h.avail),
             p.rate_limit,
@@ -266,6 +276,13 @@ class LeaseHolder:
         if self.on_admit is not None:
             self.on_admit(d, a.model, a.root_id, True)
         return d
+
+    @staticmethod
+    def _unreported(h: _Held) -> int:
+        """Units this holder admitted that the policy's `used` does not count yet (in flight, or
+        answered and not yet acknowledged by the shard)."""
+        rows = h.buffer + list(h.report[1] if h.report else ())
+        return sum(f.units for f in h.inflight.values()) + sum(u.kept for u in rows)
 
     def _denied(
         self, h: _Held, a: Admission, code: Code, message: str, now: float, retry_after: float | None = None
@@ -344,7 +361,9 @@ class LeaseHolder:
         c = self.config
         return max(c.min_want, units, min(c.max_want, max(h.waiting, math.ceil(h.rate * c.target_s))))
 
-    async def _exchange(self, h: _Held, want: int, release: bool = False, jti: str | None = None) -> None:
+    async def _exchange(
+        self, h: _Held, want: int, release: bool = False, jti: str | None = None, give_back: bool = False
+    ) -> None:
         """One ask for this token (coalesced: a caller arriving meanwhile waits for the same one; a
         release waits for it and then asks itself)."""
         while h.busy is not None:
@@ -356,7 +375,10 @@ class LeaseHolder:
         try:
             if release:  # nothing more is admitted from a lease being given back
                 h.avail, h.valid_until, h.releasing = 0, 0.0, True
-            ask = self._ask(h, max(want, h.waiting) if want else 0, release, jti)
+            back = 0
+            if give_back and not release:  # recalled: the units no request holds go back to `free`
+                back, h.avail, h.recall = h.avail, 0, False
+            ask = self._ask(h, max(want, h.waiting) if want else 0, release, jti, back)
             sent = self.clock()
             try:
                 grant: LeaseGrant | None = await self.batchers[h.shard].submit(ask)
@@ -368,7 +390,7 @@ class LeaseHolder:
             h.busy, h.releasing = None, False
             fut.set_result(None)
 
-    def _ask(self, h: _Held, want: int, release: bool, jti: str | None) -> LeaseAsk:
+    def _ask(self, h: _Held, want: int, release: bool, jti: str | None, give_back: int = 0) -> LeaseAsk:
         """`jti`: the credential of the request that needs units (the shard grants only to a current
         one); background asks use the current credential id from the policy."""
         if h.report is None and h.buffer:
@@ -378,7 +400,7 @@ class LeaseHolder:
         seq, rows = (h.report[0], h.report[1]) if h.report else (0, ())
         if jti is None:
             jti = h.policy.jti if h.policy else ""
-        return LeaseAsk(h.token_id, jti, h.root_id, self.holder_id, h.lease_id, seq, rows, want, release)
+        return LeaseAsk(h.token_id, jti, h.root_id, self.holder_id, h.lease_id, seq, rows, want, release, give_back)
 
     def _apply(self, h: _Held, ask: LeaseAsk, grant: LeaseGrant | None, sent: float) -> None:
         now = self.clock()
@@ -409,12 +431,15 @@ class LeaseHolder:
                 h.avail += grant.granted
         h.take(grant.policy)
         h.ttl_s = grant.ttl_s or h.ttl_s
-        if grant.code in (Code.QUOTA_EXHAUSTED, Code.RATE_LIMITED):
+        if grant.code is Code.QUOTA_EXHAUSTED and grant.recalled:
+            h.deny = None  # other replicas are giving units back: ask again shortly, never cache this
+            h.recall_until = max(h.recall_until, now) if h.recall_until > now else now + RECALL_WAIT_S
+        elif grant.code in (Code.QUOTA_EXHAUSTED, Code.RATE_LIMITED):
             hold = grant.retry_after if grant.retry_after else c.deny_cache_s
             h.deny = (grant.code, grant.message, now + hold, grant.retry_after)
         elif grant.granted:
             h.deny = None
-        h.strict_until = now + c.strict_recheck_s if grant.strict else 0.0
+        h.strict_until = now + c.strict_recheck_s if grant.strict and not grant.recalled else 0.0
 
     def _end_lease(self, h: _Held) -> None:
         h.lease_id, h.avail, h.valid_until, h.seq = "", 0, 0.0, 0
@@ -463,8 +488,13 @@ class LeaseHolder:
             refill = usable and not idle and not dead and not denied and h.avail < max(1, want // 2)
             renew = bool(h.lease_id) and h.valid_until - now < h.ttl_s / 2
             release = (idle or dead) and bool(h.lease_id)
-            if h.buffer or h.report or refill or renew or release:
-                jobs.append(self._exchange(h, want if refill and not release else 0, release=release))
+            give_back = h.recall and h.avail > 0 and bool(h.lease_id)
+            if give_back:
+                refill = False
+            if h.buffer or h.report or refill or renew or release or give_back:
+                jobs.append(
+                    self._exchange(h, want if refill and not release else 0, release=release, give_back=give_back)
+                )
         if jobs:
             await asyncio.gather(*jobs)
 
@@ -491,6 +521,10 @@ class LeaseHolder:
         for t, h in self.held.items():
             if h.shard != shard:
                 continue
+            if t in reply.recalls and h.lease_id:
+                h.recall = True
+                if h.avail > 0 and h.busy is None:  # at once: another replica is waiting for them
+                    self._spawn(self._exchange(h, 0, give_back=True))
             if t in reply.policies:
                 p = reply.policies[t]
                 h.need = max(h.need, reply.version)
@@ -499,6 +533,11 @@ class LeaseHolder:
                     h.deny = None  # a top-up or a reclaim into it: ask again
             elif h.policy is not None and (changed is None or any(r.id in changed for r in h.policy.path)):
                 h.need = max(h.need, reply.version)
+
+    def _spawn(self, job: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(job)
+        self.jobs.add(task)
+        task.add_done_callback(self.jobs.discard)
 
     # ------------------------------------------------------------ introspection
     def outstanding(self) -> tuple[int, int]:

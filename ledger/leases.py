@@ -38,7 +38,8 @@ LOST_LEASE_POLICIES = ("refund", "charge")
 NARROWING = frozenset({"token.revoke", "token.expire", "token.rotate", "token.reclaim", "token.limits", "token.top_up"})
 WATCH_LOG = 100_000
 MAX_DENIALS = 200_000
-MAX_WANT = 10**9  # changed token ids remembered for watchers; an older `since` gets every policy
+MAX_WANT = 10**9
+RECALL_EVERY_S = 0.05  # changed token ids remembered for watchers; an older `since` gets every policy
 
 Version = tuple[int, int]  # (shard epoch, change counter): a new epoch makes every cached policy stale
 
@@ -146,6 +147,7 @@ class LeaseAsk:
     uses: tuple[LeaseUse, ...] = ()
     want: int = 0
     release: bool = False
+    give_back: int = 0  # unused units returned to `free`, the lease going on (after a recall)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +164,7 @@ class LeaseGrant:
     strict: bool = False  # admit this token synchronously at the shard (strict package, small balance)
     lost: bool = False  # the lease is gone (settled by policy): drop it, its unreported rows with it
     alive: bool = True  # the shard heard this holder (its deadline moved) even if nothing was committed
+    recalled: bool = False  # other holders' leases hold this token's units: asked back, ask again soon
     message: str = ""
     retry_after: float | None = None
 
@@ -174,6 +177,7 @@ class WatchReply:
     version: Version
     policies: dict[str, TokenPolicy | None] = field(default_factory=dict)
     changed: frozenset[str] | None = frozenset()
+    recalls: frozenset[str] = frozenset()  # give back the unused units of these tokens' leases
 
 
 def is_strict(node: Node) -> bool:
@@ -191,6 +195,7 @@ class WatchLog:
         self.epoch = epoch
         self.counter = 0
         self.log: deque[tuple[int, str]] = deque(maxlen=WATCH_LOG)
+        self.recalls: deque[tuple[int, str]] = deque(maxlen=WATCH_LOG)
 
     @property
     def version(self) -> Version:
@@ -204,6 +209,17 @@ class WatchLog:
         for t in ids:
             self.log.append((self.counter, t))
         return True
+
+    def recall(self, token_id: str) -> None:
+        """Ask every holder of a lease on `token_id` to give back the units it is not using (another
+        holder needs them; nothing changed durably, so this is published at once)."""
+        self.counter += 1
+        self.recalls.append((self.counter, token_id))
+
+    def recalled_since(self, since: Version) -> set[str]:
+        if since[0] != self.epoch:
+            return set()
+        return {t for v, t in self.recalls if v > since[1]}
 
     def changed_since(self, since: Version) -> set[str] | None:
         """Token ids changed after `since`; None when `since` is from another epoch or too old."""
@@ -239,6 +255,7 @@ class LeaseDesk:
         # denied request ids reported without a lease (those reports carry no sequence number): a
         # resent report is not recorded twice
         self.denials: dict[str, None] = {}
+        self.recalled: dict[str, float] = {}  # token id -> when its leases were last asked back
         self.started = clock()
         self.lost_units = 0  # units of lost leases settled by this instance (metrics)
 
@@ -274,6 +291,11 @@ class LeaseDesk:
                 lease.seq = a.seq
         elif a.uses:  # no lease: only denials can be reported
             self._record(node, None, [u for u in a.uses if u.state == UsageState.DENIED.value], now)
+        if a.give_back and lease is not None:
+            back = min(a.give_back, lease.units)
+            lease.units -= back
+            self.book.unlease(node, back)
+            book.out.lease_put[lease.id] = lease
         if a.release:
             if lease is not None:
                 self._end(lease, node)
@@ -294,6 +316,7 @@ class LeaseDesk:
         strict: bool = False,
         message: str = "",
         retry_after: float | None = None,
+        recalled: bool = False,
     ) -> LeaseGrant:
         return LeaseGrant(
             code,
@@ -304,6 +327,7 @@ class LeaseDesk:
             self.rules.ttl_s,
             self._policy(node),
             strict,
+            recalled=recalled,
             message=message,
             retry_after=retry_after,
         )
@@ -323,12 +347,20 @@ class LeaseDesk:
         if is_strict(node):
             return self._reply(Code.OK, node, lease, 0, a, strict=True)
         free = node.free
-        if free <= 0:
-            return self._reply(
-                Code.QUOTA_EXHAUSTED, node, lease, 0, a, message=f"quota exhausted: {max(free, 0)} units left"
-            )
         if free < self.rules.strict_below:
-            return self._reply(Code.OK, node, lease, 0, a, strict=True)
+            # the last units: whatever other holders keep unused in their leases is asked back
+            recalled = self._recall(node, a.holder, now)
+            if free <= 0:
+                return self._reply(
+                    Code.QUOTA_EXHAUSTED,
+                    node,
+                    lease,
+                    0,
+                    a,
+                    message=f"quota exhausted: {max(free, 0)} units left",
+                    recalled=recalled,
+                )
+            return self._reply(Code.OK, node, lease, 0, a, strict=True, recalled=recalled)
         n = min(a.want, self.rules.max_grant, max(1, free // self.rules.max_share))
         wait = 0.0
         for x in path:
@@ -350,6 +382,17 @@ class LeaseDesk:
         self.book.out.lease_put[lease.id] = lease
         return self._reply(Code.OK, node, lease, n, a)
 
+    def _recall(self, node: Node, asker: str, now: float) -> bool:
+        """Whether other holders hold units of `node` in their leases; if so they are asked (through
+        the watch, at most every RECALL_EVERY_S per token) to give back what they do not use."""
+        held = any(x.units > 0 and x.holder != asker for x in self.book.leases.values() if x.token_id == node.id)
+        if held and now - self.recalled.get(node.id, float("-inf")) >= RECALL_EVERY_S:
+            self.recalled[node.id] = now
+            if len(self.recalled) > MAX_DENIALS:
+                del self.recalled[next(iter(self.recalled))]
+            self.watch.recall(node.id)
+        return held
+
     def _record(self, node: Node, lease: Lease | None, uses: Iterable[LeaseUse], now: float) -> None:
         """Audit rows of reported requests; settled units go from the lease to `used` (once per
         request id: a request Ray redelivered to two holders is charged once)."""
@@ -367,7 +410,10 @@ class LeaseDesk:
             state, outcome = u.state, u.outcome
             if state == UsageState.SETTLED.value and lease is not None:
                 seen = book.recent.get(u.request_id)
-                if u.request_id in book.pending or (seen is not None and seen[1] != UsageState.REFUNDED.value):
+                prior = book.pending.get(u.request_id)
+                # the same request (token, model, units) answered twice: Ray redelivered it
+                twice = prior is not None and (prior.token_id, prior.model, prior.units) == (node.id, u.model, u.units)
+                if twice or (seen is not None and seen[0] == node.id and seen[1] != UsageState.REFUNDED.value):
                     outcome = Code.REPLAY.value  # served twice, charged once
                 else:
                     kept = max(0, min(u.kept, u.units, lease.units))
@@ -454,7 +500,8 @@ class LeaseDesk:
                 continue
             if changed is None or any(n.id in changed for n in node.path()):
                 out[t] = self._policy(node)
-        return WatchReply(self.watch.version, out, None if changed is None else frozenset(changed))
+        recalls = frozenset(self.watch.recalled_since(since).intersection(tokens))
+        return WatchReply(self.watch.version, out, None if changed is None else frozenset(changed), recalls)
 
     def outstanding(self) -> tuple[int, int]:
         leases = self.book.leases.values()
@@ -503,6 +550,8 @@ def _well_formed(a: object) -> TypeGuard[LeaseAsk]:
         and type(a.want) is int
         and 0 <= a.want <= MAX_WANT
         and type(a.release) is bool
+        and type(a.give_back) is int
+        and 0 <= a.give_back <= 2**62
     )
 
 

@@ -235,12 +235,6 @@ async def test_given_a_request_then_the_ingress_prices_it_from_its_own_catalog(l
     ledger.assert_balanced()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: ledger/holder.py LeaseHolder._ok reports the policy's `used` (the shard's, as of "
-    "the last grant), without the units this holder admitted since: the answer's usage says "
-    "used=0 after a 6-unit request on a fresh token",
-)
 async def test_given_a_local_admission_then_the_answers_usage_counts_it(ledger: Ledger, pkg: Issued) -> None:
     async with replica(ledger, FakeDetector()) as r:
         out = await r.steps.detect(call(pkg.credential, "parts@2", n=2))
@@ -496,14 +490,6 @@ async def test_given_token_operations_then_the_ingress_acts_as_the_verified_toke
     ledger.assert_balanced()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: units escrowed in an idle replica's lease are refused to the others as "
-    "quota_exhausted (ledger/leases.py LeaseDesk._grant answers strict below lease_strict_below, "
-    "and the shard's strict admission sees free=0 while the idle lease holds them) until that "
-    "replica releases it, idle_release_s (10 s) later: a client is told its quota is spent while "
-    "it is not",
-)
 async def test_given_units_in_an_idle_replicas_lease_then_a_busy_replica_can_still_spend_them(
     ledger: Ledger,
 ) -> None:
