@@ -217,12 +217,6 @@ def test_given_another_tokens_request_id_then_refused_and_nothing_charged(live_a
     assert (live_app.ledger.token(a.token.id).used, live_app.ledger.token(b.token.id).used) == (1, 0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: ledger/leases.py LeaseDesk._record marks a reported row `replay` (0 units) when its "
-    "request id is pending or recent for ANY token, model or units: another token's (or another "
-    "model's) request under a known id is served from a lease and never charged",
-)
 def test_given_another_tokens_request_id_on_a_lease_then_each_token_pays_for_its_own(live_app: LiveApp) -> None:
     a = live_app.ledger.create_package(TokenSpec.build("owner-leased", LEASED))
     b = live_app.ledger.create_package(TokenSpec.build("other-leased", LEASED))
@@ -261,11 +255,6 @@ def test_given_a_pending_id_when_delivered_for_another_model_then_refused_and_no
     assert live_app.ledger.token(tid).used == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: ledger/leases.py LeaseDesk._record marks a reported row `replay` (0 units) when its "
-    "request id is pending for any model or units: a 2-unit answer under a pending 1-unit id is free",
-)
 def test_given_a_pending_id_when_served_from_a_lease_for_another_model_then_that_answer_is_charged(
     live_app: LiveApp,
 ) -> None:
