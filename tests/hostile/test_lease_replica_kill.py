@@ -1,10 +1,10 @@
 """Issue 12 §4: an ingress replica SIGKILLed mid-burst, on quota leases (3 replicas, lease TTL 2 s).
 
 Its leases' units are in doubt until their TTL; then the ledger settles them by `lost_lease_policy`
-(one `lease.lost` admin event each). No overspend, the invariant holds, and every 200 is a charged
-unit or inside the lost units; under `refund` nothing is charged without an answer, under `charge`
-nothing answered goes unpaid. 2 seeds with `refund` and 1 with `charge` here; `YT_LEASE_LONG=1`
-runs 20 of each.
+(one `lease.lost` admin event each). The invariant holds, nothing is charged without an answer,
+every 200 is a charged unit or inside the lost units; under `charge` nothing answered goes unpaid
+and nothing is overspent (under `refund` it is: xfail, see OVERSPEND). 2 seeds of each policy here;
+`YT_LEASE_LONG=1` runs 20 of each.
 """
 
 from __future__ import annotations
@@ -27,12 +27,11 @@ from tests.serve_app.conftest import HTTP_PORT, jpeg
 pytestmark = pytest.mark.ray
 LONG = os.environ.get("YT_LEASE_LONG") == "1"
 SEEDS = 20 if LONG else 2
-CASES = [("refund", s) for s in range(SEEDS)] + [("charge", s) for s in range(SEEDS if LONG else 1)]
 ALLOCATION = 400
 TTL_S = 2.0
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["refund", "charge"])
 def app(
     request: pytest.FixtureRequest, ray_cluster: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LeaseApp]:
@@ -53,8 +52,8 @@ def three_running(app: LeaseApp) -> list[int]:
     return wait_until(probe, lambda v: v[0] == 3 and len(v[1]) == 3, 120, "3 running ingress replicas")[1]
 
 
-@pytest.mark.parametrize(("app", "seed"), CASES, indirect=["app"])
-def test_given_a_burst_when_an_ingress_replica_is_sigkilled_then_its_leases_are_settled_by_policy_and_nothing_overspent(
+@pytest.mark.parametrize("seed", range(SEEDS))
+def test_given_a_burst_when_an_ingress_replica_is_sigkilled_then_its_leases_are_settled_by_policy_every_200_accounted(
     app: LeaseApp, seed: int, tmp_path: Path
 ) -> None:
     """Given a 400-unit token loaded by 4 client processes (32 in flight, 1,200 requests) through
@@ -62,8 +61,9 @@ def test_given_a_burst_when_an_ingress_replica_is_sigkilled_then_its_leases_are_
     when one replica (chosen by the seed) is SIGKILLed at a seeded moment 0.5-2.5 s into the burst,
     then after the lease TTL its leases are settled by policy (`lease.lost` events naming its
     holder), the token ends with nothing leased and used + free == allocation, the book equals the
-    database, at most 400 answers are 200, every 200 is charged or inside the lost units, and
-    `refund` charges only answered requests (`charge`: every answered one is paid)."""
+    database, nothing is charged without an answer, and every 200 is charged or inside the lost
+    units; under `charge` every answered request is paid and at most 400 are answered 200 (under
+    `refund` the lost units go back to `free`, answered ones included: see the test below)."""
     policy = app.args.ledger.lost_lease_policy
     rng = random.Random(seed)
     victim = rng.choice(three_running(app))
@@ -103,28 +103,32 @@ def test_given_a_burst_when_an_ingress_replica_is_sigkilled_then_its_leases_are_
         assert view.used == len(paid)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: under lost_lease_policy=refund the ledger returns a dead replica's lost lease to `free` "
+OVERSPEND = (
+    "bug: under lost_lease_policy=refund the ledger returns a dead replica's lost lease to `free` "
     "(ledger/leases.py LeaseDesk.settle_lost -> _end -> book.unlease), units it had already answered "
-    "included: they are granted twice and served twice (DESIGN §3a: 'Units are never granted twice')",
+    "included: they are granted twice and served twice (DESIGN §3a: 'Units are never granted twice')"
 )
-@pytest.mark.parametrize("app", ["refund"], indirect=True)
-def test_given_refund_when_every_ingress_replica_is_sigkilled_mid_burst_then_still_no_more_200s_than_units(
-    app: LeaseApp, tmp_path: Path
+
+
+def test_given_every_ingress_replica_sigkilled_mid_burst_then_no_more_200s_than_units(
+    app: LeaseApp, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    """Given a 400-unit token loaded through 3 replicas and `lost_lease_policy: refund`,
+    """Given a 400-unit token loaded through 3 replicas,
     when all 3 replicas are SIGKILLed at once 2 s into a burst (each reports every 100 ms, so each
     has most likely answered requests it has not reported yet), and once Serve has replaced them
-    the token is loaded again until it is exhausted (up to 3 such rounds, each on a new token),
+    the token is loaded again until it is exhausted (under `refund` up to 3 such rounds, each on a
+    new token),
     then no more than 400 requests of a token were ever answered 200 (DESIGN §3a: no crash can
-    overspend)."""
+    overspend), and under `charge` every answered request is paid."""
+    policy = app.args.ledger.lost_lease_policy
+    if policy == "refund":
+        request.applymarker(pytest.mark.xfail(strict=True, reason=OVERSPEND))
     body = body_file(tmp_path, jpeg(64, 48))
-    for _ in range(3):
+    for _ in range(3 if policy == "refund" else 1):
         shots, used, lost_units = every_replica_killed(app, body, tmp_path)
-        print(json.dumps({"lease": "all_replicas_killed", "policy": "refund", "statuses": statuses(shots),
+        print(json.dumps({"lease": "all_replicas_killed", "policy": policy, "statuses": statuses(shots),
                           "used": used, "lost_units": lost_units}))  # fmt: skip
-        assert len(ok_ids(shots)) <= ALLOCATION, "overspent"
+        assert len(ok_ids(shots)) <= ALLOCATION == used, "overspent"
 
 
 def every_replica_killed(app: LeaseApp, body: str, workdir: Path) -> tuple[list[Shot], int, int]:
