@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # The Ray environment (loopback, token auth, the proxy hook, offline) is not set here: every entry
 # point (yolo-tokens, tests/conftest.py, the benchmarks) applies it from serve_app/launcher.py.
 
-.PHONY: venv browser serve test fuzz lint bench clean
+.PHONY: venv browser serve test chaos fuzz lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ browser:
 
 test: lint browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# the quota-lease chaos tests of `make test` at full size (20 SIGKILL seeds per policy, 5,000-request
+# bursts, PostgreSQL down 30 s, a node removed on a 3-node cluster): about an hour on 2 cores
+chaos: $(STAMP)
+	YT_LEASE_LONG=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/hostile -k lease
 
 # the fuzz targets of `make test`, for longer: make fuzz FUZZ_SECONDS=3600
 FUZZ_SECONDS ?= 600
