@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from ray import serve
+from ray.serve.schema import ReplicaState
 
 from tests.hostile.lease_cluster import LeaseApp, charged, deployed, lease_args, serve_proxy
 from tests.hostile.lease_helpers import ClientSpec, Load, Shot, body_file, ok_ids, spread, statuses, wait_until
@@ -47,7 +48,7 @@ def three_running(app: LeaseApp) -> list[int]:
 
     def probe() -> tuple[int, list[int]]:
         status = serve.status().applications[app.name].deployments["Ingress"]
-        return status.replica_states.get("RUNNING", 0), sorted(app.ingress_pids())
+        return status.replica_states.get(ReplicaState.RUNNING, 0), sorted(app.ingress_pids())
 
     return wait_until(probe, lambda v: v[0] == 3 and len(v[1]) == 3, 120, "3 running ingress replicas")[1]
 
