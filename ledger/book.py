@@ -379,6 +379,19 @@ class QuotaBook:
                 n.parent.delegated -= units
             n = n.parent
 
+    def write_off(self, node: Node, units: int) -> None:
+        """Leased units in doubt (a lost lease under `refund`) leave the books: neither used nor free.
+        The allocation of the node and of every ancestor shrinks by them (each one's `free` does not
+        move), so they can never be granted again, and nobody is charged for them."""
+        if units <= 0:
+            return
+        node.leased -= units
+        for n in node.path():
+            n.allocation -= units
+            self.out.dirty[n.id] = n
+            if n.parent is not None:
+                n.parent.delegated -= units
+
     def _abandoned(self, rec: IdemRecord, now: float) -> bool:
         """Whether the unfinished idempotent request `rec` was abandoned; if so it is refunded (never
         answered, so never charged) and its key forgotten. A late settlement is then NOT_FOUND."""

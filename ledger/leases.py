@@ -11,6 +11,12 @@ as admissions.
     lost leases                                 past their deadline: settled by `lost_lease_policy`
                                                 (`refund` | `charge`), one `lease.lost` audit row
 
+Lost leases: the units left in a dead holder's lease are in doubt (some were answered and not yet
+reported). `refund` never charges them (`used` does not move) and never grants them again: they are
+written off the allocation of the token and of each ancestor, so no unit is served twice and the
+package never serves more than it was granted (the lease.lost row says how many). `charge` turns
+them into `used` (never served unpaid; units never admitted are charged too).
+
 Lease deadlines: the durable `expires_at` (renewed by every report) and, in memory only, the time
 this shard instance last heard from the holder, or started: a shard instance never settles a lease
 before its own start + TTL, so a holder whose reports could not be committed (the database down)
@@ -465,9 +471,12 @@ class LeaseDesk:
             node = self.book.nodes[lease.token_id]
             units = lease.units
             self.lost_units += units
-            if charge and units:
+            if units:
                 lease.units = 0
-                self.book.charge_leased(node, units, now)
+                if charge:  # never served unpaid: every unit in doubt is used
+                    self.book.charge_leased(node, units, now)
+                else:  # never charged without an answer, and never granted twice: written off
+                    self.book.write_off(node, units)
             self._end(lease, node)
             self.book.out.admin_events.append(
                 {
@@ -524,6 +533,8 @@ class LeaseBook(Protocol):
     def charge_leased(self, node: Node, units: int, now: float) -> None: ...
 
     def unlease(self, node: Node, units: int) -> None: ...
+
+    def write_off(self, node: Node, units: int) -> None: ...
 
     def remember(self, request_id: str, token_id: str, state: str, now: float) -> None: ...
 

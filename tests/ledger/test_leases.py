@@ -331,8 +331,10 @@ def test_given_a_silent_holder_when_its_lease_passes_its_deadline_then_it_is_set
         assert core.settle_lost_leases() == [grant.lease_id]
         core.commit()
         check(core)
-        expected = (10, 0, 990) if policy == "refund" else (250, 0, 750)
-        assert (root.used, root.leased, root.free) == expected
+        # refund: the 240 units in doubt are neither charged nor granted again (written off the
+        # allocation); charge: they are used
+        expected = (10, 0, 750, 760) if policy == "refund" else (250, 0, 750, 1000)
+        assert (root.used, root.leased, root.free, root.allocation) == expected
         events = lost_events(core)
         assert len(events) == 1
         assert events[0]["token_id"] == root.id
@@ -350,7 +352,7 @@ def test_given_a_silent_holder_when_its_lease_passes_its_deadline_then_it_is_set
         uses = (use("b", 2), use("c", 0, "denied", outcome="ip_not_allowed"))
         late = sync(core, ask(root, lease=grant.lease_id, seq=2, uses=uses))[0]
         assert late.lost and late.units == 0
-        assert (root.used, root.leased, root.free) == expected, "a lost lease's report charges nothing"
+        assert (root.used, root.leased, root.free, root.allocation) == expected, "a lost lease's report charges nothing"
         assert [r for r in audit(core, root) if r[0] in ("b", "c")] == [("c", "denied", 0, "ip_not_allowed")]
         fresh = sync(core, ask(root, want=8))[0]
         assert fresh.granted == 8 and fresh.lease_id != grant.lease_id
@@ -377,7 +379,8 @@ def test_given_a_restarted_shard_when_a_lease_is_overdue_then_it_is_not_settled_
         assert second.settle_lost_leases() == [grant.lease_id]
         second.commit()
         check(second)
-        assert second.book.nodes[root.id].free == 1000
+        node = second.book.nodes[root.id]
+        assert (node.free, node.allocation) == (750, 750), "refund: the units in doubt written off, never re-granted"
     finally:
         second.close()
 
