@@ -9,7 +9,8 @@ requests each. Prints one JSON object per measurement; the LAST line is the summ
 * lease: each caller is one `LeaseHolder` (as each ingress replica is, DESIGN §3a) over the real
   `LedgerClient`: admissions come from leases escrowed durably at the shard, each is settled
   (success) through the holder, and usage reaches the database in the holder's reports (every
-  100 ms); the caller closes its holder at the end (last report, leases released).
+  100 ms); each caller's holder is warmed up first (`--lease-warmup-s` of the same load, not
+  counted), and closed at the end of the measured run (last report, leases released).
 
 Database commits per 1,000 admissions come from the shard's `stats()` commits counter, before and
 after each mode (lease: after the holders closed, so every report and release is counted).
@@ -55,14 +56,21 @@ class Caller:
     def __init__(self, coordinator: Any, shards: list[Any]) -> None:
         self.client = LedgerClient(coordinator, shards)
         self.shards = shards
+        self.holder: LeaseHolder | None = None  # kept from a warm-up run to the measured one
 
-    async def run(self, mode: str, token_id: str, jti: str, concurrency: int, seconds: float) -> dict[str, Any]:
+    async def run(
+        self, mode: str, token_id: str, jti: str, concurrency: int, seconds: float, close: bool = True
+    ) -> dict[str, Any]:
+        """`close`: in lease mode, close the holder at the end (its last report, its releases)."""
         lat: list[float] = []
         ok = 0
         stop = time.perf_counter() + seconds
         prefix = uuid.uuid4().hex[:8]
         counter = 0
-        holder = LeaseHolder(self.client, f"bench-{prefix}") if mode == "lease" else None
+        holder = None
+        if mode == "lease":
+            holder = self.holder = self.holder or LeaseHolder(self.client, f"bench-{prefix}")
+        stats0 = asdict(holder.stats) if holder is not None else {}
 
         async def worker() -> None:
             nonlocal ok, counter
@@ -93,8 +101,10 @@ class Caller:
         elapsed = time.perf_counter() - t0
         extra = {}
         if holder is not None:
-            extra = {"holder": asdict(holder.stats)}
-            await holder.close(timeout_s=10.0)  # the last report and the releases
+            extra = {"holder": {k: v - stats0[k] for k, v in asdict(holder.stats).items()}}
+            if close:
+                await holder.close(timeout_s=10.0)  # the last report and the releases
+                self.holder = None
         return {"n": len(lat), "ok": ok, "elapsed": elapsed, "lat": lat, **extra}
 
 
@@ -103,10 +113,17 @@ def commits(client: LedgerClient) -> int:
 
 
 def measure(
-    mode: str, client: LedgerClient, callers: list[Any], token_id: str, jti: str, concurrency: int, seconds: float
+    mode: str,
+    client: LedgerClient,
+    callers: list[Any],
+    token_id: str,
+    jti: str,
+    concurrency: int,
+    seconds: float,
+    close: bool = True,
 ) -> dict[str, Any]:
     c0 = commits(client)
-    res = ray.get([c.run.remote(mode, token_id, jti, concurrency, seconds) for c in callers])
+    res = ray.get([c.run.remote(mode, token_id, jti, concurrency, seconds, close) for c in callers])
     n_commits = commits(client) - c0
     n = sum(r["n"] for r in res)
     ok = sum(r["ok"] for r in res)
@@ -135,6 +152,7 @@ def main() -> None:
     ap.add_argument("--callers", type=int, default=2)
     ap.add_argument("--concurrency", type=int, default=256)
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--lease-warmup-s", type=float, default=3.0, help="lease mode: load before the measured run")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="yt-bench-"))
@@ -169,6 +187,8 @@ def main() -> None:
         measure("batched", client, callers, tid, jti, 8, 1.0)  # warm-up: workers, connections, imports
         results: dict[str, dict[str, Any]] = {}
         for mode in os.environ.get("BENCH_MODES", "naive,batched,lease").split(","):
+            if mode == "lease":  # steady state: the holders' leases and rate estimates warmed up first
+                measure(mode, client, callers, tid, jti, args.concurrency, args.lease_warmup_s, close=False)
             r = measure(mode, client, callers, tid, jti, args.concurrency, args.seconds)
             results[mode] = r
             print(

@@ -6,7 +6,8 @@ parser, decoder and Detector code, no verify/admit/settle) and a bare Serve echo
 
 * throughput: metered and unmetered images/s at concurrency C, in interleaved rounds (the order
   rotates each round); `metered_vs_unmetered` is their ratio, `efficiency` the metered figure over
-  the same engine in-process on the same images with the same batch size, measured in this run;
+  the same engine in-process on the same images with the same batch size, measured in a slice after
+  each round (same run, same stretch of time);
 * latency: metered, unmetered and echo requests interleaved one by one at concurrency 1;
   `overhead_p50_ms`/`overhead_p99_ms` = metered - unmetered; `proxy_echo_p50_ms` is the proxy's and
   the body's share; the metered answers' `timing_ms` give decode / admit / infer inside the ingress;
@@ -31,6 +32,7 @@ import io
 import json
 import os
 import platform
+import statistics
 import tempfile
 import threading
 import time
@@ -52,7 +54,7 @@ from ray.serve import Application
 
 import serve_app
 from bench.baseline import build_baseline_app, build_echo_app
-from bench.loads import interleaved_rounds, interleaved_singles, latency_summary, pct
+from bench.loads import Tally, interleaved_rounds, interleaved_singles, latency_summary, pct
 from ledger.entities import TokenSpec
 from ledger.service import attach
 from serve_app.app import build_app
@@ -83,17 +85,32 @@ def serve_env() -> dict[str, str]:
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_SERVE_") and k != launcher.CALLBACK_VAR}
 
 
-def engine_rate(images: list[bytes], batch: int, seconds: float) -> float:
-    engine = TorchEngine(DEMO_WEIGHTS, imgsz=320)
-    decoded = [decode_image(b).pixels for b in images]
-    engine.detect(decoded[:batch])
-    n, t0, i = 0, time.perf_counter(), 0
-    while time.perf_counter() - t0 < seconds:
-        chunk = [decoded[(i + k) % len(decoded)] for k in range(batch)]
-        engine.detect(chunk, InferenceParams())
-        n += batch
-        i += batch
-    return n / (time.perf_counter() - t0)
+class EngineMeter:
+    """The same engine in this process, on the same images, same batch size; measured in slices
+    between the HTTP rounds (the Serve replicas idle meanwhile), so that `efficiency` compares
+    figures taken over the same stretch of this shared machine's time."""
+
+    def __init__(self, images: list[bytes], batch: int) -> None:
+        self.engine = TorchEngine(DEMO_WEIGHTS, imgsz=320)
+        self.decoded = [decode_image(b).pixels for b in images]
+        self.batch = batch
+        self.images = 0
+        self.seconds = 0.0
+        self.engine.detect(self.decoded[:batch])
+
+    def run(self, seconds: float) -> None:
+        n, t0, i = 0, time.perf_counter(), 0
+        while time.perf_counter() - t0 < seconds:
+            chunk = [self.decoded[(i + k) % len(self.decoded)] for k in range(self.batch)]
+            self.engine.detect(chunk, InferenceParams())
+            n += self.batch
+            i += self.batch
+        self.images += n
+        self.seconds += time.perf_counter() - t0
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.seconds if self.seconds else float("nan")
 
 
 def with_options(app: Application, **options: Any) -> Application:
@@ -195,7 +212,6 @@ def main() -> None:
     ap.add_argument("--warmup-s", type=float, default=5.0)
     ap.add_argument("--steady-s", type=float, default=10.0, help="metered load alone, for local_admit_share")
     ap.add_argument("--overhead-requests", type=int, default=200)
-    ap.add_argument("--engine-seconds", type=float, default=10.0)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--replica-cpus", type=float, default=float(os.cpu_count() or 1))
     ap.add_argument("--ingress-max-ongoing", type=int, default=None)
@@ -258,7 +274,16 @@ def main() -> None:
         emit("lease_admissions", window="steady", **share, **steady["metered"].summary())
         # interleaved rounds: each side idles while the other runs, so a lease restarts after a pause
         before = ingress_stats(handles)
-        rounds = asyncio.run(interleaved_rounds(detect_urls, headers, images, a.concurrency, a.seconds, a.rounds))
+        engine = EngineMeter(images, a.batch)
+        rounds = {k: Tally() for k in detect_urls}
+        for r in range(a.rounds):
+            order = list(detect_urls)[r % 2 :] + list(detect_urls)[: r % 2]
+            one = asyncio.run(
+                interleaved_rounds({k: detect_urls[k] for k in order}, headers, images, a.concurrency, a.seconds, 1)
+            )
+            for k, t in one.items():
+                rounds[k].add(t)
+            engine.run(a.seconds)
         share_rounds = admit_share(before, ingress_stats(handles))
         emit("lease_admissions", window="interleaved_rounds", **share_rounds)
         http = {k: t.summary() for k, t in rounds.items()}
@@ -271,10 +296,20 @@ def main() -> None:
         ovh = {
             "overhead_p50_ms": round((pct(lat["metered"], 0.5) - pct(lat["unmetered"], 0.5)) * 1000, 2),
             "overhead_p99_ms": round((pct(lat["metered"], 0.99) - pct(lat["unmetered"], 0.99)) * 1000, 2),
+            # the median of the per-pair differences (same image, sent one right after the other)
+            "overhead_paired_median_ms": round(
+                statistics.median(m - u for m, u in zip(lat["metered"], lat["unmetered"], strict=True)) * 1000, 2
+            ),
         }
         emit("latency_c1", requests_each=a.overhead_requests, **lats, metered_timing_ms=parts, **ovh)
-        eng = engine_rate(images, a.batch, a.engine_seconds)
-        emit("engine_in_process", batch=a.batch, torch_threads=torch.get_num_threads(), images_per_s=round(eng, 2))
+        eng = engine.rate
+        emit(
+            "engine_in_process",
+            batch=a.batch,
+            torch_threads=torch.get_num_threads(),
+            images_per_s=round(eng, 2),
+            seconds=round(engine.seconds, 2),
+        )
         m, u = http["metered"]["images_per_s"], http["unmetered"]["images_per_s"]
         summary: dict[str, Any] = {
             "bench": "serving",
@@ -293,6 +328,7 @@ def main() -> None:
             "local_admit_share_interleaved": share_rounds["local_admit_share"],
             "overhead_p50_ms": ovh["overhead_p50_ms"],
             "overhead_p99_ms": ovh["overhead_p99_ms"],
+            "overhead_paired_median_ms": ovh["overhead_paired_median_ms"],
             "metered_p50_ms": lats["metered"]["p50_ms"],
             "unmetered_p50_ms": lats["unmetered"]["p50_ms"],
             "proxy_echo_p50_ms": lats["echo"]["p50_ms"],
