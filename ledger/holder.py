@@ -194,9 +194,10 @@ class LeaseHolder:
         if a.idem_key is not None:  # the key is global: only the shard can dedupe it
             return await self._strict(a)
         h = self.held.get(a.token_id)
+        now = self.clock()
         if h is None or h.root_id != a.root_id:
             h = self.held[a.token_id] = _Held(a.token_id, a.root_id, self.transport.shard_of(a.root_id))
-        now = self.clock()
+            h.count_since = now  # the first second of traffic counts towards the rate estimate
         h.last_used = now
         h.count += 1
         prior = h.inflight.get(a.request_id)
