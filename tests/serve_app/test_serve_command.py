@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import psutil
@@ -28,6 +29,21 @@ HTTP_PORT = 8124
 CONSOLE_PORT = 8526
 DASHBOARD_PORT = 8276
 REPO = Path(__file__).resolve().parents[2]
+
+
+def listed_demo(exe: str, env: dict[str, str]) -> dict[str, Any]:
+    """The demo package as `yolo-tokens token list --json` shows it."""
+    listed = subprocess.run(
+        [exe, "--address", f"127.0.0.1:{PORT}", "token", "list", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert listed.returncode == 0, listed.stderr
+    (demo,) = json.loads(listed.stdout)
+    return cast(dict[str, Any], demo)
 
 
 def _running(pid: int) -> bool:
@@ -141,6 +157,14 @@ def test_given_serve_when_started_then_demo_token_is_printed_and_ctrl_c_stops_ev
             timeout=300,
         )  # fmt: skip
         assert job.returncode == 0 and '"units": 1' in job.stdout, job.stdout[-3000:] + job.stderr[-3000:]
+
+        # the ingress replica charged the three detections from its lease; once it gave back what
+        # it did not spend (idle for a few seconds), the tree's free units are the package's
+        deadline = time.monotonic() + 90
+        while (demo := listed_demo(exe, env))["leased"] or demo["used"] < 3:
+            assert time.monotonic() < deadline, demo
+            time.sleep(1)
+        assert (demo["used"], demo["free"]) == (3, 9997), demo
 
         # the console, served by `serve`, looked at in headless Chromium: real numbers appear
         assert f"console: http://127.0.0.1:{CONSOLE_PORT}" in text
