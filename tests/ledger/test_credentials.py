@@ -6,6 +6,8 @@ import base64
 import hashlib
 import hmac
 import json
+import re
+import secrets
 import stat
 from pathlib import Path
 
@@ -142,14 +144,35 @@ def test_given_past_nbf_when_verified_then_accepted(ring: KeyRing, verifier: Ver
     assert verifier.verify(ring.sign(claims(nbf=NOW - 10))).sub == "tok_1"
 
 
-def test_new_id_is_prefixed_url_safe_and_unique() -> None:
-    ids = {new_id("tok") for _ in range(1000)}
+URL_SAFE_20 = r"[A-Za-z0-9_-]{20}"
 
-    assert len(ids) == 1000
-    assert all(i.startswith("tok_") and len(i) == 24 for i in ids)
-    assert all(c.isalnum() or c in "_-" for i in ids for c in i)
-    assert new_id("pkg_").startswith("pkg_") and not new_id("pkg_").startswith("pkg__")
-    assert new_jti().startswith("jti_") and new_jti() != new_jti()
+
+def test_new_id_is_prefixed_url_safe_and_unique() -> None:
+    ids = {new_id("tok") for _ in range(10_000)}
+    from_trailing = [new_id("pkg_") for _ in range(10_000)]
+
+    # ids are opaque: read by their prefix, never split on "_", so a random part may begin with "_" or "-"
+    assert len(ids) == 10_000
+    assert all(re.fullmatch(f"tok_{URL_SAFE_20}", i) for i in ids)
+    assert all(re.fullmatch(f"pkg_{URL_SAFE_20}", i) for i in from_trailing)  # the prefix's "_" is not doubled
+    assert len(set(from_trailing)) == 10_000
+    assert re.fullmatch(f"jti_{URL_SAFE_20}", new_jti()) and new_jti() != new_jti()
+
+
+@pytest.mark.parametrize("random_part", ["_" * 20, "-" * 20, "_-" + "A" * 18, "-_" + "0" * 18])
+def test_given_a_random_part_starting_with_a_separator_when_new_id_then_prefix_underscore_and_that_part(
+    monkeypatch: pytest.MonkeyPatch, random_part: str
+) -> None:
+    asked: list[int] = []
+
+    def token_urlsafe(nbytes: int) -> str:
+        asked.append(nbytes)
+        return random_part
+
+    monkeypatch.setattr(secrets, "token_urlsafe", token_urlsafe)
+
+    assert new_id("pkg_") == new_id("pkg") == f"pkg_{random_part}"
+    assert asked == [15, 15]  # 120 random bits, 20 url-safe characters
 
 
 @pytest.mark.parametrize("prefix", ["", "_", "1abc", "a/b", "tok-x", "a" * 17])
