@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from ledger.changes import Changes, IdemRecord, Lease, Pending
 from ledger.codes import Code
 from ledger.entities import (
+    RECLAIMING,
     Admission,
     Decision,
     Node,
@@ -39,6 +40,7 @@ MAX_RECENT = 1_000_000  # bound memory under sustained load: the oldest settled 
 
 _ADMITTED = UsageState.ADMITTED.value
 _DENIED = UsageState.DENIED.value
+_SETTLED = UsageState.SETTLED.value
 _OK = Code.OK.value
 MAX_REQUEST_ID = 64  # the usage_events.request_id column
 MAX_IDEM_KEY = 255  # the idempotency.key column
@@ -344,6 +346,9 @@ class QuotaBook:
     def remember(self, request_id: str, token_id: str, state: str, now: float) -> None:
         """A settled request id, so that a redelivery of it is not charged again."""
         recent = self.recent
+        seen = recent.get(request_id)
+        if seen is not None and seen[0] == token_id and seen[1] == _SETTLED and state != _SETTLED:
+            return  # a request charged once stays charged: a later copy's refund does not reopen it
         recent.pop(request_id, None)  # a re-admitted id moves to the end: eviction stays oldest-first
         recent[request_id] = (token_id, state, now)
         if len(recent) > MAX_RECENT:
@@ -371,6 +376,14 @@ class QuotaBook:
         if units <= 0:
             return
         node.leased -= units
+        if node.live and node.meta.get(RECLAIMING) and node.parent is not None:
+            # reclaimed whole while these units were leased: they go to the parent as they come back
+            node.allocation -= units
+            node.parent.delegated -= units
+            if node.leased <= 0:
+                node.meta.pop(RECLAIMING, None)
+            self.out.dirty[node.id] = node
+            return
         n: Node | None = node
         while n is not None and not n.live:  # dead nodes hold exactly what they spent
             n.allocation -= units

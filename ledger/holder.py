@@ -14,6 +14,19 @@ Never overspends: a request is served only from units the shard escrowed for thi
 the holder stops using a lease `ttl - margin` after the send time of its last answered ask, before
 the shard may settle it as lost. Never charges without an answer: a refund returns the units.
 
+Exactly once (DESIGN §3b): the holder names each lease itself and numbers its messages; a message
+not acknowledged goes again unchanged, and the shard applies each number once. After every answer
+the lease's units come from the shard (`LeaseGrant.units`), less what this holder holds for requests.
+
+Rates (DESIGN §3b): a token with a rate on its path spends rate tokens the shard drew for it, each
+for one `report_interval_s` after the ask was sent; unused ones go back with the next message. So
+the requests admitted in any window W are at most `burst + rate * (W + report_interval_s)`. A
+refund returns its units, never its rate token. Tokens below `STRICT_RATE` admit at the shard.
+
+After `close()` nothing is admitted locally (the shard decides each request), and every lease is
+released once the requests in flight are answered (or, at `timeout_s`, with their units in doubt,
+settled by `lost_lease_policy`).
+
 `transport` is the ledger (`LedgerClient` over Ray, `InProcessLedger` in tests): see `LeaseTransport`.
 """
 
@@ -24,12 +37,13 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ledger.batcher import Batcher
 from ledger.codes import Code
+from ledger.credentials import new_id
 from ledger.entities import Admission, Decision, Settlement, UsageState
 from ledger.errors import LedgerError
 from ledger.leases import (
@@ -50,6 +64,7 @@ WATCH_TIMEOUT_S = 10.0
 MAX_ASKS = 8
 RECALL_POLL_S = 0.05  # while other replicas give units back, a waiting admission asks again this often
 RECALL_WAIT_S = 0.3  # ... for at most this long
+CLOSE_POLL_S = 0.01  # close() looks this often whether the requests in flight were answered
 
 
 class LeaseTransport(Protocol):
@@ -102,16 +117,21 @@ class _Held:
     # the watch said the policy changed at this version: a cached one older than it is not used
     need: Version = (-1, -1)
     ttl_s: float = 10.0
-    lease_id: str = ""
+    lease_id: str = ""  # named here; `creating` until the shard has it
+    creating: bool = False
+    acked: int = 0  # the number of the last message of this lease the shard acknowledged
     gen: int = 0  # bumped whenever the lease ends: settlements of an older lease are not reported
     avail: int = 0
     valid_until: float = 0.0
+    rate_avail: int = 0  # rate tokens drawn for this holder, spendable until `rate_until`
+    rate_until: float = 0.0
+    rate_expired: int = 0  # rate tokens never used: given back with the next message
     inflight: dict[str, _Inflight] = field(default_factory=dict)
     buffer: list[LeaseUse] = field(default_factory=list)
-    report: tuple[int, tuple[LeaseUse, ...], str] | None = None  # (seq, rows, lease) sent, not yet acked
+    sent: LeaseAsk | None = None  # sent, not acknowledged: sent again unchanged
+    sent_at: float = 0.0  # when `sent` was first sent
     buffer_since: float = 0.0  # when the oldest row of `buffer` was queued
-    report_since: float = 0.0  # ... and of `report`
-    seq: int = 0  # the last report of the current lease the shard applied
+    report_since: float = 0.0  # ... and of `sent`
     strict_until: float = 0.0
     deny: tuple[Code, str, float, float | None] | None = None  # (code, message, until, retry_after)
     busy: asyncio.Future[None] | None = None
@@ -128,9 +148,26 @@ class _Held:
     def stale(self) -> bool:
         return self.policy is None or self.policy.version < self.need
 
+    @property
+    def rated(self) -> bool:
+        """A rate on the token's path, admitted here (not strict): local admission needs rate tokens."""
+        p = self.policy
+        return p is not None and p.rate_limit is not None and not p.strict
+
+    @property
+    def held_units(self) -> int:
+        """Units of the current lease this holder holds for requests: in flight, or kept and not
+        reported yet. The rest of what the shard escrows is `avail`."""
+        gen = self.gen
+        return sum(f.units for f in self.inflight.values() if f.gen == gen) + sum(u.kept for u in self.buffer)
+
     def take(self, p: TokenPolicy | None) -> None:
-        """A policy from the shard, if it is not older than the one held."""
+        """A policy from the shard, if it is not older than the one held. A newer one may have
+        narrowed the rate: rate tokens drawn under the old one are not spent (they go back)."""
         if p is not None and (self.policy is None or p.version >= self.policy.version):
+            if self.policy is not None and p.version > self.policy.version:
+                self.rate_expired += self.rate_avail
+                self.rate_avail = 0
             self.policy = p
 
 
@@ -155,8 +192,14 @@ class LeaseHolder:
         config: HolderConfig | None = None,
         clock: Callable[[], float] = time.time,
         on_admit: Callable[[Decision, str, str, bool], None] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        background: bool = True,
     ) -> None:
+        """`sleep` and `clock` are the simulator's in `tests/sim`; `background=False` starts no
+        report or watch loop (the owner calls `tick` and `on_watch`)."""
         self.transport = transport
+        self.sleep = sleep
+        self.background = background
         self.holder_id = holder_id
         self.config = config or HolderConfig()
         self.clock = clock
@@ -171,27 +214,42 @@ class LeaseHolder:
 
     # ------------------------------------------------------------ lifecycle
     def _start(self) -> None:
-        if self.tasks or self.closed:
+        if self.tasks or self.closed or not self.background:
             return
         loop = asyncio.get_running_loop()
         self.tasks.append(loop.create_task(self._report_loop()))
         self.tasks.extend(loop.create_task(self._watch_loop(i)) for i in range(self.transport.shard_count))
 
     async def close(self, timeout_s: float = 2.0) -> None:
-        """Report what is unreported and release every lease (best effort within `timeout_s`)."""
+        """Admit nothing more locally; wait (up to `timeout_s`) for the requests in flight to be
+        answered; then report what is unreported and release every lease. Units of requests still
+        unanswered then are released as in doubt: the shard settles them by `lost_lease_policy`,
+        so they are never granted again (DESIGN §3b)."""
         self.closed = True
         for t in self.tasks:
             t.cancel()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(
-                asyncio.gather(*[self._exchange(h, 0, release=True) for h in list(self.held.values())]), timeout_s
-            )
+        deadline = self.clock() + timeout_s
+        for _ in range(math.ceil(timeout_s / CLOSE_POLL_S)):  # bounded in steps too: a clock may stand still
+            if not any(h.inflight for h in self.held.values()) or self.clock() >= deadline:
+                break
+            await self.sleep(CLOSE_POLL_S)
+        leased = [h for h in self.held.values() if h.lease_id or h.buffer or h.sent]
+        done: asyncio.Future[Any] = asyncio.ensure_future(
+            asyncio.gather(*[self._exchange(h, 0, release=True) for h in leased])
+        )
+        timer: asyncio.Future[Any] = asyncio.ensure_future(self.sleep(max(0.0, deadline - self.clock()) + timeout_s))
+        await asyncio.wait({done, timer}, return_when=asyncio.FIRST_COMPLETED)
+        timer.cancel()
+        if not done.done():
+            done.cancel()
+        with contextlib.suppress(BaseException):
+            await done
 
     # ------------------------------------------------------------ admission
     async def admit(self, a: Admission) -> Decision:
         """The verdict for one request; OK means its units are held for it until `settle`."""
         self._start()
-        if a.idem_key is not None:  # the key is global: only the shard can dedupe it
+        if a.idem_key is not None or self.closed:  # the key is global: only the shard can dedupe it
             return await self._strict(a)
         h = self.held.get(a.token_id)
         now = self.clock()
@@ -215,13 +273,13 @@ class LeaseHolder:
                 break
             h.waiting += a.units
             try:
-                await self._exchange(h, self._want(h, a.units), jti=a.jti)
+                await self._exchange(h, self._want(h, a.units), jti=a.jti, rate=h.rated)
             finally:
                 h.waiting -= a.units
             waited = True
             now = self.clock()
             if h.avail < a.units and now < h.recall_until:
-                await asyncio.sleep(RECALL_POLL_S)
+                await self.sleep(RECALL_POLL_S)
                 now = self.clock()
         if now < h.strict_until or h.releasing:
             return await self._strict(a)
@@ -232,6 +290,8 @@ class LeaseHolder:
             return True
         if h.deny is not None and now < h.deny[2]:
             return False
+        if h.rated and (h.rate_avail < 1 or now >= h.rate_until):
+            return True
         return h.avail < units or now >= h.valid_until
 
     async def _local(self, h: _Held, a: Admission, now: float, waited: bool) -> Decision:
@@ -246,8 +306,17 @@ class LeaseHolder:
         refusal = refusal or access_refusal(p.path, a.model, a.client_ip)
         if refusal is not None:
             return self._denied(h, a, refusal[0], refusal[1], now)
+        if p.strict or p.reclaimed:  # a strict (or low-rate) token, or one reclaimed whole: the shard decides
+            return await self._strict(a)
+        if h.rated and (h.rate_avail < 1 or now >= h.rate_until):
+            if h.deny is not None and now < h.deny[2] and h.deny[0] is Code.RATE_LIMITED:
+                code, message, until, retry = h.deny
+                return self._denied(h, a, code, message, now, retry_after=(until - now) if retry else None)
+            return await self._strict(a)  # no rate token here: the shard's bucket decides, exactly
         if h.avail >= a.units and now < h.valid_until:
             h.avail -= a.units
+            if h.rated:
+                h.rate_avail -= 1
             h.inflight[a.request_id] = _Inflight(a.units, h.gen, a.model, a.client_ip, a.image_bytes, now)
             if waited:
                 self.stats.waited += 1
@@ -282,7 +351,7 @@ class LeaseHolder:
     def _unreported(h: _Held) -> int:
         """Units this holder admitted that the policy's `used` does not count yet (in flight, or
         answered and not yet acknowledged by the shard)."""
-        rows = h.buffer + list(h.report[1] if h.report else ())
+        rows = h.buffer + list(h.sent.uses if h.sent else ())
         return sum(f.units for f in h.inflight.values()) + sum(u.kept for u in rows)
 
     def _denied(
@@ -328,15 +397,16 @@ class LeaseHolder:
         if h is None or f is None:
             return await self.transport.settle(s)
         state = UsageState.SETTLED.value if s.success else UsageState.REFUNDED.value
-        self.done.pop(s.request_id, None)
-        self.done[s.request_id] = state
+        if self.done.get(s.request_id) != UsageState.SETTLED.value:  # charged once stays charged
+            self.done.pop(s.request_id, None)
+            self.done[s.request_id] = state
         if len(self.done) > MAX_DONE:
             del self.done[next(iter(self.done))]
         if f.gen != h.gen:  # its lease was settled as lost meanwhile: that row holds these units
             return Code.OK
         charged = s.charged if type(s.charged) is int else None
         kept = (f.units if charged is None else max(0, min(charged, f.units))) if s.success else 0
-        h.avail += f.units - kept
+        h.avail += f.units - kept  # a refund's units go back; its rate token does not (DESIGN §3b)
         if not h.buffer:
             h.buffer_since = self.clock()
         h.buffer.append(
@@ -363,10 +433,17 @@ class LeaseHolder:
         return max(c.min_want, units, min(c.max_want, max(h.waiting, math.ceil(h.rate * c.target_s))))
 
     async def _exchange(
-        self, h: _Held, want: int, release: bool = False, jti: str | None = None, give_back: bool = False
+        self,
+        h: _Held,
+        want: int,
+        release: bool = False,
+        jti: str | None = None,
+        give_back: bool = False,
+        rate: bool = False,
     ) -> None:
-        """One ask for this token (coalesced: a caller arriving meanwhile waits for the same one; a
-        release waits for it and then asks itself)."""
+        """One message for this token (coalesced: a caller arriving meanwhile waits for the same one;
+        a release waits for it and then asks itself). A message not acknowledged before goes first,
+        unchanged."""
         while h.busy is not None:
             await asyncio.shield(h.busy)
             if not release:
@@ -374,79 +451,108 @@ class LeaseHolder:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         h.busy = fut
         try:
-            if release:  # nothing more is admitted from a lease being given back
+            if h.sent is None:
+                h.sent = self._ask(h, max(want, h.waiting) if want else 0, release, jti, give_back, rate)
+                h.sent_at = self.clock()
+            ask = h.sent
+            now = self.clock()  # this delivery: a shard that hears it keeps the lease alive from now
+            if ask.release:  # nothing more is admitted from a lease being given back
                 h.avail, h.valid_until, h.releasing = 0, 0.0, True
-            back = 0
-            if give_back and not release:  # recalled: the units no request holds go back to `free`
-                back, h.avail, h.recall = h.avail, 0, False
-            ask = self._ask(h, max(want, h.waiting) if want else 0, release, jti, back)
-            sent = self.clock()
             try:
                 grant: LeaseGrant | None = await self.batchers[h.shard].submit(ask)
             except (LedgerError, OSError, RuntimeError) as exc:
                 log.warning("lease ask for %s failed: %r", h.token_id, exc)
                 grant = None
-            self._apply(h, ask, grant, sent)
+            self._apply(h, ask, grant, now, h.sent_at)
         finally:
-            h.busy, h.releasing = None, False
+            h.busy = None
+            h.releasing = h.sent is not None and h.sent.release
             fut.set_result(None)
 
-    def _ask(self, h: _Held, want: int, release: bool, jti: str | None, give_back: int = 0) -> LeaseAsk:
-        """`jti`: the credential of the request that needs units (the shard grants only to a current
-        one); background asks use the current credential id from the policy."""
-        if h.report is None and h.buffer:
-            rows, h.buffer = tuple(h.buffer), []
-            h.report = (h.seq + 1 if h.lease_id else 0, rows, h.lease_id)
-            h.report_since = h.buffer_since
-        seq, rows = (h.report[0], h.report[1]) if h.report else (0, ())
+    def _ask(
+        self, h: _Held, want: int, release: bool, jti: str | None, give_back: bool = False, rate: bool = False
+    ) -> LeaseAsk:
+        """The next message of this token's lease. `jti`: the credential of the request that needs
+        units (the shard grants only to a current one); background asks use the policy's."""
+        now = self.clock()
+        rows, h.buffer = tuple(h.buffer), []
+        h.report_since = h.buffer_since
         if jti is None:
             jti = h.policy.jti if h.policy else ""
-        return LeaseAsk(h.token_id, jti, h.root_id, self.holder_id, h.lease_id, seq, rows, want, release, give_back)
+        if h.rate_avail and now >= h.rate_until:  # expired unused
+            h.rate_expired, h.rate_avail = h.rate_expired + h.rate_avail, 0
+        rate_want = 0
+        if rate and not release and h.policy is not None and h.policy.rate_limit is not None:
+            # fresh rate tokens for the next interval; those held now go back in the same message
+            rate_want = max(1, h.waiting, math.ceil(h.rate * self.config.report_interval_s * 1.5))
+            h.rate_expired, h.rate_avail = h.rate_expired + h.rate_avail, 0
+        if not h.lease_id and not release and (want > 0 or rate_want > 0):
+            h.lease_id, h.creating, h.acked = new_id("lse"), True, 0
+        back = 0
+        if give_back and not release and h.lease_id and not h.creating:
+            back, h.avail, h.recall = h.avail, 0, False
+        live = bool(h.lease_id) and not h.creating
+        rate_back, h.rate_expired = (h.rate_expired, 0) if live else (0, h.rate_expired)
+        in_doubt = sum(f.units for f in h.inflight.values() if f.gen == h.gen) if release and live else 0
+        return LeaseAsk(
+            h.token_id,
+            jti,
+            h.root_id,
+            self.holder_id,
+            h.lease_id,
+            h.acked + 1 if h.lease_id else 0,
+            rows,
+            want if not release else 0,
+            release and bool(h.lease_id),
+            back,
+            rate_want,
+            rate_back,
+            in_doubt,
+        )
 
-    def _apply(self, h: _Held, ask: LeaseAsk, grant: LeaseGrant | None, sent: float) -> None:
+    def _apply(self, h: _Held, ask: LeaseAsk, grant: LeaseGrant | None, sent: float, first_sent: float) -> None:
+        """`sent`: when this delivery of `ask` was sent; `first_sent`: when it was first sent (rate
+        tokens it drew are spendable from then on for one interval, whichever delivery drew them)."""
         now = self.clock()
         c = self.config
         if grant is None or not isinstance(grant, LeaseGrant):
             self.stats.report_failures += 1
-            return  # unreachable: the report is sent again, the lease lapses on its own clock
+            return  # unreachable: the message goes again, the lease lapses on its own clock
         if grant.code is Code.LEDGER_UNAVAILABLE:  # heard, nothing committed: the lease lives on
             self.stats.report_failures += 1
-            if h.lease_id and grant.alive:
+            if h.lease_id and not h.creating and grant.alive:
                 h.valid_until = max(h.valid_until, sent + grant.ttl_s - c.ttl_margin_s)
             return
         self.stats.reports += 1
-        if grant.lost:
-            self.stats.lost_leases += 1
-            self._end_lease(h)
-        else:
-            if h.report is not None and (h.report[2] == "" or grant.applied_seq >= h.report[0]):
-                if h.report[2]:
-                    h.seq = h.report[0]
-                h.report = None
-            if ask.release:
-                self._end_lease(h)
-            elif grant.lease_id:
-                if grant.lease_id != h.lease_id:
-                    h.lease_id, h.seq = grant.lease_id, grant.applied_seq if ask.lease_id == grant.lease_id else 0
-                h.valid_until = sent + grant.ttl_s - c.ttl_margin_s
-                h.avail += grant.granted
+        h.sent = None  # acknowledged
         h.take(grant.policy)
         h.ttl_s = grant.ttl_s or h.ttl_s
+        if grant.lost or ask.release:
+            if grant.lost:
+                self.stats.lost_leases += 1
+            self._end_lease(h)
+        elif ask.lease_id and grant.lease_id == ask.lease_id:
+            h.creating = False
+            h.acked = max(h.acked, ask.seq)
+            h.valid_until = sent + grant.ttl_s - c.ttl_margin_s
+            h.avail = max(0, grant.units - h.held_units)
+            if grant.rate_granted:
+                h.rate_avail += grant.rate_granted
+                h.rate_until = first_sent + c.report_interval_s
         if grant.code is Code.QUOTA_EXHAUSTED and grant.recalled:
             h.deny = None  # other replicas are giving units back: ask again shortly, never cache this
             h.recall_until = max(h.recall_until, now) if h.recall_until > now else now + RECALL_WAIT_S
         elif grant.code in (Code.QUOTA_EXHAUSTED, Code.RATE_LIMITED):
             hold = grant.retry_after if grant.retry_after else c.deny_cache_s
             h.deny = (grant.code, grant.message, now + hold, grant.retry_after)
-        elif grant.granted:
+        elif grant.granted or grant.rate_granted:
             h.deny = None
         h.strict_until = now + c.strict_recheck_s if grant.strict and not grant.recalled else 0.0
 
     def _end_lease(self, h: _Held) -> None:
-        h.lease_id, h.avail, h.valid_until, h.seq = "", 0, 0.0, 0
+        h.lease_id, h.creating, h.avail, h.valid_until, h.acked = "", False, 0, 0.0, 0
+        h.rate_avail = h.rate_expired = 0
         h.gen += 1
-        if h.report is not None and h.report[2]:
-            h.report = None  # its rows went with the lease (released after them, or lost)
         h.buffer = [u for u in h.buffer if u.state == UsageState.DENIED.value]
 
     def _sender(self, shard: int) -> Callable[[list[LeaseAsk]], Any]:
@@ -459,7 +565,7 @@ class LeaseHolder:
     async def _report_loop(self) -> None:
         c = self.config
         while not self.closed:
-            await asyncio.sleep(c.report_interval_s)
+            await self.sleep(c.report_interval_s)
             try:
                 await self.tick()
             except Exception:  # a bug here must not end reporting
@@ -477,24 +583,42 @@ class LeaseHolder:
             if h.busy is not None:
                 continue
             idle = now - h.last_used > c.idle_release_s and not h.inflight
-            # a revoked or expired token (seen through the watch): its lease goes back at once,
-            # after the requests admitted before the change are answered and reported
-            dead = h.policy is not None and not h.inflight and status_refusal(h.policy.path, now) is not None
-            if idle and not h.lease_id and not h.buffer and h.report is None:
+            p = h.policy
+            # a revoked or expired token (seen through the watch), or one reclaimed whole or turned
+            # strict: its lease goes back at once, after the requests admitted before are answered
+            dead = (
+                p is not None
+                and not h.inflight
+                and (p.strict or p.reclaimed or status_refusal(p.path, now) is not None)
+            )
+            if idle and not h.lease_id and not h.buffer and h.sent is None:
                 del self.held[h.token_id]
                 continue
             usable = not h.stale and now >= h.strict_until
             denied = h.deny is not None and now < h.deny[2]
             want = self._want(h)
+            live = bool(h.lease_id) and not h.creating
             refill = usable and not idle and not dead and not denied and h.avail < max(1, want // 2)
-            renew = bool(h.lease_id) and h.valid_until - now < h.ttl_s / 2
-            release = (idle or dead) and bool(h.lease_id)
-            give_back = h.recall and h.avail > 0 and bool(h.lease_id)
+            busy_rate = now - h.last_used <= 2 * c.report_interval_s
+            rate = (
+                h.rated
+                and usable
+                and not dead
+                and not denied
+                and busy_rate
+                and (h.rate_avail < 1 or now >= h.rate_until)
+            )
+            expired = live and (h.rate_expired > 0 or (h.rate_avail > 0 and now >= h.rate_until))
+            renew = live and h.valid_until - now < h.ttl_s / 2
+            release = (idle or dead) and live
+            give_back = (h.recall or (p is not None and p.reclaimed)) and h.avail > 0 and live
             if give_back:
                 refill = False
-            if h.buffer or h.report or refill or renew or release or give_back:
+            if h.buffer or h.sent or refill or rate or expired or renew or release or give_back:
                 jobs.append(
-                    self._exchange(h, want if refill and not release else 0, release=release, give_back=give_back)
+                    self._exchange(
+                        h, want if refill and not release else 0, release=release, give_back=give_back, rate=rate
+                    )
                 )
         if jobs:
             await asyncio.gather(*jobs)
@@ -509,7 +633,7 @@ class LeaseHolder:
                 raise
             except Exception as exc:
                 log.debug("lease watch of shard %d failed: %r", shard, exc)
-                await asyncio.sleep(0.2)
+                await self.sleep(0.2)
                 continue
             if isinstance(reply, WatchReply):
                 self.on_watch(shard, reply)
@@ -532,6 +656,10 @@ class LeaseHolder:
                 h.take(p)
                 if p is not None and p.free > 0:
                     h.deny = None  # a top-up or a reclaim into it: ask again
+                if p is not None and p.reclaimed and h.lease_id and not h.creating:
+                    h.recall = True  # reclaimed whole: the unused units go back at once
+                    if h.avail > 0 and h.busy is None:
+                        self._spawn(self._exchange(h, 0, give_back=True))
             elif h.policy is not None and (changed is None or any(r.id in changed for r in h.policy.path)):
                 h.need = max(h.need, reply.version)
 
@@ -549,6 +677,6 @@ class LeaseHolder:
     def report_lag(self) -> float:
         """Age of the oldest usage row not yet acknowledged by its shard (0 when all are)."""
         now = self.clock()
-        since = [h.report_since for h in self.held.values() if h.report is not None and h.report[1]]
+        since = [h.report_since for h in self.held.values() if h.sent is not None and h.sent.uses]
         since += [h.buffer_since for h in self.held.values() if h.buffer]
         return now - min(since) if since else 0.0

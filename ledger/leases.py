@@ -30,13 +30,13 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeGuard
 
 from ledger.changes import Changes, Lease, Pending
 from ledger.codes import Code
 from ledger.credentials import new_id
-from ledger.entities import Node, Status, UsageState
+from ledger.entities import RECLAIMING, Node, Settlement, Status, UsageState
 from ledger.limits import IPNetwork, ip_allowed, model_allowed
 
 LOST_LEASE_POLICIES = ("refund", "charge")
@@ -46,6 +46,8 @@ WATCH_LOG = 100_000
 MAX_DENIALS = 200_000
 MAX_WANT = 10**9
 RECALL_EVERY_S = 0.05  # changed token ids remembered for watchers; an older `since` gets every policy
+STRICT_RATE = 5.0  # requests per second: tokens limited below this on their path admit at the shard
+MAX_REPLIES = 200_000
 
 Version = tuple[int, int]  # (shard epoch, change counter): a new epoch makes every cached policy stale
 
@@ -103,6 +105,7 @@ class TokenPolicy:
     rate_limit: float | None
     strict: bool
     version: Version
+    reclaimed: bool = False  # reclaimed whole: nothing more is admitted from a lease; leased units go back
 
     @staticmethod
     def of(node: Node, version: Version) -> TokenPolicy:
@@ -119,6 +122,7 @@ class TokenPolicy:
             min(rates) if rates else None,
             is_strict(node),
             version,
+            bool(node.meta.get(RECLAIMING)),
         )
 
 
@@ -142,18 +146,28 @@ class LeaseUse:
 
 @dataclass(frozen=True, slots=True)
 class LeaseAsk:
-    """One holder's message about one token: a report (`seq` > 0), a release, and/or `want` more."""
+    """One holder's message about one lease of one token: a report, a give-back, a release, and/or
+    `want` more units and `rate_want` rate tokens.
+
+    Exactly once (DESIGN §3b): the holder names its lease (`lease_id`, chosen by the holder before
+    the first grant) and numbers every message of it (`seq`: the last acknowledged + 1; the first is
+    1). The shard applies a message only if its number is above the lease's durable `seq`; a resend
+    is answered with the first delivery's result. `lease_id` "" (no lease, only denials reported)
+    and `seq` 0 (unnumbered, tools and old tests) are applied on every delivery."""
 
     token_id: str
     jti: str
     root_id: str
     holder: str
     lease_id: str = ""  # "" = no lease yet
-    seq: int = 0  # this report's number (the last applied + 1); 0 = no report
+    seq: int = 0  # this message's number in the lease (the last applied + 1); 0 = unnumbered
     uses: tuple[LeaseUse, ...] = ()
     want: int = 0
     release: bool = False
     give_back: int = 0  # unused units returned to `free`, the lease going on (after a recall)
+    rate_want: int = 0  # rate tokens for the next `report_interval` (tokens with a rate on their path)
+    rate_back: int = 0  # rate tokens drawn earlier and never used (they expired unused): back to the buckets
+    in_doubt: int = 0  # with `release`: units of requests still unanswered (settled by lost_lease_policy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,8 +177,8 @@ class LeaseGrant:
     code: Code
     lease_id: str = ""
     granted: int = 0  # units added now
-    units: int = 0  # units escrowed for the lease after this answer
-    applied_seq: int = 0  # the last report applied: the holder forgets reports up to it
+    units: int = 0  # units escrowed for the lease after this answer (the holder's truth)
+    applied_seq: int = 0  # the last message applied: the holder forgets messages up to it
     ttl_s: float = 0.0
     policy: TokenPolicy | None = None
     strict: bool = False  # admit this token synchronously at the shard (strict package, small balance)
@@ -173,6 +187,7 @@ class LeaseGrant:
     recalled: bool = False  # other holders' leases hold this token's units: asked back, ask again soon
     message: str = ""
     retry_after: float | None = None
+    rate_granted: int = 0  # rate tokens drawn for this holder, spendable for one report interval
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,9 +202,10 @@ class WatchReply:
 
 
 def is_strict(node: Node) -> bool:
-    """Packages created `--strict` admit every request synchronously at the shard."""
-    root = node.path()[-1]
-    return bool(root.meta.get("strict"))
+    """Packages created `--strict`, and tokens with a rate below STRICT_RATE on their path, admit
+    every request synchronously at the shard (a round trip per request costs nothing at that rate)."""
+    path = node.path()
+    return bool(path[-1].meta.get("strict")) or any(n.rate is not None and n.rate.rate < STRICT_RATE for n in path)
 
 
 # ---------------------------------------------------------------- the watch log
@@ -262,6 +278,10 @@ class LeaseDesk:
         # resent report is not recorded twice
         self.denials: dict[str, None] = {}
         self.recalled: dict[str, float] = {}  # token id -> when its leases were last asked back
+        # in memory (a restart forgets them; the lease's durable `seq` still dedupes every resend):
+        self.replies: dict[str, LeaseGrant] = {}  # lease id -> the answer to its last applied message
+        self.rate_out: dict[str, int] = {}  # lease id -> rate tokens drawn and not given back
+        self.ended: dict[str, bool] = {}  # leases released (False) or lost (True) here: never created again
         self.started = clock()
         self.lost_units = 0  # units of lost leases settled by this instance (metrics)
 
@@ -284,19 +304,29 @@ class LeaseDesk:
         if node is None or type(a.holder) is not str or not a.holder:
             return LeaseGrant(Code.INVALID_TOKEN, message="unknown token")
         lease = book.leases.get(a.lease_id) if a.lease_id else None
-        if a.lease_id and (lease is None or lease.holder != a.holder or lease.token_id != node.id):
+        foreign = lease is not None and (lease.holder != a.holder or lease.token_id != node.id)
+        # a holder-named lease that does not exist yet is created by its first message (seq 1)
+        creating = bool(a.lease_id) and lease is None and a.seq == 1 and not a.release and a.lease_id not in self.ended
+        if a.lease_id and (foreign or (lease is None and not creating)):
+            if a.release and lease is None and self.ended.get(a.lease_id) is False:  # a resent release: done
+                return LeaseGrant(Code.OK, applied_seq=a.seq, ttl_s=self.rules.ttl_s, policy=self._policy(node))
             # expired and settled by policy (or never this holder's): its unreported rows are in the
             # lost_lease row; denials in them still go to the audit
-            self._record(node, lease, [u for u in a.uses if u.state == UsageState.DENIED.value], now)
+            self._record(node, None, [u for u in a.uses if u.state == UsageState.DENIED.value], now)
             return LeaseGrant(Code.OK, lost=True, ttl_s=self.rules.ttl_s, policy=self._policy(node))
+        if lease is not None and a.seq and a.seq <= lease.seq:
+            return self._resent(node, lease, a)
         if lease is not None:
             lease.expires_at = now + self.rules.ttl_s  # renewed: durable with this commit
             book.out.lease_put[lease.id] = lease
-            if a.seq > lease.seq:
-                self._record(node, lease, a.uses, now)
+            self._record(node, lease, a.uses, now)
+            if a.seq:
                 lease.seq = a.seq
+            self.replies.pop(lease.id, None)
         elif a.uses:  # no lease: only denials can be reported
             self._record(node, None, [u for u in a.uses if u.state == UsageState.DENIED.value], now)
+        if lease is not None and a.rate_back:
+            self._rate_back(node, lease, a.rate_back, now)
         if a.give_back and lease is not None:
             back = min(a.give_back, lease.units)
             lease.units -= back
@@ -304,12 +334,44 @@ class LeaseDesk:
             book.out.lease_put[lease.id] = lease
         if a.release:
             if lease is not None:
+                doubt = min(max(a.in_doubt, 0), lease.units)
+                if doubt:  # closed with requests unanswered: those units are settled as a lost lease's
+                    self._settle_doubt(lease, node, doubt, now, "released with requests in flight")
                 self._end(lease, node)
             return LeaseGrant(Code.OK, applied_seq=a.seq, ttl_s=self.rules.ttl_s, policy=self._policy(node))
-        grant = self._grant(a, node, lease, now) if type(a.want) is int and a.want > 0 else None
-        if grant is not None:
-            return grant
+        wants = type(a.want) is int and (a.want > 0 or a.rate_want > 0)
+        grant = self._grant(a, node, lease, now) if wants else None
+        if grant is None:
+            grant = self._reply(Code.OK, node, lease, 0, a)
+        if grant.lease_id:
+            self.replies[grant.lease_id] = grant
+            if len(self.replies) > MAX_REPLIES:
+                del self.replies[next(iter(self.replies))]
+        return grant
+
+    def _resent(self, node: Node, lease: Lease, a: LeaseAsk) -> LeaseGrant:
+        """A message applied before (its reply was lost, or the client resent it to a restarted
+        shard): nothing is applied again; the answer is the first delivery's (what it granted), with
+        the lease as it is now. After a shard restart the first answer is gone: nothing granted."""
+        lease.expires_at = max(lease.expires_at, self.clock() + self.rules.ttl_s)
+        self.book.out.lease_put[lease.id] = lease
+        first = self.replies.get(lease.id)
+        if first is not None and first.applied_seq == a.seq:
+            return replace(first, units=lease.units, policy=self._policy(node))
         return self._reply(Code.OK, node, lease, 0, a)
+
+    def _rate_back(self, node: Node, lease: Lease, tokens: int, now: float) -> None:
+        """Rate tokens this lease drew and never used go back to every bucket on the path (never
+        above its burst): as if they had never been drawn."""
+        tokens = min(tokens, self.rate_out.get(lease.id, 0))
+        if tokens <= 0:
+            return
+        self.rate_out[lease.id] -= tokens
+        for x in node.path():
+            b = x.bucket
+            if b is not None:
+                b.refill(now)
+                b.level = min(float(b.limit.burst), b.level + tokens)
 
     def _reply(
         self,
@@ -343,7 +405,8 @@ class LeaseDesk:
 
     def _grant(self, a: LeaseAsk, node: Node, lease: Lease | None, now: float) -> LeaseGrant | None:
         """All checks of DESIGN §3 except the per-request ones (model, IP: the holder checks those),
-        then `n` units from `free` to the lease, drawing `n` tokens from every rate bucket."""
+        then `n` units from `free` to the lease and, for a token with a rate on its path, `r` rate
+        tokens from every bucket on it, which the holder may spend for one report interval only."""
         if a.jti != node.jti:
             return self._reply(Code.REVOKED_TOKEN, node, lease, 0, a, message="credential was rotated or revoked")
         path = node.path()
@@ -353,40 +416,50 @@ class LeaseDesk:
         if is_strict(node):
             return self._reply(Code.OK, node, lease, 0, a, strict=True)
         free = node.free
-        if free < self.rules.strict_below:
-            # the last units: whatever other holders keep unused in their leases is asked back
-            recalled = self._recall(node, a.holder, now)
-            if free <= 0:
-                return self._reply(
-                    Code.QUOTA_EXHAUSTED,
-                    node,
-                    lease,
-                    0,
-                    a,
-                    message=f"quota exhausted: {max(free, 0)} units left",
-                    recalled=recalled,
-                )
-            return self._reply(Code.OK, node, lease, 0, a, strict=True, recalled=recalled)
-        n = min(a.want, self.rules.max_grant, max(1, free // self.rules.max_share))
-        wait = 0.0
-        for x in path:
-            b = x.bucket
-            if b is not None:
+        n = 0
+        if a.want > 0:
+            if free < self.rules.strict_below:
+                # the last units: whatever other holders keep unused in their leases is asked back
+                recalled = self._recall(node, a.holder, now)
+                if free <= 0:
+                    return self._reply(
+                        Code.QUOTA_EXHAUSTED,
+                        node,
+                        lease,
+                        0,
+                        a,
+                        message=f"quota exhausted: {max(free, 0)} units left",
+                        recalled=recalled,
+                    )
+                return self._reply(Code.OK, node, lease, 0, a, strict=True, recalled=recalled)
+            n = min(a.want, self.rules.max_grant, max(1, free // self.rules.max_share))
+        buckets = [x.bucket for x in path if x.bucket is not None]
+        r = 0
+        if buckets and a.rate_want > 0:
+            wait = 0.0
+            r = a.rate_want
+            for b in buckets:
                 b.refill(now)
-                n = min(n, math.floor(b.level))
+                r = min(r, math.floor(b.level))
                 wait = max(wait, b.wait_s())
-        if n < 1:
-            return self._reply(Code.RATE_LIMITED, node, lease, 0, a, message="rate limit exceeded", retry_after=wait)
-        for x in path:
-            if x.bucket is not None:
-                x.bucket.level -= n
+            if r < 1:
+                return self._reply(
+                    Code.RATE_LIMITED, node, lease, 0, a, message="rate limit exceeded", retry_after=wait
+                )
+            for b in buckets:
+                b.level -= r
+        if n < 1 and r < 1:
+            return None
         if lease is None:
-            lease = Lease(new_id("lse"), node.id, node.root_id, a.holder[:120], 0, now, now + self.rules.ttl_s)
+            lease_id = a.lease_id or new_id("lse")
+            lease = Lease(lease_id, node.id, node.root_id, a.holder[:120], 0, now, now + self.rules.ttl_s, a.seq)
             self.book.leases[lease.id] = lease
         lease.units += n
         node.leased += n
+        if r:
+            self.rate_out[lease.id] = self.rate_out.get(lease.id, 0) + r
         self.book.out.lease_put[lease.id] = lease
-        return self._reply(Code.OK, node, lease, n, a)
+        return replace(self._reply(Code.OK, node, lease, n, a), rate_granted=r)
 
     def _recall(self, node: Node, asker: str, now: float) -> bool:
         """Whether other holders hold units of `node` in their leases; if so they are asked (through
@@ -416,15 +489,17 @@ class LeaseDesk:
             state, outcome = u.state, u.outcome
             if state == UsageState.SETTLED.value and lease is not None:
                 seen = book.recent.get(u.request_id)
-                prior = book.pending.get(u.request_id)
-                # the same request (token, model, units) answered twice: Ray redelivered it
-                twice = prior is not None and (prior.token_id, prior.model, prior.units) == (node.id, u.model, u.units)
-                if twice or (seen is not None and seen[0] == node.id and seen[1] != UsageState.REFUNDED.value):
-                    outcome = Code.REPLAY.value  # served twice, charged once
+                if seen is not None and seen[0] == node.id and seen[1] == UsageState.SETTLED.value:
+                    outcome = Code.REPLAY.value  # answered twice (Ray redelivered it), charged once
                 else:
                     kept = max(0, min(u.kept, u.units, lease.units))
                     lease.units -= kept
                     book.charge_leased(node, kept, now)
+                    prior = book.pending.get(u.request_id)
+                    if prior is not None and (prior.token_id, prior.model, prior.units) == (node.id, u.model, u.units):
+                        # a copy of the same request admitted at the shard, not settled yet: this
+                        # answer is charged, so that copy is not (its own settlement finds nothing)
+                        book.settle(Settlement(u.request_id, node.id, success=False), now)
                 book.remember(u.request_id, node.id, state, now)
             elif state == UsageState.REFUNDED.value:
                 book.remember(u.request_id, node.id, state, now)
@@ -449,7 +524,7 @@ class LeaseDesk:
                 )
             )
 
-    def _end(self, lease: Lease, node: Node) -> None:
+    def _end(self, lease: Lease, node: Node, lost: bool = False) -> None:
         """Return what is left in the lease to `free` (or up the tree, if the token is dead)."""
         self.book.unlease(node, lease.units)
         lease.units = 0
@@ -457,6 +532,11 @@ class LeaseDesk:
         self.book.out.lease_put.pop(lease.id, None)
         self.book.out.lease_deleted.append(lease.id)
         self.seen.pop(lease.id, None)
+        self.replies.pop(lease.id, None)
+        self.rate_out.pop(lease.id, None)
+        self.ended[lease.id] = lost
+        if len(self.ended) > MAX_REPLIES:
+            del self.ended[next(iter(self.ended))]
 
     def deadline(self, lease: Lease) -> float:
         return max(lease.expires_at, self.seen.get(lease.id, 0.0) + self.rules.ttl_s, self.started + self.rules.ttl_s)
@@ -466,36 +546,41 @@ class LeaseDesk:
         `lease.lost` audit row each. Returns their ids."""
         now = self.clock()
         lost = [x for x in self.book.leases.values() if now > self.deadline(x)]
-        charge = self.rules.lost_lease_policy == "charge"
         for lease in lost:
             node = self.book.nodes[lease.token_id]
-            units = lease.units
-            self.lost_units += units
-            if units:
-                lease.units = 0
-                if charge:  # never served unpaid: every unit in doubt is used
-                    self.book.charge_leased(node, units, now)
-                else:  # never charged without an answer, and never granted twice: written off
-                    self.book.write_off(node, units)
-            self._end(lease, node)
-            self.book.out.admin_events.append(
-                {
-                    "ts": now,
-                    "actor": "ledger",
-                    "action": "lease.lost",
-                    "token_id": node.id,
-                    "root_id": node.root_id,
-                    "detail": {
-                        "lease": lease.id,
-                        "holder": lease.holder,
-                        "units": units,
-                        "policy": self.rules.lost_lease_policy,
-                        "granted_at": lease.granted_at,
-                        "reported_seq": lease.seq,
-                    },
-                }
-            )
+            self._settle_doubt(lease, node, lease.units, now, "holder silent past the lease TTL")
+            self._end(lease, node, lost=True)
         return [x.id for x in lost]
+
+    def _settle_doubt(self, lease: Lease, node: Node, units: int, now: float, reason: str) -> None:
+        """Units of `lease` in doubt (answered or not, never reported) settled by `lost_lease_policy`,
+        with one `lease.lost` audit row."""
+        self.lost_units += units
+        if units:
+            lease.units -= units
+            if self.rules.lost_lease_policy == "charge":  # never served unpaid: every unit in doubt is used
+                self.book.charge_leased(node, units, now)
+            else:  # never charged without an answer, and never granted twice: written off
+                self.book.write_off(node, units)
+            self.book.out.lease_put[lease.id] = lease
+        self.book.out.admin_events.append(
+            {
+                "ts": now,
+                "actor": "ledger",
+                "action": "lease.lost",
+                "token_id": node.id,
+                "root_id": node.root_id,
+                "detail": {
+                    "lease": lease.id,
+                    "holder": lease.holder,
+                    "units": units,
+                    "policy": self.rules.lost_lease_policy,
+                    "granted_at": lease.granted_at,
+                    "reported_seq": lease.seq,
+                    "reason": reason,
+                },
+            }
+        )
 
     def watch_answer(self, since: Version, tokens: Iterable[str]) -> WatchReply:
         """Policies of the `tokens` (a holder's) whose path changed after `since`."""
@@ -540,6 +625,8 @@ class LeaseBook(Protocol):
 
     def take_row_id(self) -> int: ...
 
+    def settle(self, s: Settlement, now: float | None = None) -> Code: ...
+
 
 def _well_formed(a: object) -> TypeGuard[LeaseAsk]:
     """Field types and ranges of an ask (a bad one must neither raise inside a batch nor reach a column)."""
@@ -563,6 +650,12 @@ def _well_formed(a: object) -> TypeGuard[LeaseAsk]:
         and type(a.release) is bool
         and type(a.give_back) is int
         and 0 <= a.give_back <= 2**62
+        and type(a.rate_want) is int
+        and 0 <= a.rate_want <= MAX_WANT
+        and type(a.rate_back) is int
+        and 0 <= a.rate_back <= MAX_WANT
+        and type(a.in_doubt) is int
+        and 0 <= a.in_doubt <= 2**62
     )
 
 

@@ -15,7 +15,16 @@ from typing import Any
 
 from ledger.changes import Changes
 from ledger.codes import Code
-from ledger.entities import Node, Status, TokenLimits, TokenSpec, TokenView, check_token_limits, spec_problems
+from ledger.entities import (
+    RECLAIMING,
+    Node,
+    Status,
+    TokenLimits,
+    TokenSpec,
+    TokenView,
+    check_token_limits,
+    spec_problems,
+)
 from ledger.errors import LedgerUnavailable, OperationRefused
 from ledger.limits import Bucket, ips_narrow, models_narrow
 
@@ -286,6 +295,7 @@ class TokenTree:
         elif actor is not None:
             raise OperationRefused("only an admin may top up a package", Code.FORBIDDEN)
         n.allocation += units
+        n.meta.pop(RECLAIMING, None)  # topped up again: units coming back from leases stay here
         # thresholds now below consumption are re-armed, so the next crossing alerts again
         n.fired = {t for t in n.fired if n.consumed * 100 >= t * n.allocation}
         self.out.dirty[n.id] = n
@@ -309,6 +319,10 @@ class TokenTree:
             raise OperationRefused(f"token has {n.free} free units, {take} requested", Code.QUOTA_EXHAUSTED)
         n.allocation -= take
         n.parent.delegated -= take
+        if units is None and n.leased > 0:
+            # reclaimed whole: holders stop admitting from their leases once they see this, and the
+            # leased units follow to the parent as they come back (DESIGN §3b)
+            n.meta[RECLAIMING] = True
         self.out.dirty[n.id] = n
         self._event(now, actor, "token.reclaim", n, units=take)
         return take

@@ -156,7 +156,7 @@ def test_given_a_token_when_leases_are_granted_then_free_moves_to_leased_a_share
     assert db_leases(core)[first.lease_id] == (root.id, "h1", 442, 0)
 
 
-def test_given_rate_buckets_on_the_path_when_granted_then_the_emptiest_bucket_bounds_the_grant_and_all_are_drawn(
+def test_given_rate_buckets_on_the_path_when_granted_then_the_emptiest_bucket_bounds_the_rate_tokens_and_all_are_drawn(
     lite: tuple[ShardCore, Clock],
 ) -> None:
     core, clock = lite
@@ -164,20 +164,21 @@ def test_given_rate_buckets_on_the_path_when_granted_then_the_emptiest_bucket_bo
     kid = split(core, root, 500, rate="10/s:10")
     for i in range(7):  # the root's bucket: 10 - 7 = 3 tokens left
         assert admit(core, root, f"strict-{i}") is Code.OK
-    grant = sync(core, ask(kid, want=100))[0]
-    assert (grant.code, grant.granted) == (Code.OK, 3), "the root's bucket holds 3"
+    grant = sync(core, dataclasses.replace(ask(kid, want=100), rate_want=100))[0]
+    assert (grant.code, grant.granted, grant.rate_granted) == (Code.OK, 100, 3), "quota as asked, 3 rate tokens"
     assert root.bucket is not None and kid.bucket is not None
-    assert (root.bucket.level, kid.bucket.level) == (0.0, 7.0), "a grant of 3 draws 3 from every bucket on the path"
+    assert (root.bucket.level, kid.bucket.level) == (0.0, 7.0), "3 rate tokens drawn from every bucket on the path"
     before = (kid.leased, kid.bucket.level, root.bucket.level)
-    refused = sync(core, ask(kid, lease=grant.lease_id, want=100))[0]
-    assert (refused.code, refused.granted, refused.units) == (Code.RATE_LIMITED, 0, 3)
+    refused = sync(core, dataclasses.replace(ask(kid, lease=grant.lease_id, want=100), rate_want=100))[0]
+    assert (refused.code, refused.granted, refused.rate_granted, refused.units) == (Code.RATE_LIMITED, 0, 0, 100)
     assert refused.retry_after is not None and refused.retry_after > 0
     assert (kid.leased, kid.bucket.level, root.bucket.level) == before, "a refusal draws nothing"
     assert admit(core, kid, "strict-kid") is Code.RATE_LIMITED
     clock.advance(0.5)  # both refill 5
-    again = sync(core, ask(kid, lease=grant.lease_id, want=100))[0]
-    assert (again.granted, again.units) == (5, 8)
-    assert (root.bucket.level, kid.bucket.level) == (0.0, 5.0)
+    again = sync(core, dataclasses.replace(ask(kid, lease=grant.lease_id), rate_want=100, rate_back=2))[0]
+    # 2 of the 3 never used: back to both buckets (the kid's is full: capped at its burst), then drawn
+    assert (again.granted, again.rate_granted, again.units) == (0, 7, 100), "as if only 1 was ever drawn"
+    assert (root.bucket.level, kid.bucket.level) == (0.0, 3.0)
 
 
 def test_given_a_small_balance_or_a_strict_package_when_asked_then_the_answer_is_strict_and_nothing_is_leased(
