@@ -180,6 +180,7 @@ class HolderStats:
     reports: int = 0
     report_failures: int = 0
     lost_leases: int = 0
+    in_doubt: int = 0  # units released unanswered by close() (settled by lost_lease_policy)
 
 
 class LeaseHolder:
@@ -281,7 +282,7 @@ class LeaseHolder:
             if h.avail < a.units and now < h.recall_until:
                 await self.sleep(RECALL_POLL_S)
                 now = self.clock()
-        if now < h.strict_until or h.releasing:
+        if now < h.strict_until or h.releasing or self.closed:  # closed meanwhile: nothing more locally
             return await self._strict(a)
         return await self._local(h, a, now, waited)
 
@@ -494,16 +495,18 @@ class LeaseHolder:
         live = bool(h.lease_id) and not h.creating
         rate_back, h.rate_expired = (h.rate_expired, 0) if live else (0, h.rate_expired)
         in_doubt = sum(f.units for f in h.inflight.values() if f.gen == h.gen) if release and live else 0
+        self.stats.in_doubt += in_doubt
+        lease_id = h.lease_id if live or not release else ""  # a lease the shard never made is not released
         return LeaseAsk(
             h.token_id,
             jti,
             h.root_id,
             self.holder_id,
-            h.lease_id,
-            h.acked + 1 if h.lease_id else 0,
+            lease_id,
+            h.acked + 1 if lease_id else 0,
             rows,
             want if not release else 0,
-            release and bool(h.lease_id),
+            release and live,
             back,
             rate_want,
             rate_back,

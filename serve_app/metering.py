@@ -20,6 +20,7 @@ from typing import Any
 
 from ledger.codes import Code
 from ledger.entities import Admission, Decision, Settlement
+from ledger.errors import LedgerError
 from ledger.holder import LeaseHolder
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,11 @@ class Meter:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             task.add_done_callback(partial(self._refund_if_admitted, admission))
+            raise
+        except LedgerError:
+            # no verdict, but the shard may have committed the debit before its answer was lost:
+            # refunded (a refund of nothing is NOT_FOUND), so no charge without an answer
+            self.settle_later(refund(admission))
             raise
 
     def _refund_if_admitted(self, admission: Admission, task: asyncio.Future[Decision]) -> None:
