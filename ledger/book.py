@@ -26,6 +26,7 @@ from ledger.entities import (
     Settlement,
     Status,
     UsageState,
+    field_refusal,
 )
 from ledger.leases import access_refusal, status_refusal
 from ledger.shards import ID_STRIDE, ShardScope
@@ -147,6 +148,9 @@ class QuotaBook:
             # refused without a usage row: its columns could not hold these
             message = f"request id must be 1-{MAX_REQUEST_ID} and an idempotency key 1-{MAX_IDEM_KEY} characters"
             return Decision(code=Code.INVALID_REQUEST, request_id=str(a.request_id)[:MAX_REQUEST_ID], message=message)
+        bad_field = field_refusal(a.model, a.client_ip)
+        if bad_field is not None:  # refused without a usage row: its columns could not hold these
+            return Decision(code=Code.INVALID_REQUEST, request_id=a.request_id, message=bad_field)
         node = self.nodes.get(a.token_id)
         if node is None:
             return self._deny(a, None, Code.INVALID_TOKEN, "unknown token", now)
@@ -249,6 +253,11 @@ class QuotaBook:
     def _deny(
         self, a: Admission, node: Node | None, code: Code, message: str, now: float, retry_after: float | None = None
     ) -> Decision:
+        p = self.pending.get(a.request_id) if node is not None and code is not Code.INVALID_REQUEST else None
+        if p is not None and (p.token_id, p.units, p.model) == (a.token_id, a.units, a.model):
+            # a resend of a request admitted before (its answer was lost), refused now (revoked,
+            # expired, narrowed meanwhile): the caller will not serve it, so its first debit is refunded
+            self.settle(Settlement(a.request_id, a.token_id, success=False), now)
         row_id = self.next_row_id
         self.next_row_id = row_id + ID_STRIDE
         self.out.usage.append(

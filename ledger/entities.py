@@ -23,6 +23,8 @@ MAX_EPOCH_S = 32503680000.0  # year 3000: later "expiries" are typos, and JWT ex
 MAX_NAME = 200  # the tokens.name and tokens.team columns
 MAX_THRESHOLDS = 10
 RECLAIMING = "_reclaiming"  # Node.meta: reclaimed whole while leased; leased units go to the parent as they return
+MAX_MODEL = 200  # the usage_events.model column
+MAX_CLIENT_IP = 64  # the usage_events.client_ip column
 MAX_META_BYTES = 16384  # a token's meta (alert contacts, cost centre) as JSON
 
 
@@ -435,3 +437,13 @@ def contact_problems(meta: dict[str, Any]) -> list[str]:
         elif bad := [v for v in value if not pattern.match(v)]:
             problems.append(f"{key} has invalid entries: {bad[:3]}")
     return problems
+
+
+def field_refusal(model: object, client_ip: object) -> str | None:
+    """Why an admission's model or client IP cannot be recorded (None: both fit their columns).
+    Refused before anything is recorded, on every path (the ingress never sends such values)."""
+    if type(model) is not str or not 0 < len(model) <= MAX_MODEL:
+        return f"model must be 1-{MAX_MODEL} characters"
+    if client_ip is not None and (type(client_ip) is not str or len(client_ip) > MAX_CLIENT_IP):
+        return f"client IP must be at most {MAX_CLIENT_IP} characters"
+    return None

@@ -44,7 +44,7 @@ from typing import Any, Protocol
 from ledger.batcher import Batcher
 from ledger.codes import Code
 from ledger.credentials import new_id
-from ledger.entities import Admission, Decision, Settlement, UsageState
+from ledger.entities import Admission, Decision, Settlement, UsageState, field_refusal
 from ledger.errors import LedgerError
 from ledger.leases import (
     LeaseAsk,
@@ -252,6 +252,9 @@ class LeaseHolder:
         self._start()
         if a.idem_key is not None or self.closed:  # the key is global: only the shard can dedupe it
             return await self._strict(a)
+        bad_field = field_refusal(a.model, a.client_ip)
+        if bad_field is not None:  # as the shard: refused before anything is recorded
+            return Decision(Code.INVALID_REQUEST, a.request_id, a.token_id, message=bad_field)
         h = self.held.get(a.token_id)
         now = self.clock()
         if h is None or h.root_id != a.root_id:
@@ -263,6 +266,13 @@ class LeaseHolder:
         if prior is not None:  # a retry of a request this replica is serving: no second debit
             if prior.units != a.units or prior.model != a.model:
                 return self._denied(h, a, Code.INVALID_REQUEST, "request id already in use for another request", now)
+            p = h.policy
+            # as the shard: a credential refused now gets its 401, never the earlier OK
+            refusal = None if p is None else status_refusal(p.path, now)
+            if p is not None and a.jti != p.jti:
+                refusal = (Code.REVOKED_TOKEN, "credential was rotated or revoked")
+            if refusal is not None:
+                return self._denied(h, a, refusal[0], refusal[1], now)
             return self._ok(h, a, replayed=True)
         if self.done.get(a.request_id) == UsageState.SETTLED.value:
             return Decision(Code.REPLAY, a.request_id, a.token_id, message="request already settled")
