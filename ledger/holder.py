@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -104,6 +105,8 @@ class _Inflight:
     client_ip: str | None
     image_bytes: int
     ts: float
+    copies: int = 1  # Ray redelivered it to this replica while it was served: settled once all are
+    answered: bool = False  # one of those copies was answered
 
 
 @dataclass(slots=True, eq=False)
@@ -273,6 +276,7 @@ class LeaseHolder:
                 refusal = (Code.REVOKED_TOKEN, "credential was rotated or revoked")
             if refusal is not None:
                 return self._denied(h, a, refusal[0], refusal[1], now)
+            prior.copies += 1
             return self._ok(h, a, replayed=True)
         if self.done.get(a.request_id) == UsageState.SETTLED.value:
             return Decision(Code.REPLAY, a.request_id, a.token_id, message="request already settled")
@@ -404,9 +408,16 @@ class LeaseHolder:
         """Local admissions: recorded for the next report (a refund goes back to the lease at
         once). Others: settled at the shard (one attempt; the caller retries LEDGER_UNAVAILABLE)."""
         h = self.held.get(s.token_id)
-        f = h.inflight.pop(s.request_id, None) if h is not None else None
+        f = h.inflight.get(s.request_id) if h is not None else None
         if h is None or f is None:
             return await self.transport.settle(s)
+        if f.copies > 1:  # another copy is still being served: the request is settled with the last one
+            f.copies -= 1
+            f.answered = f.answered or s.success
+            return Code.OK
+        del h.inflight[s.request_id]
+        if f.answered and not s.success:  # one copy was answered: charged once, never refunded
+            s = dataclasses.replace(s, success=True, charged=None)
         state = UsageState.SETTLED.value if s.success else UsageState.REFUNDED.value
         if self.done.get(s.request_id) != UsageState.SETTLED.value:  # charged once stays charged
             self.done.pop(s.request_id, None)

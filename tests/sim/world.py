@@ -169,6 +169,7 @@ class World:
         # token -> units of strict admissions whose holder died before settling them: they stay
         # charged (the shard cannot know they were never answered; see docs/RELIABILITY.md)
         self.dead_strict: dict[str, int] = {}
+        self.strict_copies: set[str] = set()  # ids served twice at the shard: a refund of one copy refunds both
         self.sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
         self.tasks: set[asyncio.Task[Any]] = set()
         self.strict_ids: set[tuple[int, str]] = set()
@@ -397,6 +398,8 @@ class World:
             if why is not None and (strict or o.last_change(a.token_id) <= seen):
                 raise Violation(f"{a.request_id} admitted ({'strict' if strict else 'local'}) after the change: {why}")
             o.admitted(a.request_id, a.token_id, a.units, now, d.replayed, o.change if strict else seen)
+            if d.replayed and strict:  # a second copy at the shard: the first settlement decides (RELIABILITY)
+                self.strict_copies.add(a.request_id)
             self.stats["admitted"] += 1
             self.open.append(Open(a, h.index, d, strict))
             if not h.alive:
@@ -685,9 +688,12 @@ class World:
             self.oracle.check_granted(root)
         if self.policy == "refund":  # no charge without an answer (or a request still open)
             open_units: dict[str, int] = {}
-            inflight = [op.admission for op in self.open + self.settling if not op.decision.replayed]
-            inflight += [m.payload for m in self.net if m.kind == "admit"]  # may be committed, not answered yet
-            for a in inflight:
+            # one debit per request id, whichever of its copies is still open
+            inflight = {op.admission.request_id: op.admission for op in self.open + self.settling}
+            for m in self.net:
+                if m.kind == "admit":  # may be committed, not answered yet
+                    inflight[m.payload.request_id] = m.payload
+            for a in inflight.values():
                 root = self.oracle.tokens[a.token_id].root
                 open_units[root] = open_units.get(root, 0) + a.units
             for root_id in self.core.book.roots:
@@ -757,7 +763,7 @@ class World:
             raise Violation(f"charged twice: {twice[:5]}")
         expected: dict[str, int] = {}
         for req in self.oracle.requests.values():
-            if req.answered:
+            if req.answered and not (req.request_id in self.strict_copies and req.request_id not in per_id):
                 expected[req.token] = expected.get(req.token, 0) + req.units
         for tid in self.oracle.tokens:
             rows_charge, want, doubt = charged.get(tid, 0), expected.get(tid, 0), lost.get(tid, 0)
