@@ -277,10 +277,12 @@ class LeaseDesk:
         # denied request ids reported without a lease (those reports carry no sequence number): a
         # resent report is not recorded twice
         self.denials: dict[str, None] = {}
+        self.fresh_denials: dict[str, None] = {}  # ... recorded since the last commit
         self.recalled: dict[str, float] = {}  # token id -> when its leases were last asked back
         # in memory (a restart forgets them; the lease's durable `seq` still dedupes every resend):
         self.replies: dict[str, LeaseGrant] = {}  # lease id -> the answer to its last applied message
-        self.rate_out: dict[str, int] = {}  # lease id -> rate tokens drawn and not given back
+        # lease id -> (rate tokens drawn and not given back, the buckets they came from)
+        self.rate_out: dict[str, tuple[int, tuple[int, ...]]] = {}
         self.ended: dict[str, bool] = {}  # leases released (False) or lost (True) here: never created again
         self.started = clock()
         self.lost_units = 0  # units of lost leases settled by this instance (metrics)
@@ -363,15 +365,17 @@ class LeaseDesk:
     def _rate_back(self, node: Node, lease: Lease, tokens: int, now: float) -> None:
         """Rate tokens this lease drew and never used go back to every bucket on the path (never
         above its burst): as if they had never been drawn."""
-        tokens = min(tokens, self.rate_out.get(lease.id, 0))
+        out, drawn_from = self.rate_out.get(lease.id, (0, ()))
+        buckets = [x.bucket for x in node.path() if x.bucket is not None]
+        if tuple(id(b) for b in buckets) != drawn_from:
+            return  # a rate changed (or the book was rebuilt) since they were drawn: never into another bucket
+        tokens = min(tokens, out)
         if tokens <= 0:
             return
-        self.rate_out[lease.id] -= tokens
-        for x in node.path():
-            b = x.bucket
-            if b is not None:
-                b.refill(now)
-                b.level = min(float(b.limit.burst), b.level + tokens)
+        self.rate_out[lease.id] = (out - tokens, drawn_from)
+        for b in buckets:
+            b.refill(now)
+            b.level = min(float(b.limit.burst), b.level + tokens)
 
     def _reply(
         self,
@@ -457,7 +461,9 @@ class LeaseDesk:
         lease.units += n
         node.leased += n
         if r:
-            self.rate_out[lease.id] = self.rate_out.get(lease.id, 0) + r
+            ids = tuple(id(b) for b in buckets)
+            out, drawn_from = self.rate_out.get(lease.id, (0, ids))
+            self.rate_out[lease.id] = (out + r if drawn_from == ids else r, ids)
         self.book.out.lease_put[lease.id] = lease
         return replace(self._reply(Code.OK, node, lease, n, a), rate_granted=r)
 
@@ -480,11 +486,9 @@ class LeaseDesk:
             if not isinstance(u, LeaseUse) or not _fits(u):
                 continue
             if u.state == UsageState.DENIED.value:
-                if u.request_id in self.denials:
+                if u.request_id in self.denials or u.request_id in self.fresh_denials:
                     continue
-                self.denials[u.request_id] = None
-                if len(self.denials) > MAX_DENIALS:
-                    del self.denials[next(iter(self.denials))]
+                self.fresh_denials[u.request_id] = None  # remembered once committed (`committed`)
             kept = 0
             state, outcome = u.state, u.outcome
             if state == UsageState.SETTLED.value and lease is not None:
@@ -523,6 +527,16 @@ class LeaseDesk:
                     now if state != UsageState.DENIED.value else None,
                 )
             )
+
+    def committed(self, ok: bool) -> None:
+        """The group commit of what `answer` recorded succeeded (or failed: the denials it recorded
+        were not written, so a resend records them)."""
+        if ok:
+            for rid in self.fresh_denials:
+                self.denials[rid] = None
+            while len(self.denials) > MAX_DENIALS:
+                del self.denials[next(iter(self.denials))]
+        self.fresh_denials.clear()
 
     def _end(self, lease: Lease, node: Node, lost: bool = False) -> None:
         """Return what is left in the lease to `free` (or up the tree, if the token is dead)."""

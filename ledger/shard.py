@@ -130,6 +130,7 @@ class ShardCore:
 
         The rate tokens that the dropped admissions took are given back first, and the rebuilt
         book carries every bucket over, so a failed batch neither refills nor drains anyone's."""
+        self.leases.committed(False)
         for dropped in (self.unwritten, self.book.drain()):
             if dropped is not None:
                 self.book.give_back_rate(dropped)
@@ -154,19 +155,23 @@ class ShardCore:
         """
         changes = self.book.drain()
         if not changes:
+            self.leases.committed(True)
             return
         try:
             self.store.commit(changes)
         except Fenced:
+            self.leases.committed(False)
             log.error("ledger shard %d: superseded by a newer instance; committing nothing more", self.scope.index)
             self.fenced = True
             self.ready = False
             self.unwritten = changes
             raise
         except Exception:
+            self.leases.committed(False)
             self.ready = False
             self.unwritten = changes
             raise
+        self.leases.committed(True)
         # durable now: holders watching the changed tokens may be told (DESIGN §3a)
         self.watch.publish(e["token_id"] for e in changes.admin_events if e["action"] in NARROWING)
 

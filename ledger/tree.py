@@ -264,7 +264,12 @@ class TokenTree:
             n.ips = limits.ips
         if limits.rate is not None:
             n.rate = limits.rate
-            n.bucket = Bucket(limits.rate, now)
+            # a new rate never brings a fresh burst: what was banked carries over (cut to the new burst)
+            if n.bucket is not None:
+                n.bucket.refill(now)
+                n.bucket = Bucket.resumed(limits.rate, n.bucket)
+            else:
+                n.bucket = Bucket(limits.rate, now)
         self.out.dirty[n.id] = n
         self._event(
             now,
