@@ -238,9 +238,7 @@ class LeaseHolder:
                 break
             await self.sleep(CLOSE_POLL_S)
         leased = [h for h in self.held.values() if h.lease_id or h.buffer or h.sent]
-        done: asyncio.Future[Any] = asyncio.ensure_future(
-            asyncio.gather(*[self._exchange(h, 0, release=True) for h in leased])
-        )
+        done: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(*[self._release(h) for h in leased]))
         timer: asyncio.Future[Any] = asyncio.ensure_future(self.sleep(max(0.0, deadline - self.clock()) + timeout_s))
         await asyncio.wait({done, timer}, return_when=asyncio.FIRST_COMPLETED)
         timer.cancel()
@@ -248,6 +246,13 @@ class LeaseHolder:
             done.cancel()
         with contextlib.suppress(BaseException):
             await done
+
+    async def _release(self, h: _Held) -> None:
+        """Release the lease (after any message not acknowledged yet, which goes first)."""
+        for _ in range(3):
+            await self._exchange(h, 0, release=True)
+            if not h.lease_id and not h.buffer and h.sent is None:
+                return
 
     # ------------------------------------------------------------ admission
     async def admit(self, a: Admission) -> Decision:

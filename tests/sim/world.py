@@ -385,8 +385,8 @@ class World:
         strict = (h.index, a.request_id) in self.strict_ids
         now, seen = self.now, h.seen  # decided now, with what the holder has seen by now
         if not h.alive:  # the replica died meanwhile: nobody is answered; a shard debit stays (see RELIABILITY)
-            if d.code is Code.OK and strict and not d.replayed:
-                self.dead_strict[a.token_id] = self.dead_strict.get(a.token_id, 0) + a.units
+            if d.code is Code.OK and strict:
+                self._orphan(Open(a, h.index, d, strict))
             return
         o = self.oracle
         self.log(f"h{h.index} admit {a.request_id} {a.token_id[:10]} u={a.units} -> {d.code.value} {'strict' if strict else 'local'}")
@@ -411,8 +411,10 @@ class World:
 
     def _orphan(self, op: Open) -> None:
         """An admitted request whose replica died before settling it: never answered."""
-        self.rowless.add(op.admission.request_id)
-        if op.strict and not op.decision.replayed:  # debited at the shard, never settled
+        rid = op.admission.request_id
+        first = rid not in self.rowless
+        self.rowless.add(rid)
+        if op.strict and first:  # debited at the shard once (a resend or copy does not debit again), never settled
             t = op.admission.token_id
             self.dead_strict[t] = self.dead_strict.get(t, 0) + op.admission.units
 
@@ -775,7 +777,12 @@ class World:
             n = self.core.book.nodes[tid]
             if n.used != got:
                 raise Violation(f"{tid}: used {n.used} but its usage rows (and lost leases) charge {got}")
-        lossy = {h.index for h in self.holders if not h.alive or h.holder.stats.lost_leases or h.holder.stats.in_doubt}
+        lost_by = {(d if isinstance(d, dict) else {}).get("holder") for a, _, d in events if a == "lease.lost"}
+        lossy = {
+            h.index
+            for h in self.holders
+            if not h.alive or h.holder.stats.lost_leases or h.holder.stats.in_doubt or h.holder.holder_id in lost_by
+        }
         for rid, k in self.attempts.items():
             have = count.get(rid, 0)
             if have > k + self.extra.get(rid, 0):
