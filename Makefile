@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # The Ray environment (loopback, token auth, the proxy hook, offline) is not set here: every entry
 # point (yolo-tokens, tests/conftest.py, the benchmarks) applies it from serve_app/launcher.py.
 
-.PHONY: venv browser serve test chaos fuzz lint bench clean
+.PHONY: venv browser serve test chaos fuzz sim lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ test: lint browser
 # bursts, PostgreSQL down 30 s, a node removed on a 3-node cluster): about an hour on 2 cores
 chaos: $(STAMP)
 	YT_LEASE_LONG=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/hostile -k lease
+
+# the lease-protocol simulator (tests/sim) for as long as asked: make sim SIM_SECONDS=3600; one seed:
+# .venv/bin/python -m tests.sim.run --seed N (prints its trace); a reverted fix: --mutation NAME
+SIM_SECONDS ?= 600
+sim: $(STAMP)
+	$(BIN)/python -m tests.sim.run --seconds $(SIM_SECONDS) --steps 300 --workers 2
 
 # the fuzz targets of `make test`, for longer: make fuzz FUZZ_SECONDS=3600
 FUZZ_SECONDS ?= 600

@@ -20,3 +20,117 @@ def _patch(obj: Any, name: str, value: Any) -> Callable[[], None]:
 
 def apply(name: str) -> Callable[[], None]:
     return MUTATIONS[name]()
+
+
+def _close_without_waiting() -> Callable[[], None]:
+    """§1.1: close() releases at once, the units of requests in flight back to `free`."""
+    from ledger.holder import LeaseHolder
+
+    real_close, real_ask = LeaseHolder.close, LeaseHolder._ask
+
+    async def close(self: Any, timeout_s: float = 2.0) -> None:
+        await real_close(self, 0.0)
+
+    def ask(self: Any, *args: Any, **kw: Any) -> Any:
+        from dataclasses import replace
+
+        return replace(real_ask(self, *args, **kw), in_doubt=0)
+
+    undo = [_patch(LeaseHolder, "close", close), _patch(LeaseHolder, "_ask", ask)]
+    return lambda: [u() for u in undo] and None
+
+
+def _closed_admits_locally() -> Callable[[], None]:
+    """§1.2: a closed holder keeps admitting from its cached leases and policies."""
+    from ledger.holder import LeaseHolder
+
+    real_close = LeaseHolder.close
+
+    async def close(self: Any, timeout_s: float = 2.0) -> None:
+        self.closed = True  # no release, no report: the lease stays, admissions go on locally
+        for t in self.tasks:
+            t.cancel()
+        self.closed = False
+
+    del real_close
+    return _patch(LeaseHolder, "close", close)
+
+
+def _resend_applied_again() -> Callable[[], None]:
+    """§1.3/1.4: a resent message (give-back, grant, report) is applied on every delivery."""
+    from ledger.leases import LeaseDesk
+
+    def resent(self: Any, node: Any, lease: Any, a: Any) -> Any:
+        lease.seq = a.seq - 1
+        return self._one(a, self.clock())
+
+    return _patch(LeaseDesk, "_resent", resent)
+
+
+def _refund_returns_rate_token() -> Callable[[], None]:
+    """§1.5: a refund puts its rate token back into the holder's stash."""
+    from ledger.holder import LeaseHolder
+
+    real = LeaseHolder.settle
+
+    async def settle(self: Any, s: Any) -> Any:
+        h = self.held.get(s.token_id)
+        local = h is not None and s.request_id in h.inflight
+        code = await real(self, s)
+        if local and not s.success and h.rated:
+            h.rate_avail += 1
+        return code
+
+    return _patch(LeaseHolder, "settle", settle)
+
+
+def _rate_stash_never_expires() -> Callable[[], None]:
+    """§1.5: rate tokens drawn for a lease are banked and spent later."""
+    from ledger.holder import LeaseHolder
+
+    real = LeaseHolder._apply
+
+    def apply(self: Any, h: Any, *args: Any) -> None:
+        real(self, h, *args)
+        if h.rate_avail:
+            h.rate_until = float("inf")
+
+    return _patch(LeaseHolder, "_apply", apply)
+
+
+def _reclaim_ignored() -> Callable[[], None]:
+    """§1.6: a holder goes on serving a token reclaimed whole from its leases."""
+    from ledger.leases import TokenPolicy
+
+    real = TokenPolicy.of
+
+    def of(node: Any, version: Any) -> Any:
+        from dataclasses import replace
+
+        return replace(real(node, version), reclaimed=False)
+
+    return _patch(TokenPolicy, "of", staticmethod(of))
+
+
+def _refund_overwrites_settled() -> Callable[[], None]:
+    """§1.7: a refunded copy's report overwrites the settled state of the same id."""
+    from ledger.book import QuotaBook
+
+    def remember(self: Any, request_id: str, token_id: str, state: str, now: float) -> None:
+        self.recent.pop(request_id, None)
+        self.recent[request_id] = (token_id, state, now)
+
+    return _patch(QuotaBook, "remember", remember)
+
+
+MUTATIONS.update(
+    {
+        "close_without_waiting": _close_without_waiting,
+        "closed_admits_locally": _closed_admits_locally,
+        "resend_applied_again": _resend_applied_again,
+        "refund_returns_rate_token": _refund_returns_rate_token,
+        "rate_stash_never_expires": _rate_stash_never_expires,
+        "reclaim_ignored": _reclaim_ignored,
+        "refund_overwrites_settled": _refund_overwrites_settled,
+    }
+)

@@ -40,12 +40,13 @@ def one(job: tuple[int, int, str, str | None]) -> dict[str, Any]:
 
 
 def replay_command(seed: int, steps: int, policy: str, mutation: str | None) -> str:
+    """The one line that replays a seed (and prints its trace)."""
     extra = f" --mutation {mutation}" if mutation else ""
     return f".venv/bin/python -m tests.sim.run --seed {seed} --steps {steps} --policy {policy}{extra}"
 
 
 def sweep(
-    seeds: range | None, steps: int, policies: list[str], seconds: float | None, workers: int,
+    seeds: list[int] | None, steps: int, policies: list[str], seconds: float | None, workers: int,
     mutation: str | None = None, stop_at_first: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     t0 = time.perf_counter()
@@ -56,8 +57,8 @@ def sweep(
     def jobs() -> Any:
         n = 0
         while True:
-            for policy in policies:
-                seed = seeds[n] if seeds is not None else n
+            seed = seeds[n] if seeds is not None else n
+            for policy in policies if policies != ["alt"] else [("refund", "charge")[seed % 2]]:
                 yield (seed, steps, policy, mutation)
             n += 1
             if seeds is not None and n >= len(seeds):
@@ -88,11 +89,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0-2000", help="A-B")
     p.add_argument("--seconds", type=float)
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--policy", choices=("refund", "charge", "both"), default="both")
+    p.add_argument(
+        "--policy",
+        choices=("refund", "charge", "both", "alt"),
+        default="alt",
+        help="lost_lease_policy; alt: refund on even seeds, charge on odd ones",
+    )
     p.add_argument("--workers", type=int, default=max(1, multiprocessing.cpu_count()))
     p.add_argument("--mutation")
+    p.add_argument("--skip", default="", help="seeds left out (comma-separated): known open defects")
     a = p.parse_args(argv)
     policies = ["refund", "charge"] if a.policy == "both" else [a.policy]
+    if a.seed is not None and a.policy == "alt":
+        policies = [("refund", "charge")[a.seed % 2]]
     if a.seed is not None:
         for policy in policies:
             r = one((a.seed, a.steps, policy, a.mutation))
@@ -104,11 +113,14 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(r))
         return 0
     lo, _, hi = a.seeds.partition("-")
-    seeds = None if a.seconds else range(int(lo), int(hi))
+    skip = {int(x) for x in a.skip.split(",") if x}
+    seeds = None if a.seconds else [x for x in range(int(lo), int(hi)) if x not in skip]
     out = sweep(seeds, a.steps, policies, a.seconds, a.workers, a.mutation, stop_at_first=bool(a.mutation))
     for f in out["failures"][:3]:
         print("\n".join(f["trace"][-25:]))
-        print(f"FAILED seed {f['seed']}: {f['error']}\n  replay: {replay_command(f['seed'], a.steps, 'both', a.mutation)}")
+    for f in out["failures"]:
+        print(f"FAILED seed {f['seed']}: {f['error']}")
+        print(f"  replay: {replay_command(f['seed'], a.steps, a.policy, a.mutation)}")
     print(json.dumps({k: v for k, v in out.items() if k != "failures"} | {"failed": len(out["failures"])}))
     return 1 if out["failures"] else 0
 

@@ -181,7 +181,7 @@ class World:
         self.stats = {"admitted": 0, "denied": 0, "answered": 0, "crashes": 0, "lost": 0}
         self.attempts: dict[str, int] = {}  # request id -> attempts that should each leave a usage row
         self.rowless: set[str] = set()
-        self.extra: dict[str, int] = {}  # request id -> deliveries of a message applied before  # ids of which a row may be missing (dead holder, lost lease)
+        self.extra: dict[str, int] = {}  # request id -> deliveries of a message applied before
 
     # ---------------------------------------------------------------- plumbing
     def _new_core(self) -> ShardCore:
@@ -296,7 +296,8 @@ class World:
         ]
         fns = [a for a, _ in actions]
         weights = [w for _, w in actions]
-        for self.step_no in range(self.steps):
+        for step in range(self.steps):
+            self.step_no = step
             self.rng.choices(fns, weights)[0]()
             await self.quiesce()
             self.check_step()
@@ -336,10 +337,14 @@ class World:
             rate = spec
         if r.random() < 0.1:
             expires = self.now + r.uniform(1, 30)
-        return make_token_limits(expires, models, [f"{ip}/32" for ip in ips] if ips else None,
-                                 rate[0] if rate else None), {  # fmt: skip
-            "models": models, "ips": ips, "rate": (rate[1], rate[2]) if rate else None, "expires_at": expires,
-        }  # fmt: skip
+        return make_token_limits(
+            expires, models, [f"{ip}/32" for ip in ips] if ips else None, rate[0] if rate else None
+        ), {
+            "models": models,
+            "ips": ips,
+            "rate": (rate[1], rate[2]) if rate else None,
+            "expires_at": expires,
+        }
 
     def create_package(self) -> None:
         units = self.rng.choice((40, 200, 1000))
@@ -389,7 +394,10 @@ class World:
                 self._orphan(Open(a, h.index, d, strict))
             return
         o = self.oracle
-        self.log(f"h{h.index} admit {a.request_id} {a.token_id[:10]} u={a.units} -> {d.code.value} {'strict' if strict else 'local'}")
+        self.log(
+            f"h{h.index} admit {a.request_id} {a.token_id[:10]} u={a.units} -> {d.code.value}"
+            f" {'strict' if strict else 'local'}"
+        )
         hostile = len(a.model) > 200 or not a.model or (a.client_ip is not None and len(a.client_ip) > 64)
         if d.code is Code.OK:
             if hostile:
