@@ -181,11 +181,13 @@ def test_given_a_first_delivery_admitted_at_the_shard_then_lost_when_redelivered
     (out,) = deliver(live_app, rid, 1, cred)  # served from another replica's lease
     assert isinstance(out, dict) and out["request_id"] == rid, out
     rows = rows_of(live_app, tid, lambda rows: len(rows) >= 2)
-    # the first admission's debit stands; the served copy's report is a replay
+    # one id, charged once (§1.7): the answered (leased) copy is charged, and the pending strict copy,
+    # whose replica died before answering, is refunded so it cannot be charged as well
     assert sorted((r["state"], r["outcome"], r["units"]) for r in rows) == [
-        ("admitted", "ok", 1),
-        ("settled", "replay", 0),
+        ("refunded", "ok", 0),
+        ("settled", "ok", 1),
     ], rows
+    assert sum(r["units"] for r in rows) == 1
     view = live_app.ledger.token(tid)
     assert (view.used, view.leased) == (1, 0)
     assert_balanced(live_app)
