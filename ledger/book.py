@@ -106,7 +106,12 @@ class QuotaBook:
         never refills them); a book that holds none (a cold start) starts every bucket empty.
         A failure leaves the book as it was (see `TokenTree.link`)."""
         self.tree.link(nodes, carry=self.nodes)
+        before = self.pending
         self.pending = {p.request_id: p for p in pending}
+        for p in self.pending.values():  # a rebuild in the same process keeps which copies are served
+            old = before.get(p.request_id)
+            if old is not None and old.row_id == p.row_id:
+                p.copies = old.copies
         self.recent = {rid: (tid, state, ts) for rid, tid, state, ts in recent}
         self.idem = {(r.token_id, r.key): r for r in idem}
         self.leases = {}
@@ -201,6 +206,11 @@ class QuotaBook:
         if refusal is not None:
             return self._deny(a, node, refusal[0], refusal[1], now)
         if prior is not None:  # a redelivery that passes every check: no second debit, no rate token
+            if prior.copies is not None:
+                if a.copy:
+                    prior.copies.add(a.copy)  # another copy served: the debit stays until all are settled
+                else:
+                    prior.copies = None  # a copy nobody named: the first settlement decides
             return self._decision(Code.OK, a.request_id, node, prior.units, replayed=True)
         if node.free < a.units:
             return self._deny(
@@ -227,7 +237,8 @@ class QuotaBook:
         self.next_row_id = row_id + ID_STRIDE
         body_hash = a.body_hash or ""
         rid = a.request_id
-        self.pending[rid] = Pending(rid, node.id, a.units, now, a.idem_key, row_id, a.model, body_hash)
+        copies = {a.copy} if a.copy else None
+        self.pending[rid] = Pending(rid, node.id, a.units, now, a.idem_key, row_id, a.model, body_hash, copies)
         if a.idem_key is not None:
             rec = IdemRecord(node.id, a.idem_key, body_hash, a.request_id, now)
             self.idem[(node.id, a.idem_key)] = rec
@@ -256,8 +267,9 @@ class QuotaBook:
         p = self.pending.get(a.request_id) if node is not None and code is not Code.INVALID_REQUEST else None
         if p is not None and (p.token_id, p.units, p.model) == (a.token_id, a.units, a.model):
             # a resend of a request admitted before (its answer was lost), refused now (revoked,
-            # expired, narrowed meanwhile): the caller will not serve it, so its first debit is refunded
-            self.settle(Settlement(a.request_id, a.token_id, success=False), now)
+            # expired, narrowed meanwhile): the caller will not serve that copy, so it is settled as
+            # refunded (the debit goes back once no other copy is being served)
+            self.settle(Settlement(a.request_id, a.token_id, success=False, copy=a.copy), now)
         row_id = self.next_row_id
         self.next_row_id = row_id + ID_STRIDE
         self.out.usage.append(
@@ -332,6 +344,10 @@ class QuotaBook:
         p = self.pending.get(s.request_id)
         if p is None or p.token_id != s.token_id:
             return Code.NOT_FOUND
+        if not s.success and s.copy and p.copies is not None:
+            p.copies.discard(s.copy)
+            if p.copies:  # another copy of it is still being served: that one settles the debit
+                return Code.OK
         del self.pending[s.request_id]
         charged = s.charged if type(s.charged) is int else None
         keep = (p.units if charged is None else max(0, min(charged, p.units))) if s.success else 0

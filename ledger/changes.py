@@ -39,6 +39,10 @@ class Pending:
     # ... and carry the same body: "" = admitted without a body hash; None = unknown (a row written
     # before schema 0003 stored body hashes), which no redelivery can be compared with
     body_hash: str | None = ""
+    # the copies of the request being served (`Admission.copy`), in memory: a copy's refund refunds
+    # the debit only once no other copy is left. None = not known (loaded after a restart, or a
+    # caller that names no copies): the first settlement decides
+    copies: set[str] | None = None
 
 
 @dataclass(slots=True)

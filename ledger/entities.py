@@ -169,6 +169,9 @@ class Admission:
     body_hash: str | None = None
     image_bytes: int = 0
     root_id: str = ""  # the credential's `pkg` claim: which shard owns the token ("" = look it up)
+    # which copy of the request this is: one per admit call of a holder, the same on a resend of that
+    # call. Copies of one request id (Ray redelivered it) are settled once all are done ("" = unknown)
+    copy: str = ""
 
     def row(self) -> AdmissionRow:
         """Wire form (field order); `dataclasses.astuple` deep-copies and is ~10x slower."""
@@ -183,13 +186,14 @@ class Admission:
             self.body_hash,
             self.image_bytes,
             self.root_id,
+            self.copy,
         )
 
     @classmethod
     def from_row(cls, r: object) -> Admission | None:
         """The admission a wire row stands for, or None when its types or sizes are wrong (so that a
         bad caller can neither crash a batch nor the write)."""
-        if not isinstance(r, tuple | list) or len(r) != 10:
+        if not isinstance(r, tuple | list) or len(r) not in (10, 11):  # 10: a caller without copies
             return None
         a = cls(*r)
         ok = (
@@ -204,12 +208,13 @@ class Admission:
             and type(a.image_bytes) is int
             and 0 <= a.image_bytes < MAX_IMAGE_BYTES
             and _str(a.root_id, 0, 40)
+            and _str(a.copy, 0, 64)
         )
         return a if ok else None
 
 
-AdmissionRow = tuple[str, str, str, int, str, str | None, str | None, str | None, int, str]
-SettlementRow = tuple[str, str, bool, int | None, float, int, float, str | None, str]
+AdmissionRow = tuple[str, str, str, int, str, str | None, str | None, str | None, int, str, str]
+SettlementRow = tuple[str, str, bool, int | None, float, int, float, str | None, str, str]
 MAX_IMAGE_BYTES = 2**62  # image_bytes is a BIGINT column
 
 
@@ -263,6 +268,7 @@ class Settlement:
     gpu_ms: float = 0.0
     result: str | None = None  # JSON kept for idempotent replays
     root_id: str = ""  # which shard owns the token ("" = look it up)
+    copy: str = ""  # the copy of the request this settles (`Admission.copy`; "" = the request itself)
 
     def row(self) -> SettlementRow:
         return (
@@ -275,12 +281,13 @@ class Settlement:
             self.gpu_ms,
             self.result,
             self.root_id,
+            self.copy,
         )
 
     @classmethod
     def from_row(cls, r: object) -> Settlement | None:
         """The settlement a wire row stands for, or None when no column could hold its values."""
-        if not isinstance(r, tuple | list) or len(r) != 9:
+        if not isinstance(r, tuple | list) or len(r) not in (9, 10):  # 9: a caller without copies
             return None
         s = cls(*r)
         ok = (
@@ -294,6 +301,7 @@ class Settlement:
             and _finite(s.gpu_ms, 1e12)
             and _opt_str(s.result, 16 * 2**20)
             and _str(s.root_id, 0, 40)
+            and _str(s.copy, 0, 64)
         )
         return s if ok else None
 

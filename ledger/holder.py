@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
 import math
 import time
@@ -48,6 +49,7 @@ from ledger.credentials import new_id
 from ledger.entities import Admission, Decision, Settlement, UsageState, field_refusal
 from ledger.errors import LedgerError
 from ledger.leases import (
+    RATE_SPEND_S,
     LeaseAsk,
     LeaseGrant,
     LeaseUse,
@@ -210,6 +212,10 @@ class LeaseHolder:
         self.on_admit = on_admit  # (decision, model, package, local) for metrics
         self.held: dict[str, _Held] = {}
         self.done: dict[str, str] = {}  # request id -> state, settled here
+        # request id -> the copies of it admitted at the shard by this holder and not settled yet
+        # (`Admission.copy`: one per admit call, so the shard can tell a copy from a resend)
+        self.strict_copies: dict[str, list[str]] = {}
+        self.copy_numbers = itertools.count(1)
         self.stats = HolderStats()
         self.batchers = [Batcher(self._sender(i), 4096, 2) for i in range(transport.shard_count)]
         self.tasks: list[asyncio.Task[None]] = []
@@ -403,10 +409,25 @@ class LeaseHolder:
 
     async def _strict(self, a: Admission) -> Decision:
         self.stats.strict += 1
+        if not a.copy:
+            a = dataclasses.replace(a, copy=f"{self.holder_id[-40:]}#{next(self.copy_numbers)}")
+        copies = self.strict_copies.setdefault(a.request_id, [])
+        copies.append(a.copy)  # before the call: a refund of an admission whose verdict was lost names it
+        if len(self.strict_copies) > MAX_DONE:
+            del self.strict_copies[next(iter(self.strict_copies))]
         d = await self.transport.admit(a)
+        if d.code is not Code.OK:  # refused: this copy holds nothing to settle
+            self._forget_copy(a.request_id, a.copy)
         if self.on_admit is not None:
             self.on_admit(d, a.model, a.root_id, False)
         return d
+
+    def _forget_copy(self, request_id: str, copy: str) -> None:
+        copies = self.strict_copies.get(request_id)
+        if copies is not None and copy in copies:
+            copies.remove(copy)
+            if not copies:
+                del self.strict_copies[request_id]
 
     # ------------------------------------------------------------ settlement
     async def settle(self, s: Settlement) -> Code:
@@ -415,7 +436,19 @@ class LeaseHolder:
         h = self.held.get(s.token_id)
         f = h.inflight.get(s.request_id) if h is not None else None
         if h is None or f is None:
-            return await self.transport.settle(s)
+            copies = self.strict_copies.get(s.request_id)
+            if not copies or s.copy:
+                return await self.transport.settle(s)
+            copy = copies.pop(0)
+            if not copies:
+                del self.strict_copies[s.request_id]
+            code = Code.LEDGER_UNAVAILABLE
+            try:
+                code = await self.transport.settle(dataclasses.replace(s, copy=copy))
+            finally:
+                if code is Code.LEDGER_UNAVAILABLE:  # not recorded: the caller retries, with the same copy
+                    self.strict_copies.setdefault(s.request_id, []).insert(0, copy)
+            return code
         if f.copies > 1:  # another copy is still being served: the request is settled with the last one
             f.copies -= 1
             f.answered = f.answered or s.success
@@ -567,7 +600,7 @@ class LeaseHolder:
             h.avail = max(0, grant.units - h.held_units)
             if grant.rate_granted:
                 h.rate_avail += grant.rate_granted
-                h.rate_until = first_sent + c.report_interval_s
+                h.rate_until = first_sent + min(c.report_interval_s, RATE_SPEND_S)
         if grant.code is Code.QUOTA_EXHAUSTED and grant.recalled:
             h.deny = None  # other replicas are giving units back: ask again shortly, never cache this
             h.recall_until = max(h.recall_until, now) if h.recall_until > now else now + RECALL_WAIT_S

@@ -37,7 +37,7 @@ from ledger.changes import Changes, Lease, Pending
 from ledger.codes import Code
 from ledger.credentials import new_id
 from ledger.entities import RECLAIMING, Node, Settlement, Status, UsageState
-from ledger.limits import IPNetwork, ip_allowed, model_allowed
+from ledger.limits import Bucket, IPNetwork, ip_allowed, model_allowed
 
 LOST_LEASE_POLICIES = ("refund", "charge")
 # tree actions that can make a holder refuse what it admitted before (DESIGN §3a: narrowing changes)
@@ -48,6 +48,11 @@ MAX_WANT = 10**9
 RECALL_EVERY_S = 0.05  # changed token ids remembered for watchers; an older `since` gets every policy
 STRICT_RATE = 5.0  # requests per second: tokens limited below this on their path admit at the shard
 MAX_REPLIES = 200_000
+# a holder spends the rate tokens drawn by one ask for at most RATE_SPEND_S after sending it; the
+# shard counts them against their buckets' burst until given back or RATE_LOAN_S after the draw
+# (RATE_SPEND_S plus room for a holder's clock running ahead)
+RATE_SPEND_S = 0.1
+RATE_LOAN_S = 0.25
 
 Version = tuple[int, int]  # (shard epoch, change counter): a new epoch makes every cached policy stale
 
@@ -281,8 +286,10 @@ class LeaseDesk:
         self.recalled: dict[str, float] = {}  # token id -> when its leases were last asked back
         # in memory (a restart forgets them; the lease's durable `seq` still dedupes every resend):
         self.replies: dict[str, LeaseGrant] = {}  # lease id -> the answer to its last applied message
-        # lease id -> (rate tokens drawn and not given back, the buckets they came from)
-        self.rate_out: dict[str, tuple[int, tuple[int, ...]]] = {}
+        # lease id -> (rate tokens lent and not given back, the serials of the buckets they came
+        # from, when they can no longer be spent); loans_due: (that time, lease id), oldest first
+        self.rate_out: dict[str, tuple[int, tuple[int, ...], float]] = {}
+        self.loans_due: deque[tuple[float, str]] = deque()
         self.ended: dict[str, bool] = {}  # leases released (False) or lost (True) here: never created again
         self.started = clock()
         self.lost_units = 0  # units of lost leases settled by this instance (metrics)
@@ -298,6 +305,7 @@ class LeaseDesk:
     def answer(self, asks: Sequence[object]) -> list[LeaseGrant]:
         """One grant per ask; a malformed ask is refused alone (INVALID_REQUEST) and changes nothing."""
         now = self.clock()
+        self.expire_loans(now)
         return [self._one(a, now) if _well_formed(a) else LeaseGrant(Code.INVALID_REQUEST) for a in asks]
 
     def _one(self, a: LeaseAsk, now: float) -> LeaseGrant:
@@ -363,19 +371,58 @@ class LeaseDesk:
         return self._reply(Code.OK, node, lease, 0, a)
 
     def _rate_back(self, node: Node, lease: Lease, tokens: int, now: float) -> None:
-        """Rate tokens this lease drew and never used go back to every bucket on the path (never
-        above its burst): as if they had never been drawn."""
-        out, drawn_from = self.rate_out.get(lease.id, (0, ()))
-        buckets = [x.bucket for x in node.path() if x.bucket is not None]
-        if tuple(id(b) for b in buckets) != drawn_from:
-            return  # a rate changed (or the book was rebuilt) since they were drawn: never into another bucket
+        """Rate tokens this lease drew and never used are repaid to the buckets they were lent by
+        (`Bucket.repay`): as if they had never been drawn. Past their time they were spent."""
+        loan = self.rate_out.get(lease.id)
+        if loan is None:
+            return
+        out, serials, due = loan
         tokens = min(tokens, out)
         if tokens <= 0:
             return
-        self.rate_out[lease.id] = (out - tokens, drawn_from)
+        for x in node.path():
+            b = x.bucket
+            if b is not None and b.serial in serials:
+                b.refill(now)
+                b.repay(tokens)
+        if out > tokens:
+            self.rate_out[lease.id] = (out - tokens, serials, due)
+        else:
+            del self.rate_out[lease.id]
+
+    def _lend(self, node: Node, lease: Lease, buckets: list[Bucket], r: int, now: float) -> None:
         for b in buckets:
-            b.refill(now)
-            b.level = min(float(b.limit.burst), b.level + tokens)
+            b.lend(r)
+        serials = tuple(b.serial for b in buckets)
+        loan = self.rate_out.get(lease.id)
+        if loan is not None and loan[1] != serials:  # drawn from buckets replaced since: spent there
+            self._spend_loan(lease.id, node)
+            loan = None
+        due = now + RATE_LOAN_S
+        self.rate_out[lease.id] = (r + (loan[0] if loan else 0), serials, due)
+        self.loans_due.append((due, lease.id))
+
+    def _spend_loan(self, lease_id: str, node: Node | None) -> None:
+        """The tokens still lent to a lease can no longer be spent (its time passed, or it ended)."""
+        loan = self.rate_out.pop(lease_id, None)
+        if loan is None or node is None:
+            return
+        out, serials, _ = loan
+        for x in node.path():
+            b = x.bucket
+            if b is not None and b.serial in serials:
+                b.spent(out)
+
+    def expire_loans(self, now: float) -> None:
+        """Rate tokens lent longer ago than RATE_LOAN_S stop holding back their buckets."""
+        due = self.loans_due
+        while due and due[0][0] <= now:
+            _, lease_id = due.popleft()
+            loan = self.rate_out.get(lease_id)
+            if loan is None or loan[2] > now:
+                continue  # repaid, ended, or lent again since (a later entry is due for it)
+            lease = self.book.leases.get(lease_id)
+            self._spend_loan(lease_id, self.book.nodes.get(lease.token_id) if lease is not None else None)
 
     def _reply(
         self,
@@ -450,8 +497,6 @@ class LeaseDesk:
                 return self._reply(
                     Code.RATE_LIMITED, node, lease, 0, a, message="rate limit exceeded", retry_after=wait
                 )
-            for b in buckets:
-                b.level -= r
         if n < 1 and r < 1:
             return None
         if lease is None:
@@ -461,9 +506,7 @@ class LeaseDesk:
         lease.units += n
         node.leased += n
         if r:
-            ids = tuple(id(b) for b in buckets)
-            out, drawn_from = self.rate_out.get(lease.id, (0, ids))
-            self.rate_out[lease.id] = (out + r if drawn_from == ids else r, ids)
+            self._lend(node, lease, buckets, r, now)
         self.book.out.lease_put[lease.id] = lease
         return replace(self._reply(Code.OK, node, lease, n, a), rate_granted=r)
 
@@ -547,7 +590,7 @@ class LeaseDesk:
         self.book.out.lease_deleted.append(lease.id)
         self.seen.pop(lease.id, None)
         self.replies.pop(lease.id, None)
-        self.rate_out.pop(lease.id, None)
+        self._spend_loan(lease.id, node)  # its holder spends none of them any more
         self.ended[lease.id] = lost
         if len(self.ended) > MAX_REPLIES:
             del self.ended[next(iter(self.ended))]
@@ -559,6 +602,7 @@ class LeaseDesk:
         """Leases past their deadline: their units in doubt settled by `lost_lease_policy`, one
         `lease.lost` audit row each. Returns their ids."""
         now = self.clock()
+        self.expire_loans(now)
         lost = [x for x in self.book.leases.values() if now > self.deadline(x)]
         for lease in lost:
             node = self.book.nodes[lease.token_id]

@@ -8,6 +8,7 @@ means "no limit of its own" (the ancestors' limits still apply at admission).
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -119,14 +120,26 @@ class Bucket:
     book is rebuilt they are either carried over from the book in memory (`resumed`) or, on a cold
     start, begin EMPTY (`empty`): refilling every bucket on a restart would hand every token holder
     a fresh burst, so the conservative choice is to let them refill at their rate.
+
+    `lent`: tokens drawn by lease holders (DESIGN §3b) that they may still spend. They count against
+    the burst until given back unused (`repay`, back into `level`) or spent (`spent`, gone): so
+    `level + lent <= burst` always, and admissions in any window W, wherever they are decided, are at
+    most `burst + rate * W`. `serial` names the bucket across a rebuild or a rate change (`resumed`
+    keeps it; a cold bucket gets a new one): tokens are only ever given back to the bucket they were
+    drawn from.
     """
 
-    __slots__ = ("level", "limit", "stamp")
+    __slots__ = ("lent", "level", "limit", "serial", "stamp")
 
-    def __init__(self, limit: RateLimit, now: float, level: float | None = None) -> None:
+    def __init__(
+        self, limit: RateLimit, now: float, level: float | None = None, lent: float = 0.0, serial: int | None = None
+    ) -> None:
         self.limit = limit
-        self.level = float(limit.burst) if level is None else min(float(limit.burst), level)
+        burst = float(limit.burst)
+        self.lent = min(max(lent, 0.0), burst)
+        self.level = burst - self.lent if level is None else min(burst - self.lent, level)
         self.stamp = now
+        self.serial = next(_SERIALS) if serial is None else serial
 
     @classmethod
     def empty(cls, limit: RateLimit, now: float) -> Bucket:
@@ -135,16 +148,21 @@ class Bucket:
 
     @classmethod
     def resumed(cls, limit: RateLimit, previous: Bucket) -> Bucket:
-        """The previous bucket's level and stamp under `limit` (a level above its burst is cut)."""
-        return cls(limit, previous.stamp, previous.level)
+        """The previous bucket's level, loans and stamp under `limit` (cut to its burst, loans first)."""
+        return cls(limit, previous.stamp, previous.level, previous.lent, previous.serial)
+
+    @property
+    def room(self) -> float:
+        """The most `level` may hold: the burst less what holders may still spend."""
+        return float(self.limit.burst) - self.lent
 
     def give_back(self) -> None:
         """Undo one `take` of an admission that was never committed (never above the burst)."""
-        self.level = min(float(self.limit.burst), self.level + 1.0)
+        self.level = min(self.room, self.level + 1.0)
 
     def refill(self, now: float) -> float:
         if now > self.stamp:
-            self.level = min(float(self.limit.burst), self.level + (now - self.stamp) * self.limit.rate)
+            self.level = min(self.room, self.level + (now - self.stamp) * self.limit.rate)
             self.stamp = now
         return self.level
 
@@ -154,6 +172,24 @@ class Bucket:
 
     def take(self) -> None:
         self.level -= 1.0
+
+    def lend(self, n: int) -> None:
+        """`n` tokens (at most `floor(level)`) go to a lease holder."""
+        self.level -= n
+        self.lent += n
+
+    def repay(self, n: int) -> None:
+        """Lent tokens given back unused: spendable here again."""
+        back = min(float(n), self.lent)
+        self.lent -= back
+        self.level = min(self.room, self.level + back)
+
+    def spent(self, n: int) -> None:
+        """Lent tokens used (or past the time they could be): they no longer hold back the level."""
+        self.lent = max(0.0, self.lent - n)
+
+
+_SERIALS = itertools.count(1)
 
 
 def normalize_models(models: Iterable[str] | None) -> frozenset[str] | None:

@@ -28,6 +28,7 @@ from ledger.entities import Admission, Decision, Node, Settlement, TokenSpec, To
 from ledger.errors import ConfigError, Fenced, LedgerError, LedgerUnavailable, OperationRefused
 from ledger.leases import (
     LOST_LEASE_POLICIES,
+    MAX_DENIALS,
     NARROWING,
     LeaseDesk,
     LeaseGrant,
@@ -114,6 +115,10 @@ class ShardCore:
                 self.clock(), self.settings.settle_window_s, self.settings.recent_window_s
             )
             self.book.load(nodes, pending, recent, idem, last_id, leases)
+            # denials reported without a lease carry no sequence number: the desk dedupes their
+            # resends by request id, from the database after a restart
+            denied = self.store.recent_denials(self.clock() - self.settings.settle_window_s, MAX_DENIALS)
+            self.leases.denials = dict.fromkeys(denied)
         except Fenced:
             self.fenced = True
             raise
@@ -183,6 +188,7 @@ class ShardCore:
         """Admissions in wire form (`Admission.row`); a malformed row is refused on its own and
         records nothing."""
         now = self.clock()
+        self.leases.expire_loans(now)  # rate tokens lent to holders and past their time free the buckets
         admit = self.book.admit
         return [admit(a, now) if (a := Admission.from_row(r)) else _malformed(r) for r in _rows(rows)]
 

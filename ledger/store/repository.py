@@ -125,6 +125,8 @@ class Store:
         self._settle_usage = (
             f"UPDATE usage_events SET {', '.join(f'{c} = {mark}' for c in SETTLE_COLUMNS)} WHERE id = {mark}"
         )
+        # every commit's fence check: plain SQL, no statement to build and look up per commit
+        self._fence = f"UPDATE ledger_shards SET epoch = epoch WHERE shard = {mark} AND epoch = {mark}"
 
     def close(self) -> None:
         self.engine.dispose()
@@ -166,11 +168,7 @@ class Store:
         here orders this commit against a successor's `fence`, so a commit after it never lands."""
         if self.epoch is None:
             return
-        held = conn.execute(
-            update(SHARDS)
-            .where(and_(SHARDS.c.shard == self.scope.index, SHARDS.c.epoch == self.epoch))
-            .values(epoch=SHARDS.c.epoch)
-        ).rowcount
+        held = conn.exec_driver_sql(self._fence, (self.scope.index, self.epoch)).rowcount
         if held != 1:
             raise Fenced(f"shard {self.scope.index} epoch {self.epoch} was superseded: this instance may not commit")
 
@@ -304,6 +302,23 @@ class Store:
         for p in pending:
             p.idem_key = by_req.get((p.token_id, p.request_id))
         return nodes, pending, recent, idem, last_id, leases
+
+    def recent_denials(self, since: float, limit: int) -> list[str]:
+        """Request ids of this shard's denied requests since `since` (newest `limit`, oldest first):
+        a restarted lease desk remembers them, so a holder's resent report records no second row."""
+        owned = TOKENS.c.slot % self.scope.count == self.scope.index
+        try:
+            with self.engine.connect() as conn:
+                rows = conn.execute(
+                    select(USAGE.c.request_id)
+                    .select_from(USAGE.join(TOKENS, USAGE.c.root_id == TOKENS.c.id))
+                    .where(and_(owned, USAGE.c.ts >= since, USAGE.c.state == "denied"))
+                    .order_by(USAGE.c.id.desc())
+                    .limit(limit)
+                ).all()
+        except SQLAlchemyError as exc:
+            raise LedgerUnavailable(f"database read failed: {type(exc).__name__}") from exc
+        return [r[0] for r in reversed(rows)]
 
     # ---------------------------------------------------------------- reads
     def balances(self, *, whole: bool = False) -> dict[str, tuple[int, int, str]]:

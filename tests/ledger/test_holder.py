@@ -235,6 +235,31 @@ async def test_given_a_strict_package_a_small_balance_or_an_idempotency_key_then
         await h.close()
 
 
+async def test_given_one_strict_request_redelivered_to_two_holders_when_one_fails_then_the_answered_copy_is_charged(
+    ledger: InProcessLedger, clock: Clock
+) -> None:
+    t = package(ledger, 1000, meta={"strict": True})
+    one_wire, two_wire = Wire(ledger), Wire(ledger)
+    one, two = holder(one_wire, clock, "replica-1"), holder(two_wire, clock, "replica-2")
+    try:
+        a = t.admission()
+        assert (await one.admit(a)).code is Code.OK
+        again = await two.admit(a)  # Ray redelivered the request to a second replica
+        assert (again.code, again.replayed) == (Code.OK, True)
+        failed = Settlement(a.request_id, a.token_id, False, root_id=a.root_id)
+        one_wire.down = "raise"  # the first settlement attempt of the failed copy does not get through
+        assert await one.settle(failed) is Code.LEDGER_UNAVAILABLE
+        one_wire.down = None
+        assert await one.settle(failed) is Code.OK  # retried, still naming its own copy
+        assert balances(ledger, t) == (1, 0), "the other copy is still being answered: its debit stays"
+        assert await two.settle(Settlement(a.request_id, a.token_id, True, root_id=a.root_id)) is Code.OK
+        assert balances(ledger, t) == (1, 0)
+        assert audit(ledger, t)[("settled", "ok")] == 1
+    finally:
+        await one.close()
+        await two.close()
+
+
 # ---------------------------------------------------------------- the same checks as the shard
 async def _expire(ledger: InProcessLedger, h: LeaseHolder, t: Token, clock: Clock) -> Admission:
     clock.advance(6)  # past the token's expiry, well inside the lease's validity

@@ -23,7 +23,7 @@ from sqlalchemy import select
 from ledger.codes import Code
 from ledger.entities import Admission, Node, Settlement, TokenSpec
 from ledger.errors import OperationRefused
-from ledger.leases import LeaseAsk, LeaseGrant, LeaseUse
+from ledger.leases import RATE_LOAN_S, LeaseAsk, LeaseGrant, LeaseUse
 from ledger.settings import LedgerSettings
 from ledger.shard import ShardCore
 from ledger.store.repository import LEASES, UsageQuery
@@ -174,11 +174,17 @@ def test_given_rate_buckets_on_the_path_when_granted_then_the_emptiest_bucket_bo
     assert refused.retry_after is not None and refused.retry_after > 0
     assert (kid.leased, kid.bucket.level, root.bucket.level) == before, "a refusal draws nothing"
     assert admit(core, kid, "strict-kid") is Code.RATE_LIMITED
-    clock.advance(0.5)  # both refill 5
+    clock.advance(0.2 + 1e-6)  # both refill 2 (the kid's only to 7: its 3 lent tokens still count against the burst)
+    assert (root.bucket.lent, kid.bucket.lent) == (3.0, 3.0)
     again = sync(core, dataclasses.replace(ask(kid, lease=grant.lease_id), rate_want=100, rate_back=2))[0]
-    # 2 of the 3 never used: back to both buckets (the kid's is full: capped at its burst), then drawn
-    assert (again.granted, again.rate_granted, again.units) == (0, 7, 100), "as if only 1 was ever drawn"
-    assert (root.bucket.level, kid.bucket.level) == (0.0, 3.0)
+    # 2 of the 3 never used: repaid to both buckets (root 2 + 2, kid 7 + 2), then the 4 the root has are drawn
+    assert (again.granted, again.rate_granted, again.units) == (0, 4, 100), "as if only 1 was ever drawn"
+    assert (root.bucket.level, kid.bucket.level) == (pytest.approx(0.0, abs=1e-4), 5.0)
+    assert (root.bucket.lent, kid.bucket.lent) == (5.0, 5.0), "1 still lent from the first draw, 4 from this one"
+    clock.advance(RATE_LOAN_S)  # past the time the holder may spend them: they were spent, and hold nothing back
+    late = sync(core, dataclasses.replace(ask(kid, lease=grant.lease_id), rate_back=5))[0]
+    assert late.code is Code.OK and (root.bucket.lent, kid.bucket.lent) == (0.0, 0.0)
+    assert root.bucket.refill(clock()) == pytest.approx(10 * RATE_LOAN_S, abs=1e-4), "a late give-back repays nothing"
 
 
 def test_given_a_small_balance_or_a_strict_package_when_asked_then_the_answer_is_strict_and_nothing_is_leased(
@@ -382,6 +388,25 @@ def test_given_a_restarted_shard_when_a_lease_is_overdue_then_it_is_not_settled_
         check(second)
         node = second.book.nodes[root.id]
         assert (node.free, node.allocation) == (750, 750), "refund: the units in doubt written off, never re-granted"
+    finally:
+        second.close()
+
+
+def test_given_a_denial_reported_without_a_lease_when_resent_to_the_restarted_shard_then_it_is_recorded_once(
+    db_url: str, tmp_path: Path
+) -> None:
+    clock = Clock()
+    first = make_core(db_url, tmp_path, clock)
+    root = package(first, 10)
+    denial = dataclasses.replace(use("denied-1", state="denied", outcome="revoked_token"), ts=clock())
+    report = ask(root, uses=(denial,))  # no lease, so no sequence number: deduped by request id
+    sync(first, report)  # committed; the shard dies before its reply reaches the holder
+    first.close()
+    second = make_core(db_url, tmp_path, clock)
+    try:
+        sync(second, report)  # the holder resends the same report
+        sync(second, report)
+        assert [r[:2] for r in audit(second, second.book.nodes[root.id])] == [("denied-1", "denied")]
     finally:
         second.close()
 

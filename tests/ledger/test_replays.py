@@ -12,7 +12,7 @@ from sqlalchemy import update
 
 from ledger.book import IDEM_PENDING_TIMEOUT_S, QuotaBook
 from ledger.codes import Code
-from ledger.entities import Admission, Settlement, TokenLimits, TokenSpec
+from ledger.entities import Admission, Node, Settlement, TokenLimits, TokenSpec
 from ledger.settings import LedgerSettings
 from ledger.shard import ShardCore
 from ledger.store.repository import USAGE, Store
@@ -201,3 +201,54 @@ def test_given_the_ledger_sweep_then_an_abandoned_idempotent_admission_is_refund
     c.commit()
     assert c.store.balances()[tid][1] == 3
     assert c.consistency().violations == []
+
+
+# ---------------------------------------------------------------- copies of one request (issue 17 §1.7)
+
+
+def _copy(node: Node, rid: str, copy: str) -> Admission:
+    return Admission(rid, node.id, node.jti, 1, "parts@1", "10.0.0.1", copy=copy)
+
+
+def test_given_two_copies_at_the_shard_when_one_is_refunded_and_the_other_answered_then_charged_once() -> None:
+    book, _ = new_book()
+    root = package(book, 10)
+    assert book.admit(_copy(root, "r", "h1#1")).code is Code.OK
+    again = book.admit(_copy(root, "r", "h2#1"))  # Ray redelivered it to another replica
+    assert (again.code, again.replayed, root.used) == (Code.OK, True, 1)
+    # the first copy fails (its detector died): the debit stays, the second copy is still served
+    assert book.settle(Settlement("r", root.id, success=False, copy="h1#1")) is Code.OK
+    assert root.used == 1 and "r" in book.pending
+    assert book.settle(Settlement("r", root.id, success=True, copy="h2#1")) is Code.OK
+    assert (root.used, "r" in book.pending) == (1, False)
+
+
+def test_given_two_copies_when_both_fail_then_the_debit_is_refunded_once_the_last_is_settled() -> None:
+    book, _ = new_book()
+    root = package(book, 10)
+    book.admit(_copy(root, "r", "h1#1"))
+    book.admit(_copy(root, "r", "h2#1"))
+    book.settle(Settlement("r", root.id, success=False, copy="h2#1"))
+    assert root.used == 1
+    book.settle(Settlement("r", root.id, success=False, copy="h1#1"))
+    assert root.used == 0
+
+
+def test_given_a_copy_refused_while_another_is_served_then_the_served_one_is_still_charged() -> None:
+    book, _ = new_book()
+    root = package(book, 10)
+    assert book.admit(_copy(root, "r", "h1#1")).code is Code.OK
+    book.tree.revoke(root.id)  # a copy that comes now is refused ...
+    assert book.admit(_copy(root, "r", "h2#1")).code is Code.REVOKED_TOKEN
+    assert root.used == 1, "... and refunds nothing: the first copy is being answered"
+    assert book.settle(Settlement("r", root.id, success=True, copy="h1#1")) is Code.OK
+    assert root.used == 1
+
+
+def test_given_a_resend_of_the_same_copy_refused_then_its_debit_is_refunded() -> None:
+    book, _ = new_book()
+    root = package(book, 10)
+    assert book.admit(_copy(root, "r", "h1#1")).code is Code.OK  # its answer was lost on the way back
+    book.tree.revoke(root.id)
+    assert book.admit(_copy(root, "r", "h1#1")).code is Code.REVOKED_TOKEN  # the caller resends it
+    assert (root.used, "r" in book.pending) == (0, False), "the caller will not serve it: refunded"

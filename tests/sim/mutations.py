@@ -123,6 +123,31 @@ def _refund_overwrites_settled() -> Callable[[], None]:
     return _patch(QuotaBook, "remember", remember)
 
 
+def _first_copy_settles() -> Callable[[], None]:
+    """§1.7: copies of one request at the shard: the first settlement decides (an answered copy
+    can be charged 0 when another copy was refunded or refused first)."""
+    from dataclasses import replace
+
+    from ledger.book import QuotaBook
+
+    real = QuotaBook.settle
+
+    def settle(self: Any, s: Any, now: Any = None) -> Any:
+        return real(self, replace(s, copy=""), now)
+
+    return _patch(QuotaBook, "settle", settle)
+
+
+def _denials_forgotten_on_restart() -> Callable[[], None]:
+    """A restarted shard forgets which lease-less denials it recorded: a resend records another row."""
+    from ledger.store.repository import Store
+
+    def recent_denials(self: Any, since: float, limit: int) -> list[str]:
+        return []
+
+    return _patch(Store, "recent_denials", recent_denials)
+
+
 MUTATIONS.update(
     {
         "close_without_waiting": _close_without_waiting,
@@ -132,5 +157,7 @@ MUTATIONS.update(
         "rate_stash_never_expires": _rate_stash_never_expires,
         "reclaim_ignored": _reclaim_ignored,
         "refund_overwrites_settled": _refund_overwrites_settled,
+        "denials_forgotten_on_restart": _denials_forgotten_on_restart,
+        "first_copy_settles": _first_copy_settles,
     }
 )

@@ -169,7 +169,11 @@ class World:
         # token -> units of strict admissions whose holder died before settling them: they stay
         # charged (the shard cannot know they were never answered; see docs/RELIABILITY.md)
         self.dead_strict: dict[str, int] = {}
-        self.strict_copies: set[str] = set()  # ids served twice at the shard: a refund of one copy refunds both
+        # ids Ray redelivered (copies), and ids pending at the shard when it restarted: a restarted
+        # shard does not know which copies of a request are being served, so the first settlement
+        # of one decides for all (RELIABILITY: the allowance of a restart)
+        self.copied: set[str] = set()
+        self.crossed: set[str] = set()
         self.sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
         self.tasks: set[asyncio.Task[Any]] = set()
         self.strict_ids: set[tuple[int, str]] = set()
@@ -368,6 +372,7 @@ class World:
         if self.open and r.random() < 0.05:  # Ray redelivers a request to another replica
             prior = r.choice(self.open).admission
             a = replace(prior)
+            self.copied.add(a.request_id)
         else:
             t = self.oracle.tokens[r.choice(sorted(self.oracle.tokens))]
             n = self.core.book.nodes.get(t.id)
@@ -392,6 +397,8 @@ class World:
         if not h.alive:  # the replica died meanwhile: nobody is answered; a shard debit stays (see RELIABILITY)
             if d.code is Code.OK and strict:
                 self._orphan(Open(a, h.index, d, strict))
+            # its row is there (a strict one) or may still come (a denial in a message under way)
+            self.extra[a.request_id] = self.extra.get(a.request_id, 0) + 1
             return
         o = self.oracle
         self.log(
@@ -403,11 +410,11 @@ class World:
             if hostile:
                 raise Violation(f"{a.request_id}: admitted with field values beyond their columns")
             why = o.refusal(a.token_id, a.jti, a.model, a.client_ip, now)
+            if why == "reclaimed whole" and d.replayed:
+                why = None  # debited before the reclaim (reclaim returns what is unspent): it may be answered
             if why is not None and (strict or o.last_change(a.token_id) <= seen):
                 raise Violation(f"{a.request_id} admitted ({'strict' if strict else 'local'}) after the change: {why}")
             o.admitted(a.request_id, a.token_id, a.units, now, d.replayed, o.change if strict else seen)
-            if d.replayed and strict:  # a second copy at the shard: the first settlement decides (RELIABILITY)
-                self.strict_copies.add(a.request_id)
             self.stats["admitted"] += 1
             self.open.append(Open(a, h.index, d, strict))
             if not h.alive:
@@ -559,6 +566,7 @@ class World:
 
     def crash(self) -> None:
         self.stats["crashes"] += 1
+        self.crossed.update(self.core.book.pending)
         self.core.close()
         self.core = self._new_core()
         self.check_book("after a restart")
@@ -773,7 +781,8 @@ class World:
             raise Violation(f"charged twice: {twice[:5]}")
         expected: dict[str, int] = {}
         for req in self.oracle.requests.values():
-            if req.answered and not (req.request_id in self.strict_copies and req.request_id not in per_id):
+            rid = req.request_id
+            if req.answered and not (rid in self.copied and rid in self.crossed and rid not in per_id):
                 expected[req.token] = expected.get(req.token, 0) + req.units
         for tid in self.oracle.tokens:
             rows_charge, want, doubt = charged.get(tid, 0), expected.get(tid, 0), lost.get(tid, 0)
@@ -794,7 +803,8 @@ class World:
         for rid, k in self.attempts.items():
             have = count.get(rid, 0)
             if have > k + self.extra.get(rid, 0):
-                raise Violation(f"{rid}: {have} usage rows for {k} attempts")
+                states = [(st, tid[:8], u) for r, tid, u, st in rows if r == rid]
+                raise Violation(f"{rid}: {have} usage rows for {k} attempts: {states}")
             if have == 0 and rid not in self.rowless and not lossy:
                 raise Violation(f"{rid}: no usage row")
 
