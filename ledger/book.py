@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterable
 from ledger.changes import Changes, IdemRecord, Lease, Pending
 from ledger.codes import Code
 from ledger.entities import (
-    RECLAIMING,
     Admission,
     Decision,
     Node,
@@ -68,6 +67,8 @@ class QuotaBook:
         self.pending: dict[str, Pending] = {}
         # request_id -> (token_id, settled state, ts) for recently settled requests (dedupe retries)
         self.recent: dict[str, tuple[str, str, float]] = {}
+        # usage row id -> copies of a request settled in a batch that failed (`keep_copies`)
+        self.carry_copies: dict[int, set[str]] = {}
         self.idem: dict[tuple[str, str], IdemRecord] = {}
         self.leases: dict[str, Lease] = {}  # quota leases of ingress replicas (ledger.leases)
         self.scope = scope or ShardScope()
@@ -108,10 +109,13 @@ class QuotaBook:
         self.tree.link(nodes, carry=self.nodes)
         before = self.pending
         self.pending = {p.request_id: p for p in pending}
+        carried, self.carry_copies = self.carry_copies, {}
         for p in self.pending.values():  # a rebuild in the same process keeps which copies are served
             old = before.get(p.request_id)
             if old is not None and old.row_id == p.row_id:
                 p.copies = old.copies
+            elif p.row_id in carried:  # settled in a batch that was never written: pending again
+                p.copies = carried[p.row_id]
         self.recent = {rid: (tid, state, ts) for rid, tid, state, ts in recent}
         self.idem = {(r.token_id, r.key): r for r in idem}
         self.leases = {}
@@ -126,6 +130,11 @@ class QuotaBook:
     def drain(self) -> Changes:
         out, self.tree.out = self.tree.out, Changes()
         return out
+
+    def keep_copies(self, changes: Changes) -> None:
+        """`changes` will never be committed: the next rebuild still knows the copies being served
+        of the requests they settled (those requests are pending again)."""
+        self.carry_copies.update(changes.copies)
 
     def give_back_rate(self, changes: Changes) -> None:
         """Return the rate-bucket tokens taken by the admissions in `changes`, which will never be
@@ -349,6 +358,8 @@ class QuotaBook:
             if p.copies:  # another copy of it is still being served: that one settles the debit
                 return Code.OK
         del self.pending[s.request_id]
+        if p.copies is not None:
+            self.out.copies[p.row_id] = p.copies
         charged = s.charged if type(s.charged) is int else None
         keep = (p.units if charged is None else max(0, min(charged, p.units))) if s.success else 0
         refund = p.units - keep
@@ -401,14 +412,7 @@ class QuotaBook:
         if units <= 0:
             return
         node.leased -= units
-        if node.live and node.meta.get(RECLAIMING) and node.parent is not None:
-            # reclaimed whole while these units were leased: they go to the parent as they come back
-            node.allocation -= units
-            node.parent.delegated -= units
-            if node.leased <= 0:
-                node.meta.pop(RECLAIMING, None)
-            self.out.dirty[node.id] = node
-            return
+        self.out.dirty[node.id] = node
         n: Node | None = node
         while n is not None and not n.live:  # dead nodes hold exactly what they spent
             n.allocation -= units
@@ -416,6 +420,7 @@ class QuotaBook:
             if n.parent is not None:
                 n.parent.delegated -= units
             n = n.parent
+        self.tree.pass_unspent(n, units)  # reclaimed whole while these units were leased: to the parent
 
     def write_off(self, node: Node, units: int) -> None:
         """Leased units in doubt (a lost lease under `refund`) leave the books: neither used nor free.
@@ -468,6 +473,7 @@ class QuotaBook:
         node.used -= units
         self.out.dirty[node.id] = node
         n: Node | None = node
+        landed: Node | None = None  # the first live node on the path: its `free` grows by the refund
         while n is not None:
             n.consumed -= units
             if not n.live:  # dead nodes hold exactly what they spent: pass the refund up
@@ -475,7 +481,10 @@ class QuotaBook:
                 self.out.dirty[n.id] = n
                 if n.parent is not None:
                     n.parent.delegated -= units
+            elif landed is None:
+                landed = n
             n = n.parent
+        self.tree.pass_unspent(landed, units)  # ... unless it was reclaimed whole: then to its parent
 
     def prune(
         self, now: float | None = None, settle_window_s: float = 3600.0, recent_window_s: float = RECENT_REQUEST_TTL_S

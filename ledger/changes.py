@@ -101,6 +101,9 @@ class Changes:
     usage_done: list[UsageDoneRow] = field(default_factory=list)
     lease_put: dict[str, Lease] = field(default_factory=dict)
     lease_deleted: list[str] = field(default_factory=list)
+    # memory only (not written): the copies of each request settled in this batch, by usage row id,
+    # so that a failed batch's rebuilt book still knows which copies of them are being served
+    copies: dict[int, set[str]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(

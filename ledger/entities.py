@@ -22,7 +22,8 @@ DEFAULT_THRESHOLDS: tuple[int, ...] = (80, 95, 100)
 MAX_EPOCH_S = 32503680000.0  # year 3000: later "expiries" are typos, and JWT exp must stay an exact integer
 MAX_NAME = 200  # the tokens.name and tokens.team columns
 MAX_THRESHOLDS = 10
-RECLAIMING = "_reclaiming"  # Node.meta: reclaimed whole while leased; leased units go to the parent as they return
+# Node.meta: reclaimed whole; until a top-up it admits nothing, and what becomes unspent goes to the parent
+RECLAIMING = "_reclaiming"
 MAX_MODEL = 200  # the usage_events.model column
 MAX_CLIENT_IP = 64  # the usage_events.client_ip column
 MAX_META_BYTES = 16384  # a token's meta (alert contacts, cost centre) as JSON

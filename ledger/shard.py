@@ -139,6 +139,7 @@ class ShardCore:
         for dropped in (self.unwritten, self.book.drain()):
             if dropped is not None:
                 self.book.give_back_rate(dropped)
+                self.book.keep_copies(dropped)
         self.unwritten = None
         self.ready = False
         with contextlib.suppress(LedgerUnavailable):

@@ -324,11 +324,13 @@ class TokenTree:
             raise OperationRefused(f"token has {n.free} free units, {take} requested", Code.QUOTA_EXHAUSTED)
         n.allocation -= take
         n.parent.delegated -= take
-        if units is None and n.leased > 0:
-            # reclaimed whole: holders stop admitting from their leases once they see this, and the
-            # leased units follow to the parent as they come back (DESIGN §3b)
+        if units is None:
+            # reclaimed whole: it admits nothing more until a top-up. Holders stop admitting from
+            # their leases once they see this, and whatever becomes unspent later (leased units as
+            # they come back, refunds, a child's return) follows to the parent (DESIGN §3b)
             n.meta[RECLAIMING] = True
         self.out.dirty[n.id] = n
+        self.pass_unspent(n.parent, take)
         self._event(now, actor, "token.reclaim", n, units=take)
         return take
 
@@ -406,8 +408,18 @@ class TokenTree:
                 x.parent.delegated -= shrunk  # a root has no parent: its unspent units are withdrawn
             self.out.dirty[x.id] = x
         returned = before - n.allocation
+        self.pass_unspent(n.parent, returned)
         self._event(now, actor, action, n, returned=returned, subtree=len(sub))
         return returned
+
+    def pass_unspent(self, n: Node | None, units: int) -> None:
+        """`units` just became free on `n`: a live token reclaimed whole keeps none of them, they go
+        on up to its parent (and further, while that one is reclaimed whole too)."""
+        while units > 0 and n is not None and n.live and n.meta.get(RECLAIMING) and n.parent is not None:
+            n.allocation -= units
+            n.parent.delegated -= units
+            self.out.dirty[n.id] = n
+            n = n.parent
 
     def views(self, root_id: str | None = None, actor: str | None = None) -> list[TokenView]:
         if actor is not None:

@@ -86,6 +86,29 @@ def test_given_a_live_child_when_reclaimed_partially_then_it_keeps_the_rest_and_
     assert book.tree.invariant_violations() == []
 
 
+def test_given_a_child_reclaimed_whole_then_whatever_becomes_unspent_later_goes_to_the_parent_until_a_top_up() -> None:
+    """Found by the simulator: a child reclaimed whole with nothing leased got units back (a refund of
+    a pending request, a grandchild's return) and admitted again."""
+    book, _ = new_book()
+    root = package(book, 100)
+    kid = child(book, root, 40)
+    grandkid = child(book, kid, 10)
+    pending = admit(book, kid, units=3)
+    assert book.tree.reclaim(kid.id) == 27
+    assert (kid.free, root.free, kid.status) == (0, 87, Status.ACTIVE)
+    assert book.settle(Settlement(pending.request_id, kid.id, success=False)) is Code.OK  # refunded now
+    assert (kid.free, kid.allocation, root.free) == (0, 10, 90), "the refund went on to the parent"
+    assert book.tree.revoke(grandkid.id) == 10
+    assert (kid.free, kid.allocation, root.free) == (0, 0, 100), "and so did the grandchild's unspent"
+    assert admit(book, kid).code is Code.QUOTA_EXHAUSTED
+    book.tree.top_up(kid.id, 5)  # a top-up ends it: its units stay with it
+    d = admit(book, kid)
+    assert d.code is Code.OK
+    assert book.settle(Settlement(d.request_id, kid.id, success=False)) is Code.OK
+    assert (kid.free, root.free) == (5, 95)
+    assert book.tree.invariant_violations() == []
+
+
 def test_given_an_expired_child_when_swept_then_it_is_expired_and_unspent_returns() -> None:
     book, clock = new_book()
     root = package(book, 100)

@@ -252,3 +252,25 @@ def test_given_a_resend_of_the_same_copy_refused_then_its_debit_is_refunded() ->
     book.tree.revoke(root.id)
     assert book.admit(_copy(root, "r", "h1#1")).code is Code.REVOKED_TOKEN  # the caller resends it
     assert (root.used, "r" in book.pending) == (0, False), "the caller will not serve it: refunded"
+
+
+def test_given_a_copy_settled_in_a_batch_that_failed_then_the_rebuilt_book_still_knows_the_other_copy(
+    core: tuple[ShardCore, Clock],
+) -> None:
+    """Found by the simulator: the settlement of the answered copy was in a batch whose commit failed;
+    the rebuilt book had the request pending again but forgot its copies, so the other copy's
+    refund refunded it, and the answered copy's resent settlement found nothing (charged 0)."""
+    c, _ = core
+    tid = c.create_package(TokenSpec("p", 10)).token.id
+    c.commit()
+    node = c.book.nodes[tid]
+    assert c.admit_rows([_copy(node, "r", "h1#1").row()])[0].code is Code.OK
+    assert c.admit_rows([_copy(node, "r", "h2#1").row()])[0].replayed
+    c.commit()
+    assert c.settle_rows([Settlement("r", tid, success=True, copy="h1#1").row()]) == ["ok"]
+    c.discard()  # that batch's commit failed: the book is rebuilt from the database
+    assert c.settle_rows([Settlement("r", tid, success=False, copy="h2#1").row()]) == ["ok"]
+    assert c.settle_rows([Settlement("r", tid, success=True, copy="h1#1").row()]) == ["ok"]  # resent
+    c.commit()
+    assert c.book.nodes[tid].used == 1
+    assert c.store.balances()[tid][1] == 1
