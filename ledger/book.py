@@ -116,7 +116,9 @@ class QuotaBook:
                 p.copies = old.copies
             elif p.row_id in carried:  # settled in a batch that was never written: pending again
                 p.copies = carried[p.row_id]
-        self.recent = {rid: (tid, state, ts) for rid, tid, state, ts in recent}
+        self.recent = {}
+        for rid, tid, state, ts in recent:  # oldest first: the rule of `remember`, row by row
+            self.remember(rid, tid, state, ts)
         self.idem = {(r.token_id, r.key): r for r in idem}
         self.leases = {}
         for lease in leases:

@@ -281,8 +281,9 @@ class LeaseHolder:
             if prior.units != a.units or prior.model != a.model:
                 return self._denied(h, a, Code.INVALID_REQUEST, "request id already in use for another request", now)
             p = h.policy
-            # as the shard: a credential refused now gets its 401, never the earlier OK
-            refusal = None if p is None else status_refusal(p.path, now)
+            # as the shard: a credential refused now gets its 401, never the earlier OK, and a copy
+            # passes the model and IP checks of the policy seen now (a narrowing applies to it too)
+            refusal = None if p is None else status_refusal(p.path, now) or access_refusal(p.path, a.model, a.client_ip)
             if p is not None and a.jti != p.jti:
                 refusal = (Code.REVOKED_TOKEN, "credential was rotated or revoked")
             if refusal is not None:

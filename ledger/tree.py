@@ -432,21 +432,24 @@ class TokenTree:
         """DESIGN §3 conservation, per root, and non-negativity. Empty list means healthy."""
         bad: list[str] = []
         for root in self.roots.values():
-            sub = root.subtree()
-            used = sum(x.used for x in sub)
-            free = sum(x.free for x in sub if x.live)
-            leased = sum(x.leased for x in sub)
-            if used + free + leased != root.allocation:
-                bad.append(
-                    f"root {root.id}: used {used} + free {free} + leased {leased} != allocation {root.allocation}"
-                )
-            for x in sub:
-                if x.used < 0 or x.allocation < 0 or x.delegated < 0 or x.leased < 0 or (x.live and x.free < 0):
+            used = free = leased = 0
+            first = len(bad)
+            for x in root.subtree():  # one pass: this runs after every step of the simulator
+                used += x.used
+                leased += x.leased
+                live = x.live
+                if live:
+                    free += x.free
+                if x.used < 0 or x.allocation < 0 or x.delegated < 0 or x.leased < 0 or (live and x.free < 0):
                     bad.append(f"node {x.id}: negative balance {x.view()}")
-                if not x.live and x.free != 0:
+                if not live and x.free != 0:
                     bad.append(f"dead node {x.id} holds {x.free} free units")
                 if x.delegated != sum(c.allocation for c in x.children):
                     bad.append(f"node {x.id}: delegated {x.delegated} != children's allocation")
+            if used + free + leased != root.allocation:
+                bad.insert(
+                    first, f"root {root.id}: used {used} + free {free} + leased {leased} != allocation {root.allocation}"
+                )
         return bad
 
 

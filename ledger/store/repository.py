@@ -125,6 +125,11 @@ class Store:
         self._settle_usage = (
             f"UPDATE usage_events SET {', '.join(f'{c} = {mark}' for c in SETTLE_COLUMNS)} WHERE id = {mark}"
         )
+        # leases change in most commits: plain SQL too
+        self._delete_lease = f"DELETE FROM leases WHERE id = {mark}"
+        self._insert_lease = (
+            f"INSERT INTO leases ({', '.join(LEASE_COLUMNS)}) VALUES ({', '.join([mark] * len(LEASE_COLUMNS))})"
+        )
         # every commit's fence check: plain SQL, no statement to build and look up per commit
         self._fence = f"UPDATE ledger_shards SET epoch = epoch WHERE shard = {mark} AND epoch = {mark}"
 
@@ -202,9 +207,9 @@ class Store:
             conn.exec_driver_sql(self._insert_usage_done, ch.usage_done)
         gone = [*ch.lease_put, *ch.lease_deleted]
         if gone:
-            conn.execute(delete(LEASES).where(LEASES.c.id.in_(gone)))
+            conn.exec_driver_sql(self._delete_lease, [(x,) for x in gone])
         if ch.lease_put:
-            conn.execute(insert(LEASES), [_lease_row(x) for x in ch.lease_put.values()])
+            conn.exec_driver_sql(self._insert_lease, [_lease_row(x) for x in ch.lease_put.values()])
         if ch.idem_deleted:
             conn.execute(
                 delete(IDEM).where(and_(IDEM.c.token_id == bindparam("b_tid"), IDEM.c.key == bindparam("b_key"))),
@@ -486,17 +491,11 @@ def _refused_data(exc: SQLAlchemyError) -> bool:
     return isinstance(getattr(exc, "orig", None), TypeError | ValueError | OverflowError)
 
 
-def _lease_row(x: Lease) -> dict[str, Any]:
-    return {
-        "id": x.id,
-        "token_id": x.token_id,
-        "root_id": x.root_id,
-        "holder": x.holder,
-        "units": x.units,
-        "granted_at": x.granted_at,
-        "expires_at": x.expires_at,
-        "seq": x.seq,
-    }
+LEASE_COLUMNS = ("id", "token_id", "root_id", "holder", "units", "granted_at", "expires_at", "seq")
+
+
+def _lease_row(x: Lease) -> tuple[Any, ...]:
+    return (x.id, x.token_id, x.root_id, x.holder, x.units, x.granted_at, x.expires_at, x.seq)
 
 
 def _node_row(n: Node) -> dict[str, Any]:

@@ -344,6 +344,35 @@ async def test_given_a_request_the_shard_would_refuse_then_the_holder_refuses_it
     balances(ledger, t)
 
 
+@pytest.mark.parametrize(
+    ("limits", "code"),
+    [({"ips": ["10.0.0.2/32"]}, Code.IP_NOT_ALLOWED), ({"models": ["parts@2"]}, Code.MODEL_NOT_ALLOWED)],
+)
+async def test_given_a_request_in_flight_when_a_narrowing_is_seen_then_its_redelivered_copy_is_refused_as_the_shard_does(
+    ledger: InProcessLedger, clock: Clock, limits: dict[str, Any], code: Code
+) -> None:
+    """Seed 2595 of the simulator: Ray redelivered a request to the replica still serving it, after
+    the replica had seen its IP narrowed away; the copy was admitted. The shard checks a copy's model
+    and IP as a new request's; so does the holder. The first copy, answered, is charged once."""
+    t = package(ledger, 1000)
+    h = holder(Wire(ledger), clock)
+    try:
+        first = t.admission()
+        assert (await h.admit(first)).code is Code.OK
+        since = await since_now(ledger)
+        ledger.update_limits(t.id, **limits)
+        await watched(ledger, h, since, [t.id])
+        copy = await h.admit(first)
+        assert (copy.code, copy.units) == (code, 0)
+        assert await h.settle(Settlement(first.request_id, t.id, True, root_id=t.root)) is Code.OK
+        await h.tick()
+    finally:
+        await h.close()
+    assert balances(ledger, t) == (1, 0)
+    rows = audit(ledger, t)
+    assert (rows[("rows", "settled")], rows[("settled", "ok")], rows[("rows", "denied")]) == (1, 1, 1)
+
+
 # ---------------------------------------------------------------- many holders, one token
 async def test_given_500_concurrent_admissions_on_100_units_across_3_holders_then_exactly_100_are_admitted(
     ledger: InProcessLedger, clock: Clock

@@ -392,6 +392,27 @@ def test_given_a_restarted_shard_when_a_lease_is_overdue_then_it_is_not_settled_
         second.close()
 
 
+def test_given_a_request_answered_then_a_copy_refunded_when_the_shard_restarts_then_a_third_copy_is_a_replay(
+    shard: tuple[ShardCore, Clock],
+) -> None:
+    """Seed 1227 of the simulator: Ray delivered r1 to h1 twice and to h2 once. h1 answered one copy
+    and refunded the other; the restarted shard read the refund as r1's latest outcome, and h2's
+    answer was charged again. A request charged once stays charged, in the book and after a rebuild."""
+    core, clock = shard
+    root = package(core, 1000)
+    one = sync(core, ask(root, "h1", want=1000))[0]
+    two = sync(core, ask(root, "h2", want=1000))[0]
+    sync(core, ask(root, "h1", one.lease_id, 1, (use("r1", 1),)))
+    clock.t += 1.0  # the copy's refund is the later row
+    sync(core, ask(root, "h1", one.lease_id, 2, (use("r1", 1, "refunded"),)))
+    assert root.used == 1
+    core.reload()
+    root = core.book.nodes[root.id]
+    sync(core, ask(root, "h2", two.lease_id, 1, (use("r1", 1),)))
+    assert root.used == 1, "answered three times, charged once"
+    assert [r[1:] for r in audit(core, root)] == [("settled", 1, "ok"), ("refunded", 0, "ok"), ("settled", 0, "replay")]
+
+
 def test_given_a_denial_reported_without_a_lease_when_resent_to_the_restarted_shard_then_it_is_recorded_once(
     db_url: str, tmp_path: Path
 ) -> None:

@@ -148,6 +148,41 @@ def _denials_forgotten_on_restart() -> Callable[[], None]:
     return _patch(Store, "recent_denials", recent_denials)
 
 
+def _reload_latest_outcome_wins() -> Callable[[], None]:
+    """§1.7 across a restart: the rebuilt book takes a request id's latest row (a copy's refund)
+    as its outcome, so a later answered copy is charged again."""
+    from ledger.book import QuotaBook
+
+    real = QuotaBook.load
+
+    def load(self: Any, nodes: Any, pending: Any, recent: Any, idem: Any, last_row_id: int = 0, leases: Any = ()) -> None:
+        recent = list(recent)
+        real(self, nodes, pending, recent, idem, last_row_id, leases)
+        self.recent = {rid: (tid, state, ts) for rid, tid, state, ts in recent}
+
+    return _patch(QuotaBook, "load", load)
+
+
+def _copy_skips_access_check() -> Callable[[], None]:
+    """A copy of a request the holder is serving is admitted without the model and IP checks of
+    the policy it has seen since (a narrowing does not apply to it)."""
+    import ledger.holder as mod
+
+    real, real_check = mod.LeaseHolder.admit, mod.access_refusal
+
+    async def admit(self: Any, a: Any) -> Any:
+        h = self.held.get(a.token_id)
+        if h is None or a.request_id not in h.inflight:
+            return await real(self, a)
+        mod.access_refusal = lambda *args: None  # type: ignore[assignment]  # the copy path does not wait
+        try:
+            return await real(self, a)
+        finally:
+            mod.access_refusal = real_check
+
+    return _patch(mod.LeaseHolder, "admit", admit)
+
+
 MUTATIONS.update(
     {
         "close_without_waiting": _close_without_waiting,
@@ -159,5 +194,7 @@ MUTATIONS.update(
         "refund_overwrites_settled": _refund_overwrites_settled,
         "denials_forgotten_on_restart": _denials_forgotten_on_restart,
         "first_copy_settles": _first_copy_settles,
+        "reload_latest_outcome_wins": _reload_latest_outcome_wins,
+        "copy_skips_access_check": _copy_skips_access_check,
     }
 )

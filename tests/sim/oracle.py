@@ -50,6 +50,7 @@ class Oracle:
     tokens: dict[str, OToken] = field(default_factory=dict)
     granted: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # root -> units ever granted
     requests: dict[str, ORequest] = field(default_factory=dict)
+    answered_by_root: dict[str, int] = field(default_factory=dict)  # units of answered requests
     admitted_at: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))  # node with a rate
     change: int = 0
 
@@ -111,10 +112,14 @@ class Oracle:
                     self.admitted_at[t.id].append(now)
 
     def answered(self, request_id: str) -> None:
-        self.requests[request_id].answered = True
+        req = self.requests[request_id]
+        if not req.answered:
+            req.answered = True
+            root = self.tokens[req.token].root
+            self.answered_by_root[root] = self.answered_by_root.get(root, 0) + req.units
 
     def answered_units(self, root: str) -> int:
-        return sum(r.units for r in self.requests.values() if r.answered and self.tokens[r.token].root == root)
+        return self.answered_by_root.get(root, 0)
 
     # ---------------------------------------------------------------- checks
     def check_granted(self, root: str) -> None:

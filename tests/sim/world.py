@@ -204,8 +204,11 @@ class World:
         core.store.migrate = lambda: None  # type: ignore[method-assign]
         # one process, one dialect, the same statements: compiled once for every seed and restart
         engine = core.store.engine
+        # (a compiled statement is cached per dialect object: the engines of all seeds share one)
         _TEMPLATE.setdefault("cache", engine._compiled_cache)  # type: ignore[assignment]
+        _TEMPLATE.setdefault("dialect", engine.dialect)  # type: ignore[assignment]
         engine._compiled_cache = _TEMPLATE["cache"]
+        engine.dialect = engine.pool._dialect = _TEMPLATE["dialect"]  # type: ignore[assignment]
         event.listen(core.store.engine, "connect", _fast_sqlite)
         core.start()
         return core
@@ -714,10 +717,15 @@ class World:
             for a in inflight.values():
                 root = self.oracle.tokens[a.token_id].root
                 open_units[root] = open_units.get(root, 0) + a.units
+            used_by_root: dict[str, int] = {}
+            for n in self.core.book.nodes.values():
+                used_by_root[n.root_id] = used_by_root.get(n.root_id, 0) + n.used
+            for t, u in self.dead_strict.items():
+                root = self.oracle.tokens[t].root
+                open_units[root] = open_units.get(root, 0) + u
             for root_id in self.core.book.roots:
-                used = sum(n.used for n in self.core.book.nodes.values() if n.root_id == root_id)
-                dead = sum(u for t, u in self.dead_strict.items() if self.oracle.tokens[t].root == root_id)
-                allowed = self.oracle.answered_units(root_id) + open_units.get(root_id, 0) + dead
+                used = used_by_root.get(root_id, 0)
+                allowed = self.oracle.answered_units(root_id) + open_units.get(root_id, 0)
                 if used > allowed:
                     raise Violation(f"{root_id}: {used} units charged, {allowed} answered or open")
 
