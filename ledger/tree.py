@@ -448,7 +448,8 @@ class TokenTree:
                     bad.append(f"node {x.id}: delegated {x.delegated} != children's allocation")
             if used + free + leased != root.allocation:
                 bad.insert(
-                    first, f"root {root.id}: used {used} + free {free} + leased {leased} != allocation {root.allocation}"
+                    first,
+                    f"root {root.id}: used {used} + free {free} + leased {leased} != allocation {root.allocation}",
                 )
         return bad
 

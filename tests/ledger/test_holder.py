@@ -348,7 +348,7 @@ async def test_given_a_request_the_shard_would_refuse_then_the_holder_refuses_it
     ("limits", "code"),
     [({"ips": ["10.0.0.2/32"]}, Code.IP_NOT_ALLOWED), ({"models": ["parts@2"]}, Code.MODEL_NOT_ALLOWED)],
 )
-async def test_given_a_request_in_flight_when_a_narrowing_is_seen_then_its_redelivered_copy_is_refused_as_the_shard_does(
+async def test_given_a_request_in_flight_when_a_narrowing_is_seen_then_its_copy_is_refused_as_at_the_shard(
     ledger: InProcessLedger, clock: Clock, limits: dict[str, Any], code: Code
 ) -> None:
     """Seed 2595 of the simulator: Ray redelivered a request to the replica still serving it, after

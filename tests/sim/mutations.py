@@ -155,7 +155,9 @@ def _reload_latest_outcome_wins() -> Callable[[], None]:
 
     real = QuotaBook.load
 
-    def load(self: Any, nodes: Any, pending: Any, recent: Any, idem: Any, last_row_id: int = 0, leases: Any = ()) -> None:
+    def load(
+        self: Any, nodes: Any, pending: Any, recent: Any, idem: Any, last_row_id: int = 0, leases: Any = ()
+    ) -> None:
         recent = list(recent)
         real(self, nodes, pending, recent, idem, last_row_id, leases)
         self.recent = {rid: (tid, state, ts) for rid, tid, state, ts in recent}

@@ -25,6 +25,8 @@ CAUGHT = [
     ("first_copy_settles", 174),
     ("resend_applied_again", 286),
     ("reclaim_ignored", 696),
+    ("reload_latest_outcome_wins", 1227),
+    ("copy_skips_access_check", 2595),
 ]
 
 
