@@ -417,7 +417,9 @@ class LeaseHolder:
         if len(self.strict_copies) > MAX_DONE:
             del self.strict_copies[next(iter(self.strict_copies))]
         d = await self.transport.admit(a)
-        if d.code is not Code.OK:  # refused: this copy holds nothing to settle
+        # refused: this copy holds nothing to settle; without a verdict (LEDGER_UNAVAILABLE) an earlier
+        # delivery of it may hold a debit, so the copy stays named for the refund that follows
+        if d.code is not Code.OK and d.code is not Code.LEDGER_UNAVAILABLE:
             self._forget_copy(a.request_id, a.copy)
         if self.on_admit is not None:
             self.on_admit(d, a.model, a.root_id, False)

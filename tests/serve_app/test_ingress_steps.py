@@ -549,3 +549,34 @@ async def test_given_a_burst_through_three_replicas_then_exactly_the_quota_is_se
         ledger.assert_balanced()
     finally:
         ledger.close()
+
+
+async def test_given_a_strict_admission_committed_whose_resend_answers_ledger_unavailable_then_it_is_refunded(
+    ledger: Ledger,
+) -> None:
+    """Found by the simulator (seed 1537 under a rate mutation): the shard committed a strict
+    admission and died before its answer; `LedgerClient` resent it, and the restarted shard's commit
+    failed, so the verdict was LEDGER_UNAVAILABLE. Nobody refunded the first delivery's debit: charged,
+    never answered. No verdict, returned or raised, is a refund."""
+    from ledger.credentials import Verifier
+
+    pkg = ledger.create_package(TokenSpec.build("strict", 10, meta={"strict": True}))
+    jti = Verifier(ledger.public_keys()).verify(pkg.credential).jti
+
+    class Resent:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(ledger, name)
+
+        async def admit(self, a: Admission) -> Decision:
+            await ledger.admit(a)  # the first delivery: committed, its answer lost
+            return Decision(Code.LEDGER_UNAVAILABLE, a.request_id, message="commit failed")  # the resend's
+
+    holder = LeaseHolder(Resent(), "replica-1", QUIET)  # type: ignore[arg-type]
+    meter = Meter(holder)
+    try:
+        d = await meter.admit(Admission("rid-1", pkg.token.id, jti, 1, "parts@1", "127.0.0.1", root_id=pkg.token.id))
+        assert d.code is Code.LEDGER_UNAVAILABLE
+        await asyncio.gather(*list(meter._pending))
+        assert ledger.token(pkg.token.id).used == 0, "no answer, no charge"
+    finally:
+        await holder.close()

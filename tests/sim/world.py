@@ -394,6 +394,7 @@ class World:
             d = await h.holder.admit(a)
         except LedgerUnavailable:  # as the Meter: no verdict, so refunded (the shard may have debited)
             d = Decision(Code.LEDGER_UNAVAILABLE, a.request_id)
+        if d.code is Code.LEDGER_UNAVAILABLE:  # raised or answered: the same, refunded (seed 1537)
             self.spawn(self._finish(h, Open(a, h.index, d, True), "no_verdict"))
         strict = (h.index, a.request_id) in self.strict_ids
         now, seen = self.now, h.seen  # decided now, with what the holder has seen by now
