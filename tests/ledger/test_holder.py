@@ -420,6 +420,49 @@ async def test_given_a_rate_limit_across_3_holders_then_admissions_never_exceed_
     assert balances(ledger, t) == (admitted, 0)
 
 
+@pytest.mark.parametrize("refunds", [True, False])
+async def test_given_one_instant_when_admit_and_refund_repeat_then_the_rate_bound_holds_as_on_the_strict_path(
+    ledger: InProcessLedger, clock: Clock, refunds: bool
+) -> None:
+    """Issue 17 §1.5: admit + refund x 100 in one instant was admitted 100 times on a rated token (a
+    refund put its rate token back). A refunded request used its rate slot; rate tokens drawn for a
+    lease are spent within one report interval, never banked. Also without refunds: at most the
+    burst plus one interval's worth of the rate (the documented slack)."""
+    t = package(ledger, 10_000, rate="10/s:2")
+    h = holder(Wire(ledger), clock, report_interval_s=0.1)
+    admitted = 0
+    try:
+        for _ in range(100):
+            a = t.admission()
+            d = await h.admit(a)
+            if d.code is Code.OK:
+                admitted += 1
+                await h.settle(Settlement(a.request_id, t.id, not refunds, root_id=t.root))
+        assert admitted <= 2 + 10 * 0.1, admitted
+        clock.advance(5.0)  # rate tokens drawn then and never spent are not spendable later
+        later = [await h.admit(t.admission()) for _ in range(20)]
+        assert sum(d.code is Code.OK for d in later) <= 2 + 10 * 0.1
+    finally:
+        await h.close()
+
+
+async def test_given_rate_tokens_drawn_and_not_spent_when_the_bucket_has_refilled_then_they_are_not_spent_on_top(
+    ledger: InProcessLedger, clock: Clock
+) -> None:
+    """Issue 17 §1.5: rate tokens drawn for a lease were banked and spent later, on top of the
+    refilled bucket. Drawn tokens are spendable for one report interval only: after an idle second,
+    a burst gets at most the burst plus one interval's worth of the rate."""
+    t = package(ledger, 10_000, rate="10/s:5")
+    h = holder(Wire(ledger), clock, report_interval_s=0.1)
+    try:
+        assert (await served(h, t.admission())).code is Code.OK  # draws rate tokens, spends one
+        clock.advance(1.0)  # idle: the bucket is full again
+        burst = [await served(h, t.admission()) for _ in range(20)]
+        assert sum(d.code is Code.OK for d in burst) <= 5 + 10 * 0.1
+    finally:
+        await h.close()
+
+
 # ---------------------------------------------------------------- narrowing changes
 async def test_given_a_revocation_when_the_holder_saw_one_watch_answer_then_it_admits_nothing_more(
     ledger: InProcessLedger, clock: Clock

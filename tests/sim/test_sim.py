@@ -27,6 +27,7 @@ CAUGHT = [
     ("reclaim_ignored", 696),
     ("reload_latest_outcome_wins", 1227),
     ("copy_skips_access_check", 2595),
+    ("rate_stash_never_expires", 2143),  # a seed with bursts (BURSTY_EVERY)
 ]
 
 

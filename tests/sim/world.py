@@ -58,6 +58,9 @@ from tests.sim.oracle import JUMP_S, MAX_SKEW_S, Oracle, OToken, Violation
 INTERVAL = 0.1
 TTL = 10.0
 MODELS = ("parts@1", "parts@2", "yolo@1")
+# one seed in BURSTY_EVERY also sends bursts (`a_burst`); the others keep the traffic they always had,
+# so the seeds recorded for the mutation runs replay as they did
+BURSTY_EVERY = 8
 IPS = ("10.0.0.1", "10.0.0.2", "10.0.0.3")
 RATES: tuple[tuple[str, float, int] | None, ...] = (None, None, ("20/s:5", 20.0, 5), ("50/s:10", 50.0, 10),
                                                     ("200/s:40", 200.0, 40), ("2/s:2", 2.0, 2))  # fmt: skip
@@ -301,6 +304,8 @@ class World:
             (self.a_crash, 1),
             (self.a_holder_fault, 1),
         ]
+        if self.seed % BURSTY_EVERY == BURSTY_EVERY - 1:  # this seed's traffic comes in bursts too
+            actions.append((self.a_burst, 4))
         fns = [a for a, _ in actions]
         weights = [w for _, w in actions]
         for step in range(self.steps):
@@ -386,6 +391,23 @@ class World:
             rid = f"r{next(self.rids)}"
             a = Admission(rid, t.id, jti, units, model, ip, image_bytes=r.choice((10, 2**40)), root_id=t.root)
         self.spawn(self._request(h, a))
+
+    def a_burst(self) -> None:
+        """Idle, then a burst: 5-40 requests of one token (a rated one when there is one) reach
+        one replica at the same instant, so that rate limits and the last units bind."""
+        live = self.live_holders()
+        if not live or not self.oracle.tokens:
+            return
+        r = self.rng
+        h = r.choice(live)
+        rated = sorted(t.id for t in self.oracle.tokens.values() if t.rate is not None)
+        t = self.oracle.tokens[r.choice(rated or sorted(self.oracle.tokens))]
+        n = self.core.book.nodes.get(t.id)
+        jti = n.jti if n is not None else "stale-jti"
+        self.log(f"burst of requests for {t.id[:10]} at h{h.index}")
+        for _ in range(r.randint(5, 40)):
+            a = Admission(f"r{next(self.rids)}", t.id, jti, 1, r.choice(MODELS), r.choice(IPS), root_id=t.root)
+            self.spawn(self._request(h, a))
 
     async def _request(self, h: SimHolder, a: Admission) -> None:
         now = self.now
