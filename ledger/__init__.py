@@ -4,7 +4,7 @@ Public API (the gateway, the CLI, the console use only these names, from here):
     the typed API: LedgerApi and its results (Issued, Returned, KeyRotation, SweepReport,
         Consistency, UsageEvent, AdminEvent, AlertRecord);
     values: Admission, Decision, Settlement, TokenSpec, TokenView, Code, Claims, Verifier;
-    settings: LedgerSettings, ClientSettings; reports: cost_report, usage_csv;
+    settings: LedgerSettings, ClientSettings; reports: cost_report, usage_csv, iso_utc;
     the exception tree of `ledger.errors`;
     over Ray (imported on first use): launch, attach, stop, LedgerClient, connect;
     without Ray: InProcessLedger, FakeLedger.
@@ -33,7 +33,7 @@ from ledger.entities import Admission, Decision, Settlement, TokenSpec, TokenVie
 from ledger.errors import ConfigError, CredentialError, LedgerError, LedgerUnavailable, OperationRefused
 from ledger.reports import cost_report
 from ledger.settings import ClientSettings, LedgerSettings
-from ledger.store.repository import usage_csv
+from ledger.store.repository import iso_utc, usage_csv
 
 if TYPE_CHECKING:
     from ledger.cli import connect
@@ -92,6 +92,7 @@ __all__ = [
     "attach",
     "connect",
     "cost_report",
+    "iso_utc",
     "launch",
     "stop",
     "usage_csv",

@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable
 from ledger.changes import Changes, IdemRecord, Lease, Pending
 from ledger.codes import Code
 from ledger.entities import (
+    RETURNED,
+    WRITTEN_OFF,
     Admission,
     Decision,
     Node,
@@ -67,6 +69,8 @@ class QuotaBook:
         self.pending: dict[str, Pending] = {}
         # request_id -> (token_id, settled state, ts) for recently settled requests (dedupe retries)
         self.recent: dict[str, tuple[str, str, float]] = {}
+        # (node, now) -> whether leases of other holders hold its units, asked back (the shard's lease desk)
+        self.recall: Callable[[Node, float], bool] | None = None
         # usage row id -> copies of a request settled in a batch that failed (`keep_copies`)
         self.carry_copies: dict[int, set[str]] = {}
         self.idem: dict[tuple[str, str], IdemRecord] = {}
@@ -224,9 +228,13 @@ class QuotaBook:
                     prior.copies = None  # a copy nobody named: the first settlement decides
             return self._decision(Code.OK, a.request_id, node, prior.units, replayed=True)
         if node.free < a.units:
-            return self._deny(
-                a, node, Code.QUOTA_EXHAUSTED, f"quota exhausted: {node.free} units left, {a.units} needed", now
-            )
+            if a.wait and node.leased > 0 and self.recall is not None and self.recall(node, now):
+                # the last units sit in replicas' leases: they are asked back, the holder asks again
+                # (nothing is recorded: this answer is not final; the holder's last attempt is)
+                message = f"quota exhausted: {node.free} units free, {node.leased} being given back from leases"
+                return self._decision(Code.QUOTA_EXHAUSTED, a.request_id, node, 0, message=message, recalled=True)
+            left = f"{node.free} units left" + (f" ({node.leased} more in leases)" if node.leased > 0 else "")
+            return self._deny(a, node, Code.QUOTA_EXHAUSTED, f"quota exhausted: {left}, {a.units} needed", now)
         wait = 0.0
         for n in path:
             b = n.bucket
@@ -314,6 +322,7 @@ class QuotaBook:
         retry_after: float | None = None,
         replay: str | None = None,
         replayed: bool = False,
+        recalled: bool = False,
     ) -> Decision:
         tight = None
         for n in node.path():
@@ -327,13 +336,14 @@ class QuotaBook:
             units,
             node.used,
             node.allocation,
-            (node.free if node.free > 0 else 0) if node.status is Status.ACTIVE else 0,
+            max(0, node.allocation - node.delegated - node.used) if node.status is Status.ACTIVE else 0,
             tight.limit.rate if tight else None,
             (int(tight.level) if tight.level > 0 else 0) if tight else None,
             math.ceil(retry_after) if retry_after else None,
             message,
             replay,
             replayed,
+            recalled,
         )
 
     def _check_thresholds(self, n: Node, now: float) -> None:
@@ -418,6 +428,7 @@ class QuotaBook:
         n: Node | None = node
         while n is not None and not n.live:  # dead nodes hold exactly what they spent
             n.allocation -= units
+            n.meta[RETURNED] = int(n.meta.get(RETURNED, 0)) + units
             self.out.dirty[n.id] = n
             if n.parent is not None:
                 n.parent.delegated -= units
@@ -433,6 +444,7 @@ class QuotaBook:
         node.leased -= units
         for n in node.path():
             n.allocation -= units
+            n.meta[WRITTEN_OFF] = int(n.meta.get(WRITTEN_OFF, 0)) + units
             self.out.dirty[n.id] = n
             if n.parent is not None:
                 n.parent.delegated -= units
@@ -480,6 +492,7 @@ class QuotaBook:
             n.consumed -= units
             if not n.live:  # dead nodes hold exactly what they spent: pass the refund up
                 n.allocation -= units
+                n.meta[RETURNED] = int(n.meta.get(RETURNED, 0)) + units
                 self.out.dirty[n.id] = n
                 if n.parent is not None:
                     n.parent.delegated -= units

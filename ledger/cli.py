@@ -24,7 +24,7 @@ from ledger.client import LedgerClient
 from ledger.codes import Code
 from ledger.entities import TokenSpec
 from ledger.errors import LedgerError, LedgerUnavailable, OperationRefused
-from ledger.reports import GROUPINGS, cost_report
+from ledger.reports import GROUPINGS, INHERITED, cost_report, inherited
 from ledger.service import attach
 from ledger.settings import LedgerSettings
 from ledger.store.repository import iso_utc, usage_csv
@@ -64,7 +64,9 @@ def _when(ts: float | None) -> str:
 
 
 # columns holding epoch seconds: human output shows them as ISO-8601 UTC (`--json` keeps the numbers)
-TIME_COLUMNS = frozenset({"ts", "settled_at", "created_at", "delivered_at", "next_attempt_at", "acknowledged_at"})
+TIME_COLUMNS = frozenset(
+    {"ts", "settled_at", "created_at", "delivered_at", "next_attempt_at", "acknowledged_at", "expires_at"}
+)
 
 
 def _cell(col: str, value: Any) -> str:
@@ -134,7 +136,13 @@ def cmd_list(a: argparse.Namespace, c: Any) -> Any:
 
 
 def cmd_show(a: argparse.Namespace, c: Any) -> Any:
-    return {"token": c.token(a.token_id), "events": c.admin_events(a.token_id, limit=20)}
+    token = to_plain(c.token(a.token_id))
+    tree = {t["id"]: t for t in to_plain(c.tokens(root_id=token["root_id"]))}
+    inherits = {}
+    for key in INHERITED:
+        value, source = inherited(tree, token["id"], key)
+        inherits[key] = {"value": value, "from": source}
+    return {"token": token, "inherited": inherits, "events": c.admin_events(a.token_id, limit=20)}
 
 
 def cmd_revoke(a: argparse.Namespace, c: Any) -> Any:
@@ -151,6 +159,13 @@ def cmd_rotate(a: argparse.Namespace, c: Any) -> Any:
 
 def cmd_top_up(a: argparse.Namespace, c: Any) -> Any:
     return c.top_up(a.token_id, a.units)
+
+
+def cmd_limits(a: argparse.Namespace, c: Any) -> Any:
+    """Narrow (or, on a root, change) a token's limits, as the console's Limits form does."""
+    if not any(getattr(a, k) for k in ("rate", "models", "ips", "expires_in")):
+        raise OperationRefused("nothing to change: give --rate, --models, --ip or --expires-in", Code.INVALID_REQUEST)
+    return c.update_limits(a.token_id, expires_at=_expires_at(a), models=a.models, ips=a.ips, rate=a.rate)
 
 
 def cmd_usage(a: argparse.Namespace, c: Any) -> Any:
@@ -212,13 +227,39 @@ def cmd_doctor(a: argparse.Namespace, c: Any) -> Any:
     }
 
 
+# a balance everywhere: allocation as granted = used + leased + free + delegated + returned (+ written off)
+BALANCE = ["granted", "used", "leased", "free", "delegated", "returned"]
+
+
+def _with_inherited(rows: list[dict[str, Any]], scope: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Rows for the tables: a team or cost centre inherited from an ancestor is shown, marked."""
+    known = {r["id"]: r for r in rows} if scope is None else scope
+    out = []
+    for row in rows:
+        r = dict(row)
+        for key in ("team", "cost_centre"):
+            value, source = inherited(known, r["id"], key)
+            r[key] = None if value is None else f"{value} (inherited)" if source else value
+        out.append(r)
+    return out
+
+
 def render(command: str, value: Any) -> str:
     """Human output for each command."""
     v = to_plain(value)
     if command in ("package create", "token split", "token rotate"):
         return show_issued(v)
     if command == "token list":
-        return _table(v, ["id", "name", "team", "parent_id", "allocation", "used", "free", "status", "rate"])
+        return _table(_with_inherited(v), ["id", "name", "team", "parent_id", *BALANCE, "status", "rate"])
+    if command in ("token revoke", "token reclaim"):
+        return f"{v['returned']} units returned to the parent\n" + _table(
+            [v["token"]], ["id", "name", *BALANCE, "status"]
+        )
+    if command in ("token top-up", "token limits"):
+        cols = ["id", "name", *BALANCE, "status"] + (
+            ["rate", "models", "ips", "expires_at"] if "limits" in command else []
+        )
+        return _table([v], cols)
     if command == "token show":
         t = v["token"]
         body = "\n".join(
@@ -230,10 +271,13 @@ def render(command: str, value: Any) -> str:
                 "parent_id",
                 "root_id",
                 "status",
+                "granted",
                 "allocation",
                 "used",
+                "leased",
                 "delegated",
                 "free",
+                "returned",
                 "consumed",
                 "models",
                 "ips",
@@ -241,6 +285,11 @@ def render(command: str, value: Any) -> str:
                 "children",
             )
         )
+        for key, got in v.get("inherited", {}).items():
+            if got["from"] is not None:
+                body += f"\n{key:>11}: {got['value']} (inherited from {got['from']})"
+            elif key not in ("team",) and got["value"] is not None:
+                body += f"\n{key:>11}: {got['value']}"
         return (
             body + f"\n{'expires':>11}: {_when(t['expires_at'])}\n\n" + _table(v["events"], ["ts", "actor", "action"])
         )
@@ -304,6 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("token_id")
     p.add_argument("--units", type=int, required=True)
     p.set_defaults(handler=cmd_top_up, command="token top-up")
+    p = tok.add_parser("limits", parents=[common], help="narrow a token's rate, models, client IPs or expiry")
+    p.add_argument("token_id")
+    p.add_argument("--expires-in", type=parse_duration, help="e.g. 30d, 12h")
+    p.add_argument("--rate", help="tier (basic, pro, enterprise) or N/s, N/min with optional :BURST")
+    p.add_argument("--models", nargs="+", help="allowed models: name or name@version")
+    p.add_argument("--ip", nargs="+", dest="ips", help="allowed client IPs or CIDRs")
+    p.set_defaults(handler=cmd_limits, command="token limits")
 
     p = sub.add_parser("usage", parents=[common], help="usage events (admitted and denied)")
     p.add_argument("--token")

@@ -24,6 +24,10 @@ MAX_NAME = 200  # the tokens.name and tokens.team columns
 MAX_THRESHOLDS = 10
 # Node.meta: reclaimed whole; until a top-up it admits nothing, and what becomes unspent goes to the parent
 RECLAIMING = "_reclaiming"
+# Node.meta: units this token gave back to its parent (reclaim, revoke, expiry); its allocation as
+# granted is `allocation + returned` (the allocation itself shrinks, so that conservation holds)
+RETURNED = "_returned"
+WRITTEN_OFF = "_written_off"  # units of lost leases written off (`refund` policy): left the books
 MAX_MODEL = 200  # the usage_events.model column
 MAX_CLIENT_IP = 64  # the usage_events.client_ip column
 MAX_META_BYTES = 16384  # a token's meta (alert contacts, cost centre) as JSON
@@ -126,6 +130,9 @@ class Node:
             fired=sorted(self.fired),
             children=[c.id for c in self.children],
             meta=dict(self.meta),
+            returned=int(self.meta.get(RETURNED, 0)),
+            written_off=int(self.meta.get(WRITTEN_OFF, 0)),
+            granted=self.allocation + int(self.meta.get(RETURNED, 0)) + int(self.meta.get(WRITTEN_OFF, 0)),
         )
 
 
@@ -154,6 +161,9 @@ class TokenView:
     children: list[str]
     meta: dict[str, Any]
     leased: int = 0  # units escrowed in leases of ingress replicas (DESIGN §3a)
+    returned: int = 0  # units given back to the parent (reclaim, revoke, expiry)
+    written_off: int = 0  # units of lost leases that left the books (`lost_lease_policy` refund)
+    granted: int = 0  # the allocation as granted (split, top-ups): allocation + returned + written_off
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +183,9 @@ class Admission:
     # which copy of the request this is: one per admit call of a holder, the same on a resend of that
     # call. Copies of one request id (Ray redelivered it) are settled once all are done ("" = unknown)
     copy: str = ""
+    # the caller (a lease holder) asks again while units come back from other replicas' leases: an
+    # exhausted answer while leases of the token hold units is then not final and records nothing
+    wait: bool = False
 
     def row(self) -> AdmissionRow:
         """Wire form (field order); `dataclasses.astuple` deep-copies and is ~10x slower."""
@@ -188,13 +201,14 @@ class Admission:
             self.image_bytes,
             self.root_id,
             self.copy,
+            self.wait,
         )
 
     @classmethod
     def from_row(cls, r: object) -> Admission | None:
         """The admission a wire row stands for, or None when its types or sizes are wrong (so that a
         bad caller can neither crash a batch nor the write)."""
-        if not isinstance(r, tuple | list) or len(r) not in (10, 11):  # 10: a caller without copies
+        if not isinstance(r, tuple | list) or len(r) not in (10, 11, 12):  # 10: a caller without copies
             return None
         a = cls(*r)
         ok = (
@@ -210,11 +224,12 @@ class Admission:
             and 0 <= a.image_bytes < MAX_IMAGE_BYTES
             and _str(a.root_id, 0, 40)
             and _str(a.copy, 0, 64)
+            and type(a.wait) is bool
         )
         return a if ok else None
 
 
-AdmissionRow = tuple[str, str, str, int, str, str | None, str | None, str | None, int, str, str]
+AdmissionRow = tuple[str, str, str, int, str, str | None, str | None, str | None, int, str, str, bool]
 SettlementRow = tuple[str, str, bool, int | None, float, int, float, str | None, str, str]
 MAX_IMAGE_BYTES = 2**62  # image_bytes is a BIGINT column
 
@@ -243,13 +258,14 @@ class Decision(NamedTuple):
     units: int = 0
     used: int = 0
     allocation: int = 0
-    remaining: int = 0
+    remaining: int = 0  # allocation - delegated - used: units not spent yet (leased ones included)
     rate_limit: float | None = None
     rate_remaining: int | None = None
     retry_after: float | None = None
     message: str = ""
     replay: str | None = None  # stored result of an idempotent replay
     replayed: bool = False  # True when the same request_id was admitted before (no new debit)
+    recalled: bool = False  # exhausted, but units are being asked back from leases: ask again shortly
 
     @property
     def admitted(self) -> bool:
@@ -377,6 +393,8 @@ def spec_problems(spec: TokenSpec) -> None:
     check_token_limits(spec.limits)
     if not isinstance(spec.meta, dict):
         raise OperationRefused("meta must be an object", Code.INVALID_REQUEST)
+    if any(not isinstance(k, str) or k.startswith("_") for k in spec.meta):
+        raise OperationRefused("meta keys must be strings not starting with '_' (reserved)", Code.INVALID_REQUEST)
     try:
         size = len(json.dumps(spec.meta, allow_nan=False))
     except (TypeError, ValueError, RecursionError):

@@ -67,6 +67,7 @@ WATCH_TIMEOUT_S = 10.0
 MAX_ASKS = 8
 RECALL_POLL_S = 0.05  # while other replicas give units back, a waiting admission asks again this often
 RECALL_WAIT_S = 0.3  # ... for at most this long
+RECALL_ASKS = math.ceil(RECALL_WAIT_S / RECALL_POLL_S)  # a strict admission asks again at most this often
 CLOSE_POLL_S = 0.01  # close() looks this often whether the requests in flight were answered
 
 
@@ -296,7 +297,9 @@ class LeaseHolder:
         # concurrent arrivals share one ask, then ask again for all who still wait; while units are
         # being asked back from other replicas' leases, ask again shortly (bounded)
         for _ in range(MAX_ASKS):
-            if now < h.strict_until or h.releasing or not self._needs_sync(h, a.units, now):
+            if (now < h.strict_until and not self._covers(h, a.units, now)) or h.releasing:
+                break
+            if not self._needs_sync(h, a.units, now):
                 break
             h.waiting += a.units
             try:
@@ -308,9 +311,15 @@ class LeaseHolder:
             if h.avail < a.units and now < h.recall_until:
                 await self.sleep(RECALL_POLL_S)
                 now = self.clock()
-        if now < h.strict_until or h.releasing or self.closed:  # closed meanwhile: nothing more locally
-            return await self._strict(a)
+        if (now < h.strict_until and not self._covers(h, a.units, now)) or h.releasing or self.closed:
+            return await self._strict(a)  # closed meanwhile: nothing more locally
         return await self._local(h, a, now, waited)
+
+    @staticmethod
+    def _covers(h: _Held, units: int, now: float) -> bool:
+        """The token's last units are admitted at the shard, but those already in this replica's
+        lease are served from it (they are escrowed: exact), not sent to the shard as exhausted."""
+        return bool(h.lease_id) and h.avail >= units and now < h.valid_until and not h.stale
 
     def _needs_sync(self, h: _Held, units: int, now: float) -> bool:
         if h.stale:
@@ -358,14 +367,15 @@ class LeaseHolder:
     def _ok(self, h: _Held, a: Admission, replayed: bool = False) -> Decision:
         p = h.policy
         assert p is not None
+        used = p.used + self._unreported(h)
         d = Decision(
             Code.OK,
             a.request_id,
             a.token_id,
             0 if replayed else a.units,
-            p.used + self._unreported(h),
+            used,
             p.allocation,
-            max(0, p.free + h.avail),
+            _remaining(p, used),
             p.rate_limit,
             h.avail if p.rate_limit is not None else None,
             replayed=replayed,
@@ -391,14 +401,15 @@ class LeaseHolder:
             LeaseUse(a.request_id, now, a.model, 0, 0, UsageState.DENIED.value, code.value, a.client_ip, a.image_bytes)
         )
         p = h.policy
+        used = p.used + self._unreported(h) if p else 0
         d = Decision(
             code,
             a.request_id,
             a.token_id,
             0,
-            p.used if p else 0,
+            used,
             p.allocation if p else 0,
-            max(0, p.free + h.avail) if p else 0,
+            _remaining(p, used) if p else 0,
             p.rate_limit if p else None,
             0 if p and p.rate_limit is not None else None,
             math.ceil(retry_after) if retry_after else None,
@@ -416,7 +427,21 @@ class LeaseHolder:
         copies.append(a.copy)  # before the call: a refund of an admission whose verdict was lost names it
         if len(self.strict_copies) > MAX_DONE:
             del self.strict_copies[next(iter(self.strict_copies))]
-        d = await self.transport.admit(a)
+        # the last units of a token may sit in other replicas' leases: the shard asks them back and
+        # answers "recalled" without recording anything; ask again until RECALL_WAIT_S, then a last
+        # time for a final (recorded) answer
+        give_up = self.clock() + RECALL_WAIT_S
+        for attempt in range(RECALL_ASKS + 1):
+            patient = attempt < RECALL_ASKS and not self.closed and self.clock() < give_up
+            d = await self.transport.admit(dataclasses.replace(a, wait=True) if patient else a)
+            if not (patient and d.code is Code.QUOTA_EXHAUSTED and d.recalled):
+                break
+            h = self.held.get(a.token_id)
+            if h is not None and h.lease_id and (h.buffer or h.avail > 0):
+                # some of them are this replica's: what it spent is reported, what it keeps given back
+                await self._exchange(h, 0, jti=a.jti, give_back=h.avail > 0)
+                continue
+            await self.sleep(RECALL_POLL_S)
         # refused: this copy holds nothing to settle; without a verdict (LEDGER_UNAVAILABLE) an earlier
         # delivery of it may hold a debit, so the copy stays named for the refund that follows
         if d.code is not Code.OK and d.code is not Code.LEDGER_UNAVAILABLE:
@@ -745,3 +770,10 @@ class LeaseHolder:
         since = [h.report_since for h in self.held.values() if h.sent is not None and h.sent.uses]
         since += [h.buffer_since for h in self.held.values() if h.buffer]
         return now - min(since) if since else 0.0
+
+
+def _remaining(p: TokenPolicy, used: int) -> int:
+    """Units the token has not spent, as the shard counts them (leased ones included)."""
+    if p.path and p.path[0].status != "active":
+        return 0
+    return max(0, p.allocation - p.delegated - used)

@@ -111,6 +111,7 @@ class TokenPolicy:
     strict: bool
     version: Version
     reclaimed: bool = False  # reclaimed whole: nothing more is admitted from a lease; leased units go back
+    delegated: int = 0  # units given to children: remaining = allocation - delegated - used
 
     @staticmethod
     def of(node: Node, version: Version) -> TokenPolicy:
@@ -128,6 +129,7 @@ class TokenPolicy:
             is_strict(node),
             version,
             bool(node.meta.get(RECLAIMING)),
+            node.delegated,
         )
 
 
@@ -509,6 +511,11 @@ class LeaseDesk:
             self._lend(node, lease, buckets, r, now)
         self.book.out.lease_put[lease.id] = lease
         return replace(self._reply(Code.OK, node, lease, n, a), rate_granted=r)
+
+    def recall_for(self, node: Node, now: float) -> bool:
+        """A strict admission found too few free units: whether leases (of any holder) hold units of
+        `node`; if so they are asked back, as for a lease ask."""
+        return self._recall(node, "", now)
 
     def _recall(self, node: Node, asker: str, now: float) -> bool:
         """Whether other holders hold units of `node` in their leases; if so they are asked (through

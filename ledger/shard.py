@@ -82,6 +82,8 @@ class ShardCore:
             clock,
             self.watch,
         )
+        # a holder's strict admission that finds the last units in leases has them asked back
+        self.book.recall = self.leases.recall_for
         self.ready = False
         self.fenced = False  # a newer instance of this shard started: this one never commits again
         self.unwritten: Changes | None = None  # the outbox of a commit that failed, until discarded

@@ -17,6 +17,7 @@ from ledger.changes import Changes
 from ledger.codes import Code
 from ledger.entities import (
     RECLAIMING,
+    RETURNED,
     Node,
     Status,
     TokenLimits,
@@ -321,9 +322,13 @@ class TokenTree:
             return self._retire(n, Status.EXPIRED if n.live else n.status, now, actor, "token.reclaim")
         take = n.free if units is None else self._check_units(units, "units")
         if take > n.free:
-            raise OperationRefused(f"token has {n.free} free units, {take} requested", Code.QUOTA_EXHAUSTED)
+            leased = f" ({n.leased} more are in replicas' leases: reclaim all to have them back)" if n.leased else ""
+            raise OperationRefused(
+                f"only {max(n.free, 0)} units are unspent and free, {take} requested{leased}", Code.INVALID_REQUEST
+            )
         n.allocation -= take
         n.parent.delegated -= take
+        n.meta[RETURNED] = int(n.meta.get(RETURNED, 0)) + take
         if units is None:
             # reclaimed whole: it admits nothing more until a top-up. Holders stop admitting from
             # their leases once they see this, and whatever becomes unspent later (leased units as
@@ -404,6 +409,8 @@ class TokenTree:
                 x.status = status
             shrunk = x.allocation - (x.used + x.delegated + x.leased)  # leased units stay escrowed
             x.allocation -= shrunk
+            if shrunk:
+                x.meta[RETURNED] = int(x.meta.get(RETURNED, 0)) + shrunk
             if x.parent is not None:
                 x.parent.delegated -= shrunk  # a root has no parent: its unspent units are withdrawn
             self.out.dirty[x.id] = x
@@ -418,6 +425,7 @@ class TokenTree:
         while units > 0 and n is not None and n.live and n.meta.get(RECLAIMING) and n.parent is not None:
             n.allocation -= units
             n.parent.delegated -= units
+            n.meta[RETURNED] = int(n.meta.get(RETURNED, 0)) + units
             self.out.dirty[n.id] = n
             n = n.parent
 

@@ -79,7 +79,7 @@ class Console:
         }
         cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", "127.0.0.1",
                "--server.port", str(self.port), "--server.headless", "true",
-               "--browser.gatherUsageStats", "false"]  # fmt: skip
+               "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer"]  # fmt: skip  # no "Deploy"
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         return f"http://127.0.0.1:{self.port}"

@@ -28,9 +28,10 @@ from ledger import (
     Verifier,
     connect,
     cost_report,
+    iso_utc,
     usage_csv,
 )
-from ui.data import DAY, overview, plain, tree_rows, unplaceable, usage_series
+from ui.data import DAY, HOUR, plain, team_of, team_rows, tree_rows, unplaceable, usage_series
 
 PAGES = ("Overview", "Token tree", "Alerts", "Audit", "Models", "Try it")
 OUTCOMES = ("", "ok", "quota_exhausted", "rate_limited", "model_not_allowed", "ip_not_allowed", "expired_token",
@@ -45,10 +46,6 @@ def cluster_ledger() -> LedgerApi:
 def ledger() -> LedgerApi:
     given: LedgerApi | None = st.session_state.get("ledger_api")
     return given if given is not None else cluster_ledger()
-
-
-def when(ts: float | None) -> str:
-    return "never" if ts is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
 
 
 def sign_in(client: LedgerApi) -> str | None:
@@ -77,31 +74,63 @@ def page_overview(client: LedgerApi) -> None:
     st.header("Overview")
     now = time.time()
     tokens = client.tokens()
-    events = client.usage(since=now - 7 * DAY, limit=100_000)
-    rows = overview(tokens, events, now)
+    events = client.usage(since=now - 30 * DAY, limit=100_000)
+    teams_table = team_rows(tokens, events, now)
     c1, c2, c3 = st.columns(3)
-    c1.metric("Packages", len(rows))
-    c2.metric("Units remaining", sum(r["remaining"] for r in rows))
+    c1.metric("Teams", len(teams_table))
+    c2.metric("Units remaining", sum(r["remaining"] for r in teams_table))
     c3.metric(
         "Units used, last 24 h", sum(e["units"] for e in events if e["ts"] >= now - DAY and e["state"] != "denied")
     )
-    table = pd.DataFrame(rows)
+    for r in teams_table:
+        if r["exhaustion_soon"]:
+            st.warning(
+                f"{r['team']}: projected exhaustion in {r['days_to_exhaustion'] * 24:.0f} h "
+                f"({r['remaining']} units left at {r['burn_per_day']:.0f} units/day)"
+            )
+    table = pd.DataFrame(teams_table)
     if not table.empty:
-        table["expires_at"] = table["expires_at"].map(when)
-    st.dataframe(table, hide_index=True, use_container_width=True)
-    teams = {t.id: t.team for t in tokens}
-    for by in ("team", "model"):
-        series = usage_series(events, teams, by)
-        st.subheader(f"Units per hour by {by}")
-        if series:
-            frame = pd.DataFrame(series).sort_index()
-            frame.index = pd.to_datetime(frame.index, unit="s")
-            st.bar_chart(frame.fillna(0))  # stacked units per hour
-        else:
-            st.info("No usage in the last 7 days.")
+        table = table[["team", "allocation", "used", "leased", "remaining", "used_pct", "burn_per_day",
+                       "days_to_exhaustion", "next_alert", "tokens"]]  # fmt: skip
+        table["next_alert"] = table["next_alert"].map(lambda v: "-" if v is None or pd.isna(v) else f"{int(v)} %")
+    st.dataframe(
+        table,
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "used_pct": st.column_config.ProgressColumn("used", format="%.1f %%", min_value=0, max_value=100),
+            "burn_per_day": st.column_config.NumberColumn("burn / day", format="%.1f"),
+            "days_to_exhaustion": st.column_config.NumberColumn("days left", format="%.1f"),
+            "next_alert": "next alert",
+        },
+    )
+    views = {t["id"]: t for t in (plain(v) for v in tokens)}
+    teams = {tid: team_of(views, tid) for tid in views}
+    for title, bucket, span in (("per hour, last 24 h", HOUR, DAY), ("per day, last 30 days", DAY, 30 * DAY)):
+        until = (now // bucket + 1) * bucket
+        for by in ("team", "model"):
+            series = usage_series(events, teams, by, bucket, since=until - span, until=until)
+            st.subheader(f"Units by {by}, {title}")
+            if series:
+                frame = pd.DataFrame(series).sort_index().fillna(0)
+                frame.index = pd.to_datetime(frame.index, unit="s", utc=True)
+                st.bar_chart(frame)  # stacked, every bucket of the span (0 where nothing was spent)
+            else:
+                st.info("No usage in this span.")
     st.subheader("Cost report, last 7 days")
     by = st.radio("Group by", ["team", "cost_centre", "model"], horizontal=True, key="cost_by")
-    st.dataframe(pd.DataFrame(cost_report(events, tokens, by)), hide_index=True)
+    week = [e for e in events if e["ts"] >= now - 7 * DAY]
+    st.dataframe(pd.DataFrame(cost_report(week, tokens, by)), hide_index=True)
+
+
+def label(t: Any) -> str:
+    """A token as people read it: its name and team, the id after them."""
+    v = plain(t)
+    return f"{v['name']} · {v['team'] or '-'} ({v['id']})"
+
+
+def iso(ts: float | None) -> str:
+    return "" if ts is None or pd.isna(ts) else iso_utc(float(ts)) or ""
 
 
 def _issued(out: Issued) -> None:
@@ -124,16 +153,18 @@ def page_tree(client: LedgerApi) -> None:
         if st.form_submit_button("Create"):
             _act(lambda: _issued(client.create_package(_spec(name, quota, days, team, rate, emails))))
     tokens = client.tokens()  # again: a package created just now is listed at once
-    roots = {f"{t.name} ({t.id})": t.id for t in tokens if t.parent_id is None}
+    roots = {label(t): t.id for t in tokens if t.parent_id is None}
     if not roots:
         return
     root_label = st.selectbox("Package", sorted(roots), key="package")
     root_id = roots[root_label]
     st.table(pd.DataFrame(tree_rows(tokens, root_id)).set_index("token"))  # plain HTML: every number is text
     ids = [r["id"] for r in tree_rows(tokens, root_id)]
+    by_id = {t.id: label(t) for t in tokens}
+    name_of = lambda i: by_id.get(i, i)  # noqa: E731  # selectors show names and teams, the id after them
     tabs = st.tabs(["Split", "Top up", "Limits", "Revoke / reclaim", "Rotate"])
     with tabs[0], st.form("split"):
-        parent = st.selectbox("Parent", ids, key="split_parent")
+        parent = st.selectbox("Parent", ids, format_func=name_of, key="split_parent")
         name = st.text_input("Name", key="split_name")
         quota = st.number_input("Units", min_value=1, value=100, key="split_units")
         days = st.number_input("Expires in days (0 = the parent's)", min_value=0, value=0, key="split_days")
@@ -143,12 +174,12 @@ def page_tree(client: LedgerApi) -> None:
         if st.form_submit_button("Split"):
             _act(lambda: _issued(client.split(parent, _spec(name, quota, days, team, rate, emails))))
     with tabs[1], st.form("topup"):
-        target = st.selectbox("Token", ids, key="topup_token")
+        target = st.selectbox("Token", ids, format_func=name_of, key="topup_token")
         units = st.number_input("Units", min_value=1, value=100, key="topup_units")
         if st.form_submit_button("Top up"):
             _act(lambda: st.success(f"now {plain(client.top_up(target, int(units)))['allocation']} units"))
     with tabs[2], st.form("limits"):
-        target = st.selectbox("Token", ids, key="limits_token")
+        target = st.selectbox("Token", ids, format_func=name_of, key="limits_token")
         days = st.number_input("Expires in days (0 = unchanged)", min_value=0, value=0, key="limits_days")
         models = st.text_input("Models (comma-separated; empty = unchanged)", key="limits_models")
         ips = st.text_input("IPs / CIDRs (comma-separated; empty = unchanged)", key="limits_ips")
@@ -167,7 +198,7 @@ def page_tree(client: LedgerApi) -> None:
                 )
             )
     with tabs[3], st.form("revoke"):
-        target = st.selectbox("Token", ids, key="revoke_token")
+        target = st.selectbox("Token", ids, format_func=name_of, key="revoke_token")
         action = st.radio("Action", ["reclaim unspent units", "revoke (subtree stops now)"], key="revoke_action")
         if st.form_submit_button("Apply"):
             if action.startswith("reclaim"):
@@ -175,7 +206,7 @@ def page_tree(client: LedgerApi) -> None:
             else:
                 _act(lambda: st.success(f"revoked; {client.revoke(target).returned} units returned"))
     with tabs[4], st.form("rotate"):
-        target = st.selectbox("Token", ids, key="rotate_token")
+        target = st.selectbox("Token", ids, format_func=name_of, key="rotate_token")
         if st.form_submit_button("Rotate credential"):
             _act(lambda: _issued(client.rotate(target)))
 
@@ -214,22 +245,23 @@ def page_alerts(client: LedgerApi, admin: str) -> None:
     cols = st.columns(4)
     for col, status in zip(cols, ("pending", "delivered", "failed", "no_channel"), strict=True):
         col.metric(status, int(counts.get(status, 0)))
+    names = {t.id: label(t) for t in client.tokens()}
     rows = [
         {
             "id": a["id"],
-            "fired": when(a["ts"]),
+            "fired": iso(a["ts"]),
             "kind": a["kind"],
-            "token": a["token_id"],
+            "token": names.get(a["token_id"], a["token_id"]),
             "threshold %": a["threshold"],
             "consumed": f"{a['consumed']}/{a['allocation']}",
             "status": a["status"],
             "attempts": a["attempts"],
-            "acknowledged": f"{a['acknowledged_by']} {when(a['acknowledged_at'])}" if a["acknowledged_at"] else "",
+            "acknowledged": f"{a['acknowledged_by']} {iso(a['acknowledged_at'])}" if a["acknowledged_at"] else "",
             "last error": a["last_error"] or "",
         }
         for a in alerts
     ]
-    st.dataframe(pd.DataFrame(rows), hide_index=True, use_container_width=True)
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
     open_ids = [a["id"] for a in alerts if not a["acknowledged_at"]]
     if open_ids:
         pick = st.selectbox("Acknowledge alert", open_ids, key="ack_id")
@@ -240,10 +272,12 @@ def page_alerts(client: LedgerApi, admin: str) -> None:
 def page_audit(client: LedgerApi) -> None:
     st.header("Audit")
     tokens = client.tokens()
-    names = {t.id: f"{t.name} ({t.id})" for t in tokens}
+    names = {t.id: label(t) for t in tokens}
+    views = {t["id"]: t for t in (plain(v) for v in tokens)}
+    team_by_id = {tid: team_of(views, tid) for tid in views}
     c1, c2, c3 = st.columns(3)
     token = c1.selectbox("Token", ["", *sorted(names)], format_func=lambda i: names.get(i, "all"), key="au_token")
-    team = c2.selectbox("Team", ["", *sorted({t.team for t in tokens if t.team})], key="au_team")
+    team = c2.selectbox("Team", ["", *sorted(set(team_by_id.values()))], key="au_team")
     outcome = c3.selectbox("Outcome", OUTCOMES, key="au_outcome")
     c4, c5 = st.columns(2)
     model = c4.text_input("Model (name@version)", key="au_model")
@@ -256,13 +290,24 @@ def page_audit(client: LedgerApi) -> None:
         limit=100_000,
     )
     if team:
-        in_team = {t.id for t in tokens if t.team == team}
-        rows = [r for r in rows if r["token_id"] in in_team]
+        rows = [r for r in rows if team_by_id.get(r["token_id"]) == team]
     st.caption(f"{len(rows)} usage events")
-    st.dataframe(pd.DataFrame(rows), hide_index=True, use_container_width=True)
+    shown = pd.DataFrame(rows)
+    if not shown.empty:
+        shown.insert(1, "token", shown["token_id"].map(lambda i: names.get(i, i)))
+        shown.insert(2, "team", shown["token_id"].map(lambda i: team_by_id.get(i, "")))
+        for col in ("ts", "settled_at"):
+            if col in shown:
+                shown[col] = shown[col].map(iso)
+    st.dataframe(shown, hide_index=True, width="stretch")
     st.download_button("Export CSV", "".join(usage_csv(rows)), file_name="usage.csv", mime="text/csv", key="csv")
     st.subheader("Admin events")
-    st.dataframe(pd.DataFrame(client.admin_events(token or None, limit=200)), hide_index=True)
+    admin_events = pd.DataFrame(client.admin_events(token or None, limit=200))
+    if not admin_events.empty:
+        admin_events["ts"] = admin_events["ts"].map(iso)
+        if "token_id" in admin_events:
+            admin_events.insert(1, "token", admin_events["token_id"].map(lambda i: names.get(i, i)))
+    st.dataframe(admin_events, hide_index=True)
 
 
 def page_models() -> None:
@@ -309,7 +354,7 @@ def page_models() -> None:
     for r in rows:
         if r["status"] == "UNSCHEDULABLE":
             st.error(f"{r['application']}/{r['deployment']} {r['message']}")
-    st.dataframe(pd.DataFrame(rows), hide_index=True, use_container_width=True)
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
 
 
 def page_try() -> None:
@@ -341,7 +386,10 @@ def page_try() -> None:
     for d in body["images"][0]["detections"]:
         b = d["box"]
         draw.rectangle((b["x1"], b["y1"], b["x2"], b["y2"]), outline=(230, 25, 75), width=3)
-        draw.text((b["x1"] + 3, b["y1"] + 2), f"{d['class_name']} {d['confidence']:.2f}", fill=(230, 25, 75))
+        text = f"{d['class_name']} {d['confidence']:.2f}"
+        x0, y0, x1, y1 = draw.textbbox((b["x1"] + 3, b["y1"] + 2), text)
+        draw.rectangle((x0 - 2, y0 - 2, x1 + 2, y1 + 2), fill=(230, 25, 75))  # legible on any image
+        draw.text((b["x1"] + 3, b["y1"] + 2), text, fill=(255, 255, 255))
     u = body["usage"]
     st.success(f"charged {u['units']} unit(s); {u['remaining']} of {u['allocation']} remaining")
     st.image(img, caption=f"{len(body['images'][0]['detections'])} detections")

@@ -10,7 +10,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
+from ledger.reports import inherited
+
 DAY = 86400.0
+HOUR = 3600.0
+EXHAUSTION_WARN_S = 72 * HOUR  # a team projected to run out sooner is flagged
 
 
 def plain(view: Any) -> dict[str, Any]:
@@ -67,45 +71,130 @@ def overview(
     return sorted(rows, key=lambda r: r["package"])
 
 
+def team_of(views: Mapping[str, Mapping[str, Any]], token_id: str) -> str:
+    """A token's team, inherited from the nearest ancestor that sets one; a package without any is
+    named after the package, never `None`."""
+    team, _ = inherited(views, token_id, "team")
+    if team:
+        return str(team)
+    t = views.get(token_id)
+    root = views.get(str(t["root_id"])) if t is not None else None
+    return f"{root['name']} (no team)" if root is not None else "(no team)"
+
+
+def team_rows(
+    tokens: Sequence[Any], events: Iterable[Mapping[str, Any]], now: float | None = None
+) -> list[dict[str, Any]]:
+    """One row per team (tokens grouped by their inherited team): what the team holds (its tokens'
+    used + leased + free: units delegated to a child of another team are that team's), used, leased,
+    remaining, burn rate over 7 days, days to exhaustion, a warning under 72 h, the next alert."""
+    now = time.time() if now is None else now
+    views = {t["id"]: t for t in (plain(v) for v in tokens)}
+    teams = {tid: team_of(views, tid) for tid in views}
+    rows: dict[str, dict[str, Any]] = {}
+    for tid, t in views.items():
+        r = rows.setdefault(
+            teams[tid],
+            {
+                "team": teams[tid],
+                "tokens": 0,
+                "allocation": 0,
+                "used": 0,
+                "leased": 0,
+                "remaining": 0,
+                "next_alert": None,
+                "_week": 0,
+            },
+        )
+        r["tokens"] += 1
+        r["used"] += t["used"]
+        r["leased"] += t.get("leased", 0)
+        r["remaining"] += (t["free"] + t.get("leased", 0)) if t["status"] == "active" else 0
+        parent = views.get(t["parent_id"]) if t["parent_id"] else None
+        if t["status"] == "active" and (parent is None or teams[parent["id"]] != teams[tid]) and t["allocation"]:
+            pct = 100 * t["consumed"] / t["allocation"]  # the team's top token: its alerts are the team's
+            ahead = [th for th in t["thresholds"] if th > pct and th not in t["fired"]]
+            if ahead and (r["next_alert"] is None or min(ahead) < r["next_alert"]):
+                r["next_alert"] = min(ahead)
+    for e in events:
+        if e["state"] in ("admitted", "settled") and e["ts"] >= now - 7 * DAY and e["token_id"] in teams:
+            rows[teams[e["token_id"]]]["_week"] += int(e["units"])
+    out = []
+    for r in rows.values():
+        r["allocation"] = r["used"] + r["remaining"]
+        r["used_pct"] = round(100 * r["used"] / r["allocation"], 1) if r["allocation"] else 0.0
+        rate = r.pop("_week") / 7.0
+        left = days_left(r["remaining"], rate)
+        r["burn_per_day"] = round(rate, 1)
+        r["days_to_exhaustion"] = None if left is None else round(left, 2)
+        r["exhaustion_soon"] = left is not None and left * DAY < EXHAUSTION_WARN_S
+        out.append(r)
+    return sorted(out, key=lambda r: (r["team"].endswith("(no team)"), r["team"]))
+
+
 def usage_series(
     events: Iterable[Mapping[str, Any]],
     teams: Mapping[str, str | None],
     by: str,
     bucket_s: float = 3600.0,
+    since: float | None = None,
+    until: float | None = None,
 ) -> dict[str, dict[float, int]]:
-    """Units spent per time bucket, keyed by team (`by="team"`) or model (`by="model"`)."""
+    """Units spent per time bucket, keyed by team (`by="team"`) or model (`by="model"`). With
+    `since` and `until`, every bucket in between is there (0 where nothing was spent): a real series."""
     out: dict[str, dict[float, int]] = defaultdict(lambda: defaultdict(int))
     for e in events:
         if e["state"] not in ("admitted", "settled"):
             continue
+        if (since is not None and e["ts"] < since) or (until is not None and e["ts"] >= until):
+            continue
         key = (teams.get(e["token_id"]) or "(no team)") if by == "team" else str(e["model"])
         out[key][math.floor(e["ts"] / bucket_s) * bucket_s] += int(e["units"])
+    if since is not None and until is not None:
+        first, last = math.floor(since / bucket_s), math.ceil(until / bucket_s) - 1
+        for series in out.values():
+            for b in range(first, last + 1):
+                series.setdefault(b * bucket_s, 0)
     return {k: dict(v) for k, v in out.items()}
 
 
 def tree_rows(tokens: Sequence[Any], root_id: str) -> list[dict[str, Any]]:
     """The package's tokens, parents before children, with their depth (for an indented table)."""
     views = [plain(v) for v in tokens]
+    by_id = {t["id"]: t for t in views}
     kids: dict[str | None, list[dict[str, Any]]] = defaultdict(list)
     for t in views:
         kids[t["parent_id"]].append(t)
     out: list[dict[str, Any]] = []
+
+    def own_or_inherited(t: dict[str, Any], read: Any, empty: str) -> str:
+        """A limit or label the token sets, else the nearest ancestor's, marked "inherited"."""
+        n: dict[str, Any] | None = t
+        first = True
+        while n is not None:
+            value = read(n)
+            if value:
+                return str(value) if first else f"{value} (inherited)"
+            first = False
+            n = by_id.get(n["parent_id"]) if n["parent_id"] else None
+        return empty
 
     def walk(t: dict[str, Any], depth: int) -> None:
         out.append(
             {
                 "token": "    " * depth + ("└ " if depth else "") + t["name"],
                 "id": t["id"],
-                "team": t["team"],
+                "team": own_or_inherited(t, lambda n: n["team"], "-"),
                 "status": t["status"],
-                "allocation": t["allocation"],
+                "granted": t.get("granted") or t["allocation"],
                 "used": t["used"],
-                "delegated": t["delegated"],
                 "leased": t.get("leased", 0),
                 "free": t["free"],
-                "models": ", ".join(t["models"] or []) or "any",
-                "ips": ", ".join(t["ips"] or []) or "any",
-                "rate": t["rate"] or "none",
+                "delegated": t["delegated"],
+                "returned": t.get("returned", 0),
+                "models": own_or_inherited(t, lambda n: ", ".join(n["models"] or []), "any"),
+                "ips": own_or_inherited(t, lambda n: ", ".join(n["ips"] or []), "any"),
+                "rate": own_or_inherited(t, lambda n: n["rate"], "none"),
             }
         )
         for c in sorted(kids[t["id"]], key=lambda x: x["name"]):

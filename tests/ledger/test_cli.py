@@ -243,3 +243,89 @@ def test_given_package_create_strict_then_the_package_is_marked_and_never_leased
     assert strict.strict and strict.granted == 0
     assert not leased.strict and leased.granted == 10
     assert ledger.token(plain_pkg["token"]["id"]).leased == 10
+
+
+def test_given_a_revoked_child_then_its_granted_allocation_and_what_went_back_read_in_list_and_show(cli: Any) -> None:
+    """Issue 18 §2-3: `used + free` did not add up (no leased column), and a revoked token's
+    allocation read as its used units (300 -> 16). Every balance shows granted, used, leased,
+    free, delegated and returned, and they add up."""
+    _, pkg, _ = cli("package", "create", "--name", "plant", "--quota", "1000", "--json")
+    root = pkg["token"]["id"]
+    _, child, _ = cli("token", "split", root, "--name", "algo", "--quota", "300", "--json")
+    cid = child["token"]["id"]
+    code, rec, _ = cli("token", "reclaim", cid, "--units", "400")
+    assert code == 2 and "invalid_request: only 300 units are unspent and free, 400 requested" in rec + _
+    code, text, _ = cli("token", "reclaim", cid, "--units", "50")
+    assert code == 0 and text.startswith("50 units returned to the parent") and "RETURNED" in text
+    code, text, _ = cli("token", "revoke", cid)
+    assert code == 0 and text.startswith("250 units returned to the parent")
+    _, shown, _ = cli("token", "show", cid, "--json")
+    t = shown["token"]
+    assert (t["granted"], t["allocation"], t["returned"], t["used"], t["status"]) == (300, 0, 300, 0, "revoked")
+    _, rows, _ = cli("token", "list", "--package", root, "--json")
+    for r in rows:
+        assert r["granted"] == r["used"] + r["leased"] + r["free"] + r["delegated"] + r["returned"] + r["written_off"]
+    code, text, _ = cli("token", "list", "--package", root)
+    header = text.splitlines()[0].split()
+    assert header[:10] == [
+        "ID",
+        "NAME",
+        "TEAM",
+        "PARENT_ID",
+        "GRANTED",
+        "USED",
+        "LEASED",
+        "FREE",
+        "DELEGATED",
+        "RETURNED",
+    ]
+    code, text, _ = cli("token", "show", cid)
+    assert "granted: 300" in text and "returned: 300" in text and "leased: 0" in text
+
+
+def test_given_a_cost_centre_and_team_on_the_package_then_three_levels_of_splits_inherit_them(
+    cli: Any, ledger: Any
+) -> None:
+    """Issue 18 §4: after `package create --cost-centre CC-100` and three splits, `report costs --by
+    cost_centre` said `(none)`. The nearest ancestor that sets one gives it, unless a child sets its own."""
+    from ledger.credentials import Verifier
+    from ledger.entities import Admission
+
+    _, pkg, _ = cli("package", "create", "--name", "line", "--quota", "100", "--team", "vision", "--cost-centre",
+                    "CC-100", "--json")  # fmt: skip
+    parent, issued = pkg["token"]["id"], pkg
+    for depth in range(3):
+        _, issued, _ = cli(
+            "token", "split", parent, "--name", f"level-{depth}", "--quota", str(50 - 10 * depth), "--json"
+        )
+        parent = issued["token"]["id"]
+    _, own, _ = cli("token", "split", pkg["token"]["id"], "--name", "own", "--quota", "5", "--team", "qa",
+                    "--cost-centre", "CC-200", "--json")  # fmt: skip
+    verify = Verifier(ledger.public_keys()).verify
+    for who, n in ((issued, 3), (own, 2)):
+        jti = verify(who["credential"]).jti
+        tid = who["token"]["id"]
+        ledger.admit_sync([Admission(f"{tid}-{i}", tid, jti, 1, "parts@1") for i in range(n)])
+    for by, want in (("cost_centre", {"CC-100": 3, "CC-200": 2}), ("team", {"vision": 3, "qa": 2})):
+        _, rows, _ = cli("report", "costs", "--by", by, "--json")
+        got = {r[by]: r["units"] for r in rows if r[by] in want}
+        assert got == want, rows
+    _, shown, _ = cli("token", "show", parent, "--json")
+    assert shown["inherited"]["cost_centre"] == {"value": "CC-100", "from": pkg["token"]["id"]}
+    _, text, _ = cli("token", "list", "--package", pkg["token"]["id"])
+    assert "vision (inherited)" in text
+
+
+def test_given_token_limits_then_the_cli_narrows_rate_models_ips_and_expiry_as_the_console_does(cli: Any) -> None:
+    _, pkg, _ = cli("package", "create", "--name", "lim", "--quota", "100", "--json")
+    tid = pkg["token"]["id"]
+    code, _, err = cli("token", "limits", tid, "--json")
+    assert code == 2 and "nothing to change" in err
+    code, view, _ = cli("token", "limits", tid, "--rate", "basic", "--models", "parts", "--ip", "10.0.0.0/8",
+                        "--expires-in", "7d", "--json")  # fmt: skip
+    assert code == 0 and (view["rate"], view["models"], view["ips"]) == ("1/s:2", ["parts"], ["10.0.0.0/8"])
+    assert 6.9 * 86400 < view["expires_at"] - time.time() <= 7 * 86400
+    code, text, _ = cli("token", "limits", tid, "--ip", "10.1.0.0/16")
+    assert code == 0 and "10.1.0.0/16" in text and text.splitlines()[0].split()[:3] == ["ID", "NAME", "GRANTED"]
+    code, _, err = cli("token", "limits", tid, "--ip", "0.0.0.0/0")
+    assert code == 2 and "limit_widening" in err

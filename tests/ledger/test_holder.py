@@ -373,6 +373,65 @@ async def test_given_a_request_in_flight_when_a_narrowing_is_seen_then_its_copy_
     assert (rows[("rows", "settled")], rows[("settled", "ok")], rows[("rows", "denied")]) == (1, 1, 1)
 
 
+async def test_given_the_last_units_in_the_replicas_own_lease_when_the_shard_admits_then_every_unit_is_served(
+    ledger: InProcessLedger, clock: Clock
+) -> None:
+    """Issue 18 §1: a 200-unit token answered `quota exhausted: 0 units left` at used 199 with 1
+    unit leased, and its 100 % alert never fired. Under the strict threshold the shard admits, but
+    the units already in this replica's lease are served from it. Every answer's used + remaining
+    adds up to the allocation."""
+    t = package(ledger, 20)
+    h = holder(Wire(ledger), clock, min_want=8)
+    answers: list[Decision] = []
+    try:
+        answers.append(await served(h, t.admission()))  # a lease of 5 units (1/4 of free): 4 idle
+        assert balances(ledger, t)[1] == 5
+        clock.advance(TTL)  # the lease is renewed by the next admission: free (15) is under the threshold
+        for _ in range(19):
+            answers.append(await served(h, t.admission()))
+        assert [d.code for d in answers] == [Code.OK] * 20
+        last = await h.admit(t.admission())
+        assert (last.code, last.remaining) == (Code.QUOTA_EXHAUSTED, 0)
+        await h.tick()
+    finally:
+        await h.close()
+    assert balances(ledger, t) == (20, 0)
+    off = [d for d in answers if d.used + d.remaining != 20]
+    assert off == [], "used + remaining is the allocation in every answer"
+    assert 100 in {a["threshold"] for a in ledger.alerts() if a["token_id"] == t.id}, "the 100 % alert fired"
+    rows = audit(ledger, t)
+    assert (rows[("rows", "settled")], rows[("rows", "denied")]) == (20, 1)
+
+
+async def test_given_the_last_units_idle_in_another_replicas_lease_then_a_strict_admission_waits_for_them(
+    ledger: InProcessLedger, clock: Clock
+) -> None:
+    """The shard's side of the same rule: a strict admission that finds too few free units while
+    leases hold some has them asked back and is answered "recalled" (nothing recorded); the holder
+    asks again until they are back. One audit row per request, none per retry."""
+    t = package(ledger, 20)
+    wire = Wire(ledger)
+    one, two = holder(wire, clock, "replica-1", min_want=8), holder(wire, clock, "replica-2", min_want=8)
+    try:
+        assert (await served(one, t.admission())).code is Code.OK  # replica-1 keeps 4 units idle
+        since = await since_now(ledger)
+        for _ in range(15):
+            assert (await ledger.admit(t.admission())).code is Code.OK  # free is 0 now
+        waiting = asyncio.create_task(two._strict(t.admission()))
+        await asyncio.sleep(0.01)
+        assert not waiting.done(), "waits while the units are asked back"
+        await watched(ledger, one, since, [t.id])  # the recall reaches replica-1 ...
+        await one.tick()  # ... which gives back what it does not use
+        assert (await waiting).code is Code.OK
+        gone = await two._strict(t.admission())
+        assert gone.code is Code.OK
+        await asyncio.gather(one.tick(), two.tick())
+    finally:
+        await asyncio.gather(one.close(), two.close())
+    rows = audit(ledger, t)
+    assert rows[("rows", "denied")] == 0
+
+
 # ---------------------------------------------------------------- many holders, one token
 async def test_given_500_concurrent_admissions_on_100_units_across_3_holders_then_exactly_100_are_admitted(
     ledger: InProcessLedger, clock: Clock

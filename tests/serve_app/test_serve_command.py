@@ -173,7 +173,8 @@ def test_given_serve_when_started_then_demo_token_is_printed_and_ctrl_c_stops_ev
         sample = tmp_path / "parts.png"
         render(11, "console", 0, 320)[0].save(sample)
         seen = screenshot_console(f"http://127.0.0.1:{CONSOLE_PORT}", admin, shots, credential, sample)
-        assert "9997" in seen["overview"] and "Packages" in seen["overview"]  # 10,000 less three detections
+        assert "9997" in seen["overview"] and "Teams" in seen["overview"]  # 10,000 less three detections
+        assert "demo" in seen["overview"] and "Deploy" not in seen["overview"], seen["overview"][:2000]
         assert "demo" in seen["tree"] and "10000" in seen["tree"] and "9997" in seen["tree"]
         assert "detections" in seen["try"] and "9996 of 10000 remaining" in seen["try"]
         for name in ("console-overview.png", "console-token-tree.png", "console-try-it.png"):

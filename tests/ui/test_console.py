@@ -67,16 +67,35 @@ def test_given_no_admin_credential_then_nothing_but_the_sign_in_form(console_led
     assert "secret-pkg" not in str([e.value for e in at.markdown])
 
 
-def test_given_usage_then_overview_shows_real_numbers_forecast_and_costs(console_ledger: FakeLedger) -> None:
+def test_given_usage_then_overview_leads_with_a_team_table_that_adds_up_forecast_and_costs(
+    console_ledger: FakeLedger,
+) -> None:
+    """Issue 18 §6: a per-team table (allocation, used, leased, remaining, progress, burn rate, days
+    to exhaustion, the next alert); teams inherited and named, never `None`; a warning under 72 h."""
     pkg = console_ledger.create_package(TokenSpec.build("plant-7", 1000, team="pm"))
     team = console_ledger.split(pkg.token.id, TokenSpec.build("vision", 200, team="algo"))
+    console_ledger.split(pkg.token.id, TokenSpec.build("nightly", 100))  # no team: the package's
+    lone = console_ledger.create_package(TokenSpec.build("spare", 10))
     spend(console_ledger, team.credential, 70, team.token.id)
+    spend(console_ledger, lone.credential, 9, lone.token.id)
     at = signed_in(console_ledger, "Overview")
-    frame = at.dataframe[0].value
-    row = frame[frame["package"] == "plant-7"].iloc[0]
-    assert (row["allocation"], row["used"], row["remaining"]) == (1000, 70, 930)
-    assert row["burn_per_day"] == 10.0 and row["days_to_exhaustion"] == 93.0  # 70 units over the 7-day window
-    assert at.metric[0].value == "1" and at.metric[1].value == "930" and at.metric[2].value == "70"
+    frame = at.dataframe[0].value.set_index("team")
+    assert list(frame.index) == ["algo", "pm", "spare (no team)"]
+    algo = frame.loc["algo"]
+    assert (algo["allocation"], algo["used"], algo["leased"], algo["remaining"], algo["used_pct"]) == (
+        200,
+        70,
+        0,
+        130,
+        35.0,
+    )
+    assert algo["burn_per_day"] == 10.0 and algo["days_to_exhaustion"] == 13.0  # 70 units over the 7-day window
+    assert algo["next_alert"] == "80 %"
+    assert (frame.loc["pm", "allocation"], frame.loc["pm", "tokens"]) == (800, 2), "nightly inherits the team pm"
+    assert frame.loc["spare (no team)", "next_alert"] == "95 %"  # 80 fired at 9 of 10
+    assert at.metric[0].value == "3" and at.metric[1].value == "931" and at.metric[2].value == "79"
+    warnings = [w.value for w in at.warning]
+    assert len(warnings) == 1 and warnings[0].startswith("spare (no team): projected exhaustion in 19 h")
     costs = at.dataframe[1].value
     assert costs.set_index("team").loc["algo", "units"] == 70
 
