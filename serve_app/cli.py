@@ -49,6 +49,22 @@ def load_config(path: Path) -> tuple[AppArgs, dict[str, Any]]:
     return AppArgs.model_validate(app.get("args") or {}), http
 
 
+SAMPLE = "docs/samples/part-1.jpg"
+
+
+def demo_banner(demo: dict[str, Any]) -> str:
+    """What a start says of the demo package: new, or what is left of it and that its credential
+    was rotated (the one printed last time no longer works)."""
+    t = demo["token"]
+    if demo.get("rotated"):
+        left = t["allocation"] - t["delegated"] - t["used"]
+        return (
+            f"token {t['id']} ({t['name']}): {left} of {t['granted'] or t['allocation']} units left; its credential"
+            f" was rotated on this start (the one printed before no longer works):\n{demo['credential']}"
+        )
+    return ledger_cli.show_issued(demo)
+
+
 def ensure_demo(client: LedgerApi) -> Issued:
     """The demo package: created on first start; later starts rotate it to show a fresh credential."""
     for t in client.tokens():
@@ -116,14 +132,15 @@ def cmd_serve(a: argparse.Namespace) -> int:
         print(f"deploying {a.config} (models: {', '.join(m.key for m in args.models)}) ...", flush=True)
         serve.run(build_app(args), name=APP_NAME, route_prefix="/")  # launches the ledger
         client = attach(settings)
-        demo = ledger_cli.to_plain(ensure_demo(client))
+        existed = any(t.parent_id is None and t.name == DEMO_PACKAGE and t.status == "active" for t in client.tokens())
+        demo = {**ledger_cli.to_plain(ensure_demo(client)), "rotated": existed}
         url = f"http://{http['host']}:{http['port']}"
         console_url = None if a.no_console else console.start(address, settings, url)
         print(f"ledger: {settings.database_url}")
-        print(ledger_cli.show_issued(demo))
-        print("\ntry it:")
+        print(demo_banner(demo))
+        print("\ntry it (the demo model detects machine parts, as in docs/samples/):")
         print(f'  curl -s -X POST "{url}/v1/detect" -H "Authorization: Bearer {demo["credential"]}" \\')
-        print('       -H "Content-Type: image/jpeg" --data-binary @your-image.jpg')
+        print(f'       -H "Content-Type: image/jpeg" --data-binary @{SAMPLE}')
         print(f"  API docs: {url}/docs    CLI: yolo-tokens --address {address} token list")
         print(f"\nRay: dashboard {local.dashboard_url}; Ray's tools and drivers need the token mode exported:")
         print(f"  export RAY_AUTH_MODE=token   # the token is {_token_hint()}")

@@ -95,10 +95,13 @@ class Summary:
 
 
 def output_name(path: Path, root: Path) -> Path:
-    """Where the annotated copy of `path` goes under --out: its place under `root`, plus `.jpg`
-    (`a.png` -> `a.png.jpg`, so `a.png` and `a.jpg` never collide)."""
+    """Where the annotated copy (a JPEG) of `path` goes under --out: its place under `root`, named
+    `a.annotated.jpg` for `a.jpg` (`.jpeg` kept), `a.png.annotated.jpg` for other formats, so that
+    `a.png`, `a.jpg` and `a.jpeg` never collide."""
     rel = path.relative_to(root) if root.is_dir() else Path(path.name)
-    return rel.with_name(rel.name + ".jpg")
+    if rel.suffix.lower() in (".jpg", ".jpeg"):
+        return rel.with_name(f"{rel.stem}.annotated{rel.suffix}")
+    return rel.with_name(f"{rel.name}.annotated.jpg")
 
 
 def find_images(target: Path) -> list[Path]:

@@ -56,11 +56,11 @@ def test_given_a_folder_then_json_lines_in_file_order_annotated_copies_and_bad_f
     assert got[0]["error"]["code"] == "invalid_image", got  # type: ignore[index]
     assert all(r.get("detections") for r in got[1:]), got
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.jpg")) == [
-        "img0.jpg.jpg",
-        "img2.jpg.jpg",
-        "sub/img1.png.jpg",
+        "img0.annotated.jpg",
+        "img2.annotated.jpg",
+        "sub/img1.png.annotated.jpg",
     ]
-    with Image.open(out / "sub/img1.png.jpg") as im:
+    with Image.open(out / "sub/img1.png.annotated.jpg") as im:
         assert im.size == Image.open(good[1]).size
     assert live_app.ledger.token(tid).used == 3
 

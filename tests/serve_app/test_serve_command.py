@@ -150,9 +150,12 @@ def test_given_serve_when_started_then_demo_token_is_printed_and_ctrl_c_stops_ev
         assert driver.returncode == 0, driver.stderr[-3000:]
         line = json.loads(driver.stdout.strip().splitlines()[-1])
         assert line["units"] == 1 and line["detections"], line
+        token_file = tmp_path / "yt-token"  # as the README does it: the credential is not in the job's entrypoint
+        token_file.write_text(credential)
+        token_file.chmod(0o600)
         job = ray_tool(
             [str(bin_dir / "ray"), "job", "submit", "--address", dash, "--working-dir", str(REPO / "cluster"),
-             "--", "python", "detect_job.py", "--token", credential, str(sample_jpg)],
+             "--", "python", "detect_job.py", "--token-file", str(token_file), str(sample_jpg)],
             shell,
             timeout=300,
         )  # fmt: skip
