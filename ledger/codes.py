@@ -30,6 +30,8 @@ class Code(enum.StrEnum):
     LIMIT_WIDENING = "limit_widening"
     # lookups (404)
     NOT_FOUND = "not_found"
+    # an allowlist names a model version that is not deployed (404)
+    UNKNOWN_MODEL = "unknown_model"
     # idempotency (409)
     IDEMPOTENCY_CONFLICT = "idempotency_conflict"
     IDEMPOTENCY_IN_PROGRESS = "idempotency_in_progress"

@@ -54,6 +54,9 @@ class LedgerSettings:
     # pins it to the node that holds data_dir (the signing keys); empty = anywhere (one-node runs)
     actor_resources: dict[str, float] = field(default_factory=dict)
     # custom Ray resources every shard asks for (shards hold no files: any node will do)
+    # the model versions the serving side deploys (name@version): token allowlists may name only
+    # these (`unknown_model` otherwise); empty = not known (a ledger on its own takes any name)
+    known_models: tuple[str, ...] = ()
     shard_resources: dict[str, float] = field(default_factory=dict)
     # alert delivery (ledger/notify.py), run by the actor's periodic loop
     smtp_host: str | None = None

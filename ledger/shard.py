@@ -84,6 +84,7 @@ class ShardCore:
         )
         # a holder's strict admission that finds the last units in leases has them asked back
         self.book.recall = self.leases.recall_for
+        self.book.tree.known_models = frozenset(settings.known_models)
         self.ready = False
         self.fenced = False  # a newer instance of this shard started: this one never commits again
         self.unwritten: Changes | None = None  # the outbox of a commit that failed, until discarded

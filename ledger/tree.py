@@ -48,6 +48,9 @@ class TokenTree:
     def __init__(self, clock: Callable[[], float], max_depth: int = MAX_TREE_DEPTH) -> None:
         self.clock = clock
         self.max_depth = max_depth
+        # the deployed model versions (name@version): an allowlist naming another is refused; empty =
+        # not known here (a ledger without the serving side), anything is taken
+        self.known_models: frozenset[str] = frozenset()
         self.nodes: dict[str, Node] = {}
         self.roots: dict[str, Node] = {}
         self.out = Changes()
@@ -167,6 +170,7 @@ class TokenTree:
         if actor is not None:
             raise OperationRefused("only an admin may create packages", Code.FORBIDDEN)
         spec_problems(spec)
+        self._check_models(spec.limits)
         now = self.clock()
         if spec.limits.expires_at is not None and spec.limits.expires_at <= now + MIN_LIFETIME_S:
             raise OperationRefused("expiry must be at least a second in the future", Code.INVALID_REQUEST)
@@ -179,6 +183,7 @@ class TokenTree:
         """Carve `spec.allocation` units of the parent's free quota into a new child token."""
         parent = self.node(parent_id, actor)
         spec_problems(spec)
+        self._check_models(spec.limits)
         now = self.clock()
         self._require_usable(parent, now)
         self._check_units(spec.allocation, "allocation")
@@ -229,6 +234,19 @@ class TokenTree:
         self.out.new_nodes.append(n)
         return n
 
+    def _check_models(self, limits: TokenLimits) -> None:
+        """An allowlist names deployed models only: `name` (every version) or `name@version`."""
+        if not self.known_models or limits.models is None:
+            return
+        names = {k.partition("@")[0] for k in self.known_models}
+        unknown = sorted(m for m in limits.models if m not in self.known_models and m not in names)
+        if unknown:
+            raise OperationRefused(
+                f"no such model deployed: {', '.join(unknown)[:200]} (deployed: {', '.join(sorted(self.known_models))};"
+                " an allowlist takes a name or name@version; GET /v1/models lists them)",
+                Code.UNKNOWN_MODEL,
+            )
+
     def _narrow_limits(self, parent: Node, limits: TokenLimits, now: float) -> float | None:
         """Refuse anything wider than the parent's effective limits; return the child's expiry."""
         eff_exp = min((a.expires_at for a in parent.path() if a.expires_at is not None), default=None)
@@ -250,6 +268,7 @@ class TokenTree:
         """Change limits of a node (fields left None stay as they are); children may only narrow."""
         n = self._strict_descendant(token_id, actor)
         check_token_limits(limits)
+        self._check_models(limits)
         now = self.clock()
         self._require_usable(n, now)
         if n.parent is not None:

@@ -158,4 +158,5 @@ class AppArgs(BaseModel):
             shard_resources=dict(self.ledger.shard_resources),
             lease_ttl_s=self.ledger.lease_ttl_s,
             lost_lease_policy=self.ledger.lost_lease_policy,
+            known_models=tuple(m.key for m in self.models),
         ).resolved()

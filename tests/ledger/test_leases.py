@@ -735,3 +735,23 @@ def test_given_a_random_interleaving_when_run_then_conservation_holds_and_the_bo
             assert node.used >= 0 and node.allocation >= 0 and (node.free >= 0 or not node.live)
     finally:
         core.close()
+
+
+def test_given_the_deployed_models_then_an_allowlist_naming_another_is_refused_unknown_model(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """Issue 18 §5: `--models yolov8n@1` was taken although no such version is deployed. The serving
+    side tells the ledger what it deploys; a name (every version) or a deployed name@version passes."""
+    core = make_core(sqlite_url, tmp_path, Clock(), known_models=("parts@1", "parts@2", "cars@1"))
+    try:
+        root = package(core, 100, models=["parts", "cars@1"])
+        for models in (["yolov8n@1"], ["parts@3"], ["parts", "yolov8n"]):
+            with pytest.raises(OperationRefused) as err:
+                core.split(root.id, TokenSpec.build("kid", 10, models=models))
+            assert err.value.code is Code.UNKNOWN_MODEL and "deployed: cars@1, parts@1, parts@2" in err.value.message
+            with pytest.raises(OperationRefused) as err:
+                core.update_limits(root.id, models=models)
+            assert err.value.code is Code.UNKNOWN_MODEL
+        assert split(core, root, 10, models=["parts@2"]).models == frozenset({"parts@2"})
+    finally:
+        core.close()
