@@ -31,7 +31,7 @@ from ledger.codes import Code
 from ledger.credentials import Claims, Verifier
 from ledger.entities import Admission, Decision, Settlement, TokenSpec, TokenView
 from ledger.errors import ConfigError, CredentialError, LedgerError, LedgerUnavailable, OperationRefused
-from ledger.reports import cost_report
+from ledger.reports import cost_report, inherited
 from ledger.settings import ClientSettings, LedgerSettings
 from ledger.store.repository import iso_utc, usage_csv
 
@@ -92,6 +92,7 @@ __all__ = [
     "attach",
     "connect",
     "cost_report",
+    "inherited",
     "iso_utc",
     "launch",
     "stop",

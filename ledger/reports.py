@@ -7,13 +7,13 @@ ancestor's (`inherited`)."""
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
 GROUPINGS = ("team", "cost_centre", "model")
 # what a token inherits from its nearest ancestor that sets it: (key, read from the token's view)
-INHERITED = {
+INHERITED: dict[str, Callable[[Mapping[str, Any]], Any]] = {
     "team": lambda t: t.get("team"),
     "cost_centre": lambda t: (t.get("meta") or {}).get("cost_centre"),
     "alert_emails": lambda t: (t.get("meta") or {}).get("alert_emails"),

@@ -161,7 +161,10 @@ def page_tree(client: LedgerApi) -> None:
     st.table(pd.DataFrame(tree_rows(tokens, root_id)).set_index("token"))  # plain HTML: every number is text
     ids = [r["id"] for r in tree_rows(tokens, root_id)]
     by_id = {t.id: label(t) for t in tokens}
-    name_of = lambda i: by_id.get(i, i)  # noqa: E731  # selectors show names and teams, the id after them
+
+    def name_of(token_id: str) -> str:  # selectors show names and teams, the id after them
+        return by_id.get(token_id, token_id)
+
     tabs = st.tabs(["Split", "Top up", "Limits", "Revoke / reclaim", "Rotate"])
     with tabs[0], st.form("split"):
         parent = st.selectbox("Parent", ids, format_func=name_of, key="split_parent")

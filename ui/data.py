@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
-from ledger.reports import inherited
+from ledger import inherited
 
 DAY = 86400.0
 HOUR = 3600.0
