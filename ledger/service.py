@@ -9,7 +9,7 @@ idempotently. A ledger already running with other settings is a `ConfigError`, n
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import ray
@@ -39,9 +39,11 @@ def launch(settings: LedgerSettings, **client_options: Any) -> LedgerClient:
         **ACTOR_OPTIONS,
     ).remote(settings, settings.shards)
     running = ray.get(coordinator.describe.remote())
-    if running["settings"] != settings:
+    # the deployed models are the serving side's: another app may share this ledger with other
+    # models (the running ledger keeps the list it started with)
+    if replace(running["settings"], known_models=()) != replace(settings, known_models=()):
         theirs, ours = asdict(running["settings"]), asdict(settings)
-        differ = sorted(k for k in ours if ours[k] != theirs.get(k))
+        differ = sorted(k for k in ours if ours[k] != theirs.get(k) and k != "known_models")
         raise ConfigError(
             f"ledger {settings.actor_name!r} already runs with other settings ({', '.join(differ)}): "
             "stop it first, or use its settings"
