@@ -98,7 +98,7 @@ def page_overview(client: LedgerApi) -> None:
         hide_index=True,
         width="stretch",
         column_config={
-            "used_pct": st.column_config.ProgressColumn("used", format="%.1f %%", min_value=0, max_value=100),
+            "used_pct": st.column_config.ProgressColumn("used %", format="%.1f %%", min_value=0, max_value=100),
             "burn_per_day": st.column_config.NumberColumn("burn / day", format="%.1f"),
             "days_to_exhaustion": st.column_config.NumberColumn("days left", format="%.1f"),
             "next_alert": "next alert",
