@@ -25,10 +25,13 @@ def _plain(view: Any) -> dict[str, Any]:
     return asdict(view) if is_dataclass(view) and not isinstance(view, type) else dict(view)
 
 
-def inherited(tokens: Mapping[str, Mapping[str, Any]], token_id: str, key: str) -> tuple[Any, str | None]:
-    """(value, id of the ancestor it comes from; None when the token sets it itself) of `key`
-    (one of INHERITED) for `token_id`; (None, None) when no token on its path sets it."""
-    read = INHERITED[key]
+def inherited(
+    tokens: Mapping[str, Mapping[str, Any]], token_id: str, key: str | Callable[[Mapping[str, Any]], Any]
+) -> tuple[Any, str | None]:
+    """(value, id of the ancestor it comes from; None when the token sets it itself) of `key` (one
+    of INHERITED, or a reader of a token's view) for `token_id`; (None, None) when no token on its
+    path sets it."""
+    read = INHERITED[key] if isinstance(key, str) else key
     t = tokens.get(token_id)
     first = True
     seen = 0

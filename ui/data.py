@@ -169,15 +169,8 @@ def tree_rows(tokens: Sequence[Any], root_id: str) -> list[dict[str, Any]]:
 
     def own_or_inherited(t: dict[str, Any], read: Any, empty: str) -> str:
         """A limit or label the token sets, else the nearest ancestor's, marked "inherited"."""
-        n: dict[str, Any] | None = t
-        first = True
-        while n is not None:
-            value = read(n)
-            if value:
-                return str(value) if first else f"{value} (inherited)"
-            first = False
-            n = by_id.get(n["parent_id"]) if n["parent_id"] else None
-        return empty
+        value, source = inherited(by_id, t["id"], read)
+        return empty if not value else f"{value} (inherited)" if source else str(value)
 
     def walk(t: dict[str, Any], depth: int) -> None:
         out.append(
