@@ -266,6 +266,7 @@ class Decision(NamedTuple):
     replay: str | None = None  # stored result of an idempotent replay
     replayed: bool = False  # True when the same request_id was admitted before (no new debit)
     recalled: bool = False  # exhausted, but units are being asked back from leases: ask again shortly
+    copy: str = ""  # the delivery this verdict is for (`Admission.copy`): its settlement names it
 
     @property
     def admitted(self) -> bool:

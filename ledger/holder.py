@@ -279,18 +279,7 @@ class LeaseHolder:
         h.count += 1
         prior = h.inflight.get(a.request_id)
         if prior is not None:  # a retry of a request this replica is serving: no second debit
-            if prior.units != a.units or prior.model != a.model:
-                return self._denied(h, a, Code.INVALID_REQUEST, "request id already in use for another request", now)
-            p = h.policy
-            # as the shard: a credential refused now gets its 401, never the earlier OK, and a copy
-            # passes the model and IP checks of the policy seen now (a narrowing applies to it too)
-            refusal = None if p is None else status_refusal(p.path, now) or access_refusal(p.path, a.model, a.client_ip)
-            if p is not None and a.jti != p.jti:
-                refusal = (Code.REVOKED_TOKEN, "credential was rotated or revoked")
-            if refusal is not None:
-                return self._denied(h, a, refusal[0], refusal[1], now)
-            prior.copies += 1
-            return self._ok(h, a, replayed=True)
+            return self._copy(h, prior, a, now)
         if self.done.get(a.request_id) == UsageState.SETTLED.value:
             return Decision(Code.REPLAY, a.request_id, a.token_id, message="request already settled")
         waited = False
@@ -313,7 +302,32 @@ class LeaseHolder:
                 now = self.clock()
         if (now < h.strict_until and not self._covers(h, a.units, now)) or h.releasing or self.closed:
             return await self._strict(a)  # closed meanwhile: nothing more locally
+        if waited:
+            copy = self._admitted_meanwhile(h, a, now)
+            if copy is not None:
+                return copy
         return await self._local(h, a, now, waited)
+
+    def _admitted_meanwhile(self, h: _Held, a: Admission, now: float) -> Decision | None:
+        """Another copy of this request waited for the same ask and was admitted first: this one is
+        its copy, not a second debit that would replace it in `inflight` (seed 6746)."""
+        prior = h.inflight.get(a.request_id)
+        return None if prior is None else self._copy(h, prior, a, now)
+
+    def _copy(self, h: _Held, prior: _Inflight, a: Admission, now: float) -> Decision:
+        """Ray redelivered a request this replica is serving: no second debit; settled with the last copy."""
+        if prior.units != a.units or prior.model != a.model:
+            return self._denied(h, a, Code.INVALID_REQUEST, "request id already in use for another request", now)
+        p = h.policy
+        # as the shard: a credential refused now gets its 401, never the earlier OK, and a copy
+        # passes the model and IP checks of the policy seen now (a narrowing applies to it too)
+        refusal = None if p is None else status_refusal(p.path, now) or access_refusal(p.path, a.model, a.client_ip)
+        if p is not None and a.jti != p.jti:
+            refusal = (Code.REVOKED_TOKEN, "credential was rotated or revoked")
+        if refusal is not None:
+            return self._denied(h, a, refusal[0], refusal[1], now)
+        prior.copies += 1
+        return self._ok(h, a, replayed=True)
 
     @staticmethod
     def _covers(h: _Held, units: int, now: float) -> bool:
@@ -433,7 +447,13 @@ class LeaseHolder:
         give_up = self.clock() + RECALL_WAIT_S
         for attempt in range(RECALL_ASKS + 1):
             patient = attempt < RECALL_ASKS and not self.closed and self.clock() < give_up
-            d = await self.transport.admit(dataclasses.replace(a, wait=True) if patient else a)
+            try:
+                d = await self.transport.admit(dataclasses.replace(a, wait=True) if patient else a)
+            except LedgerError as exc:  # no verdict: answered, so that the refund names this copy
+                if exc.code is not Code.LEDGER_UNAVAILABLE:
+                    raise
+                d = Decision(Code.LEDGER_UNAVAILABLE, a.request_id, a.token_id, message=exc.message)
+                break
             if not (patient and d.code is Code.QUOTA_EXHAUSTED and d.recalled):
                 break
             h = self.held.get(a.token_id)
@@ -448,7 +468,9 @@ class LeaseHolder:
             self._forget_copy(a.request_id, a.copy)
         if self.on_admit is not None:
             self.on_admit(d, a.model, a.root_id, False)
-        return d
+        # the settlement of this delivery names its copy: another delivery of the same request may be
+        # in service meanwhile, and a refund of this one must not settle that one (seed 10352)
+        return d._replace(copy=a.copy)
 
     def _forget_copy(self, request_id: str, copy: str) -> None:
         copies = self.strict_copies.get(request_id)
@@ -465,7 +487,10 @@ class LeaseHolder:
         f = h.inflight.get(s.request_id) if h is not None else None
         if h is None or f is None:
             copies = self.strict_copies.get(s.request_id)
-            if not copies or s.copy:
+            if s.copy:  # the caller names the delivery (`Decision.copy`), and retries with that name
+                self._forget_copy(s.request_id, s.copy)
+                return await self.transport.settle(s)
+            if not copies:
                 return await self.transport.settle(s)
             copy = copies.pop(0)
             if not copies:

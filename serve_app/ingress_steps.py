@@ -157,10 +157,10 @@ class IngressSteps:
             result = await self._infer(spec, [i.pixels for i in images], call.params)
         except asyncio.CancelledError:
             # the caller went away (Serve cancels the call when the client hangs up): no answer, no charge
-            self.meter.settle_later(refund(admission))
+            self.meter.settle_later(refund(admission, decision))
             raise
         except Exception as exc:  # give the units back before answering, so a 5xx never costs the caller
-            await self.meter.settle_soon(refund(admission))
+            await self.meter.settle_soon(refund(admission, decision))
             reason = f"did not answer within {spec.timeout_s:g}s" if isinstance(exc, TimeoutError) else "failed"
             log.warning("detector %s %s: %r", spec.key, reason, exc)
             raise ApiError(
@@ -193,6 +193,7 @@ class IngressSteps:
             gpu_ms=float(result["gpu_ms"]),
             result=json.dumps(body) if call.idempotency_key else None,
             root_id=admission.root_id,
+            copy=decision.copy,
         )
         if call.idempotency_key:
             # a retry with this key replays the stored body, so it is stored before we answer

@@ -52,14 +52,14 @@ class Meter:
         if d.code is Code.LEDGER_UNAVAILABLE:
             # the same, answered rather than raised: a resend whose commit failed, after an earlier
             # delivery of it that may have committed (found by the simulator, seed 1537)
-            self.settle_later(refund(admission))
+            self.settle_later(refund(admission, d))
         return d
 
     def _refund_if_admitted(self, admission: Admission, task: asyncio.Future[Decision]) -> None:
         if task.cancelled() or task.exception() is not None:
             return
         if task.result().code is Code.OK:
-            self.settle_later(refund(admission))
+            self.settle_later(refund(admission, task.result()))
 
     async def settle_soon(self, settlement: Settlement, wait_s: float = 2.0) -> None:
         """Settle, waiting up to `wait_s` for it to be durable; past that it goes on in the
@@ -96,5 +96,7 @@ class Meter:
             attempt += 1
 
 
-def refund(admission: Admission) -> Settlement:
-    return Settlement(admission.request_id, admission.token_id, success=False, root_id=admission.root_id)
+def refund(admission: Admission, decision: Decision | None = None) -> Settlement:
+    """Give an admission's units back; `decision` names the delivery it was (`Decision.copy`)."""
+    copy = decision.copy if decision is not None else ""
+    return Settlement(admission.request_id, admission.token_id, success=False, root_id=admission.root_id, copy=copy)

@@ -260,6 +260,64 @@ async def test_given_one_strict_request_redelivered_to_two_holders_when_one_fail
         await two.close()
 
 
+async def test_given_two_copies_on_one_replica_when_one_gets_no_verdict_then_its_refund_leaves_the_other_charged(
+    ledger: InProcessLedger, clock: Clock
+) -> None:
+    """Found by the simulator (seed 10352): Ray redelivered a strict request to the replica serving
+    it; the copy's admit call failed (no verdict) and the caller refunded it, unnamed. The holder
+    settled its oldest copy, the one in service, so the answered request was charged 0."""
+    t = package(ledger, 1000, meta={"strict": True})
+    wire = Wire(ledger)
+    h = holder(wire, clock)
+    try:
+        a = t.admission()
+        first = await h.admit(a)
+        assert first.code is Code.OK and first.copy
+        wire.down = "raise"
+        again = await h.admit(a)
+        assert again.code is Code.LEDGER_UNAVAILABLE and again.copy not in ("", first.copy)
+        wire.down = None
+        assert await h.settle(Settlement(a.request_id, a.token_id, False, root_id=a.root_id, copy=again.copy)) in (
+            Code.OK,
+            Code.NOT_FOUND,
+        )
+        assert balances(ledger, t) == (1, 0), "the first copy is still being answered: its debit stays"
+        answered = Settlement(a.request_id, a.token_id, True, root_id=a.root_id, copy=first.copy)
+        assert await h.settle(answered) is Code.OK
+        assert balances(ledger, t) == (1, 0)
+        assert audit(ledger, t)[("settled", "ok")] == 1
+    finally:
+        await h.close()
+
+
+async def test_given_two_copies_waiting_for_one_lease_ask_then_one_debit_settled_by_the_last_copy(
+    ledger: InProcessLedger, clock: Clock
+) -> None:
+    """Found by the simulator (seed 6746): two copies of one request arrived while the replica asked
+    for a lease; both were debited, the second replacing the first in flight, and the answered
+    copy's settlement found nothing: charged 0 for an answer."""
+    t = package(ledger, 1000)
+    wire = Wire(ledger)
+    wire.gate = asyncio.Event()
+    h = holder(wire, clock)
+    try:
+        a = t.admission()
+        both = asyncio.gather(h.admit(a), h.admit(a))
+        await asyncio.sleep(0.01)
+        wire.gate.set()
+        one, two = await both
+        assert (one.code, two.code) == (Code.OK, Code.OK)
+        assert sorted((one.replayed, two.replayed)) == [False, True], "one debit, one copy of it"
+        assert await h.settle(Settlement(a.request_id, a.token_id, False, root_id=a.root_id)) is Code.OK
+        assert await h.settle(Settlement(a.request_id, a.token_id, True, root_id=a.root_id)) is Code.OK
+        await h.tick()
+        used, _ = balances(ledger, t)
+        assert used == 1
+        assert audit(ledger, t)[("settled", "ok")] == 1
+    finally:
+        await h.close()
+
+
 # ---------------------------------------------------------------- the same checks as the shard
 async def _expire(ledger: InProcessLedger, h: LeaseHolder, t: Token, clock: Clock) -> Admission:
     clock.advance(6)  # past the token's expiry, well inside the lease's validity

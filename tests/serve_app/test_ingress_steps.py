@@ -580,3 +580,42 @@ async def test_given_a_strict_admission_committed_whose_resend_answers_ledger_un
         assert ledger.token(pkg.token.id).used == 0, "no answer, no charge"
     finally:
         await holder.close()
+
+
+async def test_given_a_redelivered_copy_without_a_verdict_then_its_refund_leaves_the_copy_in_service_charged(
+    ledger: Ledger,
+) -> None:
+    """Found by the simulator (seed 10352): a copy of a strict request in service got no verdict
+    (the admit call raised); the Meter's refund named no copy, so it settled the one in service and
+    its answer was charged 0. Each settlement names the delivery it settles (`Decision.copy`)."""
+    from ledger.credentials import Verifier
+    from ledger.errors import LedgerUnavailable
+
+    pkg = ledger.create_package(TokenSpec.build("strict", 10, meta={"strict": True}))
+    jti = Verifier(ledger.public_keys()).verify(pkg.credential).jti
+    calls = {"admit": 0}
+
+    class Flaky:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(ledger, name)
+
+        async def admit(self, a: Admission) -> Decision:
+            calls["admit"] += 1
+            if calls["admit"] == 2:
+                raise LedgerUnavailable("the call failed")
+            return await ledger.admit(a)
+
+    holder = LeaseHolder(Flaky(), "replica-1", QUIET)  # type: ignore[arg-type]
+    meter = Meter(holder)
+    a = Admission("rid-1", pkg.token.id, jti, 1, "parts@1", "127.0.0.1", root_id=pkg.token.id)
+    try:
+        first = await meter.admit(a)
+        again = await meter.admit(a)  # Ray redelivered it to this replica
+        assert (first.code, again.code) == (Code.OK, Code.LEDGER_UNAVAILABLE)
+        await asyncio.gather(*list(meter._pending))  # the copy's refund
+        assert ledger.token(pkg.token.id).used == 1, "the first delivery is still being answered"
+        await meter.settle_soon(Settlement(a.request_id, a.token_id, True, root_id=a.root_id, copy=first.copy))
+        assert ledger.token(pkg.token.id).used == 1
+        assert [r["state"] for r in ledger.usage(token_id=pkg.token.id, limit=10)] == ["settled"]
+    finally:
+        await holder.close()

@@ -185,8 +185,33 @@ def _copy_skips_access_check() -> Callable[[], None]:
     return _patch(mod.LeaseHolder, "admit", admit)
 
 
+def _refund_names_no_copy() -> Callable[[], None]:
+    """A settlement does not name the delivery it settles (`Decision.copy`): the holder settles its
+    oldest copy, so the refund of a copy that got no verdict settles another copy still in service."""
+    from dataclasses import replace
+
+    from ledger.holder import LeaseHolder
+
+    real = LeaseHolder.settle
+
+    async def settle(self: Any, s: Any) -> Any:
+        return await real(self, replace(s, copy=""))
+
+    return _patch(LeaseHolder, "settle", settle)
+
+
+def _waiting_copy_debits_again() -> Callable[[], None]:
+    """Two copies of one request wait for the same lease ask: both are debited, the second
+    replacing the first in flight, so the first one's settlement settles the request."""
+    from ledger.holder import LeaseHolder
+
+    return _patch(LeaseHolder, "_admitted_meanwhile", lambda self, h, a, now: None)
+
+
 MUTATIONS.update(
     {
+        "refund_names_no_copy": _refund_names_no_copy,
+        "waiting_copy_debits_again": _waiting_copy_debits_again,
         "close_without_waiting": _close_without_waiting,
         "closed_admits_locally": _closed_admits_locally,
         "resend_applied_again": _resend_applied_again,

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         os.execv(sys.executable, [sys.executable, "-m", "tests.sim.run", *(sys.argv[1:] if argv is None else argv)])
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--seed", type=int)
-    p.add_argument("--seeds", default="0-2000", help="A-B")
+    p.add_argument("--seeds", default="0-2000", help="A-B, or a list: 1537,4826")
     p.add_argument("--seconds", type=float)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument(
@@ -112,9 +112,13 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             print(json.dumps(r))
         return 0
-    lo, _, hi = a.seeds.partition("-")
     skip = {int(x) for x in a.skip.split(",") if x}
-    seeds = None if a.seconds else [x for x in range(int(lo), int(hi)) if x not in skip]
+    if "," in a.seeds or "-" not in a.seeds:  # a list: 1537,4826
+        listed = [int(x) for x in a.seeds.split(",") if x]
+    else:
+        lo, _, hi = a.seeds.partition("-")
+        listed = list(range(int(lo), int(hi)))
+    seeds = None if a.seconds else [x for x in listed if x not in skip]
     out = sweep(seeds, a.steps, policies, a.seconds, a.workers, a.mutation, stop_at_first=bool(a.mutation))
     for f in out["failures"][:3]:
         print("\n".join(f["trace"][-25:]))

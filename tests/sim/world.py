@@ -188,6 +188,7 @@ class World:
         self.stats = {"admitted": 0, "denied": 0, "answered": 0, "crashes": 0, "lost": 0}
         self.attempts: dict[str, int] = {}  # request id -> attempts that should each leave a usage row
         self.rowless: set[str] = set()
+        self.strict_orphans: set[str] = set()  # ids whose shard debit a dead replica holds (in dead_strict)
         self.extra: dict[str, int] = {}  # request id -> deliveries of a message applied before
 
     # ---------------------------------------------------------------- plumbing
@@ -453,9 +454,12 @@ class World:
     def _orphan(self, op: Open) -> None:
         """An admitted request whose replica died before settling it: never answered."""
         rid = op.admission.request_id
-        first = rid not in self.rowless
         self.rowless.add(rid)
-        if op.strict and first:  # debited at the shard once (a resend or copy does not debit again), never settled
+        # debited at the shard once (a resend or copy does not debit again), never settled; a copy
+        # served from a lease before is not that debit (seed 4826: local at one replica, then strict)
+        first = rid not in self.strict_orphans
+        if op.strict and first:
+            self.strict_orphans.add(rid)
             t = op.admission.token_id
             self.dead_strict[t] = self.dead_strict.get(t, 0) + op.admission.units
 
@@ -478,7 +482,8 @@ class World:
             self.stats["answered"] += 1
         self.settling.append(op)  # open until its settlement is durable
         try:
-            await self._settle(h, Settlement(a.request_id, a.token_id, outcome == "answered", root_id=a.root_id))
+            s = Settlement(a.request_id, a.token_id, outcome == "answered", root_id=a.root_id, copy=op.decision.copy)
+            await self._settle(h, s)
         finally:
             self.settling.remove(op)
         if not h.alive and outcome != "answered":  # died before its refund was durable
