@@ -223,9 +223,12 @@ class QuotaBook:
         if prior is not None:  # a redelivery that passes every check: no second debit, no rate token
             if prior.copies is not None:
                 if a.copy:
-                    prior.copies.add(a.copy)  # another copy served: the debit stays until all are settled
+                    if a.copy not in prior.copies:  # another copy served: the debit stays until all are settled
+                        prior.copies.add(a.copy)
+                        self.out.copies_new.append((prior.row_id, a.copy))
                 else:
                     prior.copies = None  # a copy nobody named: the first settlement decides
+                    self.out.copies_cleared.append(prior.row_id)
             return self._decision(Code.OK, a.request_id, node, prior.units, replayed=True)
         if node.free < a.units:
             if a.wait and node.leased > 0 and self.recall is not None and self.recall(node, now):
@@ -257,6 +260,8 @@ class QuotaBook:
         body_hash = a.body_hash or ""
         rid = a.request_id
         copies = {a.copy} if a.copy else None
+        if a.copy:
+            self.out.copies_new.append((row_id, a.copy))
         self.pending[rid] = Pending(rid, node.id, a.units, now, a.idem_key, row_id, a.model, body_hash, copies)
         if a.idem_key is not None:
             rec = IdemRecord(node.id, a.idem_key, body_hash, a.request_id, now)
@@ -366,12 +371,16 @@ class QuotaBook:
         if p is None or p.token_id != s.token_id:
             return Code.NOT_FOUND
         if not s.success and s.copy and p.copies is not None:
-            p.copies.discard(s.copy)
+            if s.copy in p.copies:
+                p.copies.discard(s.copy)
+                if p.copies:
+                    self.out.copies_gone.append((p.row_id, s.copy))
             if p.copies:  # another copy of it is still being served: that one settles the debit
                 return Code.OK
         del self.pending[s.request_id]
         if p.copies is not None:
             self.out.copies[p.row_id] = p.copies
+            self.out.copies_cleared.append(p.row_id)
         charged = s.charged if type(s.charged) is int else None
         keep = (p.units if charged is None else max(0, min(charged, p.units))) if s.success else 0
         refund = p.units - keep

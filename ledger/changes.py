@@ -39,9 +39,9 @@ class Pending:
     # ... and carry the same body: "" = admitted without a body hash; None = unknown (a row written
     # before schema 0003 stored body hashes), which no redelivery can be compared with
     body_hash: str | None = ""
-    # the copies of the request being served (`Admission.copy`), in memory: a copy's refund refunds
-    # the debit only once no other copy is left. None = not known (loaded after a restart, or a
-    # caller that names no copies): the first settlement decides
+    # the copies of the request being served (`Admission.copy`, stored in `request_copies`): a
+    # copy's refund refunds the debit only once no other copy is left. None = not known (a caller
+    # that names no copies, or a row admitted before schema 0006): the first settlement decides
     copies: set[str] | None = None
 
 
@@ -101,6 +101,10 @@ class Changes:
     usage_done: list[UsageDoneRow] = field(default_factory=list)
     lease_put: dict[str, Lease] = field(default_factory=dict)
     lease_deleted: list[str] = field(default_factory=list)
+    # the named copies of pending admissions (`request_copies`): added, one given up, all gone
+    copies_new: list[tuple[int, str]] = field(default_factory=list)
+    copies_gone: list[tuple[int, str]] = field(default_factory=list)
+    copies_cleared: list[int] = field(default_factory=list)
     # memory only (not written): the copies of each request settled in this batch, by usage row id,
     # so that a failed batch's rebuilt book still knows which copies of them are being served
     copies: dict[int, set[str]] = field(default_factory=dict)
@@ -119,4 +123,7 @@ class Changes:
             or self.usage_done
             or self.lease_put
             or self.lease_deleted
+            or self.copies_new
+            or self.copies_gone
+            or self.copies_cleared
         )

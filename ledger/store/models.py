@@ -125,6 +125,17 @@ class ShardRow(Base):
     started_at: Mapped[float | None] = mapped_column(Float)
 
 
+class RequestCopyRow(Base):
+    """A copy of a pending strict admission being served (`Admission.copy`): Ray redelivered the
+    request, each replica names its delivery. Kept while the admission is pending, so that a shard
+    rebuilt after a restart still refunds the debit only when no copy is left (schema 0006)."""
+
+    __tablename__ = "request_copies"
+
+    row_id: Mapped[int] = mapped_column(BigId, primary_key=True)  # the admission's usage row
+    copy: Mapped[str] = mapped_column(String(120), primary_key=True)
+
+
 class LeaseRow(Base):
     """A quota lease (DESIGN §3a): `units` of a token escrowed for one holder (an ingress replica).
     A token's `leased` balance is the sum of its leases; `free` excludes it."""

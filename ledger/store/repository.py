@@ -31,6 +31,7 @@ from ledger.store.models import (
     Base,
     IdempotencyRow,
     LeaseRow,
+    RequestCopyRow,
     ShardRow,
     TokenRow,
     UsageEventRow,
@@ -43,6 +44,7 @@ ALERTS = cast(Table, AlertRow.__table__)
 IDEM = cast(Table, IdempotencyRow.__table__)
 SHARDS = cast(Table, ShardRow.__table__)
 LEASES = cast(Table, LeaseRow.__table__)
+COPIES = cast(Table, RequestCopyRow.__table__)
 AUDIT_COLUMNS = tuple(c for c in USAGE.columns if c.name != "body_hash")
 
 
@@ -130,6 +132,9 @@ class Store:
         self._insert_lease = (
             f"INSERT INTO leases ({', '.join(LEASE_COLUMNS)}) VALUES ({', '.join([mark] * len(LEASE_COLUMNS))})"
         )
+        self._insert_copy = f"INSERT INTO request_copies (row_id, copy) VALUES ({mark}, {mark})"
+        self._delete_copy = f"DELETE FROM request_copies WHERE row_id = {mark} AND copy = {mark}"
+        self._clear_copies = f"DELETE FROM request_copies WHERE row_id = {mark}"
         # every commit's fence check: plain SQL, no statement to build and look up per commit
         self._fence = f"UPDATE ledger_shards SET epoch = epoch WHERE shard = {mark} AND epoch = {mark}"
 
@@ -205,6 +210,12 @@ class Store:
             conn.exec_driver_sql(self._settle_usage, ch.settles)
         if ch.usage_done:
             conn.exec_driver_sql(self._insert_usage_done, ch.usage_done)
+        if ch.copies_new:  # in the order of the batch: named, then given up, then settled
+            conn.exec_driver_sql(self._insert_copy, ch.copies_new)
+        if ch.copies_gone:
+            conn.exec_driver_sql(self._delete_copy, ch.copies_gone)
+        if ch.copies_cleared:
+            conn.exec_driver_sql(self._clear_copies, [(r,) for r in ch.copies_cleared])
         gone = [*ch.lease_put, *ch.lease_deleted]
         if gone:
             conn.exec_driver_sql(self._delete_lease, [(x,) for x in gone])
@@ -276,6 +287,17 @@ class Store:
                         .where(and_(owned, USAGE.c.ts >= now - settle_window_s, USAGE.c.state == "admitted"))
                     )
                 ]
+                copies: dict[int, set[str]] = {}
+                if pending:  # the named copies of the pending admissions (schema 0006)
+                    admitted = (
+                        select(USAGE.c.id)
+                        .select_from(usage_of_shard)
+                        .where(and_(owned, USAGE.c.ts >= now - settle_window_s, USAGE.c.state == "admitted"))
+                    )
+                    for row_id, copy in conn.execute(
+                        select(COPIES.c.row_id, COPIES.c.copy).where(COPIES.c.row_id.in_(admitted))
+                    ):
+                        copies.setdefault(int(row_id), set()).add(copy)
                 recent = [
                     (r.request_id, r.token_id, r.state, r.settled_at)
                     for r in conn.execute(
@@ -306,6 +328,7 @@ class Store:
         by_req = {(i.token_id, i.request_id): i.key for i in idem}
         for p in pending:
             p.idem_key = by_req.get((p.token_id, p.request_id))
+            p.copies = copies.get(p.row_id)
         return nodes, pending, recent, idem, last_id, leases
 
     def recent_denials(self, since: float, limit: int) -> list[str]:

@@ -8,14 +8,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from ledger.book import IDEM_PENDING_TIMEOUT_S, QuotaBook
 from ledger.codes import Code
 from ledger.entities import Admission, Node, Settlement, TokenLimits, TokenSpec
 from ledger.settings import LedgerSettings
 from ledger.shard import ShardCore
-from ledger.store.repository import USAGE, Store
+from ledger.store.repository import COPIES, USAGE, Store
 from tests.ledger.book_helpers import Clock, admit, child, new_book, package
 
 # ---------------------------------------------------------------- D: replays only to a usable credential
@@ -274,3 +274,39 @@ def test_given_a_copy_settled_in_a_batch_that_failed_then_the_rebuilt_book_still
     c.commit()
     assert c.book.nodes[tid].used == 1
     assert c.store.balances()[tid][1] == 1
+
+
+def test_given_copies_being_served_when_the_shard_restarts_then_a_refunded_copy_leaves_the_answered_one_charged(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Found by the simulator (seed 14951: 42 units answered on a 40-unit package): a restarted shard
+    did not know which copies of a pending strict admission were being served (schema 0005 kept them
+    in memory), so a refunded copy refunded the debit, the answered copy was charged 0, and the unit
+    went back to `free` to be served again. The copies are stored with the admission (0006)."""
+    clock = Clock()
+    settings = LedgerSettings(database_url=db_url, data_dir=tmp_path / "data")
+    first = ShardCore(settings, clock=clock)
+    first.start()
+    tid = first.create_package(TokenSpec("p", 1)).token.id
+    node = first.book.nodes[tid]
+    assert first.admit_rows([_copy(node, "r", "h1#1").row()])[0].code is Code.OK
+    assert first.admit_rows([_copy(node, "r", "h2#1").row()])[0].replayed  # Ray redelivered it
+    first.commit()
+    first.close()  # the shard dies; its successor rebuilds the book from the database
+    c = ShardCore(settings, clock=clock)
+    c.start()
+    try:
+        assert c.book.pending["r"].copies == {"h1#1", "h2#1"}
+        assert c.settle_rows([Settlement("r", tid, success=False, copy="h2#1").row()]) == ["ok"]  # hung up
+        c.commit()
+        assert c.book.nodes[tid].used == 1, "the other copy is still being answered"
+        other = c.admit_rows([Admission("r2", tid, node.jti, 1, "parts@1", "10.0.0.1").row()])[0]
+        assert other.code is Code.QUOTA_EXHAUSTED, "the package's one unit is not served twice"
+        assert c.settle_rows([Settlement("r", tid, success=True, copy="h1#1").row()]) == ["ok"]
+        c.commit()
+        assert c.store.balances()[tid][1] == 1
+        with c.store.engine.connect() as conn:
+            assert conn.execute(select(COPIES)).all() == [], "a settled admission keeps no copies"
+        assert c.consistency().violations == []
+    finally:
+        c.close()

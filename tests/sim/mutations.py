@@ -208,8 +208,25 @@ def _waiting_copy_debits_again() -> Callable[[], None]:
     return _patch(LeaseHolder, "_admitted_meanwhile", lambda self, h, a, now: None)
 
 
+def _copies_forgotten_on_restart() -> Callable[[], None]:
+    """Schema 0005's rule: a rebuilt shard does not know which copies of a pending strict admission
+    are being served, so a refunded copy un-charges an answered one and its unit is served again."""
+    from ledger.store.repository import Store
+
+    real = Store.load
+
+    def load(self: Any, *args: Any, **kw: Any) -> Any:
+        out = real(self, *args, **kw)
+        for p in out[1]:
+            p.copies = None
+        return out
+
+    return _patch(Store, "load", load)
+
+
 MUTATIONS.update(
     {
+        "copies_forgotten_on_restart": _copies_forgotten_on_restart,
         "refund_names_no_copy": _refund_names_no_copy,
         "waiting_copy_debits_again": _waiting_copy_debits_again,
         "close_without_waiting": _close_without_waiting,

@@ -30,9 +30,10 @@ CAUGHT = [
     ("rate_stash_never_expires", 2143),  # a seed with bursts (BURSTY_EVERY)
     ("refund_names_no_copy", 10352),  # found by `make sim` beyond the sweep
     ("waiting_copy_debits_again", 6746),  # found by `make sim` beyond the sweep
+    ("copies_forgotten_on_restart", 14951),  # found by `make sim` beyond the sweep (42 answered on 40)
 ]
 # seeds beyond the sweep that found a defect (of the code or of the simulator's own accounting)
-FOUND_LATER = [1537, 4826, 6746, 10352]
+FOUND_LATER = [1537, 4826, 6746, 10352, 14951]
 
 
 def sim(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:

@@ -172,9 +172,8 @@ class World:
         # token -> units of strict admissions whose holder died before settling them: they stay
         # charged (the shard cannot know they were never answered; see docs/RELIABILITY.md)
         self.dead_strict: dict[str, int] = {}
-        # ids Ray redelivered (copies), and ids pending at the shard when it restarted: a restarted
-        # shard does not know which copies of a request are being served, so the first settlement
-        # of one decides for all (RELIABILITY: the allowance of a restart)
+        # ids Ray redelivered (copies), and ids pending at the shard when it restarted (for traces;
+        # since schema 0006 a restarted shard knows the copies being served: no allowance, seed 14951)
         self.copied: set[str] = set()
         self.crossed: set[str] = set()
         self.sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
@@ -818,7 +817,7 @@ class World:
         expected: dict[str, int] = {}
         for req in self.oracle.requests.values():
             rid = req.request_id
-            if req.answered and not (rid in self.copied and rid in self.crossed and rid not in per_id):
+            if req.answered:
                 expected[req.token] = expected.get(req.token, 0) + req.units
         for tid in self.oracle.tokens:
             rows_charge, want, doubt = charged.get(tid, 0), expected.get(tid, 0), lost.get(tid, 0)
