@@ -1,8 +1,8 @@
 """The books survive upgrades: databases written by the versions with schema 0002, 0003, 0004 and
 0005 (the last landed one) are migrated to the head (0006) by the current code, and every balance,
 usage row, admin event and alert is intact, every token has its package's shard slot, the leases
-and request-copies tables are there and empty, and the ledger keeps working: old requests settle and replay, new ones are
-admitted, and a quota lease is granted, reported and released.
+and request-copies tables are there and empty, and the ledger keeps working: old requests settle
+and replay, new ones are admitted, and a quota lease is granted, reported and released.
 
 Fixtures in `data/`, made by `data/make_ledger_fixture.py` with the code of the version that wrote
 the schema (0002: 55df6a3, 0003: 469b93a, 0004: 53a94d2, 0005: e7d8e27). That script drives `ledger.core.LedgerCore`,
