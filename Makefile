@@ -30,9 +30,12 @@ test: lint browser
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # the quota-lease chaos tests of `make test` at full size (20 SIGKILL seeds per policy, 5,000-request
-# bursts, PostgreSQL down 30 s, a node removed on a 3-node cluster): about an hour on 2 cores
+# bursts, PostgreSQL down 30 s) and those only here (a node with ingress replicas removed from a
+# 3-node cluster, the lease load on PostgreSQL, every replica killed under charge, the 3-node shard
+# failover on SQLite): about an hour on 2 cores
 chaos: $(STAMP)
 	YT_LEASE_LONG=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/hostile -k lease
+	YT_LEASE_LONG=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/ledger/test_shard_failover.py
 
 # the lease-protocol simulator (tests/sim) for as long as asked: make sim SIM_SECONDS=3600; one seed:
 # .venv/bin/python -m tests.sim.run --seed N (prints its trace); a reverted fix: --mutation NAME

@@ -25,7 +25,14 @@ pytestmark = pytest.mark.ray
 BURST_UNITS = 1000 if os.environ.get("YT_LEASE_LONG") == "1" else 400
 
 
-@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+LONG = os.environ.get("YT_LEASE_LONG") == "1"
+
+
+# SQLite in `make test`; PostgreSQL too in `make chaos` (the lease path on PostgreSQL stays in `make
+# test` through test_lease_postgres_outage, test_postgres_restart and the ledger's own tests)
+@pytest.fixture(
+    scope="module", params=["sqlite", *([pytest.param("postgres", marks=pytest.mark.postgres)] if LONG else [])]
+)
 def app(
     request: pytest.FixtureRequest, ray_cluster: None, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[LeaseApp]:
