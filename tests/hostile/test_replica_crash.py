@@ -94,7 +94,9 @@ def test_given_the_detector_killed_mid_request_then_each_request_is_served_once_
         assert client.token(tid).used == len(ok_ids)  # a 503 was refunded, a 200 charged once
         charged = {r["request_id"] for r in rows if r["outcome"] == "ok" and r["state"] != "refunded"}
         refunded = [r for r in rows if r["state"] == "refunded"]
-        assert charged == set(ok_ids) and len(refunded) == statuses.get(503, 0)
+        seen = sorted((r["state"], r["outcome"]) for r in rows)
+        assert charged == set(ok_ids), (statuses, len(rows), seen)
+        assert len(refunded) == statuses.get(503, 0), (statuses, len(rows), seen, complete)
         print(json.dumps({"hostile": "replica_crash", "kills": 3, "requests": sum(statuses.values()),
                           "statuses": statuses, "charged": len(charged), "refunded": len(refunded)}))  # fmt: skip
     finally:
