@@ -66,7 +66,8 @@ def test_given_one_seed_twice_then_the_runs_are_identical() -> None:
 @pytest.mark.parametrize(("mutation", "seed"), CAUGHT)
 def test_given_a_fix_reverted_then_the_simulator_catches_it(mutation: str, seed: int) -> None:
     # that the seed passes with every fix in is shown by the sweep (seeds below SWEEP_SEEDS) or by
-    # the FOUND_LATER run
-    assert seed < SWEEP_SEEDS or seed in FOUND_LATER, f"seed {seed} is in neither the sweep nor FOUND_LATER"
+    # the FOUND_LATER run; a smaller sweep (YT_SIM_SEEDS) runs it here
+    if seed >= SWEEP_SEEDS and seed not in FOUND_LATER:
+        assert sim("--seed", str(seed), "--steps", "300").returncode == 0, "the seed passes with every fix in"
     out = sim("--seed", str(seed), "--steps", "300", "--mutation", mutation)
     assert out.returncode == 1 and "FAILED" in out.stdout, out.stdout[-2000:]
