@@ -271,6 +271,8 @@ class Store:
                         raise Fenced(f"shard {self.scope.index} epoch {self.epoch} was superseded by epoch {current}")
                 nodes = [_row_node(r) for r in conn.execute(select(TOKENS).where(owned)).mappings()]
                 last_id = int(conn.execute(select(func.coalesce(func.max(USAGE.c.id), 0))).scalar_one())
+                # admissions not settled yet, within the settle window: the book's `pending`
+                unsettled = and_(owned, USAGE.c.ts >= now - settle_window_s, USAGE.c.state == "admitted")
                 pending = [
                     Pending(r.request_id, r.token_id, r.units, r.ts, None, r.id, r.model, r.body_hash)
                     for r in conn.execute(
@@ -284,16 +286,12 @@ class Store:
                             USAGE.c.body_hash,
                         )
                         .select_from(usage_of_shard)
-                        .where(and_(owned, USAGE.c.ts >= now - settle_window_s, USAGE.c.state == "admitted"))
+                        .where(unsettled)
                     )
                 ]
                 copies: dict[int, set[str]] = {}
                 if pending:  # the named copies of the pending admissions (schema 0006)
-                    admitted = (
-                        select(USAGE.c.id)
-                        .select_from(usage_of_shard)
-                        .where(and_(owned, USAGE.c.ts >= now - settle_window_s, USAGE.c.state == "admitted"))
-                    )
+                    admitted = select(USAGE.c.id).select_from(usage_of_shard).where(unsettled)
                     for row_id, copy in conn.execute(
                         select(COPIES.c.row_id, COPIES.c.copy).where(COPIES.c.row_id.in_(admitted))
                     ):

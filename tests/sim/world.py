@@ -172,10 +172,6 @@ class World:
         # token -> units of strict admissions whose holder died before settling them: they stay
         # charged (the shard cannot know they were never answered; see docs/RELIABILITY.md)
         self.dead_strict: dict[str, int] = {}
-        # ids Ray redelivered (copies), and ids pending at the shard when it restarted (for traces;
-        # since schema 0006 a restarted shard knows the copies being served: no allowance, seed 14951)
-        self.copied: set[str] = set()
-        self.crossed: set[str] = set()
         self.sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
         self.tasks: set[asyncio.Task[Any]] = set()
         self.strict_ids: set[tuple[int, str]] = set()
@@ -380,7 +376,6 @@ class World:
         if self.open and r.random() < 0.05:  # Ray redelivers a request to another replica
             prior = r.choice(self.open).admission
             a = replace(prior)
-            self.copied.add(a.request_id)
         else:
             t = self.oracle.tokens[r.choice(sorted(self.oracle.tokens))]
             n = self.core.book.nodes.get(t.id)
@@ -596,7 +591,6 @@ class World:
 
     def crash(self) -> None:
         self.stats["crashes"] += 1
-        self.crossed.update(self.core.book.pending)
         self.core.close()
         self.core = self._new_core()
         self.check_book("after a restart")
