@@ -483,13 +483,14 @@ class LeaseHolder:
     async def settle(self, s: Settlement) -> Code:
         """Local admissions: recorded for the next report (a refund goes back to the lease at
         once). Others: settled at the shard (one attempt; the caller retries LEDGER_UNAVAILABLE)."""
+        if s.copy:  # the caller names a strict delivery (`Decision.copy`), and retries with that name;
+            # a copy of it served locally meanwhile is not this one (seed 23834: a closed holder's copy)
+            self._forget_copy(s.request_id, s.copy)
+            return await self.transport.settle(s)
         h = self.held.get(s.token_id)
         f = h.inflight.get(s.request_id) if h is not None else None
         if h is None or f is None:
             copies = self.strict_copies.get(s.request_id)
-            if s.copy:  # the caller names the delivery (`Decision.copy`), and retries with that name
-                self._forget_copy(s.request_id, s.copy)
-                return await self.transport.settle(s)
             if not copies:
                 return await self.transport.settle(s)
             copy = copies.pop(0)
@@ -561,6 +562,8 @@ class LeaseHolder:
             await asyncio.shield(h.busy)
             if not release:
                 return
+        if release and self._release_waits(h):
+            return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         h.busy = fut
         try:
@@ -581,6 +584,12 @@ class LeaseHolder:
             h.busy = None
             h.releasing = h.sent is not None and h.sent.release
             fut.set_result(None)
+
+    def _release_waits(self, h: _Held) -> bool:
+        """Requests were admitted locally since the round chose to release this idle (or dead) lease:
+        their units are not in doubt; a later round releases it once they are answered (only
+        `close()` releases units in doubt)."""
+        return h.sent is None and bool(h.inflight) and not self.closed
 
     def _ask(
         self, h: _Held, want: int, release: bool, jti: str | None, give_back: bool = False, rate: bool = False

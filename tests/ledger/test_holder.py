@@ -290,6 +290,34 @@ async def test_given_two_copies_on_one_replica_when_one_gets_no_verdict_then_its
         await h.close()
 
 
+async def test_given_a_closing_holder_serving_a_request_when_its_copy_gets_no_verdict_then_the_answer_is_charged(
+    ledger: InProcessLedger, clock: Clock
+) -> None:
+    """Found by the simulator (seed 23834): a replica closing with a request in flight from its
+    lease got Ray's copy of it, which went to the shard (nothing local after `close()`) and got no
+    verdict. The copy's refund, though it named its delivery, settled the local admission: the
+    answer that followed was charged 0."""
+    t = package(ledger, 1000)
+    wire = Wire(ledger)
+    h = holder(wire, clock)
+    a = t.admission()
+    first = await h.admit(a)
+    assert first.code is Code.OK and not first.copy and wire.calls["admit"] == 0, "served from the lease"
+    closing = asyncio.ensure_future(h.close(timeout_s=5.0))
+    await asyncio.sleep(0)
+    assert h.closed
+    wire.down = "raise"
+    again = await h.admit(a)
+    assert again.code is Code.LEDGER_UNAVAILABLE and again.copy and wire.calls["admit"] == 1
+    wire.down = None
+    refund = Settlement(a.request_id, a.token_id, False, root_id=a.root_id, copy=again.copy)
+    assert await h.settle(refund) in (Code.OK, Code.NOT_FOUND)
+    assert await h.settle(Settlement(a.request_id, a.token_id, True, root_id=a.root_id)) is Code.OK
+    await closing
+    assert balances(ledger, t) == (1, 0)
+    assert audit(ledger, t)[("settled", "ok")] == 1
+
+
 async def test_given_two_copies_waiting_for_one_lease_ask_then_one_debit_settled_by_the_last_copy(
     ledger: InProcessLedger, clock: Clock
 ) -> None:
@@ -757,6 +785,36 @@ async def test_given_leases_on_several_tokens_when_the_holder_closes_then_every_
     await h.close()
     assert [balances(ledger, t) for t in (one, two, kid)] == [(1, 0), (1, 0), (2, 0)]
     assert all(v.leased == 0 for v in ledger.tokens())
+
+
+async def test_given_an_admission_after_the_round_chose_to_release_an_idle_lease_then_it_is_charged(
+    ledger: InProcessLedger, clock: Clock
+) -> None:
+    """Found chasing a flake of test_replica_crash (a 503 with no refund row): a request admitted
+    from the lease between the round's choice to release it (idle, nothing in flight) and the
+    release itself went out as units in doubt, and its settlement, finding the lease gone, recorded
+    nothing: served free under `refund`. The release waits for it instead."""
+    t = package(ledger, 1000)
+    wire = Wire(ledger)
+    h = holder(wire, clock, idle_release_s=5.0)
+    try:
+        assert (await served(h, t.admission())).code is Code.OK
+        clock.advance(6)  # idle: this round releases the lease
+        releasing = asyncio.ensure_future(h.tick())
+        await asyncio.sleep(0)  # the round has chosen; its message is not built yet
+        a = t.admission()
+        racing = await h.admit(a)
+        assert racing.code is Code.OK and wire.calls["admit"] == 0, "admitted from the lease"
+        await releasing
+        assert await h.settle(Settlement(a.request_id, a.token_id, True, root_id=a.root_id)) is Code.OK
+        await h.tick()
+    finally:
+        await h.close()
+    used, leased = balances(ledger, t)
+    assert leased == 0
+    rows = [(r["state"], r["units"]) for r in ledger.usage(token_id=t.id) if r["request_id"] == a.request_id]
+    assert rows == [("settled", 1)], "in the audit, charged"
+    assert used == 2 and h.stats.in_doubt == 0
 
 
 async def test_given_an_admission_while_an_idle_lease_is_being_released_then_it_is_still_charged(

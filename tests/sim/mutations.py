@@ -224,8 +224,37 @@ def _copies_forgotten_on_restart() -> Callable[[], None]:
     return _patch(Store, "load", load)
 
 
+def _named_copy_settles_local() -> Callable[[], None]:
+    """A settlement that names a strict delivery settles the local admission of the same request
+    when there is one (seed 23834: a closing replica's copy got no verdict; its refund un-charged
+    the answer served from the lease)."""
+    from dataclasses import replace
+
+    from ledger.holder import LeaseHolder
+
+    real = LeaseHolder.settle
+
+    async def settle(self: Any, s: Any) -> Any:
+        h = self.held.get(s.token_id)
+        if s.copy and h is not None and s.request_id in h.inflight:
+            s = replace(s, copy="")
+        return await real(self, s)
+
+    return _patch(LeaseHolder, "settle", settle)
+
+
+def _idle_release_takes_inflight() -> Callable[[], None]:
+    """A round that chose to release an idle lease sends the release even when a request was
+    admitted from it meanwhile: its units go as in doubt, and its answer is never charged."""
+    from ledger.holder import LeaseHolder
+
+    return _patch(LeaseHolder, "_release_waits", lambda self, h: False)
+
+
 MUTATIONS.update(
     {
+        "idle_release_takes_inflight": _idle_release_takes_inflight,
+        "named_copy_settles_local": _named_copy_settles_local,
         "copies_forgotten_on_restart": _copies_forgotten_on_restart,
         "refund_names_no_copy": _refund_names_no_copy,
         "waiting_copy_debits_again": _waiting_copy_debits_again,

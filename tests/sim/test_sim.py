@@ -31,9 +31,11 @@ CAUGHT = [
     ("refund_names_no_copy", 10352),  # found by `make sim` beyond the sweep
     ("waiting_copy_debits_again", 6746),  # found by `make sim` beyond the sweep
     ("copies_forgotten_on_restart", 14951),  # found by `make sim` beyond the sweep (42 answered on 40)
+    ("named_copy_settles_local", 23834),  # found by `make sim` beyond the sweep (charged 17, answered 18)
+    ("idle_release_takes_inflight", 454),  # a seed of the RACY class (a request as a report round runs)
 ]
 # seeds beyond the sweep that found a defect (of the code or of the simulator's own accounting)
-FOUND_LATER = [1537, 2143, 2595, 4826, 6746, 10352, 14951]
+FOUND_LATER = [1537, 2143, 2595, 4826, 6746, 10352, 14951, 23376, 23834]
 
 
 def sim(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:

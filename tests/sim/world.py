@@ -61,6 +61,9 @@ MODELS = ("parts@1", "parts@2", "yolo@1")
 # one seed in BURSTY_EVERY also sends bursts (`a_burst`); the others keep the traffic they always had,
 # so the seeds recorded for the mutation runs replay as they did
 BURSTY_EVERY = 8
+# one seed class of the 8 (RACY) also sends a request to a replica in the same instant as its report
+# round, between the round's choice of what to send and the message (an idle release, for one)
+RACY = 6
 IPS = ("10.0.0.1", "10.0.0.2", "10.0.0.3")
 RATES: tuple[tuple[str, float, int] | None, ...] = (None, None, ("20/s:5", 20.0, 5), ("50/s:10", 50.0, 10),
                                                     ("200/s:40", 200.0, 40), ("2/s:2", 2.0, 2))  # fmt: skip
@@ -367,12 +370,12 @@ class World:
         self.oracle.created(OToken(n.id, None, n.id, n.jti, **o), units, self.now)
         self.log(f"create package {n.id[:10]} units={units} {o}")
 
-    def a_request(self) -> None:
+    def a_request(self, at: SimHolder | None = None) -> None:
         live = self.live_holders()
         if not live or not self.oracle.tokens:
             return
         r = self.rng
-        h = r.choice(live)
+        h = at or r.choice(live)
         if self.open and r.random() < 0.05:  # Ray redelivers a request to another replica
             prior = r.choice(self.open).admission
             a = replace(prior)
@@ -509,6 +512,9 @@ class World:
             return
         if fault == "call_fails":  # the client gave up (its retries ran out); maybe it was applied before
             self.log(f"h{m.holder} {m.kind} call fails {_asks(m.payload) if m.kind == 'lease' else ''}")
+            if m.applied and m.kind == "admit":  # committed before: its row stays, refunded (seed 23376)
+                rid = m.payload.request_id
+                self.extra[rid] = self.extra.get(rid, 0) + 1
             m.fut.set_exception(LedgerUnavailable("the call failed"))
             return
         self.fail_commit = fault == "commit_fails"
@@ -569,7 +575,11 @@ class World:
     def a_tick(self) -> None:
         live = [h for h in self.live_holders() if not h.holder.closed]
         if live:
-            self.spawn(self.rng.choice(live).holder.tick())
+            h = self.rng.choice(live)
+            self.spawn(h.holder.tick())
+            if self.seed % BURSTY_EVERY == RACY and self.rng.random() < 0.5:
+                self.log(f"a request reaches h{h.index} as its report round runs")
+                self.a_request(h)  # it runs after the round has chosen what to send, before the message
 
     def a_time(self) -> None:
         r = self.rng
@@ -728,6 +738,9 @@ class World:
             raise Violation(f"conservation: {violations[:3]}")
         for root in self.core.book.roots:
             self.oracle.check_granted(root)
+        for h in self.holders:  # units in doubt are released only by close() at its timeout
+            if h.holder.stats.in_doubt and not h.holder.closed:
+                raise Violation(f"h{h.index}: {h.holder.stats.in_doubt} units released in doubt by a holder not closed")
         if self.policy == "refund":  # no charge without an answer (or a request still open)
             open_units: dict[str, int] = {}
             # one debit per request id, whichever of its copies is still open
