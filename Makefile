@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # The Ray environment (loopback, token auth, the proxy hook, offline) is not set here: every entry
 # point (yolo-tokens, tests/conftest.py, the benchmarks) applies it from serve_app/launcher.py.
 
-.PHONY: venv browser serve test chaos fuzz sim lint bench clean
+.PHONY: venv browser prometheus serve test chaos fuzz sim lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,7 +26,11 @@ serve: $(STAMP)
 browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
-test: lint browser
+# Debian's Prometheus server, for the scrape test (tests/serve_app/test_prometheus.py; bound to 127.0.0.1)
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
+
+test: lint browser prometheus
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # the quota-lease chaos tests of `make test` at full size (20 SIGKILL seeds per policy, 5,000-request
@@ -34,7 +38,7 @@ test: lint browser
 # 3-node cluster, the lease load on PostgreSQL, every replica killed under charge, the 3-node shard
 # failover on SQLite): about an hour on 2 cores
 chaos: $(STAMP)
-	YT_LEASE_LONG=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/hostile -k lease
+	YT_LEASE_LONG=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/hostile -k "lease or replica_crash or ledger_kill"
 	YT_LEASE_LONG=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/ledger/test_shard_failover.py
 
 # the lease-protocol simulator (tests/sim) for as long as asked: make sim SIM_SECONDS=3600; one seed:

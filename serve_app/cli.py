@@ -33,7 +33,7 @@ from ledger.service import attach
 from ledger.settings import ClientSettings, LedgerSettings
 from serve_app.app import APP_NAME, build_app
 from serve_app.config import AppArgs
-from serve_app.launcher import LocalRay, apply_environment, auth_token_location, ray_env
+from serve_app.launcher import METRICS_PORT, LocalRay, apply_environment, auth_token_location, ray_env
 
 DEMO_PACKAGE = "demo"
 DEFAULT_CONFIG = Path("ray_config.yaml")
@@ -115,7 +115,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
     args, http = load_config(a.config)
     settings = args.ledger_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    local = LocalRay(port=a.port, log=settings.data_dir / "ray.log", dashboard_port=a.dashboard_port)
+    local = LocalRay(
+        port=a.port, log=settings.data_dir / "ray.log", dashboard_port=a.dashboard_port, metrics_port=a.metrics_port
+    )
     console = Console(a.console_port, settings.data_dir / "console.log")
     stop = {"now": False}
 
@@ -147,8 +149,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
         print(f"  ray status --address {address}    serve status -a {local.dashboard_url}")
         print(
             f"  ray job submit --address {local.dashboard_url} --working-dir cluster -- "
-            "python detect_job.py --token $TOKEN /abs/path/image.jpg"
+            "python detect_job.py --token-file ~/.yt-token /abs/path/image.jpg"
         )
+        print(f"  metrics: Prometheus scrapes {local.metrics_url} (dashboard: cluster/grafana-dashboard.json)")
         if console_url is not None:
             print(f"\nconsole: {console_url}  (log: {console.log})")
             print(f"  admin credential for the console (12 h, shown once):\n  {client.issue_admin('console')}")
@@ -180,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=6380, help="Ray head (GCS) port")
     p.add_argument("--console-port", type=int, default=8501, help="Streamlit console port (127.0.0.1)")
     p.add_argument("--dashboard-port", type=int, default=8265, help="Ray dashboard and Jobs API port (127.0.0.1)")
+    p.add_argument(
+        "--metrics-port", type=int, default=METRICS_PORT, help="Ray's metrics export port, for Prometheus (127.0.0.1)"
+    )
     p.add_argument("--no-console", action="store_true", help="do not start the console")
 
     p = sub.add_parser("detect", help="detect objects in an image file or a folder of images over HTTP")

@@ -39,7 +39,7 @@ from serve_app.errors import ApiError, QuietDenials
 from serve_app.http import client_ip, images_from_body, plain, read_body
 from serve_app.ingress_steps import DetectCall, IngressSteps, new_request_id
 from serve_app.metering import Meter
-from serve_app.metrics import IngressMetrics
+from serve_app.metrics import IngressMetrics, TeamLabels
 from serve_app.results import InferenceParams
 
 _IDEM_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
@@ -82,6 +82,7 @@ class Ingress:
         self.trusted = [ipaddress.ip_network(p, strict=False) for p in args.limits.trusted_proxies]
         self.ledger = attach(settings)  # the app builder launched the ledger; replicas only attach
         self.metrics = IngressMetrics()
+        self.teams = TeamLabels()
         holder_id = f"{serve.get_replica_context().replica_id.unique_id}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.holder = LeaseHolder(self.ledger, holder_id, on_admit=self._admitted)
         # no keys yet: the first credential fetches them
@@ -118,13 +119,18 @@ class Ingress:
                 self.metrics.leases(*self.holder.outstanding())
                 self.metrics.report_lag(self.holder.report_lag())
                 self.metrics.refresh()
+                await self.teams.resolve(self._package_tree)
             except Exception:  # metrics must never take the replica down
                 log.exception("ingress gauges failed")
 
+    async def _package_tree(self, package: str) -> Any:
+        return await self.ledger.ainvoke("tokens", (), {"root_id": package})
+
     def _admitted(self, decision: Decision, model: str, package: str, local: bool) -> None:
-        self.metrics.admission(decision.code.value, model, package, local)
+        team = self.teams.label(decision.token_id, package)
+        self.metrics.admission(decision.code.value, model, package, local, team)
         if decision.admitted:
-            self.metrics.units_used(decision.units, model, package)
+            self.metrics.units_used(decision.units, model, package, team)
 
     def stats(self) -> dict[str, Any]:
         """This replica's lease holder: admissions by path, leases, report lag (tests, benchmarks)."""

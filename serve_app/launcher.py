@@ -33,6 +33,7 @@ from types import MappingProxyType
 from serve_app.proxy_hooks import CALLBACK, CALLBACK_VAR
 
 LOOPBACK = "127.0.0.1"
+METRICS_PORT = 8270  # `yolo-tokens serve --metrics-port`: Ray's metrics export port, fixed for Prometheus
 LOOPBACK_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 # always these values, whatever the caller's shell says
@@ -155,12 +156,18 @@ class LocalRay:
     """
 
     def __init__(
-        self, port: int = 6380, num_cpus: int | None = None, log: Path | None = None, dashboard_port: int = 8265
+        self,
+        port: int = 6380,
+        num_cpus: int | None = None,
+        log: Path | None = None,
+        dashboard_port: int = 8265,
+        metrics_port: int = METRICS_PORT,
     ) -> None:
         self.port = port
         self.num_cpus = num_cpus
         self.log = log
         self.dashboard_port = dashboard_port
+        self.metrics_port = metrics_port
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -170,6 +177,11 @@ class LocalRay:
     @property
     def address(self) -> str:
         return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """Where Prometheus scrapes this node: Ray's metrics export port (every `yt_` metric, `ray_` prefixed)."""
+        return f"http://{LOOPBACK}:{self.metrics_port}/metrics"
 
     def start(self, timeout_s: float = 60.0) -> str:
         ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
@@ -189,6 +201,7 @@ class LocalRay:
             # the agent's default port (52365) is taken by any other Ray on this host: job submission
             # then fails with "No available agent"
             f"--dashboard-agent-listen-port={free_port()}",
+            f"--metrics-export-port={self.metrics_port}",  # fixed, so a Prometheus config can name it
             "--disable-usage-stats",
         ]
         if self.num_cpus is not None:

@@ -32,14 +32,26 @@ process whose boundaries for the same name differ.
 
 from __future__ import annotations
 
+import logging
 import time
-from typing import Final
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import asdict, is_dataclass
+from typing import Any, Final
 
 from ray.util.metrics import Counter, Gauge, Histogram
+
+from ledger.reports import inherited
+
+log = logging.getLogger(__name__)
 
 UNKNOWN: Final = "unknown"
 REFRESH_S: Final = 5.0  # well inside Ray's gauge lifetime of 2 x metrics_report_interval_ms (10 s by default)
 LOCAL: Final = "local"
+MAX_TEAMS: Final = 16  # `team` tag values per replica: the first 16 teams by name, then OTHER
+OTHER: Final = "other"
+NO_TEAM: Final = "none"
+TEAM_TTL_S: Final = 300.0  # a package's teams are read again after this (a team renamed shows within it)
+TEAM_READS_PER_ROUND: Final = 8
 STRICT: Final = "strict"
 
 # usage reports go out at least every 100 ms (DESIGN §3a); seconds of lag mean a ledger in trouble
@@ -58,6 +70,65 @@ def tag_value(value: object) -> str:
     return text if text else UNKNOWN
 
 
+class TeamLabels:
+    """Bounded `team` tag values for one replica: a token's team is the nearest ancestor's that sets
+    one (as in reports and the console); the first MAX_TEAMS distinct teams keep their names and
+    every later one is OTHER, so a label set never grows with the number of teams. A token with no
+    team on its path is NO_TEAM; one whose package was not read yet is UNKNOWN. `label` does no I/O:
+    it notes the package, and `resolve` (from the replica's periodic loop) reads the package trees."""
+
+    def __init__(
+        self, max_teams: int = MAX_TEAMS, ttl_s: float = TEAM_TTL_S, clock: Callable[[], float] = time.monotonic
+    ):
+        self.max_teams = max_teams
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self.named: set[str] = set()
+        self.of: dict[str, str] = {}  # token id -> label
+        self.read_at: dict[str, float] = {}  # package -> when its tree was read
+        self.wanted: dict[str, None] = {}  # packages to read, oldest first
+
+    def label(self, token_id: str | None, package: str | None) -> str:
+        if not token_id or not package:
+            return UNKNOWN
+        known = self.of.get(token_id)
+        if known is None or self.clock() - self.read_at.get(package, float("-inf")) > self.ttl_s:
+            self.wanted.setdefault(package, None)
+        return known or UNKNOWN
+
+    def _bounded(self, team: Any) -> str:
+        if not team:
+            return NO_TEAM
+        name = str(team)
+        if name in self.named:
+            return name
+        if len(self.named) < self.max_teams:
+            self.named.add(name)
+            return name
+        return OTHER
+
+    def learn(self, package: str, views: Iterable[Any]) -> None:
+        """Labels for every token of a package's tree (views as `LedgerApi.tokens` returns them)."""
+        tree: dict[str, Mapping[str, Any]] = {}
+        for v in views:
+            plain = asdict(v) if is_dataclass(v) and not isinstance(v, type) else dict(v)
+            tree[str(plain["id"])] = plain
+        for token_id in tree:
+            self.of[token_id] = self._bounded(inherited(tree, token_id, "team")[0])
+        self.read_at[package] = self.clock()
+        self.wanted.pop(package, None)
+
+    async def resolve(self, read: Callable[[str], Awaitable[Iterable[Any]]]) -> None:
+        """Read up to TEAM_READS_PER_ROUND noted packages; a failed read is tried again next round."""
+        for package in list(self.wanted)[:TEAM_READS_PER_ROUND]:
+            try:
+                self.learn(package, await read(package))
+            except Exception as exc:  # metrics must never take the replica down
+                log.debug("team labels of %s not read: %r", package, exc)
+                self.wanted.pop(package, None)
+                self.wanted[package] = None  # to the back of the queue
+
+
 class IngressMetrics:
     """The metrics of one TokenCheck ingress replica.
 
@@ -71,12 +142,12 @@ class IngressMetrics:
         self._admissions = Counter(
             "yt_admissions_total",
             description="Admission decisions, by decision code, model, package and path (local lease or strict).",
-            tag_keys=("decision", "model", "package", "path"),
+            tag_keys=("decision", "model", "package", "path", "team"),
         )
         self._units_used = Counter(
             "yt_units_used_total",
             description="Quota units charged for answered requests, by model and package.",
-            tag_keys=("model", "package"),
+            tag_keys=("model", "package", "team"),
         )
         self._leases = Gauge(
             "yt_leases_outstanding",
@@ -112,8 +183,9 @@ class IngressMetrics:
         if time.monotonic() - self._refreshed >= REFRESH_S:
             self.refresh()
 
-    def admission(self, decision: str, model: str, package: str, local: bool) -> None:
-        """Count one admission decision (admitted or denied); `local` says it came from a lease."""
+    def admission(self, decision: str, model: str, package: str, local: bool, team: str | None = None) -> None:
+        """Count one admission decision (admitted or denied); `local` says it came from a lease;
+        `team` is a bounded label (`TeamLabels`)."""
         self._tick()
         self._admissions.inc(
             1,
@@ -122,14 +194,16 @@ class IngressMetrics:
                 "model": tag_value(model),
                 "package": tag_value(package),
                 "path": LOCAL if local else STRICT,
+                "team": tag_value(team),
             },
         )
 
-    def units_used(self, units: int, model: str, package: str) -> None:
+    def units_used(self, units: int, model: str, package: str, team: str | None = None) -> None:
         """Count `units` charged (settled as used); zero or fewer counts nothing."""
         self._tick()
         if units > 0:
-            self._units_used.inc(int(units), {"model": tag_value(model), "package": tag_value(package)})
+            tags = {"model": tag_value(model), "package": tag_value(package), "team": tag_value(team)}
+            self._units_used.inc(int(units), tags)
 
     def leases(self, outstanding: int, units: int) -> None:
         """Set the number of leases this replica holds and the units left in them."""

@@ -17,7 +17,7 @@ import ray
 from prometheus_client.parser import text_string_to_metric_families
 
 from ledger.metrics import ShardMetrics
-from serve_app.metrics import DetectorMetrics, IngressMetrics
+from serve_app.metrics import DetectorMetrics, IngressMetrics, TeamLabels
 from tests.serve_app.conftest import LiveApp, jpeg
 from tests.serve_app.test_http import package, post
 
@@ -80,6 +80,47 @@ def test_given_the_metrics_modules_when_the_dashboard_is_read_then_every_metric_
     assert not unknown, f"panels query metrics nobody defines: {unknown}"
     for p in dashboard["panels"]:
         assert p["type"] == "row" or p["datasource"]["uid"] == "${datasource}", p["title"]
+
+
+async def test_given_more_teams_than_the_bound_then_labels_are_inherited_named_up_to_the_bound_then_other() -> None:
+    """Given team labels bounded at 3 and packages whose tokens set a team or inherit one,
+    when their trees are read, then a child without a team carries its nearest ancestor's, a tree
+    without any is "none", the first 3 teams keep their names and later ones are "other"; a token
+    of a package not read yet is "unknown" (and its package is read on the next round); a failed
+    read is tried again."""
+    now = [0.0]
+    labels = TeamLabels(max_teams=3, ttl_s=60, clock=lambda: now[0])
+
+    def tree(root: str, team: str | None) -> list[dict[str, Any]]:
+        return [
+            {"id": root, "parent_id": None, "team": team},
+            {"id": f"{root}-kid", "parent_id": root, "team": None},
+            {"id": f"{root}-own", "parent_id": root, "team": f"{root}-own-team"},
+        ]
+
+    trees = {"p1": tree("p1", "vision"), "p2": tree("p2", None), "p3": tree("p3", "qa")}
+    failing = {"p3"}
+
+    async def read(package: str) -> list[dict[str, Any]]:
+        if package in failing:
+            failing.discard(package)
+            raise ConnectionError("ledger down")
+        return trees[package]
+
+    assert [labels.label(f"{p}-kid", p) for p in ("p1", "p2", "p3")] == ["unknown"] * 3
+    await labels.resolve(read)
+    assert labels.label("p1-kid", "p1") == "vision" and labels.label("p1", "p1") == "vision"
+    assert labels.label("p2-kid", "p2") == "none"
+    assert labels.label("p3-kid", "p3") == "unknown", "its read failed: tried again"
+    await labels.resolve(read)
+    named = {labels.label(t, p) for p in ("p1", "p2", "p3") for t in (p, f"{p}-kid", f"{p}-own")}
+    assert len(named - {"none", "other"}) == 3 and "other" in named, named
+    assert labels.label("p1-kid", "p1") == "vision", "a name keeps its label"
+    now[0] = 61.0  # past the TTL: the package is read again
+    trees["p1"][0]["team"] = "renamed"
+    labels.label("p1-kid", "p1")
+    await labels.resolve(read)
+    assert labels.label("p1-kid", "p1") == "other", "a new name beyond the bound"
 
 
 def test_given_unset_tags_when_recorded_without_ray_then_nothing_raises() -> None:
@@ -235,7 +276,8 @@ def test_given_requests_to_the_running_app_when_its_node_is_scraped_then_the_pro
     then the node's metrics endpoint shows them: admissions by decision for that package, its
     units used, the detector's batches and inference time, the shard's commits and the package's
     quota remaining (each polled, bounded: Ray exports on an interval)."""
-    tid, cred = package(live_app, 100, models=["parts@1"])
+    team = f"team-{uuid.uuid4().hex[:6]}"
+    tid, cred = package(live_app, 100, models=["parts@1"], team=team)
     assert [post(live_app, cred, jpeg()).status_code for _ in range(3)] == [200, 200, 200]
     assert post(live_app, cred, jpeg(), model="parts@2").status_code == 403
     ports = {int(n["MetricsExportPort"]) for n in ray.nodes() if n["Alive"]}
@@ -265,3 +307,13 @@ def test_given_requests_to_the_running_app_when_its_node_is_scraped_then_the_pro
             break
         time.sleep(1.0)
     assert done, seen
+
+    # the team label: the replica reads the package's tree off the request path, so the first
+    # requests may count as "unknown"; later ones carry the team's name
+    deadline = time.monotonic() + EXPORT_TIMEOUT_S
+    while not (named := summed([s for port in ports for s in scrape(port)], "ray_yt_units_used_total",
+                               package=tid, team=team)):  # fmt: skip
+        assert time.monotonic() < deadline, f"no units under team={team}"
+        assert post(live_app, cred, jpeg()).status_code == 200
+        time.sleep(1.0)
+    assert named >= 1

@@ -28,6 +28,7 @@ PORT = 6391
 HTTP_PORT = 8124
 CONSOLE_PORT = 8526
 DASHBOARD_PORT = 8276
+METRICS_PORT = 8277
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -89,6 +90,8 @@ def test_given_serve_when_started_then_demo_token_is_printed_and_ctrl_c_stops_ev
             str(CONSOLE_PORT),
             "--dashboard-port",
             str(DASHBOARD_PORT),
+            "--metrics-port",
+            str(METRICS_PORT),
         ],
         env=env,
         stdout=log,
@@ -168,6 +171,14 @@ def test_given_serve_when_started_then_demo_token_is_printed_and_ctrl_c_stops_ev
             assert time.monotonic() < deadline, demo
             time.sleep(1)
         assert (demo["used"], demo["free"]) == (3, 9997), demo
+
+        # Prometheus scrapes the fixed port that `serve` printed; the product's metrics are there
+        metrics_url = f"http://127.0.0.1:{METRICS_PORT}/metrics"
+        assert f"metrics: Prometheus scrapes {metrics_url}" in text
+        deadline = time.monotonic() + 60  # Ray's agent exports every 10 s
+        while "ray_yt_admissions_total{" not in (body := httpx.get(metrics_url, timeout=10).text):
+            assert time.monotonic() < deadline, body[-2000:]
+            time.sleep(1)
 
         # the console, served by `serve`, looked at in headless Chromium: real numbers appear
         assert f"console: http://127.0.0.1:{CONSOLE_PORT}" in text
