@@ -159,14 +159,15 @@ def cmd_serve(a: argparse.Namespace) -> int:
         while not stop["now"]:
             time.sleep(0.5)
     finally:
-        print("stopping the console, Serve and Ray (Ray drains for up to 30 s) ...", flush=True)
+        print("stopping the console, Serve and Ray (about 40 s) ...", flush=True)
+        t_stop = time.monotonic()
         console.stop()
         try:
             serve.shutdown()
         finally:
             ray.shutdown()
             local.stop()
-        print("stopped.", flush=True)
+        print(f"stopped in {time.monotonic() - t_stop:.1f} s.", flush=True)
     return 0
 
 
