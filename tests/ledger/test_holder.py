@@ -154,6 +154,11 @@ def audit(ledger: InProcessLedger, t: Token) -> Counter[tuple[str, str]]:
     return out
 
 
+def request_rows(ledger: InProcessLedger, t: Token, request_id: str) -> list[tuple[str, int]]:
+    """(state, units) of each usage row of one request."""
+    return [(r["state"], r["units"]) for r in ledger.usage(token_id=t.id) if r["request_id"] == request_id]
+
+
 async def served(h: LeaseHolder, a: Admission) -> Decision:
     """Admit, and on OK settle it as a success."""
     d = await h.admit(a)
@@ -812,8 +817,7 @@ async def test_given_an_admission_after_the_round_chose_to_release_an_idle_lease
         await h.close()
     used, leased = balances(ledger, t)
     assert leased == 0
-    rows = [(r["state"], r["units"]) for r in ledger.usage(token_id=t.id) if r["request_id"] == a.request_id]
-    assert rows == [("settled", 1)], "in the audit, charged"
+    assert request_rows(ledger, t, a.request_id) == [("settled", 1)], "in the audit, charged"
     assert used == 2 and h.stats.in_doubt == 0
 
 
@@ -841,6 +845,6 @@ async def test_given_an_admission_while_an_idle_lease_is_being_released_then_it_
         await h.close()
     used, leased = balances(ledger, t)
     assert leased == 0
-    rows = [(r["state"], r["units"]) for r in ledger.usage(token_id=t.id) if r["request_id"] == racing.request_id]
+    rows = request_rows(ledger, t, racing.request_id)
     assert rows == ([("settled", 1)] if racing.code is Code.OK else [("denied", 0)]), "in the audit"
     assert used == 1 + (racing.code is Code.OK), "an admitted request is charged (or refused), never free"
