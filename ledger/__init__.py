@@ -31,9 +31,8 @@ from ledger.codes import Code
 from ledger.credentials import Claims, Verifier
 from ledger.entities import Admission, Decision, Settlement, TokenSpec, TokenView
 from ledger.errors import ConfigError, CredentialError, LedgerError, LedgerUnavailable, OperationRefused
-from ledger.reports import cost_report, inherited
+from ledger.reports import cost_report, inherited, iso_utc
 from ledger.settings import ClientSettings, LedgerSettings
-from ledger.store.repository import iso_utc, usage_csv
 
 if TYPE_CHECKING:
     from ledger.cli import connect
@@ -41,6 +40,7 @@ if TYPE_CHECKING:
     from ledger.fake import FakeLedger
     from ledger.inprocess import InProcessLedger
     from ledger.service import attach, launch, stop
+    from ledger.store.repository import usage_csv
 
 # names whose modules import Ray (or start a database): imported when first asked for
 _LAZY = {
@@ -51,6 +51,7 @@ _LAZY = {
     "connect": "ledger.cli",
     "InProcessLedger": "ledger.inprocess",
     "FakeLedger": "ledger.fake",
+    "usage_csv": "ledger.store.repository",  # SQLAlchemy and Alembic: a second of imports
 }
 
 

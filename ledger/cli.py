@@ -1,4 +1,9 @@
-"""`yolo-tokens`: the command line over the ledger's public API (a running local cluster).
+"""`yolo-tokens`: the command line over the ledger's public API (a running service or cluster).
+
+Two ways to the ledger, one set of commands: over the service's HTTP admin route (`--url`, with the
+admin credential `yolo-tokens serve` writes to `~/.yolo-tokens/admin.json` or `$YT_ADMIN_TOKEN`;
+well under a second a call), or over Ray (`--address`, or when no admin credential is found; a few
+seconds a call, most of them joining the cluster).
 
 Every command takes `--json`. Failures print `error: CODE: message` on stderr and exit
 non-zero (2 refused, 3 ledger unavailable). Credentials are printed once, never stored.
@@ -18,16 +23,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
-import ray
-
-from ledger.client import LedgerClient
+from ledger.api import LedgerApi
 from ledger.codes import Code
 from ledger.entities import TokenSpec
 from ledger.errors import LedgerError, LedgerUnavailable, OperationRefused
-from ledger.reports import GROUPINGS, INHERITED, cost_report, inherited
-from ledger.service import attach
-from ledger.settings import LedgerSettings
-from ledger.store.repository import iso_utc, usage_csv
+from ledger.http_client import AdminFile, HttpLedger
+from ledger.reports import GROUPINGS, INHERITED, cost_report, inherited, iso_utc
+from ledger.settings import ClientSettings, LedgerSettings
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -111,7 +113,7 @@ def _spec(a: argparse.Namespace) -> TokenSpec:
     )
 
 
-def cmd_package_create(a: argparse.Namespace, c: LedgerClient) -> Any:
+def cmd_package_create(a: argparse.Namespace, c: LedgerApi) -> Any:
     spec = _spec(a)
     if a.strict:  # every request admitted synchronously at the shard: no quota leases (DESIGN §3a)
         spec = TokenSpec.build(
@@ -127,7 +129,7 @@ def cmd_package_create(a: argparse.Namespace, c: LedgerClient) -> Any:
     return c.create_package(spec)
 
 
-def cmd_split(a: argparse.Namespace, c: LedgerClient) -> Any:
+def cmd_split(a: argparse.Namespace, c: LedgerApi) -> Any:
     return c.split(a.parent, _spec(a))
 
 
@@ -188,6 +190,8 @@ def cmd_alerts_ack(a: argparse.Namespace, c: Any) -> Any:
 
 
 def cmd_audit_export(a: argparse.Namespace, c: Any) -> Any:
+    from ledger.store.repository import usage_csv  # SQLAlchemy: only this command needs it
+
     since = time.time() - a.since if a.since else None
     until = time.time() - a.until if a.until else None
     rows = c.usage(token_id=a.token, model=a.model, outcome=a.outcome, since=since, until=until, limit=a.limit)
@@ -308,7 +312,10 @@ def render(command: str, value: Any) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="yolo-tokens", description=__doc__)
-    ap.add_argument("--address", default="auto", help="Ray cluster address (default: the running local one)")
+    ap.add_argument(
+        "--address", help="over Ray: the cluster's address ('auto': the running local one); default: over HTTP"
+    )
+    ap.add_argument("--url", help="over HTTP: the service (default: the one `serve` recorded, or $YT_URL)")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="machine-readable output")
     sub = ap.add_subparsers(dest="group", required=True)
@@ -416,14 +423,34 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def connect(address: str, settings: LedgerSettings) -> LedgerClient:
+def connect(address: str, settings: LedgerSettings) -> LedgerApi:
     """Join the running cluster (unless this process already has) and attach to the ledger."""
+    from ledger.service import attach  # Ray only on this path
+
     join(address, settings)
     return attach(settings)
 
 
+def open_ledger(args: argparse.Namespace, settings: LedgerSettings) -> LedgerApi:
+    """The ledger this command talks to: over HTTP with an admin credential ($YT_ADMIN_TOKEN, or
+    the file `serve` writes), unless `--address` asks for Ray or no credential is found."""
+    if args.address is None:
+        recorded = AdminFile.default().read()
+        credential = ClientSettings.from_env().admin_token or (recorded[1] if recorded else None)
+        if credential:
+            url = args.url or (recorded[0] if recorded else None) or ClientSettings.from_env().url
+            return HttpLedger(url, credential)  # type: ignore[abstract]  # methods generated from OPS
+        if args.url:
+            raise OperationRefused(
+                "no admin credential for --url: set $YT_ADMIN_TOKEN (yolo-tokens admin issue)", Code.MISSING_TOKEN
+            )
+    return connect(args.address or "auto", settings)
+
+
 def join(address: str, settings: LedgerSettings) -> None:
     """Join the Ray cluster at `address`, unless this process already has."""
+    import ray
+
     if not ray.is_initialized():
         try:
             ray.init(address=address, namespace=settings.namespace, log_to_driver=False, logging_level=logging.ERROR)
@@ -440,7 +467,7 @@ def main(argv: Sequence[str] | None = None, settings: LedgerSettings | None = No
 def run(args: argparse.Namespace, settings: LedgerSettings) -> int:
     """Run one parsed ledger command against the running cluster; returns the exit code."""
     try:
-        client = connect(args.address, settings)
+        client = open_ledger(args, settings)
         result = args.handler(args, client)
     except OperationRefused as exc:
         _fail(args, exc)

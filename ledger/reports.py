@@ -6,6 +6,8 @@ ancestor's (`inherited`)."""
 
 from __future__ import annotations
 
+import math
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
@@ -63,3 +65,12 @@ def cost_report(events: Iterable[Mapping[str, Any]], tokens: Sequence[Any], by: 
         a["units"] += int(e["units"])
         a["gpu_ms"] += float(e.get("gpu_ms") or 0.0)
     return [{by: k, **{m: round(v, 1) for m, v in a.items()}} for k, a in sorted(agg.items())]
+
+
+def iso_utc(ts: float | None) -> str | None:
+    """Epoch seconds as ISO-8601 UTC with milliseconds, e.g. `2026-12-01T06:40:12.345Z`."""
+    if ts is None:
+        return None
+    whole = math.floor(ts)
+    ms = min(999, round((ts - whole) * 1000))
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{ms:03d}Z"

@@ -15,6 +15,8 @@ Variables (all optional):
     YT_URL            http://127.0.0.1:8000   (service URL for `yolo-tokens detect` and the console)
     YT_RAY_ADDRESS    auto                    (Ray cluster the console attaches to)
     YT_TOKEN          credential for `yolo-tokens detect` (keeps it off the command line)
+    YT_ADMIN_TOKEN    admin credential for the CLI over HTTP (default: the one `serve` wrote to
+                      ~/.yolo-tokens/admin.json, or $YT_ADMIN_FILE)
 """
 
 from __future__ import annotations
@@ -132,6 +134,7 @@ class ClientSettings:
     url: str = "http://127.0.0.1:8000"
     token: str | None = None
     ray_address: str = "auto"  # the console and CLI attach to this Ray cluster
+    admin_token: str | None = None  # the CLI over HTTP (`--url`): an admin credential
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ClientSettings:
@@ -141,6 +144,7 @@ class ClientSettings:
             url=env.get("YT_URL", default.url),
             token=env.get("YT_TOKEN") or None,
             ray_address=env.get("YT_RAY_ADDRESS", default.ray_address),
+            admin_token=env.get("YT_ADMIN_TOKEN") or None,
         )
 
 

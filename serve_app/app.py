@@ -13,8 +13,9 @@ from ledger.service import launch
 from serve_app.config import AppArgs
 from serve_app.detector_deployment import Detector
 from serve_app.ingress import Ingress
+from serve_app.launcher import APP_NAME
 
-APP_NAME = "yolo-tokens"
+__all__ = ["APP_NAME", "build_app"]
 
 
 def build_app(args: AppArgs | dict[str, Any]) -> Application:

@@ -20,20 +20,21 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import ray
-import yaml
-from ray import serve
+from typing import TYPE_CHECKING, Any
 
 from ledger import cli as ledger_cli
 from ledger.api import Issued, LedgerApi
 from ledger.entities import TokenSpec
-from ledger.service import attach
+from ledger.errors import LedgerError
+from ledger.http_client import CLI_ADMIN_REFRESH_S, CLI_ADMIN_TTL_S, AdminFile
 from ledger.settings import ClientSettings, LedgerSettings
-from serve_app.app import APP_NAME, build_app
-from serve_app.config import AppArgs
-from serve_app.launcher import METRICS_PORT, LocalRay, apply_environment, auth_token_location, ray_env
+from serve_app.launcher import APP_NAME, METRICS_PORT, LocalRay, apply_environment, auth_token_location, ray_env
+
+if TYPE_CHECKING:
+    from serve_app.config import AppArgs
+
+# Ray, Serve, the app and its config (pydantic) are imported by `serve` only: the ledger commands
+# over HTTP start in a fraction of a second (issue 18 §11)
 
 DEMO_PACKAGE = "demo"
 DEFAULT_CONFIG = Path("ray_config.yaml")
@@ -41,6 +42,10 @@ DEFAULT_CONFIG = Path("ray_config.yaml")
 
 def load_config(path: Path) -> tuple[AppArgs, dict[str, Any]]:
     """The first application's typed args and the http_options of a Serve config file."""
+    import yaml
+
+    from serve_app.config import AppArgs
+
     doc = yaml.safe_load(path.read_text())
     app = next(a for a in doc["applications"] if a.get("name", APP_NAME) == APP_NAME)
     http = dict(doc.get("http_options") or {})
@@ -111,7 +116,35 @@ class Console:
             self.proc.wait()
 
 
+class CliAdmin:
+    """The admin credential of the local CLI (over HTTP): written at start, renewed daily."""
+
+    def __init__(self, file: AdminFile, client: LedgerApi, url: str) -> None:
+        self.file, self.client, self.url = file, client, url
+        self.written = float("-inf")
+        self.renew_if_due()
+
+    def renew_if_due(self) -> None:
+        if time.monotonic() - self.written < CLI_ADMIN_REFRESH_S:
+            return
+        try:
+            credential = self.client.issue_admin("cli", CLI_ADMIN_TTL_S)
+        except LedgerError as exc:  # the ledger away for a moment: the file still holds days; retry in a minute
+            print(f"warning: the CLI's admin credential was not renewed ({exc}); retrying", file=sys.stderr)
+            self.written = time.monotonic() - CLI_ADMIN_REFRESH_S + 60
+            return
+        self.file.write(self.url, credential, time.time() + CLI_ADMIN_TTL_S)
+        self.written = time.monotonic()
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from ledger.service import attach
+    from ledger.service import stop as stop_ledger
+    from serve_app.app import build_app
+
     args, http = load_config(a.config)
     settings = args.ledger_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -120,6 +153,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     )
     console = Console(a.console_port, settings.data_dir / "console.log")
     stop = {"now": False}
+    client = None
 
     def _stop(_sig: int, _frame: Any) -> None:
         stop["now"] = True
@@ -143,7 +177,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
         print("\ntry it (the demo model detects machine parts, as in docs/samples/):")
         print(f'  curl -s -X POST "{url}/v1/detect" -H "Authorization: Bearer {demo["credential"]}" \\')
         print(f'       -H "Content-Type: image/jpeg" --data-binary @{SAMPLE}')
-        print(f"  API docs: {url}/docs    CLI: yolo-tokens --address {address} token list")
+        admin_file = AdminFile.default()
+        cli_admin = CliAdmin(admin_file, client, url)
+        print(f"  API docs: {url}/docs")
+        print(f"  CLI: yolo-tokens token list   (over HTTP, as admin: its credential is in {admin_file.path},")
+        print(f"       readable by you only, valid 7 days and renewed daily; over Ray: --address {address})")
         print(f"\nRay: dashboard {local.dashboard_url}; Ray's tools and drivers need the token mode exported:")
         print(f"  export RAY_AUTH_MODE=token   # the token is {_token_hint()}")
         print(f"  ray status --address {address}    serve status -a {local.dashboard_url}")
@@ -158,16 +196,27 @@ def cmd_serve(a: argparse.Namespace) -> int:
         print("Ctrl-C stops everything started here.", flush=True)
         while not stop["now"]:
             time.sleep(0.5)
+            cli_admin.renew_if_due()
     finally:
-        print("stopping the console, Serve and Ray (about 40 s) ...", flush=True)
+        print("stopping the console, Serve, the ledger and Ray ...", flush=True)
         t_stop = time.monotonic()
+        AdminFile.default().remove_if_mine()
         console.stop()
+        t_serve = time.monotonic()
         try:
-            serve.shutdown()
+            serve.shutdown()  # replicas give their leases back to the ledger first
+            if client is not None:
+                stop_ledger(client)  # every answer it gave was committed first: nothing to flush
         finally:
+            t_ray = time.monotonic()
             ray.shutdown()
             local.stop()
-        print(f"stopped in {time.monotonic() - t_stop:.1f} s.", flush=True)
+        now = time.monotonic()
+        print(
+            f"stopped in {now - t_stop:.1f} s (console {t_serve - t_stop:.1f} s, Serve {t_ray - t_serve:.1f} s,"
+            f" Ray {now - t_ray:.1f} s).",
+            flush=True,
+        )
     return 0
 
 

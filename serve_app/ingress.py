@@ -12,6 +12,7 @@ through the one error table.
 
 import asyncio
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -44,6 +45,7 @@ from serve_app.results import InferenceParams
 
 _IDEM_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 _SERVE_ID = re.compile(r"[\x21-\x7e]{1,64}")  # fits the ledger's request_id column (fullmatch)
+ADMIN_BODY_LIMIT = 1 << 20  # an admin call's JSON arguments (a token spec at most)
 log = logging.getLogger(__name__)
 
 api = FastAPI(title="yolo-tokens", version="1", description="YOLO detection paid from token packages.")
@@ -302,6 +304,19 @@ class Ingress:
         self._start(request)
         out = await self._ledger("rotate", request, token_id=token_id)
         return {"token": plain(out.token), "credential": out.credential}
+
+    @api.post("/v1/admin/ops/{op}", include_in_schema=False)
+    async def admin_op(self, request: Request, op: str) -> dict[str, Any]:
+        """A ledger operation for an admin credential (the CLI: ledger/http_client.py)."""
+        self._start(request)
+        credential = request.headers.get("authorization")
+        await self.steps.verify(credential, "admin")  # 401/403 before reading the body
+        raw = await read_body(request, ADMIN_BODY_LIMIT)
+        try:
+            body = json.loads(raw or b"{}")
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise ApiError("invalid_request", "body is not valid JSON") from None
+        return await self.steps.admin_call(credential, op, body)
 
     # ------------------------------------------------------------ handle API (Ray jobs)
     async def detect(

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ledger import wire
 from ledger.api import LedgerApi
 from ledger.codes import Code
 from ledger.credentials import Claims
@@ -120,6 +121,16 @@ class IngressSteps:
         as_token = self.ledger.acting_as(claims.sub, claims.jti, claims.pkg)
         try:
             return await as_token.ainvoke(op, (), {k: v for k, v in kwargs.items() if k not in ("actor", "actor_jti")})
+        except LedgerError as exc:
+            raise ApiError.from_code(exc.code, exc.message) from None
+
+    async def admin_call(self, credential: str | None, op: str, body: Any) -> dict[str, Any]:
+        """Any ledger operation, as an admin (the CLI over HTTP: `ledger.http_client`): an admin
+        credential, the arguments decoded by the protocol's hints, the result encoded by them."""
+        await self.verify(credential, "admin")
+        try:
+            kwargs = wire.decode_call(op, body)
+            return wire.encode_result(await self.ledger.ainvoke(op, (), kwargs))
         except LedgerError as exc:
             raise ApiError.from_code(exc.code, exc.message) from None
 

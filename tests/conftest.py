@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,10 @@ from serve_app import launcher  # imports neither Ray nor ultralytics
 # the test session's entry point: the environment rules (loopback, token auth, the proxy hook, offline)
 # before any test module imports Ray or ultralytics, which read them once, when imported
 launcher.apply_environment()
+# the CLI goes over HTTP when it finds an admin credential (ledger/cli.py open_ledger): never the one
+# a developer's `make serve` wrote to ~/.yolo-tokens, nor one in the environment
+os.environ["YT_ADMIN_FILE"] = os.path.join(tempfile.gettempdir(), f"yt-tests-{os.getpid()}", "no-admin.json")
+os.environ.pop("YT_ADMIN_TOKEN", None)
 
 PG_ADMIN_URL = os.environ.get("YT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 

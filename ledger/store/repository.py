@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from ledger.changes import SETTLE_COLUMNS, USAGE_COLUMNS, USAGE_DONE_COLUMNS, Ch
 from ledger.entities import Node, Status
 from ledger.errors import ConfigError, Fenced, LedgerUnavailable, WriteRejected
 from ledger.limits import RateLimit, normalize_ips
+from ledger.reports import iso_utc
 from ledger.shards import ShardScope, slot_of
 from ledger.store.migrate import upgrade
 from ledger.store.models import (
@@ -471,15 +470,6 @@ class Store:
         except SQLAlchemyError as exc:
             raise LedgerUnavailable(f"database write failed: {type(exc).__name__}") from exc
         return {"usage_events": usage, "admin_events": admin, "alerts": alerts}
-
-
-def iso_utc(ts: float | None) -> str | None:
-    """Epoch seconds as ISO-8601 UTC with milliseconds, e.g. `2026-12-01T06:40:12.345Z`."""
-    if ts is None:
-        return None
-    whole = math.floor(ts)
-    ms = min(999, round((ts - whole) * 1000))
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{ms:03d}Z"
 
 
 TIME_COLUMNS = frozenset({"ts", "settled_at"})

@@ -34,9 +34,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def listed_demo(exe: str, env: dict[str, str]) -> dict[str, Any]:
-    """The demo package as `yolo-tokens token list --json` shows it."""
+    """The demo package as `yolo-tokens token list --json` shows it (over HTTP, with the admin
+    credential `serve` wrote for the CLI)."""
     listed = subprocess.run(
-        [exe, "--address", f"127.0.0.1:{PORT}", "token", "list", "--json"],
+        [exe, "token", "list", "--json"],
         env=env,
         capture_output=True,
         text=True,
@@ -76,8 +77,8 @@ def test_given_serve_when_started_then_demo_token_is_printed_and_ctrl_c_stops_ev
         "YT_DATABASE_URL": app_args["database_url"],
         "YT_DATA_DIR": app_args["data_dir"],
     }
-    env.pop("RAY_AUTH_TOKEN", None)
-    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "YT_ADMIN_FILE", "YT_ADMIN_TOKEN"):  # a fresh shell's
+        env.pop(var, None)
     log = (tmp_path / "serve.log").open("w+")
     proc = subprocess.Popen(
         [
@@ -130,7 +131,11 @@ def test_given_serve_when_started_then_demo_token_is_printed_and_ctrl_c_stops_ev
             check=False,
         )
         assert listed.returncode == 0, listed.stderr + (tmp_path / "serve.log").read_text()
-        assert [t["name"] for t in json.loads(listed.stdout)] == ["demo"]
+        assert [t["name"] for t in json.loads(listed.stdout)] == ["demo"]  # over Ray
+        admin_file = home / ".yolo-tokens" / "admin.json"
+        assert oct(admin_file.stat().st_mode & 0o777) == "0o600"
+        assert listed_demo(exe, env) == json.loads(listed.stdout)[0]  # over HTTP: the same
+        assert f"CLI: yolo-tokens token list   (over HTTP, as admin: its credential is in {admin_file}" in text
         assert (tmp_path / "var" / "ledger.db").exists()
 
         # Ray's own tools and a Ray job, as the README shows them, from a shell with the same $HOME
@@ -209,3 +214,4 @@ def test_given_serve_when_started_then_demo_token_is_printed_and_ctrl_c_stops_ev
             break
         time.sleep(0.5)
     assert alive == [], f"left running: {alive}"
+    assert not admin_file.exists()  # the CLI's admin credential went with the service

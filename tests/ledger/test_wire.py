@@ -1,0 +1,84 @@
+"""The ledger API as JSON (ledger/wire.py): what crosses the HTTP admin route comes back as it left,
+and what does not fit the protocol's hints is refused (no Ray)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from ledger import wire
+from ledger.api import OPS, Consistency, Issued, KeyRotation, Returned
+from ledger.codes import Code
+from ledger.entities import TokenSpec
+from ledger.errors import OperationRefused
+from ledger.inprocess import InProcessLedger
+from ledger.settings import LedgerSettings
+
+
+def over_json(value: Any) -> Any:
+    return json.loads(json.dumps(wire.encode(value)))
+
+
+def test_given_every_operation_then_its_arguments_and_result_have_a_wire_form() -> None:
+    for op in OPS:  # a new operation with a hint the wire cannot read fails here, not at a call
+        hints = wire._op_hints(op)
+        assert "return" in hints, op
+
+
+def test_given_a_token_spec_with_every_limit_then_it_crosses_unchanged() -> None:
+    spec = TokenSpec.build("line-3", 250, expires_at=1.8e9, models=["parts@1", "parts"], ips=["10.0.0.0/8", "::1"],
+                           rate="5/s:10", team="vision", thresholds=[50, 100],
+                           meta={"cost_centre": "CC-1"})  # fmt: skip
+    body = json.loads(json.dumps(wire.encode_call("split", ("tok_parent", spec), {})))
+    kwargs = wire.decode_call("split", body)
+    assert kwargs == {"parent_id": "tok_parent", "spec": spec}
+
+
+def test_given_real_results_then_each_decodes_to_what_the_ledger_returned(tmp_path: Any) -> None:
+    ledger = InProcessLedger(LedgerSettings(database_url=f"sqlite:///{tmp_path / 'l.db'}", data_dir=tmp_path))
+    issued = ledger.create_package(TokenSpec.build("p", 100, rate="pro", team="t"))
+    kid = ledger.split(issued.token.id, TokenSpec.build("k", 10))
+    results: dict[str, Any] = {
+        "create_package": issued,
+        "split": kid,
+        "reclaim": ledger.reclaim(kid.token.id, 4),
+        "tokens": ledger.tokens(),
+        "consistency": ledger.consistency(),
+        "rotate_keys": ledger.rotate_keys(),
+        "public_keys": ledger.public_keys(),
+        "admin_events": ledger.admin_events(),
+        "usage": ledger.usage(),
+    }
+    for op, value in results.items():
+        assert wire.decode_result(op, over_json(wire.encode_result(value))) == value, op
+    assert isinstance(wire.decode_result("reclaim", over_json(wire.encode_result(results["reclaim"]))), Returned)
+    assert isinstance(wire.decode_result("create_package", over_json(wire.encode_result(issued))), Issued)
+    assert isinstance(wire.decode_result("rotate_keys", over_json(wire.encode_result(results["rotate_keys"]))),
+                      KeyRotation)  # fmt: skip
+    c = Consistency({"a": (1, 2, "active")}, {"a": (1, 2, "active")}, [])
+    assert wire.decode_result("consistency", over_json(wire.encode_result(c))) == c
+
+
+@pytest.mark.parametrize(
+    ("op", "body", "why"),
+    [
+        ("top_up", {"kwargs": {"token_id": "t", "units": "5"}}, "expected int"),
+        ("top_up", {"kwargs": {"token_id": "t", "units": True}}, "expected int"),
+        ("top_up", {"kwargs": {"token_id": "t", "units": 5, "actor": "t"}}, "actor"),
+        ("top_up", {"kwargs": {"token_id": "t", "nope": 1}}, "no argument"),
+        ("top_up", {"kwargs": ["t", 5]}, "kwargs"),
+        ("admit", {"kwargs": {}}, "unknown ledger operation"),
+        ("split", {"kwargs": {"parent_id": "p", "spec": {"name": "x", "allocation": 1, "evil": 1}}}, "no field"),
+        ("split", {"kwargs": {"parent_id": "p", "spec": {"name": "x"}}}, "allocation"),
+        ("split", {"kwargs": {"parent_id": "p", "spec": {"name": "x", "allocation": 1,
+                                                         "limits": {"ips": ["999.1.1.1/8"]}}}}, "not an IP network"),
+        ("split", {"kwargs": {"parent_id": "p", "spec": {"name": "x", "allocation": 1,
+                                                         "limits": {"rate": {"rate": 1e12, "burst": 1}}}}}, "rate"),
+    ],
+)  # fmt: skip
+def test_given_a_value_that_does_not_fit_then_it_is_refused_as_invalid(op: str, body: Any, why: str) -> None:
+    with pytest.raises(OperationRefused) as err:
+        wire.decode_call(op, body)
+    assert err.value.code is Code.INVALID_REQUEST and why in err.value.message
