@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,12 +14,18 @@ from serve_app import launcher  # imports neither Ray nor ultralytics
 # the test session's entry point: the environment rules (loopback, token auth, the proxy hook, offline)
 # before any test module imports Ray or ultralytics, which read them once, when imported
 launcher.apply_environment()
-# the CLI goes over HTTP when it finds an admin credential (ledger/cli.py open_ledger): never the one
-# a developer's `make serve` wrote to ~/.yolo-tokens, nor one in the environment
-os.environ["YT_ADMIN_FILE"] = os.path.join(tempfile.gettempdir(), f"yt-tests-{os.getpid()}", "no-admin.json")
-os.environ.pop("YT_ADMIN_TOKEN", None)
 
 PG_ADMIN_URL = os.environ.get("YT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_admin_credential(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The CLI goes over HTTP when it finds an admin credential (ledger/cli.py `open_ledger`): never
+    with the one a developer's `make serve` wrote to ~/.yolo-tokens, nor one in the environment."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("YT_ADMIN_FILE", str(tmp_path_factory.mktemp("no-admin") / "admin.json"))
+        mp.delenv("YT_ADMIN_TOKEN", raising=False)
+        yield
 
 
 @pytest.fixture(scope="session")

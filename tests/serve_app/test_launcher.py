@@ -56,10 +56,13 @@ def test_given_ray_already_imported_when_a_rule_it_reads_would_change_then_nothi
 
 
 def test_given_a_bare_shell_when_yolo_tokens_starts_then_the_rules_come_before_ray() -> None:
-    """serve_app.cli.main() re-applies the rules, which raises if its imports pulled Ray in first."""
+    """The commands module imports no Ray (only `serve` does, after the rules), so it starts from a
+    bare shell too; serve_app.cli.main() re-applies the rules, which raises if Ray came first."""
     done = run([str(BIN / "yolo-tokens"), "--help"])
     assert done.returncode == 0, done.stderr
-    late = run([sys.executable, "-m", "serve_app.cli", "--help"])  # the commands module imports Ray itself
+    direct = run([sys.executable, "-c", "import sys, serve_app.cli; assert 'ray' not in sys.modules, 'ray imported'"])
+    assert direct.returncode == 0, direct.stderr
+    late = run([sys.executable, "-c", "import ray; from serve_app import cli; cli.main(['--help'])"])
     assert late.returncode != 0 and "LaunchError" in late.stderr
 
 

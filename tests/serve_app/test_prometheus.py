@@ -23,10 +23,13 @@ from tests.serve_app.test_http import package, post
 from tests.serve_app.test_metrics import DASHBOARD, panel_exprs, scrape
 
 pytestmark = pytest.mark.ray
-SCRAPE_S = 1
+# a node's page holds every series the session's tests made (thousands of packages by the time this
+# runs in `make test`); rendering it under that load took over a second, and a 1 s scrape then timed
+# out on every try (a run of 2026-12-03: no data in 90 s): 5 s, with the timeout as long
+SCRAPE_S = 5
 READY_TIMEOUT_S = 60.0
-DATA_TIMEOUT_S = 90.0  # Ray's agent exports every 10 s; Prometheus then scrapes every second
-RATE_WINDOW = "1m"  # what Grafana's $__rate_interval becomes at this scrape interval, and then some
+DATA_TIMEOUT_S = 90.0  # Ray's agent exports every 10 s; Prometheus then scrapes every SCRAPE_S
+RATE_WINDOW = "1m"  # what Grafana's $__rate_interval becomes at this scrape interval (4 x 5 s), and then some
 
 
 def query(base: str, expr: str) -> list[dict[str, Any]]:
@@ -36,6 +39,13 @@ def query(base: str, expr: str) -> list[dict[str, Any]]:
     assert body["status"] == "success", body
     result: list[dict[str, Any]] = body["data"]["result"]
     return result
+
+
+def targets(base: str) -> list[dict[str, Any]]:
+    """Each scrape target's health and last error, for a failure's message."""
+    with urllib.request.urlopen(f"{base}/api/v1/targets", timeout=10) as r:
+        active = json.loads(r.read())["data"]["activeTargets"]
+    return [{k: t.get(k) for k in ("scrapeUrl", "health", "lastError", "lastScrapeDuration")} for t in active]
 
 
 def series_names(expr: str) -> set[str]:
@@ -53,7 +63,11 @@ def prometheus(tmp_path: Path) -> Any:
         pytest.fail("Debian's prometheus is not installed: run `make prometheus` (make test does)")
     ports = {int(n["MetricsExportPort"]) for n in ray.nodes() if n["Alive"]}
     config = {
-        "global": {"scrape_interval": f"{SCRAPE_S}s", "evaluation_interval": f"{SCRAPE_S}s"},
+        "global": {
+            "scrape_interval": f"{SCRAPE_S}s",
+            "scrape_timeout": f"{SCRAPE_S}s",
+            "evaluation_interval": f"{SCRAPE_S}s",
+        },
         "scrape_configs": [
             {"job_name": "yolo-tokens", "static_configs": [{"targets": [f"127.0.0.1:{p}" for p in sorted(ports)]}]}
         ],
@@ -109,7 +123,7 @@ def test_given_prometheus_scraping_the_app_then_every_board_query_returns_data_f
     deadline = time.monotonic() + DATA_TIMEOUT_S
     units = f'sum(ray_yt_units_used_total{{package="{tid}"}})'
     while not (got := query(base, units)) or float(got[0]["value"][1]) < 3:
-        assert time.monotonic() < deadline, f"{units} through Prometheus: {got}"
+        assert time.monotonic() < deadline, f"{units} through Prometheus: {got}; targets: {targets(base)}"
         time.sleep(1)
     assert float(got[0]["value"][1]) == 3
     # gauges come and go with their processes (Ray drops one not set again within 2 export
@@ -118,7 +132,7 @@ def test_given_prometheus_scraping_the_app_then_every_board_query_returns_data_f
     exprs = panel_exprs(json.loads(DASHBOARD.read_text()))
     deadline = time.monotonic() + DATA_TIMEOUT_S
     while True:
-        time.sleep(3 * SCRAPE_S)  # a rate needs two samples of each series in its window
+        time.sleep(2 * SCRAPE_S)  # a rate needs two samples of each series in its window
         exported = exported_names(ports)
         empty, answered, not_exported = [], [], []
         for expr in exprs:

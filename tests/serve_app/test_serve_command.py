@@ -206,7 +206,7 @@ def test_given_serve_when_started_then_demo_token_is_printed_and_ctrl_c_stops_ev
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=90)
     log_text = (tmp_path / "serve.log").read_text()
-    assert re.search(r"stopped in \d+\.\d s\.", log_text), log_text  # the time is printed, not asserted
+    assert re.search(r"stopped in \d+\.\d s \(console", log_text), log_text  # the time is printed, not asserted
     deadline = time.monotonic() + 20
     while True:  # Ray's own children may take a moment after `ray start` has exited
         alive = [pid for pid in descendants if _running(pid)]
