@@ -175,7 +175,9 @@ def tree_rows(tokens: Sequence[Any], root_id: str) -> list[dict[str, Any]]:
     def walk(t: dict[str, Any], depth: int) -> None:
         out.append(
             {
-                "token": "    " * depth + ("└ " if depth else "") + t["name"],
+                # non-breaking spaces: four plain ones open a Markdown code block in st.table's cell
+                # (a grey pill that doubled the row's height)
+                "token": "\u00a0\u00a0\u00a0\u00a0" * depth + ("└\u00a0" if depth else "") + t["name"],
                 "id": t["id"],
                 "team": own_or_inherited(t, lambda n: n["team"], "-"),
                 "status": t["status"],

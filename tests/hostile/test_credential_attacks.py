@@ -117,7 +117,9 @@ def test_given_thousands_of_random_authorization_headers_then_never_a_5xx(live_a
             return rng.choice(["Bearer", "Bearer ", "Basic dXNlcjpwYXNz", "bearer x.y.z", "Bearer " + "a" * 8000])
         return "Bearer " + "".join(rng.choice(".=-_") for _ in range(rng.randrange(1, 40)))
 
-    headers = [garbage().strip() or "x" for _ in range(2000)]  # HTTP forbids edge whitespace in values
+    # HTTP forbids edge whitespace in values; 700 headers (2,000 took 30 s of make test; the fuzz target
+    # `credential` tries 60,000)
+    headers = [garbage().strip() or "x" for _ in range(700)]
 
     async def run() -> list[int]:
         async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=50)) as client:

@@ -24,6 +24,7 @@ import io
 import json
 import os
 import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -229,12 +230,14 @@ def move_back(db: Path, populated: dict[str, Any], now: float) -> dict[str, int]
 
 
 # ------------------------------------------------------------------ every page
+# (page, file, what shows it has drawn, window height): Streamlit scrolls inside the page, so a
+# "full page" shot is one window; the window is as tall as the page's content
 PAGES = [
-    ("Overview", "console-overview.png", "Units remaining"),
-    ("Token tree", "console-token-tree.png", "Create a package"),
-    ("Alerts", "console-alerts.png", "Acknowledge alert"),
-    ("Audit", "console-audit.png", "usage events"),
-    ("Models", "console-models.png", "Detector-parts-1"),
+    ("Overview", "console-overview.png", "Units remaining", 2500),
+    ("Token tree", "console-token-tree.png", "Create a package", 1900),
+    ("Alerts", "console-alerts.png", "Acknowledge alert", 1000),
+    ("Audit", "console-audit.png", "usage events", 1500),
+    ("Models", "console-models.png", "[data-testid=stDataFrame]", 700),  # a canvas: no cell text to find
 ]
 
 
@@ -250,12 +253,19 @@ def screenshots(url: str, admin: str, out: Path, credential: str, sample: Path) 
             page.get_by_label("Admin credential").fill(admin)
             page.get_by_role("button", name="Sign in").click()
             page.get_by_text("Signed in as").wait_for(timeout=60_000)
-            for title, name, marker in PAGES:
+            for title, name, marker, height in PAGES:
+                page.set_viewport_size({"width": 1440, "height": height})
                 page.get_by_text(title, exact=True).first.click()
-                page.get_by_text(marker).first.wait_for(timeout=60_000)
+                found = page.locator(marker) if marker.startswith("[") else page.get_by_text(marker)
+                found.first.wait_for(timeout=60_000)
+                if title == "Token tree":  # the largest package, not the demo (first by name)
+                    page.locator("[data-testid=stSelectbox]").first.click()
+                    page.get_by_role("option", name=re.compile("^press-line")).click()
+                    page.get_by_text("press-frontend").first.wait_for(timeout=60_000)
                 page.wait_for_timeout(2500)  # charts and tables draw after the data arrives
                 page.screenshot(path=str(out / name), full_page=True)
                 texts[title] = page.inner_text("body")
+            page.set_viewport_size({"width": 1440, "height": 1300})
             page.get_by_text("Try it", exact=True).click()
             page.get_by_label("Token credential").fill(credential)
             page.locator("input[type=file]").set_input_files(str(sample))

@@ -39,6 +39,15 @@ def test_given_a_tree_then_team_rate_and_models_show_inherited_values_marked() -
     assert (rows["r"]["team"], rows["r"]["granted"], rows["r"]["returned"]) == ("pm", 100, 0)
 
 
+def test_given_a_deep_tree_then_names_are_indented_by_depth_without_markdown_code_blocks() -> None:
+    tokens = [token("r", None, 100), token("c", "r", 30), token("g", "c", 10)]
+    names = {r["id"]: r["token"] for r in tree_rows(tokens, "r")}
+    assert names["r"] == "r" and names["c"].endswith("└\u00a0c") and names["g"].endswith("└\u00a0g")
+    assert len(names["g"]) - len(names["c"]) == 4  # one level deeper
+    # st.table renders cells as Markdown: 4 leading spaces or a tab would make a grey code block
+    assert not any(n.startswith(("    ", "\t")) for n in names.values()), names
+
+
 def test_given_a_team_spending_fast_then_its_row_warns_and_every_row_adds_up() -> None:
     tokens = [
         token("r", None, 1000, team="pm", delegated=100, free=900, consumed=90),
