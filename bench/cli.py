@@ -29,18 +29,25 @@ PORTS = {"ray": 6395, "http": 8131, "dashboard": 8281, "metrics": 8282}
 COMMANDS = (["token", "list", "--json"], ["report", "costs", "--json"])
 
 
-def start(tmp: Path) -> tuple[subprocess.Popen[bytes], dict[str, str], Path]:
+def local_service(tmp: Path, db: Path, http_port: int) -> tuple[Path, dict[str, str]]:
+    """The shipped ray_config.yaml pointed at `db`, `tmp/var` and `http_port`, and the environment
+    of a fresh shell whose $HOME is `tmp/home` (no Ray token, no admin credential of the caller's)."""
     config = yaml.safe_load((REPO / "ray_config.yaml").read_text())
-    config["http_options"]["port"] = PORTS["http"]
+    config["http_options"]["port"] = http_port
     args = config["applications"][0]["args"]
-    args.update(database_url=f"sqlite:///{tmp / 'var' / 'ledger.db'}", data_dir=str(tmp / "var"))
+    args.update(database_url=f"sqlite:///{db}", data_dir=str(tmp / "var"))
     args["models"][0]["weights"] = str(DEMO_WEIGHTS)
-    (tmp / "ray_config.yaml").write_text(yaml.safe_dump(config))
-    home = tmp / "home"
-    home.mkdir()
-    env = {**os.environ, "HOME": str(home)}
+    path = tmp / "ray_config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    (tmp / "home").mkdir(exist_ok=True)
+    env = {**os.environ, "HOME": str(tmp / "home")}
     for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "YT_ADMIN_TOKEN", "YT_ADMIN_FILE"):
         env.pop(var, None)
+    return path, env
+
+
+def start(tmp: Path) -> tuple[subprocess.Popen[bytes], dict[str, str], Path]:
+    _, env = local_service(tmp, tmp / "var" / "ledger.db", PORTS["http"])
     exe = Path(sys.executable).parent / "yolo-tokens"
     log = tmp / "serve.log"
     proc = subprocess.Popen(

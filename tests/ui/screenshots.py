@@ -22,7 +22,6 @@ import base64
 import bisect
 import io
 import json
-import os
 import random
 import re
 import signal
@@ -35,11 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 
+from bench.cli import local_service
 from ledger.entities import TokenSpec
 from ledger.http_client import AdminFile, HttpLedger
-from serve_app.config import DEMO_WEIGHTS
 from serve_app.demo.synth import render
 from tests.ui.browser import CHROMIUM
 
@@ -69,16 +67,7 @@ PLAN: list[tuple[tuple[str, str, str, int, str], list[tuple[str, int, int, str |
 
 # ------------------------------------------------------------------ the service
 def start(tmp: Path, db: Path, log: Path) -> subprocess.Popen[bytes]:
-    config = yaml.safe_load((REPO / "ray_config.yaml").read_text())
-    config["http_options"]["port"] = PORTS["http"]
-    args = config["applications"][0]["args"]
-    args.update(database_url=f"sqlite:///{db}", data_dir=str(tmp / "var"))
-    args["models"][0]["weights"] = str(DEMO_WEIGHTS)
-    (tmp / "ray_config.yaml").write_text(yaml.safe_dump(config))
-    env = {**os.environ, "HOME": str(tmp / "home")}
-    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "YT_ADMIN_TOKEN", "YT_ADMIN_FILE"):
-        env.pop(var, None)
-    (tmp / "home").mkdir(exist_ok=True)
+    _, env = local_service(tmp, db, PORTS["http"])
     exe = Path(sys.executable).parent / "yolo-tokens"
     proc = subprocess.Popen(
         [str(exe), "serve", "--config", str(tmp / "ray_config.yaml"), "--port", str(PORTS["ray"]),
