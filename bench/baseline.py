@@ -10,6 +10,7 @@ only here: the production app (`serve_app.app.build_app`) has no unmetered path.
 
 # No `from __future__ import annotations`: FastAPI resolves route annotations at runtime (see serve_app/ingress.py).
 
+import secrets
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -31,8 +32,9 @@ api = FastAPI(title="yolo-tokens unmetered baseline (benchmarks only)")
 @serve.deployment(name="BaselineIngress", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256)
 @serve.ingress(api)
 class BaselineIngress:
-    def __init__(self, detector: Any, args: AppArgs) -> None:
+    def __init__(self, detector: Any, args: AppArgs, key: str) -> None:
         self.detector = detector
+        self.key = key
         self.args = args
         self.spec = args.models[0]
         self.limits = ImageLimits(max_bytes=args.limits.max_body_bytes, max_pixels=args.limits.max_pixels)
@@ -42,7 +44,7 @@ class BaselineIngress:
         body = await read_body(request, self.args.limits.max_body_bytes)
         blobs = images_from_body(request.headers.get("content-type", ""), body, self.args.limits.max_images)
         images = [decode_image(b, self.limits) for b in blobs]
-        result = await self.detector.detect.remote([i.pixels for i in images], InferenceParams())
+        result = await self.detector.detect.remote([i.pixels for i in images], InferenceParams(), key=self.key)
         sizes = [(i.width, i.height) for i in images]
         return JSONResponse(result_body("baseline", self.spec.name, self.spec.version, sizes, result["detections"]))
 
@@ -51,8 +53,9 @@ def build_baseline_app(args: AppArgs, ingress_options: dict[str, Any] | None = N
     """`ingress_options`: Serve options of the baseline ingress (the same as the metered ingress's,
     so that a lever like `max_ongoing_requests` applies to both sides of the comparison)."""
     spec = args.models[0]
-    detector = deployment(Detector).options(**spec.deployment_options()).bind(spec)
-    return deployment(BaselineIngress).options(**(ingress_options or {})).bind(detector, args)
+    key = secrets.token_hex(16)  # the baseline's own detector, answering its own ingress only
+    detector = deployment(Detector).options(**spec.deployment_options()).bind(spec, key)
+    return deployment(BaselineIngress).options(**(ingress_options or {})).bind(detector, args, key)
 
 
 @serve.deployment(name="Echo", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)

@@ -43,6 +43,7 @@ if __name__ == "__main__":  # run as a script: the rules before Ray and ultralyt
 import psycopg
 import ray
 
+from ledger.capability import Capability
 from ledger.client import LedgerClient
 from ledger.credentials import Verifier
 from ledger.entities import Admission, Settlement, TokenSpec
@@ -53,8 +54,8 @@ from ledger.settings import LedgerSettings
 
 @ray.remote(num_cpus=0)
 class Caller:
-    def __init__(self, coordinator: Any, shards: list[Any]) -> None:
-        self.client = LedgerClient(coordinator, shards)
+    def __init__(self, coordinator: Any, shards: list[Any], capability: Capability) -> None:
+        self.client = LedgerClient(coordinator, shards, capability=capability)
         self.shards = shards
         self.holder: LeaseHolder | None = None  # kept from a warm-up run to the measured one
 
@@ -91,7 +92,7 @@ class Caller:
                     good = d.admitted
                 else:
                     shard = self.shards[self.client.shard_map.of_root(token_id)]
-                    rows = await shard.admit_batch.remote([a.row()])
+                    rows = await shard.admit_batch.remote([a.row()], self.client.capability)
                     good = rows[0][0] == "ok"
                 lat.append(time.perf_counter() - t0)
                 ok += good
@@ -183,7 +184,9 @@ def main() -> None:
         pkg = client.create_package(TokenSpec("bench", 10**11))
         tid = pkg.token.id
         jti = Verifier(client.public_keys()).verify(pkg.credential).jti
-        callers = [Caller.remote(client.coordinator, client.shard_actors) for _ in range(args.callers)]
+        callers = [
+            Caller.remote(client.coordinator, client.shard_actors, client.capability) for _ in range(args.callers)
+        ]
         measure("batched", client, callers, tid, jti, 8, 1.0)  # warm-up: workers, connections, imports
         results: dict[str, dict[str, Any]] = {}
         for mode in os.environ.get("BENCH_MODES", "naive,batched,lease").split(","):

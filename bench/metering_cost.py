@@ -45,7 +45,7 @@ class Instant:
     def __init__(self) -> None:
         self.detect = self
 
-    def remote(self, pixels: list[Any], params: InferenceParams) -> Any:
+    def remote(self, pixels: list[Any], params: InferenceParams, key: str | None = None) -> Any:
         return _Answer(len(pixels))
 
 

@@ -6,9 +6,10 @@
                                                         packages whose root maps to it (ledger.shards)
 
 Both are detached and restart on failure; `ledger.service.launch` creates them (one launch step),
-everyone else attaches. Operations arrive as (name, args, kwargs), checked against `ledger.api.OPS`:
-nothing outside the protocol runs, and arguments are bound to the core method's signature before
-anything is queued.
+everyone else attaches. Every method but `describe` needs the ledger's capability
+(`ledger.capability`, DESIGN §3d): a Ray job that names these actors without it changes nothing.
+Operations arrive as (name, args, kwargs), checked against `ledger.api.OPS`: nothing outside the
+protocol runs, and arguments are bound to the core method's signature before anything is queued.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 import ray
 
 from ledger.api import OPS, SHARD_ROUTES, Issued, Kind, Route
+from ledger.capability import Capability, require
 from ledger.codes import Code
 from ledger.coordinator import AlertContext, CoordinatorCore, no_context
 from ledger.entities import Decision
@@ -69,8 +71,9 @@ def _bind(fn: Any, op: str, args: Any, kwargs: Any) -> tuple[tuple[Any, ...], di
 class ShardActor:
     """One ledger shard. Create through `ledger.service.launch`, never directly."""
 
-    def __init__(self, settings: LedgerSettings, index: int, count: int) -> None:
+    def __init__(self, settings: LedgerSettings, index: int, count: int, capability: Capability) -> None:
         self.settings = settings
+        self.capability = capability
         holder = f"{ray.get_runtime_context().get_node_id()[:16]}:{os.getpid()}"
         self.core = ShardCore(settings, scope=ShardScope(index, count), holder=holder)
         # the database may be down now, or hold rows the book cannot load: the shard starts
@@ -88,13 +91,15 @@ class ShardActor:
         self.coordinator: Any = ray.get_actor(settings.actor_name, namespace=settings.namespace)
 
     # ------------------------------------------------------------ hot path
-    async def admit_packed(self, blob: bytes) -> bytes:
+    async def admit_packed(self, blob: bytes, capability: Capability | None = None) -> bytes:
         """Admissions (`Admission.row`), both sides pickled as one bytes object: Ray's cloudpickle
         calls back into Python for every tuple of a list; one plain pickle costs a fraction."""
-        return pickle.dumps(await self.admit_batch(pickle.loads(blob)), protocol=pickle.HIGHEST_PROTOCOL)
+        require(self.capability, capability, "admit_packed")  # before unpickling the caller's bytes
+        return pickle.dumps(await self.admit_batch(pickle.loads(blob), capability), protocol=pickle.HIGHEST_PROTOCOL)
 
-    async def admit_batch(self, rows: list[Any]) -> list[Decision]:
+    async def admit_batch(self, rows: list[Any], capability: Capability | None = None) -> list[Decision]:
         """Decisions, all durable when returned."""
+        require(self.capability, capability, "admit_batch")
         self._start_leases()
         try:
             result: list[Decision] = await self.flusher.run(lambda: self.core.admit_rows(rows))
@@ -104,8 +109,9 @@ class ShardActor:
             self._exit_if_fenced()
         return result
 
-    async def settle_batch(self, rows: list[Any]) -> list[str]:
+    async def settle_batch(self, rows: list[Any], capability: Capability | None = None) -> list[str]:
         """Settlements (`Settlement.row`); code values, all durable when returned."""
+        require(self.capability, capability, "settle_batch")
         try:
             result: list[str] = await self.flusher.run(lambda: self.core.settle_rows(rows))
         except LedgerUnavailable:
@@ -115,9 +121,10 @@ class ShardActor:
         return result
 
     # ------------------------------------------------------------ leases (DESIGN §3a)
-    async def lease_sync(self, blob: bytes) -> bytes:
+    async def lease_sync(self, blob: bytes, capability: Capability | None = None) -> bytes:
         """Holders' `LeaseAsk`s → `LeaseGrant`s, pickled like `admit_packed`. The holders are marked
         alive before anything else: a lease whose reports cannot be committed now is not lost."""
+        require(self.capability, capability, "lease_sync")
         self._start_leases()
         asks = pickle.loads(blob)
         if not isinstance(asks, list):
@@ -132,9 +139,12 @@ class ShardActor:
             self._exit_if_fenced()
         return pickle.dumps(grants, protocol=pickle.HIGHEST_PROTOCOL)
 
-    async def lease_watch(self, since: Version, tokens: list[str], timeout_s: float) -> WatchReply:
+    async def lease_watch(
+        self, since: Version, tokens: list[str], timeout_s: float, capability: Capability | None = None
+    ) -> WatchReply:
         """Long poll: answers as soon as a narrowing change after `since` is committed (or at once if
         `since` is stale), else after `timeout_s` (at most 30 s) with nothing changed."""
+        require(self.capability, capability, "lease_watch")
         self._start_leases()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, min(float(timeout_s), 30.0))
@@ -188,8 +198,19 @@ class ShardActor:
         self.metrics.refresh()
 
     # ------------------------------------------------------------ the typed API, forwarded
-    async def call(self, op: str, args: tuple[Any, ...], kwargs: dict[str, Any], actor_jti: str | None = None) -> Any:
-        """Run operation `op` of `ledger.api.LedgerApi` on this shard; raises the ledger's errors."""
+    async def call(
+        self,
+        op: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        actor_jti: str | None = None,
+        capability: Capability | None = None,
+    ) -> Any:
+        """Run operation `op` of `ledger.api.LedgerApi` on this shard; raises the ledger's errors.
+        Only with the capability: its holder is an admin, or acts for a token (`actor`) whose
+        credential it verified (the serving replicas); the shard still checks that `actor_jti` is
+        that token's current credential on a live path."""
+        require(self.capability, capability, f"ledger operation {op!r}")
         spec = OPS.get(op) if isinstance(op, str) else None
         if spec is None or spec.route not in SHARD_ROUTES:
             raise OperationRefused(f"{op!r} is not an operation of a ledger shard", Code.INVALID_REQUEST)
@@ -209,7 +230,9 @@ class ShardActor:
             return fn(*args, **kwargs)
 
         try:
-            value = await self.flusher.run(run)
+            value = await (
+                self.flusher.run_committed(run) if spec.kind is Kind.COMMITTED_READ else self.flusher.run(run)
+            )
         finally:
             self._exit_if_fenced()
         if isinstance(value, Unsigned):  # committed: now the coordinator signs its credential
@@ -219,7 +242,7 @@ class ShardActor:
     async def _sign(self, unsigned: Unsigned) -> str:
         for delay in (*SIGN_RETRY_S, None):
             try:
-                credential: str = await self.coordinator.sign.remote(unsigned.claims)
+                credential: str = await self.coordinator.sign.remote(unsigned.claims, self.capability)
                 return credential
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
                 if delay is None:
@@ -240,17 +263,17 @@ class ShardActor:
             asyncio.get_running_loop().call_later(0.5, os._exit, 1)
 
     # ------------------------------------------------------------ for the coordinator and tools
-    async def alert_context(self, token_id: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    async def alert_context(
+        self, token_id: str, capability: Capability | None = None
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        require(self.capability, capability, "alert_context")
         result: tuple[list[dict[str, Any]], dict[str, Any]] = await self.flusher.run(
             partial(self.core.alert_context, token_id)
         )
         return result
 
-    async def check_credential(self, token_id: str, jti: str) -> str:
-        code: str = await self.flusher.run(partial(self.core.check_credential, token_id, jti))
-        return code
-
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self, capability: Capability | None = None) -> dict[str, Any]:
+        require(self.capability, capability, "stats")
         return {
             "pid": os.getpid(),
             "node": ray.get_runtime_context().get_node_id(),
@@ -274,9 +297,10 @@ class ShardActor:
 class CoordinatorActor:
     """The ledger coordinator. Create through `ledger.service.launch`, never directly."""
 
-    def __init__(self, settings: LedgerSettings, shards: int) -> None:
+    def __init__(self, settings: LedgerSettings, shards: int, capability: Capability) -> None:
         self.settings = settings
         self.shards = shards
+        self.capability = capability
         self.core = CoordinatorCore(settings, context_of=self._context)
         self.started = False
         with contextlib.suppress(LedgerUnavailable):
@@ -289,9 +313,12 @@ class CoordinatorActor:
         self.pruned_at = 0.0
         self.periodic: asyncio.Task[None] | None = None
 
-    def describe(self) -> dict[str, Any]:
-        """What attaching clients need: the shard count and the settings the ledger runs with."""
+    def describe(self, capability: Capability | None = None) -> dict[str, Any]:
+        """What attaching clients need: the shard count; and, for the capability's holder, the
+        settings the ledger runs with (they may name the database's password)."""
         self._start_periodic()
+        if not self.capability.admits(capability):
+            return {"shards": self.shards}
         return {"shards": self.shards, "settings": self.settings}
 
     async def _run(self, fn: Any, *args: Any) -> Any:
@@ -302,8 +329,16 @@ class CoordinatorActor:
         return await loop.run_in_executor(self.pool, partial(fn, *args))
 
     # ------------------------------------------------------------ the typed API, forwarded
-    async def call(self, op: str, args: tuple[Any, ...], kwargs: dict[str, Any], actor_jti: str | None = None) -> Any:
+    async def call(
+        self,
+        op: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        actor_jti: str | None = None,
+        capability: Capability | None = None,
+    ) -> Any:
         self._start_periodic()
+        require(self.capability, capability, f"ledger operation {op!r}")
         spec = OPS.get(op) if isinstance(op, str) else None
         if spec is None or Route.COORDINATOR not in (spec.route, spec.fallback):
             raise OperationRefused(f"{op!r} is not an operation of the ledger coordinator", Code.INVALID_REQUEST)
@@ -313,11 +348,13 @@ class CoordinatorActor:
         args, kwargs = _bind(fn, op, args, kwargs)
         return await self._run(lambda: fn(*args, **kwargs))
 
-    async def sign(self, claims: dict[str, Any]) -> str:
+    async def sign(self, claims: dict[str, Any], capability: Capability | None = None) -> str:
+        require(self.capability, capability, "sign")
         credential: str = await self._run(self.core.sign, claims)
         return credential
 
-    async def root_of(self, token_id: str) -> str | None:
+    async def root_of(self, token_id: str, capability: Capability | None = None) -> str | None:
+        require(self.capability, capability, "root_of")
         root: str | None = await self._run(self.core.root_of, token_id)
         return root
 
@@ -349,7 +386,9 @@ class CoordinatorActor:
     async def _sweep_shards(self) -> None:
         for i in range(self.shards):
             with contextlib.suppress(LedgerError, ray.exceptions.RayError, ValueError, TimeoutError):
-                await asyncio.wait_for(self._shard(i).call.remote("sweep", (), {}), SHARD_CALL_TIMEOUT_S)
+                await asyncio.wait_for(
+                    self._shard(i).call.remote("sweep", (), {}, None, self.capability), SHARD_CALL_TIMEOUT_S
+                )
 
     async def _prune_when_due(self) -> None:
         if time.time() - self.pruned_at >= self.settings.prune_interval_s:
@@ -363,7 +402,9 @@ class CoordinatorActor:
         if root is None:
             return no_context(token_id)
         shard = self._shard(ShardMap(self.shards).of_root(root))
-        context: AlertContext = ray.get(shard.alert_context.remote(token_id), timeout=SHARD_CALL_TIMEOUT_S)
+        context: AlertContext = ray.get(
+            shard.alert_context.remote(token_id, self.capability), timeout=SHARD_CALL_TIMEOUT_S
+        )
         return context
 
     async def deliver_alerts(self) -> dict[str, int]:

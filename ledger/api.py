@@ -40,6 +40,7 @@ class Kind(enum.Enum):
     WRITE = "write"  # changes the book: serialized with admissions, committed before the reply
     BOOK_READ = "book_read"  # reads the book: queued like writes, never sees a book half-applied
     DB_READ = "db_read"  # reads the database on a reader thread
+    COMMITTED_READ = "committed_read"  # reads the book and the database together, once both agree
     OUTSIDE_BOOK = "outside_book"  # changes state outside the book (key ring): never applied twice
 
 
@@ -236,7 +237,7 @@ class LedgerApi(Protocol):
         actor: str | None = None,
     ) -> list[UsageEvent]: ...
 
-    @operation(Route.ALL_SHARDS, Kind.BOOK_READ, scoped=False)
+    @operation(Route.ALL_SHARDS, Kind.COMMITTED_READ, scoped=False)
     def consistency(self) -> Consistency: ...
 
     # ------------------------------------------------------------ coordinator: keys, audit, alerts

@@ -26,6 +26,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayError, RayTa
 
 from ledger.api import Route, merge, prepare, routing_key, targets
 from ledger.batcher import Batcher
+from ledger.capability import Capability
 from ledger.codes import Code
 from ledger.dispatch import Dispatcher
 from ledger.entities import Admission, Decision, Settlement
@@ -40,14 +41,17 @@ RETRY_DELAYS_S = (0.05, 0.1, 0.2, 0.5, 1.0, 1.0, 2.0, 2.0, 2.0, 3.0, 3.0)
 class _Shard:
     """One shard's actor handle and its two batchers."""
 
-    def __init__(self, actor: Any, max_batch: int, max_inflight: int) -> None:
+    def __init__(self, actor: Any, max_batch: int, max_inflight: int, capability: Capability | None) -> None:
         self.actor = actor
+        self.capability = capability
         self.admit = Batcher(self._send_admissions, max_batch, max_inflight)
         self.settle = Batcher(self._send_settlements, max_batch, max_inflight)
 
     async def _send_admissions(self, rows: list[tuple[Any, ...]]) -> list[Any]:
         try:
-            blob = await _retrying(self.actor.admit_packed, pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL))
+            blob = await _retrying(
+                self.actor.admit_packed, pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL), self.capability
+            )
             decisions: list[Decision] = pickle.loads(blob)
             return decisions
         except RayError:
@@ -55,17 +59,17 @@ class _Shard:
 
     async def _send_settlements(self, rows: list[tuple[Any, ...]]) -> list[Any]:
         try:
-            codes: list[str] = await _retrying(self.actor.settle_batch, rows)
+            codes: list[str] = await _retrying(self.actor.settle_batch, rows, self.capability)
             return codes
         except RayError:
             return [Code.LEDGER_UNAVAILABLE.value] * len(rows)
 
 
-async def _retrying(method: Any, payload: Any) -> Any:
+async def _retrying(method: Any, *payload: Any) -> Any:
     """Resend the same rows while the shard restarts: request ids make this exactly-once."""
     for delay in (*RETRY_DELAYS_S, None):
         try:
-            return await method.remote(payload)
+            return await method.remote(*payload)
         except (RayActorError, ActorUnavailableError):  # restarting: resend; a RayTaskError is final
             if delay is None:
                 raise
@@ -85,10 +89,12 @@ class LedgerClient(Dispatcher):
         max_inflight: int = 2,
         acting: tuple[str, str, str] | None = None,
         roots: dict[str, str] | None = None,
+        capability: Capability | None = None,
     ) -> None:
         self.coordinator = coordinator
+        self.capability = capability  # every actor call presents it (ledger.capability)
         self.shard_map = ShardMap(len(shards))
-        self.shards = [s if isinstance(s, _Shard) else _Shard(s, max_batch, max_inflight) for s in shards]
+        self.shards = [s if isinstance(s, _Shard) else _Shard(s, max_batch, max_inflight, capability) for s in shards]
         self.acting = acting  # (token id, credential id, root id) of a token acting on its subtree
         self.roots = {} if roots is None else roots  # token id -> root id (never changes)
         self._next = itertools.count()
@@ -116,7 +122,9 @@ class LedgerClient(Dispatcher):
         """One call for many holders' asks; raises LedgerUnavailable when the shard cannot be reached
         (its restart is waited for, as for admissions)."""
         try:
-            blob = await _retrying(self.shards[shard].actor.lease_sync, pickle.dumps(asks, pickle.HIGHEST_PROTOCOL))
+            blob = await _retrying(
+                self.shards[shard].actor.lease_sync, pickle.dumps(asks, pickle.HIGHEST_PROTOCOL), self.capability
+            )
         except RayError as exc:
             raise LedgerUnavailable(f"ledger shard unavailable: {type(exc).__name__}") from None
         grants: list[LeaseGrant] = pickle.loads(blob)
@@ -124,7 +132,9 @@ class LedgerClient(Dispatcher):
 
     async def lease_watch(self, shard: int, since: Version, tokens: list[str], timeout_s: float) -> WatchReply:
         try:
-            reply: WatchReply = await self.shards[shard].actor.lease_watch.remote(since, tokens, timeout_s)
+            reply: WatchReply = await self.shards[shard].actor.lease_watch.remote(
+                since, tokens, timeout_s, self.capability
+            )
         except RayError as exc:
             raise LedgerUnavailable(f"ledger shard unavailable: {type(exc).__name__}") from None
         return reply
@@ -154,7 +164,8 @@ class LedgerClient(Dispatcher):
         """Blocking admissions, for scripts and tests outside an event loop (one call per shard)."""
         out: list[Decision | None] = [None] * len(items)
         for index, part in self._by_shard(items).items():
-            decisions = _get(self.shards[index].actor.admit_batch.remote([items[i].row() for i in part]))
+            rows = [items[i].row() for i in part]
+            decisions = _get(self.shards[index].actor.admit_batch.remote(rows, self.capability))
             for i, d in zip(part, decisions, strict=True):
                 out[i] = d
         return cast("list[Decision]", out)
@@ -162,7 +173,8 @@ class LedgerClient(Dispatcher):
     def settle_sync(self, items: Sequence[Settlement]) -> list[Code]:
         out: list[Code] = [Code.NOT_FOUND] * len(items)
         for index, part in self._by_shard(items).items():
-            codes = _get(self.shards[index].actor.settle_batch.remote([items[i].row() for i in part]))
+            rows = [items[i].row() for i in part]
+            codes = _get(self.shards[index].actor.settle_batch.remote(rows, self.capability))
             for i, c in zip(part, codes, strict=True):
                 out[i] = Code(c)
         return out
@@ -202,7 +214,7 @@ class LedgerClient(Dispatcher):
         for shard in self.shards:
             for delay in (*RETRY_DELAYS_S, None):
                 try:
-                    out.append(ray.get(shard.actor.stats.remote()))
+                    out.append(ray.get(shard.actor.stats.remote(self.capability)))
                     break
                 except (RayActorError, ActorUnavailableError) as exc:
                     if delay is None:
@@ -220,7 +232,7 @@ class LedgerClient(Dispatcher):
     def _send(self, target: int | None, op: str, named: dict[str, Any]) -> Any:
         jti = self.acting[1] if self.acting is not None else None
         actor = self.coordinator if target is None else self.shards[target].actor
-        return actor.call.remote(op, (), named, jti)
+        return actor.call.remote(op, (), named, jti, self.capability)
 
     def _root(self, token_id: str) -> str | None:
         if self.shard_map.count == 1:
@@ -228,7 +240,7 @@ class LedgerClient(Dispatcher):
         root = self.roots.get(token_id)
         if root is None:
             try:
-                root = ray.get(self.coordinator.root_of.remote(token_id))
+                root = ray.get(self.coordinator.root_of.remote(token_id, self.capability))
             except RayError as exc:
                 raise LedgerUnavailable(f"ledger coordinator unavailable: {type(exc).__name__}") from exc
             if root is not None:
@@ -241,7 +253,7 @@ class LedgerClient(Dispatcher):
         root = self.roots.get(token_id)
         if root is None:
             try:
-                root = await self.coordinator.root_of.remote(token_id)
+                root = await self.coordinator.root_of.remote(token_id, self.capability)
             except RayError as exc:
                 raise LedgerUnavailable(f"ledger coordinator unavailable: {type(exc).__name__}") from exc
             if root is not None:

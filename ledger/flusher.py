@@ -18,7 +18,7 @@ from typing import Any
 
 from ledger.codes import Code
 from ledger.entities import Decision
-from ledger.errors import LedgerUnavailable, OperationRefused, WriteRejected
+from ledger.errors import LedgerError, LedgerUnavailable, OperationRefused, WriteRejected
 from ledger.shard import ShardCore
 
 RELOAD_BACKOFF_S = 0.5
@@ -36,6 +36,7 @@ class _Call:
     op: Callable[[], Any]
     fut: asyncio.Future[Any]
     in_book: bool  # False: the op changes nothing in the book (key ring): never applied twice
+    after_commit: bool = False  # runs once its batch is committed: the book then equals the database
     done: bool = False
     durable: bool = False  # its changes were committed: its answer stands
     value: Any = None
@@ -81,6 +82,17 @@ class Flusher:
             asyncio.get_running_loop().create_task(self._flush())
         return await fut
 
+    async def run_committed(self, op: Callable[[], Any]) -> Any:
+        """`op` on the commit thread once every call queued before it is committed and before the next
+        batch is applied: the book then equals the database (a read of both, `consistency`, sees no
+        change half-way to the disk)."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.queue.append(_Call(op, fut, in_book=False, after_commit=True))
+        if not self.running:
+            self.running = True
+            asyncio.get_running_loop().create_task(self._flush())
+        return await fut
+
     async def run_raw(self, fn: Callable[[], Any]) -> Any:
         """A database write outside the book (alert delivery, retention) on the commit thread,
         so that it never interleaves with a group commit."""
@@ -106,7 +118,8 @@ class Flusher:
             while self.queue:
                 batch, self.queue = self.queue, []
                 try:
-                    await self._commit_batch(batch)
+                    await self._commit_batch([c for c in batch if not c.after_commit])
+                    await self._after_commit([c for c in batch if c.after_commit])
                 except BaseException as exc:  # a bug here must not leave a caller waiting forever
                     if not isinstance(exc, asyncio.CancelledError):
                         log.exception("ledger group commit failed")
@@ -124,6 +137,22 @@ class Flusher:
             for c in left:
                 c.reply(error=LedgerUnavailable("ledger shutting down"))
             self._answer(left)
+
+    async def _after_commit(self, calls: list[_Call]) -> None:
+        loop = asyncio.get_running_loop()
+        for c in calls:
+            if c.done:
+                continue
+            if not self.core.ready:
+                c.reply(error=LedgerUnavailable("ledger database unavailable"))
+                continue
+            try:
+                c.reply(await loop.run_in_executor(self.pool, c.op))
+            except LedgerError as exc:
+                c.reply(error=exc)
+            except Exception as exc:
+                log.error("ledger read failed", exc_info=exc)
+                c.reply(error=_internal_error(exc))
 
     def _invalidate(self) -> None:
         """Forget every unwritten change; the next batch rebuilds the book first."""

@@ -14,6 +14,7 @@ from serve_app.config import AppArgs
 from serve_app.detector_deployment import Detector
 from serve_app.ingress import Ingress
 from serve_app.launcher import APP_NAME
+from serve_app.surface import DETECTOR_KEY
 
 __all__ = ["APP_NAME", "build_app"]
 
@@ -23,13 +24,19 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
     for m in args.models:
         m.check_weights()  # fail at startup, naming the path, not at the first request
     # the ledger's one launch step (idempotent; other settings than the running ledger's are an
-    # error): the ingress replicas then only attach
-    launch(args.ledger_settings())
+    # error): the ingress replicas then only attach, with the ledger's capability, which lets them
+    # act for the tokens whose credentials they verify (docs/SECURITY.md)
+    capability = launch(args.ledger_settings()).capability
+    if capability is None:
+        raise RuntimeError("the ledger launched without a capability")
     detector = deployment(Detector)
-    detectors = {m.key: detector.options(**m.deployment_options()).bind(m) for m in args.models}
+    key = capability.derive(DETECTOR_KEY)  # the detectors answer the ingress only
+    detectors = {m.key: detector.options(**m.deployment_options()).bind(m, key) for m in args.models}
     # the ingress is the token-check deployment: each replica admits from its own quota leases and
     # sends admitted images straight to the version's detectors (no middle replica)
-    return deployment(Ingress).options(**args.ingress_options()).bind(args.ledger_settings(), detectors, args)
+    return (
+        deployment(Ingress).options(**args.ingress_options()).bind(args.ledger_settings(), detectors, args, capability)
+    )
 
 
 def deployment(decorated: object) -> Deployment:

@@ -96,6 +96,8 @@ class Console:
             "YT_RAY_ADDRESS": ray_address,
             "YT_LEDGER_NAME": settings.actor_name,
             "YT_NAMESPACE": settings.namespace,
+            # the console reads the ledger's capability in the key directory (docs/SECURITY.md)
+            "YT_DATA_DIR": str(settings.data_dir.resolve()),
             "YT_URL": service_url,
         }
         cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", "127.0.0.1",

@@ -6,11 +6,16 @@ which runs one forward pass per letterboxed shape, at most `max_batch_size` imag
 call carries its own images and inference parameters and gets its own detections back, in order.
 The forward passes run in a worker thread, one batch at a time (serve.batch's default), so the
 replica's event loop keeps taking requests for the next batch meanwhile.
+
+Only the ingress calls it: `detect` is its whole handle surface (serve_app.surface), and it answers
+only a caller presenting the key the app builder derived from the ledger's capability, so a Ray job
+cannot reach the model unmetered with one line (`serve.get_deployment_handle(...).detect.remote`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 from collections.abc import Mapping
 from typing import Any, Protocol, cast
@@ -18,10 +23,12 @@ from typing import Any, Protocol, cast
 import numpy as np
 from ray import serve
 
+from serve_app import surface
 from serve_app.config import ModelSpec
 from serve_app.engine.batching import Call, merge_calls, split_result
 from serve_app.engine.protocol import Engine, EngineFactory
 from serve_app.engine.registry import BACKENDS, create_engine
+from serve_app.errors import ApiError
 from serve_app.metrics import DetectorMetrics
 from serve_app.results import InferenceParams
 
@@ -36,9 +43,13 @@ class TunableBatch(Protocol):
 
 @serve.deployment
 class Detector:
-    def __init__(self, spec: ModelSpec, engines: Mapping[str, EngineFactory] = BACKENDS) -> None:
+    __surface__ = surface.Surface(handle=frozenset({"detect"}))
+
+    def __init__(self, spec: ModelSpec, key: str, engines: Mapping[str, EngineFactory] = BACKENDS) -> None:
+        surface.install()
         spec.check_weights()
         self.spec = spec
+        self.key = key
         self.engine: Engine = create_engine(
             spec.backend,
             spec.weights,
@@ -64,6 +75,8 @@ class Detector:
         self.metrics.batch(len(images), seconds)
         return split_result(calls, result, seconds * 1000)
 
-    async def detect(self, images: list[np.ndarray], params: InferenceParams) -> dict[str, Any]:
+    async def detect(self, images: list[np.ndarray], params: InferenceParams, key: str | None = None) -> dict[str, Any]:
+        if not isinstance(key, str) or not hmac.compare_digest(key, self.key):
+            raise ApiError("forbidden", "the detectors answer the ingress only: call the app's `detect`")
         result: dict[str, Any] = await self.detect_batch((images, params))
         return result

@@ -5,6 +5,9 @@ Every replica verifies credentials, decodes images, admits from its own quota le
 model version's Detector replicas. Replicas autoscale; no single replica sees every request.
 Routes stay thin: they parse the transport and call `IngressSteps`. Every failure leaves
 through the one error table.
+
+A handle call reaches `detect` and `stats` only (`__surface__`, enforced by serve_app.surface):
+never `__del__`, `__init__`, a private helper or a route method with a request the caller built.
 """
 
 # No `from __future__ import annotations` here: FastAPI resolves route annotations at runtime,
@@ -28,22 +31,22 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.context import _get_serve_request_context
 
+from ledger.capability import Capability
 from ledger.entities import Decision, TokenSpec
 from ledger.errors import OperationRefused
 from ledger.holder import LeaseHolder
 from ledger.service import attach
 from ledger.settings import LedgerSettings
-from serve_app import proxy_hooks
+from serve_app import proxy_hooks, surface
 from serve_app.catalog import placement_problem
 from serve_app.config import AppArgs
 from serve_app.errors import ApiError, QuietDenials
 from serve_app.http import client_ip, images_from_body, plain, read_body
-from serve_app.ingress_steps import DetectCall, IngressSteps, new_request_id
+from serve_app.ingress_steps import DetectCall, IngressSteps, check_idempotency_key, check_params, new_request_id
 from serve_app.metering import Meter
 from serve_app.metrics import IngressMetrics, TeamLabels
 from serve_app.results import InferenceParams
 
-_IDEM_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 _SERVE_ID = re.compile(r"[\x21-\x7e]{1,64}")  # fits the ledger's request_id column (fullmatch)
 ADMIN_BODY_LIMIT = 1 << 20  # an admin call's JSON arguments (a token spec at most)
 log = logging.getLogger(__name__)
@@ -79,16 +82,25 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256)
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, settings: LedgerSettings, detectors: dict[str, Any], args: AppArgs) -> None:
+    # what a handle call may name (DESIGN §5, docs/SECURITY.md); HTTP from Serve's proxy reaches the routes
+    __surface__ = surface.Surface(handle=frozenset({"detect", "stats"}))
+
+    def __init__(
+        self, settings: LedgerSettings, detectors: dict[str, Any], args: AppArgs, capability: Capability
+    ) -> None:
+        surface.install()  # before any request can reach this replica
         self.args = args
         self.trusted = [ipaddress.ip_network(p, strict=False) for p in args.limits.trusted_proxies]
-        self.ledger = attach(settings)  # the app builder launched the ledger; replicas only attach
+        # the app builder launched the ledger; replicas only attach, with the capability it gave them
+        self.ledger = attach(settings, capability=capability)
         self.metrics = IngressMetrics()
         self.teams = TeamLabels()
         holder_id = f"{serve.get_replica_context().replica_id.unique_id}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.holder = LeaseHolder(self.ledger, holder_id, on_admit=self._admitted)
         # no keys yet: the first credential fetches them
-        self.steps = IngressSteps(args, self.ledger, Meter(self.holder), detectors)
+        self.steps = IngressSteps(
+            args, self.ledger, Meter(self.holder), detectors, detector_key=capability.derive(surface.DETECTOR_KEY)
+        )
         self.gauges: asyncio.Task[None] | None = None
         self.mark = proxy_hooks.MarkSecret()
         self.warned_unmarked = False
@@ -135,10 +147,12 @@ class Ingress:
             self.metrics.units_used(decision.units, model, package, team)
 
     def stats(self) -> dict[str, Any]:
-        """This replica's lease holder: admissions by path, leases, report lag (tests, benchmarks)."""
+        """This replica's lease holder: admissions by path, leases, report lag (operators, tests,
+        benchmarks). Read-only counters: part of the handle API."""
         leases, units = self.holder.outstanding()
         return {
             "holder": self.holder.holder_id,
+            "closed": self.holder.closed,
             **asdict(self.holder.stats),
             "leases": leases,
             "units": units,
@@ -230,11 +244,9 @@ class Ingress:
         self, request: Request, model: str | None, conf: float, iou: float, max_det: int
     ) -> JSONResponse:
         rid = self._start(request)
-        if not (0.0 <= conf <= 1.0 and 0.0 <= iou <= 1.0 and 1 <= max_det <= 1000):
-            raise ApiError("invalid_request", "conf and iou must be in [0, 1], max_det in [1, 1000]")
+        check_params(InferenceParams(conf, iou, max_det))
         idem = request.headers.get("idempotency-key")
-        if idem is not None and not _IDEM_KEY.match(idem):
-            raise ApiError("invalid_request", "Idempotency-Key must be 1-255 printable ASCII characters")
+        check_idempotency_key(idem)
         credential = request.headers.get("authorization")
         await self.steps.verify(credential)  # 401 before reading a byte of the body
         body = await read_body(request, self.args.limits.max_body_bytes)
@@ -333,7 +345,6 @@ class Ingress:
         Denials raise `ApiError` (its `code` and `status` from the one error table)."""
         # a fresh id per call: a handle caller's request context (its own Serve request, say) is
         # shared by all its calls, so Serve's id would merge them; `request_id` is the retry key
-        call = DetectCall(
-            new_request_id(), token, list(images), model, InferenceParams(conf, iou, max_det), None, request_id
-        )
+        images = list(images) if isinstance(images, list | tuple) else images  # anything else: invalid_request
+        call = DetectCall(new_request_id(), token, images, model, InferenceParams(conf, iou, max_det), None, request_id)
         return (await self.steps.detect(call)).body

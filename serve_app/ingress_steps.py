@@ -19,6 +19,8 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
+import re
 import time
 import uuid
 from collections.abc import Mapping
@@ -47,6 +49,34 @@ IDEM_SETTLE_WAIT_S = 5.0  # an idempotent answer waits this long for its stored 
 MODEL_RETRY_AFTER_S = 10.0
 # operations a token may run on its own subtree (the HTTP routes under /v1/tokens and /v1/usage)
 TOKEN_OPS = frozenset({"tokens", "token", "usage", "split", "revoke", "reclaim", "rotate"})
+
+
+_IDEM_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+
+
+def check_params(params: InferenceParams) -> None:
+    """`invalid_request` unless conf and iou are numbers in [0, 1] and max_det an int in [1, 1000]
+    (a handle caller may send any Python object: NaN, bool, str are refused here, before admission)."""
+    conf, iou, max_det = params.conf, params.iou, params.max_det
+    numbers = all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in (conf, iou))
+    numbers = numbers and isinstance(max_det, int) and not isinstance(max_det, bool)
+    if not (numbers and 0.0 <= conf <= 1.0 and 0.0 <= iou <= 1.0 and 1 <= max_det <= 1000):
+        raise ApiError("invalid_request", "conf and iou must be in [0, 1], max_det in [1, 1000]")
+
+
+def check_idempotency_key(key: object) -> None:
+    if key is not None and not (isinstance(key, str) and _IDEM_KEY.fullmatch(key)):
+        raise ApiError("invalid_request", "the idempotency key must be 1-255 printable ASCII characters")
+
+
+def check_call(call: DetectCall) -> None:
+    """What a handle caller controls, checked as HTTP checks it (types included), before admission."""
+    check_params(call.params)
+    check_idempotency_key(call.idempotency_key)
+    if call.model is not None and not isinstance(call.model, str):
+        raise ApiError("invalid_request", "model must be a string: name or name@version")
+    if not isinstance(call.images, list) or not all(isinstance(b, bytes | bytearray) for b in call.images):
+        raise ApiError("invalid_request", "images must be a list of encoded image bytes")
 
 
 def new_request_id() -> str:
@@ -82,11 +112,13 @@ class IngressSteps:
         meter: Meter,
         detectors: Mapping[str, Any],
         public_keys: dict[str, bytes] | None = None,
+        detector_key: str | None = None,
     ) -> None:
         self.args = args
         self.ledger = ledger
         self.meter = meter
         self.detectors = detectors
+        self.detector_key = detector_key  # the detectors answer only callers that know it (serve_app.surface)
         self.catalog = ModelCatalog.from_args(args)
         self.auth = KeyedVerifier(self._fetch_keys, public_keys or {})
         self.image_limits = ImageLimits(max_bytes=args.limits.max_body_bytes, max_pixels=args.limits.max_pixels)
@@ -139,6 +171,7 @@ class IngressSteps:
         """Verify, decode, price and admit here; only if admitted infer on the version's replicas;
         then settle. Denials raise `ApiError`."""
         t0 = time.perf_counter()
+        check_call(call)
         claims = await self.verify(call.credential)
         images = self.decode(call.images)
         spec = self.resolve_model(call.model)
@@ -219,7 +252,7 @@ class IngressSteps:
     async def _infer(self, spec: ModelSpec, pixels: list[np.ndarray], params: InferenceParams) -> dict[str, Any]:
         """The version's answer within `spec.timeout_s` (queueing for a replica and a cold start
         included); `TimeoutError` otherwise. The request is withdrawn on timeout or cancellation."""
-        response = self.detectors[spec.key].detect.remote(pixels, params)
+        response = self.detectors[spec.key].detect.remote(pixels, params, key=self.detector_key)
         try:
             result: dict[str, Any] = await asyncio.wait_for(_awaited(response), spec.timeout_s)
         except BaseException:

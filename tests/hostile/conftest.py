@@ -1,4 +1,4 @@
-"""The hostile suite runs against the same live app as the serving tests (one per session)."""
+"""The hostile suite runs against the same live app as the serving tests (tests/conftest.py: one per session)."""
 
 from pathlib import Path
 from typing import Any
@@ -6,7 +6,6 @@ from typing import Any
 import psutil
 
 from serve_app.config import DEMO_WEIGHTS, AppArgs, Autoscaling, ModelSpec
-from tests.serve_app.conftest import live_app  # noqa: F401 (a fixture, registered by import)
 
 
 def side_app_args(database_url: str, data_dir: Path, ledger_name: str, **model: Any) -> AppArgs:

@@ -52,6 +52,7 @@ from serve_app.config import DEMO_WEIGHTS, AppArgs, Autoscaling, LedgerArgs, Mod
 from serve_app.detector_deployment import Detector  # noqa: E402
 from serve_app.engine.fake import FakeEngine  # noqa: E402
 from serve_app.ingress import Ingress  # noqa: E402
+from serve_app.surface import DETECTOR_KEY  # noqa: E402
 from tests.hostile.lease_helpers import ClientSpec, Load, body_file, ok_ids, spread, statuses, wait_until  # noqa: E402
 from tests.serve_app.conftest import jpeg  # noqa: E402
 
@@ -94,14 +95,19 @@ def lease_args(
 def fake_app(args: AppArgs, detector_resources: dict[str, float] | None = None) -> Application:
     """`serve_app.app.build_app`'s graph, its detectors given the FakeEngine registry (what the
     Detector takes for tests); the Ingress is the production one, options and all."""
-    launch(args.ledger_settings())
+    capability = launch(args.ledger_settings()).capability
+    assert capability is not None
     detectors = {}
     for m in args.models:
         options = m.deployment_options()
         if detector_resources:
             options["ray_actor_options"]["resources"] = detector_resources
-        detectors[m.key] = deployment(Detector).options(**options).bind(m, FAKE_ENGINES)
-    return deployment(Ingress).options(**args.ingress_options()).bind(args.ledger_settings(), detectors, args)
+        detectors[m.key] = (
+            deployment(Detector).options(**options).bind(m, capability.derive(DETECTOR_KEY), FAKE_ENGINES)
+        )
+    return (
+        deployment(Ingress).options(**args.ingress_options()).bind(args.ledger_settings(), detectors, args, capability)
+    )
 
 
 @dataclass

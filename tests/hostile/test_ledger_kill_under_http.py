@@ -41,7 +41,7 @@ def wait_ready(app: LiveApp) -> int:
     deadline = time.monotonic() + 120
     while True:
         try:
-            stats = ray.get(app.ledger.shard_actors[0].stats.remote(), timeout=10)
+            stats = ray.get(app.ledger.shard_actors[0].stats.remote(app.ledger.capability), timeout=10)
             if stats["ready"]:
                 return int(stats["pid"])
         except Exception:  # restarting

@@ -51,14 +51,16 @@ def deliver(live_app: LiveApp, rid: str, n: int, token: str, model: str | None =
     from serve_app.ingress_steps import DetectCall, IngressSteps
     from serve_app.metering import Meter
     from serve_app.results import InferenceParams
+    from serve_app.surface import DETECTOR_KEY
 
     call = DetectCall(rid, token, [jpeg()], model, InferenceParams(), "127.0.0.1")
 
     async def run() -> list[Any]:
         detectors = {m.key: serve.get_deployment_handle(m.deployment_name, APP_NAME) for m in live_app.args.models}
+        key = live_app.ledger.capability.derive(DETECTOR_KEY)  # the detectors answer the ingress's key only
         holders = [LeaseHolder(live_app.ledger, f"redelivery-{uuid.uuid4().hex[:8]}") for _ in range(n)]
         replicas = [
-            IngressSteps(live_app.args, live_app.ledger, Meter(h), detectors) for h in holders
+            IngressSteps(live_app.args, live_app.ledger, Meter(h), detectors, detector_key=key) for h in holders
         ]  # keys fetched on first use
         try:
             return await asyncio.gather(*(r.detect(call) for r in replicas), return_exceptions=True)

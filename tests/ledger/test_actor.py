@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import ray
 
+from ledger.capability import Capability
 from ledger.client import LedgerClient
 from ledger.codes import Code
 from ledger.credentials import Verifier
@@ -28,8 +29,8 @@ pytestmark = pytest.mark.ray
 class Caller:
     """A separate worker process with its own LedgerClient (and so its own micro-batcher)."""
 
-    def __init__(self, coordinator: Any, shards: list[Any]) -> None:
-        self.client = LedgerClient(coordinator, shards)
+    def __init__(self, coordinator: Any, shards: list[Any], capability: Capability) -> None:
+        self.client = LedgerClient(coordinator, shards, capability=capability)
 
     async def burst(
         self, token_id: str, jti: str, n: int, prefix: str, key: str | None = None, body: str | None = None
@@ -54,7 +55,7 @@ def actor_pid(client: LedgerClient, shard: int, timeout_s: float = 30.0) -> int:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            return int(ray.get(client.shard_actors[shard].stats.remote())["pid"])
+            return int(ray.get(client.shard_actors[shard].stats.remote(client.capability))["pid"])
         except ray.exceptions.RayError:
             if time.monotonic() > deadline:
                 raise
@@ -70,7 +71,7 @@ def test_given_100_units_when_500_admissions_race_from_two_processes_then_exactl
 ) -> None:
     pkg = ledger.create_package(TokenSpec("burst", 100))
     tid, jti = pkg.token.id, jti_of(ledger, pkg.credential)
-    callers = [Caller.remote(ledger.coordinator, ledger.shard_actors) for _ in range(2)]
+    callers = [Caller.remote(ledger.coordinator, ledger.shard_actors, ledger.capability) for _ in range(2)]
     results = ray.get([c.burst.remote(tid, jti, 250, f"c{i}") for i, c in enumerate(callers)])
     codes = [code for r in results for code, _ in r]
     assert codes.count("ok") == 100
@@ -89,7 +90,7 @@ def test_given_one_idempotency_key_sent_10x_concurrently_then_one_debit_and_conf
 ) -> None:
     pkg = ledger.create_package(TokenSpec("idem", 50))
     tid, jti = pkg.token.id, jti_of(ledger, pkg.credential)
-    callers = [Caller.remote(ledger.coordinator, ledger.shard_actors) for _ in range(2)]
+    callers = [Caller.remote(ledger.coordinator, ledger.shard_actors, ledger.capability) for _ in range(2)]
     results = ray.get([c.burst.remote(tid, jti, 5, f"i{i}", "key-1", "hash-a") for i, c in enumerate(callers)])
     codes = sorted(code for r in results for code, _ in r)
     assert codes.count("ok") == 1
@@ -131,7 +132,7 @@ def test_given_a_random_concurrent_mix_then_conservation_holds_and_book_equals_d
     pkg = ledger.create_package(TokenSpec("mix", 2000))
     root = pkg.token.id
     creds = {root: jti_of(ledger, pkg.credential)}
-    callers = [Caller.remote(ledger.coordinator, ledger.shard_actors) for _ in range(2)]
+    callers = [Caller.remote(ledger.coordinator, ledger.shard_actors, ledger.capability) for _ in range(2)]
     for step in range(30):
         ids = list(creds)
         op = rng.choice(["split", "admit", "admit", "revoke", "reclaim", "top_up", "settle"])
@@ -170,7 +171,7 @@ def test_given_load_when_the_actor_is_sigkilled_then_it_restarts_and_every_ok_ha
 ) -> None:
     pkg = ledger.create_package(TokenSpec("kill", 1_000_000))
     tid, jti = pkg.token.id, jti_of(ledger, pkg.credential)
-    callers = [Caller.remote(ledger.coordinator, ledger.shard_actors) for _ in range(2)]
+    callers = [Caller.remote(ledger.coordinator, ledger.shard_actors, ledger.capability) for _ in range(2)]
     refs = [c.load.remote(tid, jti, 40, 200, f"k{i}") for i, c in enumerate(callers)]
     shard = ledger.shard_map.of_root(tid)
     killed = []
@@ -244,18 +245,22 @@ def test_given_a_victim_on_1_per_s_when_another_holder_fails_rotates_in_its_batc
     rounds = 3
     for r in range(rounds):
         time.sleep(1.1)  # one rate token for the victim
-        pacer = shard.admit_batch.remote([Admission(f"pace-{r}", root, root_jti, 1, "m@1").row()])
+        pacer = shard.admit_batch.remote([Admission(f"pace-{r}", root, root_jti, 1, "m@1").row()], ledger.capability)
         time.sleep(0.1)  # its commit is now in flight: the next calls queue into ONE batch
-        first = shard.admit_batch.remote([Admission(f"v{r}a{i}", vid, vjti, 1, "m@1").row() for i in range(2)])
-        rotated = shard.call.remote("rotate", (), {"token_id": aid})
-        second = shard.admit_batch.remote([Admission(f"v{r}b{i}", vid, vjti, 1, "m@1").row() for i in range(2)])
+        first = shard.admit_batch.remote(
+            [Admission(f"v{r}a{i}", vid, vjti, 1, "m@1").row() for i in range(2)], ledger.capability
+        )
+        rotated = shard.call.remote("rotate", (), {"token_id": aid}, None, ledger.capability)
+        second = shard.admit_batch.remote(
+            [Admission(f"v{r}b{i}", vid, vjti, 1, "m@1").row() for i in range(2)], ledger.capability
+        )
         codes = sorted(d.code.value for d in [*ray.get(first), *ray.get(second)])
         assert codes == ["ok", "rate_limited", "rate_limited", "rate_limited"], codes
         with pytest.raises(ray.exceptions.RayTaskError) as failed:
             ray.get(rotated)
         assert isinstance(failed.value.cause, LedgerUnavailable) and "internal error" in failed.value.cause.message
         assert ray.get(pacer)[0].code is Code.OK
-    stats = ray.get(shard.stats.remote())
+    stats = ray.get(shard.stats.remote(ledger.capability))
     assert stats["failed_ops"] == rounds and stats["ready"]
     store = Store(settings.resolved().database_url)
     assert store.balances()[vid][1] == rounds

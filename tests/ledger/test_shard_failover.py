@@ -41,7 +41,7 @@ def test_given_load_on_two_shards_when_one_is_sigkilled_then_only_its_packages_p
     ledger: LedgerClient, settings: LedgerSettings
 ) -> None:
     (victim, vjti, vshard), (bystander, bjti, _) = two_packages_on_two_shards(ledger)
-    callers = [Caller.remote(ledger.coordinator, ledger.shard_actors) for _ in range(2)]
+    callers = [Caller.remote(ledger.coordinator, ledger.shard_actors, ledger.capability) for _ in range(2)]
     waves, per_wave = 30, 100
     refs = [
         callers[0].load.remote(victim, vjti, waves, per_wave, "victim"),

@@ -1,15 +1,15 @@
-"""A real Ray Serve app on 127.0.0.1 for the HTTP and handle tests (one per test session)."""
+"""What the HTTP and handle tests share: the live app's record and a test image. The live app itself
+(one per test session, for the serving and the hostile suites alike) is the `live_app` fixture of
+tests/conftest.py: a fixture defined in two conftest files is two apps."""
 
 from __future__ import annotations
 
 import io
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
 from PIL import Image
 
 from serve_app.config import DEMO_WEIGHTS, AppArgs, Autoscaling, ModelSpec, RequestLimits
@@ -30,15 +30,9 @@ def jpeg(w: int = 160, h: int = 120, color: tuple[int, int, int] = (120, 120, 12
     return buf.getvalue()
 
 
-@pytest.fixture(scope="session")
-def live_app(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveApp]:
-    from ray import serve
-
-    from ledger.service import attach, stop
-    from serve_app.app import APP_NAME, build_app
-
-    tmp: Path = tmp_path_factory.mktemp("serve")
-    args = AppArgs(
+def live_args(tmp: Path) -> AppArgs:
+    """The live app: three model versions (a hot one, a cold one, one that autoscales), 2 ingress replicas."""
+    return AppArgs(
         database_url=f"sqlite:///{tmp / 'ledger.db'}",
         data_dir=tmp,
         ledger_name=f"ledger-{uuid.uuid4().hex[:8]}",
@@ -77,9 +71,3 @@ def live_app(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Ite
         ingress_replicas=2,  # the hostile burst goes through more than one ingress
         limits=RequestLimits(max_body_bytes=2 * 1024 * 1024, trusted_proxies=["127.0.0.2/32"]),
     )
-    serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
-    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-    client = attach(args.ledger_settings())  # build_app launched it
-    yield LiveApp(f"http://127.0.0.1:{HTTP_PORT}", args, client)
-    serve.delete(APP_NAME)
-    stop(client)

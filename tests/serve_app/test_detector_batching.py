@@ -51,7 +51,7 @@ def test_given_a_result_of_the_wrong_length_then_split_refuses() -> None:
 
 def test_given_a_spec_then_the_shell_takes_its_engine_from_the_registry_by_backend() -> None:
     spec = ModelSpec(name="parts", weights=DEMO_WEIGHTS, backend="onnx", imgsz=300, max_batch_size=5)
-    shell = Detector.func_or_class(spec, engines={"onnx": FakeEngine})  # the class Serve would run
+    shell = Detector.func_or_class(spec, "key", engines={"onnx": FakeEngine})  # the class Serve would run
     assert isinstance(shell.engine, FakeEngine)
     assert (shell.engine.imgsz, shell.engine.max_batch, shell.engine.device) == (320, 5, "cpu")
 
@@ -59,4 +59,4 @@ def test_given_a_spec_then_the_shell_takes_its_engine_from_the_registry_by_backe
 def test_given_a_missing_weights_file_then_the_shell_fails_naming_the_path(tmp_path: Path) -> None:
     spec = ModelSpec(name="parts", weights=tmp_path / "gone.pt")
     with pytest.raises(FileNotFoundError, match=r"gone\.pt"):
-        Detector.func_or_class(spec, engines={"torch": FakeEngine})
+        Detector.func_or_class(spec, "key", engines={"torch": FakeEngine})

@@ -17,7 +17,7 @@ import contextlib
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +109,7 @@ class FakeResponse:
 
 
 class FakeDetector:
-    """A Detector deployment handle: `detect.remote(pixels, params)`."""
+    """A Detector deployment handle: `detect.remote(pixels, params, key=...)`."""
 
     def __init__(self, fail: bool = False, delay_s: float = 0.0) -> None:
         self.calls = 0
@@ -118,7 +118,7 @@ class FakeDetector:
         self.responses: list[FakeResponse] = []
         self.detect = self
 
-    def remote(self, pixels: list[np.ndarray], params: InferenceParams) -> FakeResponse:
+    def remote(self, pixels: list[np.ndarray], params: InferenceParams, key: str | None = None) -> FakeResponse:
         self.responses.append(FakeResponse(self._detect(pixels)))
         return self.responses[-1]
 
@@ -216,6 +216,35 @@ async def test_given_no_or_a_forged_credential_then_refused_before_the_ledger_an
     assert (ledger.admissions, ledger.lease_calls, det.calls) == (0, 0, 0)
     assert ledger.states(pkg.token.id) == []
     ledger.assert_balanced()
+
+
+async def test_given_what_a_handle_caller_can_send_then_invalid_request_before_any_charge(
+    ledger: Ledger, pkg: Issued
+) -> None:
+    """A handle call's arguments are any Python objects: each bad one is refused as HTTP would refuse
+    it, before admission (issue 19 §3: nothing of the call is taken unchecked)."""
+    det = FakeDetector()
+    good = call(pkg.credential)
+    bad = [
+        replace(good, params=InferenceParams(conf=float("nan"))),
+        replace(good, params=InferenceParams(conf=True)),
+        replace(good, params=InferenceParams(iou="0.5")),  # type: ignore[arg-type]
+        replace(good, params=InferenceParams(max_det=10**9)),
+        replace(good, params=InferenceParams(max_det=2.5)),  # type: ignore[arg-type]
+        replace(good, idempotency_key="k" * 256),
+        replace(good, idempotency_key="has space"),
+        replace(good, idempotency_key=7),  # type: ignore[arg-type]
+        replace(good, model=["parts@1"]),  # type: ignore[arg-type]
+        replace(good, images="not a list"),  # type: ignore[arg-type]
+        replace(good, images=[jpeg(8, 8), "text"]),  # type: ignore[list-item]
+    ]
+    async with replica(ledger, det) as r:
+        for c in bad:
+            err = await refused(r, c)
+            assert err.code == "invalid_request", (c, err.code)
+        await r.reported()
+    assert (ledger.admissions, det.calls) == (0, 0)
+    assert ledger.states(pkg.token.id) == []
 
 
 async def test_given_a_request_then_the_ingress_prices_it_from_its_own_catalog(ledger: Ledger, pkg: Issued) -> None:

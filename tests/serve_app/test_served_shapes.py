@@ -147,17 +147,20 @@ def test_given_concurrent_requests_of_different_shapes_then_each_equals_predict(
 def test_given_concurrent_calls_of_different_shapes_at_the_detector_then_batches_mix_shapes_and_each_equals_predict(
     live_app: LiveApp, corpus: dict[str, Path], predicted: dict[str, list[Detection]]
 ) -> None:
-    # the Detector deployment itself (no charge: it sits behind the token check), so that the
-    # batch each call landed in can be seen
+    # the Detector deployment itself (no charge: it sits behind the token check and answers the
+    # ingress's key only, which the test derives as the ingress does), so that the batch each call
+    # landed in can be seen
     from ray import serve
 
     from serve_app.app import APP_NAME
+    from serve_app.surface import DETECTOR_KEY
 
     spec = next(m for m in live_app.args.models if m.key == "parts@1")
     detector = serve.get_deployment_handle(spec.deployment_name, APP_NAME)
     names = sorted(corpus) * 2
     pixels = {name: decode_file(path) for name, path in corpus.items()}
-    responses = [detector.detect.remote([pixels[n]], InferenceParams()) for n in names]
+    key = live_app.ledger.capability.derive(DETECTOR_KEY)
+    responses = [detector.detect.remote([pixels[n]], InferenceParams(), key=key) for n in names]
     results = [r.result(timeout_s=300) for r in responses]
     assert max(r["batch_images"] for r in results) > 1  # some calls were batched together
     compared = 0
