@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.exceptions import RayError
+from ray.exceptions import RayError, RayTaskError
 
 from ledger.actors import CoordinatorActor, ShardActor, shard_name
 from ledger.capability import Capability
@@ -45,7 +45,13 @@ def launch(settings: LedgerSettings, **client_options: Any) -> LedgerClient:
         resources=dict(settings.actor_resources),
         **ACTOR_OPTIONS,
     ).remote(settings, settings.shards, capability)
-    running = ray.get(coordinator.describe.remote(capability))
+    try:
+        running = ray.get(coordinator.describe.remote(capability))
+    except RayTaskError as exc:  # its describe() takes no capability: an older version's actor
+        raise ConfigError(
+            f"ledger {settings.actor_name!r} was started by an older version of yolo-tokens: stop it "
+            "(yolo-tokens serve stops it on Ctrl-C; or ray stop) and start again"
+        ) from exc
     if "settings" not in running:  # a ledger by that name launched with another key directory
         raise ConfigError(
             f"ledger {settings.actor_name!r} already runs with another capability (another key directory "

@@ -49,6 +49,8 @@ class ModelSpec(BaseModel):
     # a request this version has not answered within this many seconds (queueing for a replica and
     # a cold start included) gets 503 model_unavailable with Retry-After, and is refunded
     timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    # how long Serve lets a stopping replica finish its requests before it kills it (Serve's default)
+    graceful_shutdown_timeout_s: float = Field(default=20.0, ge=0, le=3600)
     autoscaling: Autoscaling = Autoscaling()
 
     @property
@@ -75,6 +77,7 @@ class ModelSpec(BaseModel):
             },
             "autoscaling_config": self.autoscaling.serve_config(),
             "max_ongoing_requests": max(2 * self.max_batch_size, 8),
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
         }
 
 

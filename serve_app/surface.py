@@ -7,15 +7,16 @@ could call any attribute: `__del__` (closing the replica's lease holder), `__ini
 a private helper, or an HTTP route method with a request object it built itself.
 
 A deployment class declares what may be called as `__surface__ = Surface(handle=..., grpc=...)`.
-`install()` wraps the replica's two request entry points, `call_user_method` and
-`call_user_generator`, which every handle and gRPC request passes through before its method is
-looked up. A request naming anything else is refused there with `ApiError("forbidden")`, before any
-attribute of the object is read and before any user code runs: it changes nothing.
+`install()` wraps the replica's three request entry points: `call_user_method` and
+`call_user_generator`, which every handle request and every gRPC request from the proxy passes
+through before its method is looked up, and `call_http_entrypoint`, by which HTTP from the proxy
+reaches the ASGI app (`__call__`, and nothing else). A request naming anything else is refused with
+`ApiError("forbidden")` before any user code runs: it changes nothing.
 
 What stays as it was:
-- HTTP from Serve's proxy enters by `call_http_entrypoint` with the method `__call__` (the ASGI
-  app); a handle call naming `__call__` is refused, so no caller builds an ASGI scope (and with it
-  a client address) by hand.
+- A handle call naming `__call__` is refused, so a caller does not build an ASGI scope (and with it
+  a client address) through the public handle API. (Code that forges Serve's private request
+  metadata to pose as the proxy is code running in the cluster: docs/SECURITY.md.)
 - Serve's own calls are not requests: the graceful-shutdown destructor (`call_destructor`), health
   checks and `reconfigure` run as before, and cannot be reached as requests.
 - Deployments that declare no surface (other apps sharing the cluster) are not restricted.
@@ -38,9 +39,13 @@ from serve_app.errors import ApiError
 
 DETECTOR_KEY = "detector-caller"  # the purpose of the key the detectors check (`Capability.derive`)
 _MARK = "__yolo_tokens_surface__"
-# Serve wraps call_user_method (`_run_user_code`: a plain function returning an awaitable, which
-# runs the coroutine on the user code's loop); call_user_generator is an async generator function
-_ENTRY_POINTS = {"call_user_method": inspect.iscoroutinefunction, "call_user_generator": inspect.isasyncgenfunction}
+# Ray 2.60: call_user_method is a coroutine function (unwrapped: a future-returning wrapper in some
+# versions); call_user_generator and call_http_entrypoint are async generator functions
+_ENTRY_POINTS = {
+    "call_user_method": inspect.iscoroutinefunction,
+    "call_user_generator": inspect.isasyncgenfunction,
+    "call_http_entrypoint": inspect.isasyncgenfunction,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +57,7 @@ class Surface:
 
     def check(self, method: object, grpc: bool) -> None:
         allowed = self.grpc if grpc else self.handle
-        if not isinstance(method, str) or method not in allowed:
+        if type(method) is not str or method not in allowed:
             shown = method if isinstance(method, str) and len(method) <= 64 else "that method"
             raise ApiError(
                 "forbidden",
@@ -71,6 +76,12 @@ def _check(wrapper: Any, request_metadata: Any) -> None:
         surface.check(request_metadata.call_method, bool(request_metadata.is_grpc_request))
 
 
+def _check_http(wrapper: Any, request_metadata: Any) -> None:
+    """HTTP reaches the ASGI app (`__call__`) and nothing else."""
+    if surface_of(getattr(wrapper, "_callable", None)) is not None and request_metadata.call_method != "__call__":
+        raise ApiError("forbidden", "HTTP reaches this deployment's routes only")
+
+
 def install(wrapper_class: type | None = None) -> None:
     """Guard the request entry points of Serve's `UserCallableWrapper` in this process (idempotent).
     Call it from a deployment's `__init__`: it runs in the replica's process before any request.
@@ -86,7 +97,12 @@ def install(wrapper_class: type | None = None) -> None:
                 f"Ray Serve's {wrapper_class.__name__}.{name} is not the request entry point this version of "
                 "yolo-tokens guards (Ray was upgraded?): refusing to start with an open handle surface"
             )
-        setattr(wrapper_class, name, _guarded_method(fn) if name == "call_user_method" else _guarded_generator(fn))
+        if name == "call_user_method":
+            setattr(wrapper_class, name, _guarded_method(fn))
+        else:
+            setattr(
+                wrapper_class, name, _guarded_generator(fn, _check_http if name == "call_http_entrypoint" else _check)
+            )
 
 
 def _guarded_method(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -109,10 +125,10 @@ async def _raising(exc: ApiError) -> Any:
     raise exc
 
 
-def _guarded_generator(fn: Callable[..., Any]) -> Callable[..., Any]:
+def _guarded_generator(fn: Callable[..., Any], check: Callable[[Any, Any], None]) -> Callable[..., Any]:
     @functools.wraps(fn)
-    async def call_user_generator(self: Any, request_metadata: Any, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-        _check(self, request_metadata)
+    async def guarded(self: Any, request_metadata: Any, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        check(self, request_metadata)
         gen = fn(self, request_metadata, *args, **kwargs)
         try:
             async for item in gen:
@@ -120,5 +136,5 @@ def _guarded_generator(fn: Callable[..., Any]) -> Callable[..., Any]:
         finally:
             await gen.aclose()  # a client that went away still cancels the user code, as unwrapped
 
-    setattr(call_user_generator, _MARK, True)
-    return call_user_generator
+    setattr(guarded, _MARK, True)
+    return guarded

@@ -41,6 +41,8 @@ def ray_cluster() -> Iterator[None]:
         namespace="yt-tests",
         _node_ip_address="127.0.0.1",
         log_to_driver=False,
+        # Ray's agent exports metrics every 10 s by default: the metrics tests poll for them, 1 s apart
+        _system_config={"metrics_report_interval_ms": 1000},
     )
     yield
     ray.shutdown()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import random
 import signal
@@ -308,3 +309,47 @@ def test_given_a_stored_row_the_book_cannot_load_then_the_actor_starts_answers_u
     finally:
         stop(client)
         store.close()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_given_every_method_ray_exposes_then_none_answers_without_the_capability(
+    ledger: LedgerClient, settings: LedgerSettings
+) -> None:
+    """Issue 19: Ray makes every method of an actor class callable by name (private helpers too) and
+    adds `__ray_call__`, which runs the caller's function in the actor. Each one a ledger actor has,
+    called with no capability, is refused and changes nothing (`describe` says the shard count only;
+    `__ray_ready__` answers True; `__ray_terminate__` ends the actor, as `ray.kill` does: not called)."""
+    pkg = ledger.create_package(TokenSpec.build("mine", 10))
+    jti = jti_of(ledger, pkg.credential)
+    probes = {
+        "__ray_call__": (lambda actor: actor._capability,),
+        "call": ("top_up", (), {"token_id": pkg.token.id, "units": 10**6}),
+        "admit_batch": ([Admission("free-1", pkg.token.id, jti, 1, "parts@1").row()],),
+        "settle_batch": ([Settlement("free-1", pkg.token.id, False, root_id=pkg.token.id).row()],),
+    }
+    seen: dict[str, list[str]] = {}
+    for label, actor in (("shard", ledger.shard_actors[0]), ("coordinator", ledger.coordinator)):
+        methods = sorted(actor._ray_method_signatures)  # what Ray accepts by name on this handle
+        assert {"__ray_call__", "__ray_terminate__"} <= set(methods), methods
+        seen[label] = methods
+        for method in methods:
+            if method in ("__ray_terminate__", "__ray_ready__", "describe"):
+                continue
+            if not hasattr(getattr(actor, method), "remote"):  # the handle's own attribute: not a remote call
+                assert method in ("__init__", "__init_subclass__"), method
+                continue
+            params = [p for p in actor._ray_method_signatures[method] if p.default is inspect.Parameter.empty]
+            args = probes.get(method, tuple(None for p in params if p.kind is p.POSITIONAL_OR_KEYWORD))
+            with pytest.raises(OperationRefused) as err:
+                ray.get(getattr(actor, method).remote(*args), timeout=60)
+            refused = getattr(err.value, "cause", err.value)  # Ray's RayTaskError(OperationRefused)
+            assert refused.code is Code.FORBIDDEN, (label, method, err.value)
+        assert ray.get(actor.__ray_ready__.remote(), timeout=60) is True
+    assert ray.get(ledger.coordinator.describe.remote(), timeout=60) == {"shards": settings.shards}
+    # the private helpers of ShardRuntime/CoordinatorRuntime are not methods of the actors at all
+    assert not [m for ms in seen.values() for m in ms if m.startswith("_") and not m.startswith("__")], seen
+    after = ledger.token(pkg.token.id)
+    assert (after.allocation, after.used) == (10, 0)
+    assert ledger.usage(token_id=pkg.token.id) == [] and not ledger.consistency().violations
+    # and the holder of the capability is still answered: nothing was replaced
+    assert ledger.top_up(pkg.token.id, 5).allocation == 15

@@ -109,6 +109,8 @@ DRIVER = textwrap.dedent("""
     claims = {"sub": token_id, "pkg": token_id, "jti": "jti_forged", "typ": "admin", "exp": 2**31}
     attempt("coordinator.sign", lambda: g(coordinator.sign.remote(claims)))
     attempt("coordinator.root_of", lambda: g(coordinator.root_of.remote(token_id)))
+    attempt("shard.__ray_call__", lambda: g(shard.__ray_call__.remote(lambda actor: actor._capability)))
+    attempt("coordinator.__ray_call__", lambda: g(coordinator.__ray_call__.remote(lambda actor: actor._capability)))
     out["describe_keys"] = sorted(g(coordinator.describe.remote()))
     # the client a job gets with the settings of its own working directory: no capability there
     elsewhere = LedgerSettings(actor_name=ledger_name, namespace=namespace, data_dir=Path(tempfile.mkdtemp()))

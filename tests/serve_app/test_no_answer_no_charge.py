@@ -56,6 +56,7 @@ def side_app(live_app: LiveApp) -> Iterator[SideApp]:
                 imgsz=320,
                 num_cpus=64,
                 timeout_s=COLD_TIMEOUT_S,
+                graceful_shutdown_timeout_s=1.0,  # its replica never starts: Serve waits this long to kill it
                 autoscaling=Autoscaling(min_replicas=0, max_replicas=1),
             ),
             ModelSpec(

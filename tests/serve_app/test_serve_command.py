@@ -76,6 +76,7 @@ def test_given_serve_when_started_then_demo_token_is_printed_and_ctrl_c_stops_ev
         "HOME": str(home),
         "YT_DATABASE_URL": app_args["database_url"],
         "YT_DATA_DIR": app_args["data_dir"],
+        "RAY_metrics_report_interval_ms": "1000",  # Ray's agent exports every 10 s otherwise: polled below
     }
     for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "YT_ADMIN_FILE", "YT_ADMIN_TOKEN"):  # a fresh shell's
         env.pop(var, None)

@@ -48,6 +48,12 @@ class Wrapper:
         finally:
             self.closed = True
 
+    async def call_http_entrypoint(
+        self, request_metadata: Any, status_code_callback: Any, scope: Any, receive: Any
+    ) -> Any:
+        self.looked_up.append(request_metadata.call_method)
+        yield [{"type": "http.response.start", "status": 200}]
+
 
 def guarded() -> type[Wrapper]:
     cls = type("GuardedWrapper", (Wrapper,), {})
@@ -75,6 +81,18 @@ def test_given_a_grpc_request_then_the_grpc_names_apply_and_not_the_handle_ones(
         asyncio.run(w.call_user_method(Meta("detect", is_grpc_request=True), (), {}))
     with pytest.raises(ApiError):
         asyncio.run(w.call_user_method(Meta("Detect"), (), {}))  # a handle cannot pose as the gRPC proxy
+
+
+def test_given_http_from_the_proxy_then_only_the_asgi_app_is_reached() -> None:
+    w = guarded()(Replica())
+
+    async def drain(method: str) -> list[Any]:
+        return [m async for m in w.call_http_entrypoint(Meta(method), None, {}, None)]
+
+    assert asyncio.run(drain("__call__")) == [[{"type": "http.response.start", "status": 200}]]
+    with pytest.raises(ApiError):
+        asyncio.run(drain("__del__"))
+    assert w.looked_up == ["__call__"]
 
 
 def test_given_a_stream_then_refused_or_passed_through_and_closed_as_unwrapped() -> None:
@@ -134,5 +152,7 @@ def test_given_this_ray_then_its_wrapper_has_the_guarded_shape() -> None:
 
     cls = type("Probe", (UserCallableWrapper,), {})
     surface.install(cls)
-    assert getattr(cls.call_user_method, "__yolo_tokens_surface__", False)
-    assert not getattr(UserCallableWrapper.call_user_method, "__yolo_tokens_surface__", False)
+    assert all(
+        getattr(getattr(cls, name), "__yolo_tokens_surface__", False)
+        for name in ("call_user_method", "call_user_generator", "call_http_entrypoint")
+    )
