@@ -20,12 +20,13 @@ from ledger.codes import Code
 class LedgerError(Exception):
     """Base of every exception raised by `ledger`."""
 
-    code: Code = Code.INVALID_REQUEST
+    # each instance's `code` is set here, never read from the class: an error that crossed Ray is a
+    # `RayTaskError(<this class>)` whose attributes come from the original only when the class has none
+    default_code: Code = Code.INVALID_REQUEST
 
     def __init__(self, message: str, code: Code | None = None) -> None:
         super().__init__(message)
-        if code is not None:
-            self.code = code
+        self.code: Code = code if code is not None else self.default_code
 
     def __reduce__(self) -> tuple[object, ...]:
         # keep `code` when the error crosses a process boundary (Ray, Serve handles)
@@ -39,13 +40,13 @@ class LedgerError(Exception):
 class CredentialError(LedgerError):
     """The credential cannot be trusted; `code` is one of the 401 codes."""
 
-    code = Code.INVALID_TOKEN
+    default_code = Code.INVALID_TOKEN
 
 
 class LedgerUnavailable(LedgerError):
     """No durable answer could be given; nothing was charged."""
 
-    code = Code.LEDGER_UNAVAILABLE
+    default_code = Code.LEDGER_UNAVAILABLE
 
 
 class WriteRejected(LedgerUnavailable):
