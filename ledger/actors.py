@@ -8,8 +8,8 @@ everyone else attaches. They are named, so any driver of the cluster can look th
 every method of an actor class callable by name, private helpers included, and gives each actor
 `__ray_call__`, which runs a caller's function inside it. So these classes hold nothing but the
 methods below, each of which refuses a caller without the ledger's capability (`ledger.capability`,
-DESIGN §3d) before it does anything, and `__ray_call__` is refused outright. The only method that
-answers without the capability is `CoordinatorActor.describe`, with the shard count alone.
+DESIGN §3d) before it does anything, `__ray_call__` included. The only method that answers without
+the capability is `CoordinatorActor.describe`, with the shard count alone.
 """
 
 from __future__ import annotations
@@ -29,8 +29,11 @@ from ledger.settings import LedgerSettings
 __all__ = ["CoordinatorActor", "ShardActor", "shard_name"]
 
 
-def _no_ray_call(_self: object, *_args: Any, **_kwargs: Any) -> Any:
-    raise OperationRefused("a ledger actor runs no caller's function (__ray_call__)", Code.FORBIDDEN)
+def _checked_ray_call(self: Any, fn: Any, *args: Any, capability: Capability | None = None, **kwargs: Any) -> Any:
+    """Ray's `__ray_call__` (run `fn(actor, *args, **kwargs)` inside the actor), for the capability's
+    holder only (the tests' fault injection): anyone else is refused before `fn` runs."""
+    require(self._capability, capability, "__ray_call__ (running a caller's function in a ledger actor)")
+    return fn(self, *args, **kwargs)
 
 
 def _once(actor: object) -> None:
@@ -41,11 +44,12 @@ def _once(actor: object) -> None:
 
 class _Checked:
     """Base of the ledger's actor classes: the subclass Ray makes of each (`ray.actor._modify_class`
-    adds `__ray_ready__`, `__ray_call__`, `__ray_terminate__`) gets a `__ray_call__` that refuses."""
+    adds `__ray_ready__`, `__ray_call__`, `__ray_terminate__`) gets a `__ray_call__` that needs the
+    capability."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls.__ray_call__ = _no_ray_call  # type: ignore[attr-defined]
+        cls.__ray_call__ = _checked_ray_call  # type: ignore[attr-defined]
 
 
 @ray.remote(num_cpus=0)

@@ -216,7 +216,7 @@ def _fail_credentials_and_slow_commits(actor_self: Any, token_id: str, commit_de
     """Inside the actor: credentials of `token_id` cannot be signed (as a rotate in a token's last
     second once failed, after the node had changed), and every commit takes a while, so that the
     calls sent meanwhile are queued into one batch."""
-    core = actor_self.core
+    core = actor_self._run.core
     unsigned, commit = core._unsigned, core.store.commit
 
     def failing(n: Any) -> Any:
@@ -242,7 +242,7 @@ def test_given_a_victim_on_1_per_s_when_another_holder_fails_rotates_in_its_batc
     attacker = ledger.split(root, TokenSpec("attacker", 100))
     aid, ajti = attacker.token.id, jti_of(ledger, attacker.credential)
     shard = ledger.shard_actors[ledger.shard_map.of_root(root)]
-    ray.get(shard.__ray_call__.remote(_fail_credentials_and_slow_commits, aid, 0.3))
+    ray.get(shard.__ray_call__.remote(_fail_credentials_and_slow_commits, aid, 0.3, capability=ledger.capability))
     rounds = 3
     for r in range(rounds):
         time.sleep(1.1)  # one rate token for the victim

@@ -8,6 +8,7 @@ go on over HTTP, every one answered and charged exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -202,3 +203,41 @@ def test_given_a_team_job_then_only_the_api_answers_and_other_callers_go_on_exac
         timeout=120,
     )
     assert r.status_code == 200, r.text
+
+
+def test_given_the_app_deleted_then_serve_still_runs_the_replicas_cleanup(
+    live_app: LiveApp, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """`__del__` is closed to requests, and Serve's graceful shutdown still runs it: the replica's
+    lease holder reports and releases at once (a lease TTL of 10 minutes could not explain it)."""
+    from ray import serve
+
+    from ledger.service import attach, stop
+    from serve_app.app import build_app
+    from serve_app.config import LedgerArgs
+    from tests.hostile.conftest import side_app_args
+
+    tmp = tmp_path_factory.mktemp("cleanup")
+    args = side_app_args(f"sqlite:///{tmp / 'ledger.db'}", tmp, f"cleanup-{uuid.uuid4().hex[:6]}")
+    args = args.model_copy(update={"ledger": LedgerArgs(lease_ttl_s=600)})
+    serve.run(build_app(args), name="yt-cleanup", route_prefix="/cleanup")
+    ledger = attach(args.ledger_settings())
+    try:
+        pkg = ledger.create_package(TokenSpec.build("cleanup", 1000))
+        headers = {"Authorization": f"Bearer {pkg.credential}", "Content-Type": "image/jpeg"}
+        deadline = time.monotonic() + 120
+        with httpx.Client(timeout=120) as http:
+            while ledger.token(pkg.token.id).leased == 0:  # traffic until the replica holds a lease
+                assert time.monotonic() < deadline, "the replica never took a lease"
+                r = http.post(f"{live_app.url}/cleanup/v1/detect", content=jpeg(), headers=headers)
+                assert r.status_code == 200, r.text
+        serve.delete("yt-cleanup")
+        view = ledger.token(pkg.token.id)
+        assert view.leased == 0, view  # released by the destructor, not by the TTL
+        assert not [e for e in ledger.admin_events(token_id=pkg.token.id) if e["action"] == "lease.lost"]
+        rows = ledger.usage(token_id=pkg.token.id)
+        assert view.used == len(rows) and {r["state"] for r in rows} == {"settled"}  # every answer charged once
+    finally:
+        with contextlib.suppress(Exception):
+            serve.delete("yt-cleanup")
+        stop(ledger)
