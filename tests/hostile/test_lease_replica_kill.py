@@ -5,7 +5,8 @@ Its leases' units are in doubt until their TTL; then the ledger settles them by 
 every 200 is a charged unit or inside the lost units; under `charge` nothing answered goes unpaid
 and nothing is overspent under either policy (`refund` writes the units in doubt off the
 allocation: never charged, never granted again). 1 seed under `refund` here (the simulator's seeds
-alternate both policies); `make chaos` (`YT_LEASE_LONG=1`) runs 20 of each.
+alternate both policies); `make chaos` (`YT_LEASE_LONG=1`) runs 20 of each, and kills every replica
+at once (only there: that case took 34 to 130 s of `make test`'s 20 minutes).
 """
 
 from __future__ import annotations
@@ -107,6 +108,7 @@ def test_given_a_burst_when_an_ingress_replica_is_sigkilled_then_its_leases_are_
         assert view.used == len(paid)
 
 
+@pytest.mark.skipif(not LONG, reason="make chaos only: 34-130 s on 2 cores; one replica is killed above")
 def test_given_every_ingress_replica_sigkilled_mid_burst_then_no_more_200s_than_units(
     app: LeaseApp, tmp_path: Path
 ) -> None:
