@@ -1,7 +1,8 @@
 """yolo-tokens ledger: token packages with atomic, durable quota.
 
 Public API (the gateway, the CLI, the console use only these names, from here):
-    the typed API: LedgerApi and its results (Issued, Returned, KeyRotation, SweepReport,
+    the typed API: LedgerApi, its operations as records (`ops`: ops.Split, ops.Tokens, ...)
+        and results (Issued, Returned, KeyRotation, SweepReport,
         Consistency, UsageEvent, AdminEvent, AlertRecord);
     values: Admission, Decision, Settlement, TokenSpec, TokenView, Code, Claims, Verifier;
     settings: LedgerSettings, ClientSettings; reports: cost_report, usage_csv, iso_utc;
@@ -16,22 +17,23 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ledger.api import (
-    AdminEvent,
-    AlertRecord,
-    Consistency,
-    Issued,
-    KeyRotation,
-    LedgerApi,
-    Returned,
-    SweepReport,
-    UsageEvent,
-)
+from ledger import ops
+from ledger.api import LedgerApi
 from ledger.codes import Code
 from ledger.credentials import Claims, Verifier
 from ledger.entities import Admission, Decision, Settlement, TokenSpec, TokenView
 from ledger.errors import ConfigError, CredentialError, LedgerError, LedgerUnavailable, OperationRefused
 from ledger.reports import cost_report, inherited, iso_utc
+from ledger.results import (
+    AdminEvent,
+    AlertRecord,
+    Consistency,
+    Issued,
+    KeyRotation,
+    Returned,
+    SweepReport,
+    UsageEvent,
+)
 from ledger.settings import ClientSettings, LedgerSettings
 
 if TYPE_CHECKING:
@@ -96,6 +98,7 @@ __all__ = [
     "inherited",
     "iso_utc",
     "launch",
+    "ops",
     "stop",
     "usage_csv",
 ]

@@ -23,6 +23,7 @@ from ledger.codes import Code
 from ledger.entities import Decision
 from ledger.errors import OperationRefused
 from ledger.leases import Version, WatchReply
+from ledger.ops import Call
 from ledger.runtime import CoordinatorRuntime, ShardRuntime, shard_name
 from ledger.settings import LedgerSettings
 
@@ -84,18 +85,11 @@ class ShardActor(_Checked):
         require(self._capability, capability, "lease_watch")
         return await self._run.lease_watch(since, tokens, timeout_s)
 
-    async def call(
-        self,
-        op: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        actor_jti: str | None = None,
-        capability: Capability | None = None,
-    ) -> Any:
-        """Operation `op` of `ledger.api.LedgerApi`. Its caller holds the capability: an admin, or a
-        serving replica acting for a token (`actor`) whose credential it verified."""
-        require(self._capability, capability, f"ledger operation {op!r}")
-        return await self._run.call(op, args, kwargs, actor_jti)
+    async def call(self, op: Call[Any], actor_jti: str | None = None, capability: Capability | None = None) -> Any:
+        """One operation of `ledger.ops`. Its caller holds the capability: an admin, or a serving
+        replica acting for a token (`op.actor`) whose credential it verified."""
+        require(self._capability, capability, "a ledger operation")
+        return await self._run.call(op, actor_jti)
 
     async def alert_context(
         self, token_id: str, capability: Capability | None = None
@@ -121,16 +115,9 @@ class CoordinatorActor(_Checked):
         """The shard count; with the capability, also the settings (they may name a database password)."""
         return self._run.describe(with_settings=self._capability.admits(capability))
 
-    async def call(
-        self,
-        op: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        actor_jti: str | None = None,
-        capability: Capability | None = None,
-    ) -> Any:
-        require(self._capability, capability, f"ledger operation {op!r}")
-        return await self._run.call(op, args, kwargs, actor_jti)
+    async def call(self, op: Call[Any], actor_jti: str | None = None, capability: Capability | None = None) -> Any:
+        require(self._capability, capability, "a ledger operation")
+        return await self._run.call(op, actor_jti)
 
     async def sign(self, claims: dict[str, Any], capability: Capability | None = None) -> str:
         """The credential of claims a shard minted (shards hold the capability)."""

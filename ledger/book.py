@@ -27,9 +27,8 @@ from ledger.entities import (
     Settlement,
     Status,
     UsageState,
-    field_refusal,
 )
-from ledger.leases import access_refusal, status_refusal
+from ledger.rules import access_refusal, field_refusal, status_refusal
 from ledger.shards import ID_STRIDE, ShardScope
 from ledger.tree import MAX_TREE_DEPTH, MAX_UNITS, TokenTree
 

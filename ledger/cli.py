@@ -439,7 +439,7 @@ def open_ledger(args: argparse.Namespace, settings: LedgerSettings) -> LedgerApi
         credential = ClientSettings.from_env().admin_token or (recorded[1] if recorded else None)
         if credential:
             url = args.url or (recorded[0] if recorded else None) or ClientSettings.from_env().url
-            return HttpLedger(url, credential)  # type: ignore[abstract]  # methods generated from OPS
+            return HttpLedger(url, credential)
         if args.url:
             raise OperationRefused(
                 "no admin credential for --url: set $YT_ADMIN_TOKEN (yolo-tokens admin issue)", Code.MISSING_TOKEN

@@ -3,7 +3,7 @@ and the console. Attach with `ledger.service.attach(settings)`; only `launch` cr
 
 Routing: a call goes to the shard that owns its package (the credential's `pkg` claim, an
 admission's `root_id`, or the token's root looked up once at the coordinator and cached: a
-token never changes package), to every shard (merged), or to the coordinator (`ledger.api`).
+token never changes package), to every shard (merged), or to the coordinator (`ledger.ops`).
 
 Admissions and settlements are micro-batched per shard: concurrent `await admit(...)` calls in
 one process share one actor call (at most `max_inflight` batches in flight per shard), so
@@ -19,22 +19,23 @@ import itertools
 import pickle
 import time
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayError, RayTaskError
 
-from ledger.api import Route, merge, prepare, routing_key, targets
+from ledger import ops
+from ledger.api import LedgerApi
 from ledger.batcher import Batcher
 from ledger.capability import Capability
 from ledger.codes import Code
-from ledger.dispatch import Dispatcher
 from ledger.entities import Admission, Decision, Settlement
 from ledger.errors import LedgerError, LedgerUnavailable
 from ledger.flusher import unavailable
 from ledger.leases import LeaseAsk, LeaseGrant, Version, WatchReply
 from ledger.shards import ShardMap
 
+R = TypeVar("R")
 RETRY_DELAYS_S = (0.05, 0.1, 0.2, 0.5, 1.0, 1.0, 2.0, 2.0, 2.0, 3.0, 3.0)
 
 
@@ -77,8 +78,8 @@ async def _retrying(method: Any, *payload: Any) -> Any:
     raise AssertionError("unreachable")
 
 
-class LedgerClient(Dispatcher):
-    """Implements `LedgerApi` (every operation is a method, generated from `ledger.api.OPS`)."""
+class LedgerClient(LedgerApi):
+    """Implements `LedgerApi` over Ray: each call goes where its record's routing says."""
 
     def __init__(
         self,
@@ -187,26 +188,31 @@ class LedgerClient(Dispatcher):
         return parts
 
     # ---------------------------------------------------------------- the typed API
-    def invoke(self, op: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
-        """Operation `op` of `LedgerApi`, blocking. Raises the ledger's exception tree."""
-        spec, named = prepare(op, args, kwargs or {}, self.acting[0] if self.acting else None)
-        to = targets(spec, named, self.shard_map, self._acting_root, self._root, next(self._next))
+    def call(self, op: ops.Call[R]) -> R:
+        """One operation, blocking. Raises the ledger's exception tree."""
+        op = self._scoped(op)
+        key = ops.routing_key(op, self.shard_map, self.acting is not None)
+        to = ops.targets(op, self.shard_map, self._acting_root, self._root(key) if key else None, next(self._next))
         try:
-            parts = ray.get([self._send(t, op, named) for t in to])
+            parts: list[R] = ray.get([self._send(t, op) for t in to])
         except RayError as exc:
             raise _unwrapped(exc) from None
-        return parts[0] if len(to) == 1 and spec.route is not Route.ALL_SHARDS else merge(op, parts)
+        return ops.answer(op, parts, to)
 
-    async def ainvoke(self, op: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
-        spec, named = prepare(op, args, kwargs or {}, self.acting[0] if self.acting else None)
-        key = routing_key(spec, named, self.shard_map, self.acting is not None)
-        roots = {key: await self._aroot(key)} if key is not None else {}
-        to = targets(spec, named, self.shard_map, self._acting_root, roots.get, next(self._next))
+    async def acall(self, op: ops.Call[R]) -> R:
+        op = self._scoped(op)
+        key = ops.routing_key(op, self.shard_map, self.acting is not None)
+        to = ops.targets(
+            op, self.shard_map, self._acting_root, await self._aroot(key) if key else None, next(self._next)
+        )
         try:
-            parts = await asyncio.gather(*[self._send(t, op, named) for t in to])
+            parts: list[R] = await asyncio.gather(*[self._send(t, op) for t in to])
         except RayError as exc:
             raise _unwrapped(exc) from None
-        return parts[0] if len(to) == 1 and spec.route is not Route.ALL_SHARDS else merge(op, parts)
+        return ops.answer(op, parts, to)
+
+    def _scoped(self, op: ops.Call[R]) -> ops.Call[R]:
+        return op.as_token(self.acting[0]) if self.acting is not None else op
 
     def stats(self) -> list[dict[str, Any]]:
         """Each shard's counters (pid, node, epoch, commits, tokens, ...), waiting while one restarts."""
@@ -229,10 +235,10 @@ class LedgerClient(Dispatcher):
     def _acting_root(self) -> str | None:
         return self.acting[2] if self.acting is not None else None
 
-    def _send(self, target: int | None, op: str, named: dict[str, Any]) -> Any:
+    def _send(self, target: int | None, op: ops.Call[Any]) -> Any:
         jti = self.acting[1] if self.acting is not None else None
         actor = self.coordinator if target is None else self.shards[target].actor
-        return actor.call.remote(op, (), named, jti, self.capability)
+        return actor.call.remote(op, jti, self.capability)
 
     def _root(self, token_id: str) -> str | None:
         if self.shard_map.count == 1:

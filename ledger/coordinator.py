@@ -14,11 +14,11 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
-from ledger.api import AdminEvent, AlertRecord, KeyRotation, UsageEvent
 from ledger.codes import Code
 from ledger.credentials import MAX_CLAIM_CHARS, KeyRing, issue, new_jti
 from ledger.errors import LedgerUnavailable, OperationRefused
 from ledger.notify import DELIVERED, FAILED, PENDING, Notifier, channels_for, next_attempt_delay
+from ledger.results import AdminEvent, AlertRecord, KeyRotation, UsageEvent
 from ledger.settings import LedgerSettings
 from ledger.store.repository import Store, UsageQuery
 

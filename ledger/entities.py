@@ -465,13 +465,3 @@ def contact_problems(meta: dict[str, Any]) -> list[str]:
         elif bad := [v for v in value if not pattern.match(v)]:
             problems.append(f"{key} has invalid entries: {bad[:3]}")
     return problems
-
-
-def field_refusal(model: object, client_ip: object) -> str | None:
-    """Why an admission's model or client IP cannot be recorded (None: both fit their columns).
-    Refused before anything is recorded, on every path (the ingress never sends such values)."""
-    if type(model) is not str or not 0 < len(model) <= MAX_MODEL:
-        return f"model must be 1-{MAX_MODEL} characters"
-    if client_ip is not None and (type(client_ip) is not str or len(client_ip) > MAX_CLIENT_IP):
-        return f"client IP must be at most {MAX_CLIENT_IP} characters"
-    return None

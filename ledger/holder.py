@@ -46,7 +46,7 @@ from typing import Any, Protocol
 from ledger.batcher import Batcher
 from ledger.codes import Code
 from ledger.credentials import new_id
-from ledger.entities import Admission, Decision, Settlement, UsageState, field_refusal
+from ledger.entities import Admission, Decision, Settlement, UsageState
 from ledger.errors import LedgerError
 from ledger.leases import (
     RATE_SPEND_S,
@@ -56,9 +56,8 @@ from ledger.leases import (
     TokenPolicy,
     Version,
     WatchReply,
-    access_refusal,
-    status_refusal,
 )
+from ledger.rules import access_refusal, field_refusal, status_refusal
 from ledger.tree import MAX_UNITS
 
 log = logging.getLogger(__name__)

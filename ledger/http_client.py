@@ -17,11 +17,11 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from ledger import wire
+from ledger import ops, wire
+from ledger.api import LedgerApi
 from ledger.codes import Code
-from ledger.dispatch import Dispatcher
 from ledger.errors import LedgerUnavailable, OperationRefused
 
 ADMIN_ROUTE = "/v1/admin/ops/"
@@ -29,8 +29,11 @@ CLI_ADMIN_TTL_S = 7 * 86400.0  # what `serve` writes; it writes a fresh one ever
 CLI_ADMIN_REFRESH_S = 86400.0
 
 
-class HttpLedger(Dispatcher):
-    """Implements `LedgerApi` as an admin over HTTP (every operation generated from `ledger.api.OPS`).
+R = TypeVar("R")
+
+
+class HttpLedger(LedgerApi):
+    """Implements `LedgerApi` as an admin over HTTP: each record crosses as JSON (`ledger.wire`).
     The standard library's client: httpx would add a tenth of a second of imports to each call."""
 
     def __init__(self, url: str, credential: str, timeout: float = 60.0) -> None:
@@ -39,9 +42,9 @@ class HttpLedger(Dispatcher):
         self._headers = {"Authorization": f"Bearer {credential}", "Content-Type": "application/json"}
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: no proxies
 
-    def invoke(self, op: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
-        body = json.dumps(wire.encode_call(op, args, kwargs or {})).encode()
-        req = urllib.request.Request(self.url + ADMIN_ROUTE + op, data=body, headers=self._headers, method="POST")
+    def call(self, op: ops.Call[R]) -> R:
+        body = json.dumps(wire.encode_call(op)).encode()
+        req = urllib.request.Request(self.url + ADMIN_ROUTE + op.name, data=body, headers=self._headers, method="POST")
         try:
             with self._opener.open(req, timeout=self.timeout) as r:
                 status, raw = r.status, r.read()

@@ -14,22 +14,25 @@ import itertools
 import time
 from collections.abc import Callable, Sequence
 from operator import methodcaller
-from typing import Any
+from typing import Any, TypeVar
 
-from ledger.api import Issued, Kind, Route, merge, prepare, targets
+from ledger import ops
+from ledger.api import LedgerApi
 from ledger.codes import Code
 from ledger.coordinator import AlertContext, CoordinatorCore
-from ledger.dispatch import Dispatcher
 from ledger.entities import Admission, Decision, Settlement
 from ledger.errors import OperationRefused
 from ledger.leases import LeaseAsk, LeaseGrant, Version, WatchReply
+from ledger.results import Issued, Unsigned
 from ledger.settings import LedgerSettings
-from ledger.shard import ShardCore, Unsigned
+from ledger.shard import ShardCore
 from ledger.shards import ShardMap, ShardScope
 
+R = TypeVar("R")
 
-class InProcessLedger(Dispatcher):
-    """Implements `LedgerApi` (one generated method per operation of `ledger.api.OPS`)."""
+
+class InProcessLedger(LedgerApi):
+    """Implements `LedgerApi` in one process: each call runs where its record's routing says."""
 
     def __init__(self, settings: LedgerSettings, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
@@ -123,24 +126,27 @@ class InProcessLedger(Dispatcher):
         return self.shards[self.shard_map.of_root(root)]
 
     # ---------------------------------------------------------------- the typed API
-    def invoke(self, op: str, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
-        spec, named = prepare(op, args, kwargs or {}, self.acting[0] if self.acting else None)
+    def call(self, op: ops.Call[R]) -> R:
+        if self.acting is not None:
+            op = op.as_token(self.acting[0])
         acting_root = self.acting[2] if self.acting else None
-        to = targets(spec, named, self.shard_map, acting_root, self.coordinator.root_of, next(self._turn))
-        parts = [self._run(t, op, spec.kind, named) for t in to]
-        return parts[0] if len(to) == 1 and spec.route is not Route.ALL_SHARDS else merge(op, parts)
+        key = ops.routing_key(op, self.shard_map, self.acting is not None)
+        to = ops.targets(
+            op, self.shard_map, acting_root, self.coordinator.root_of(key) if key else None, next(self._turn)
+        )
+        return ops.answer(op, [self._run(t, op) for t in to], to)
 
-    def _run(self, target: int | None, op: str, kind: Kind, named: dict[str, Any]) -> Any:
+    def _run(self, target: int | None, op: ops.Call[R]) -> R:
         if target is None:
-            return getattr(self.coordinator, op)(**named)
+            return op.on_coordinator(self.coordinator)
         shard = self.shards[target]
         jti = self.acting[1] if self.acting is not None else None
 
-        def run(s: ShardCore) -> Any:
-            s.authenticate(named.get("actor"), jti)  # as the shard actor: an actor needs its credential id
-            return getattr(s, op)(**named)
+        def run(s: ShardCore) -> R | Unsigned:
+            s.authenticate(op.acting, jti)  # as the shard actor: an actor needs its credential id
+            return op.on_shard(s)
 
         value = self._durably(shard, run)
         if isinstance(value, Unsigned):
-            value = Issued(value.token, self.coordinator.sign(value.claims))
-        return value
+            return Issued(value.token, self.coordinator.sign(value.claims))  # type: ignore[return-value]
+        return value  # type: ignore[no-any-return]

@@ -36,8 +36,9 @@ from typing import Protocol, TypeGuard
 from ledger.changes import Changes, Lease, Pending
 from ledger.codes import Code
 from ledger.credentials import new_id
-from ledger.entities import RECLAIMING, Node, Settlement, Status, UsageState
-from ledger.limits import Bucket, IPNetwork, ip_allowed, model_allowed
+from ledger.entities import RECLAIMING, Node, Settlement, UsageState
+from ledger.limits import Bucket
+from ledger.rules import Rule, status_refusal
 
 LOST_LEASE_POLICIES = ("refund", "charge")
 # tree actions that can make a holder refuse what it admitted before (DESIGN §3a: narrowing changes)
@@ -57,45 +58,7 @@ RATE_LOAN_S = 0.25
 Version = tuple[int, int]  # (shard epoch, change counter): a new epoch makes every cached policy stale
 
 
-# ---------------------------------------------------------------- checks shared with the book
-def status_refusal(path: Iterable[Rule | Node], now: float) -> tuple[Code, str] | None:
-    """The first dead or expired node on a token's path, as the verdict to give (None: all live)."""
-    first = True
-    for n in path:
-        status = n.status if isinstance(n.status, str) else n.status.value
-        if status != Status.ACTIVE.value:
-            code = Code.REVOKED_TOKEN if status == Status.REVOKED.value else Code.EXPIRED_TOKEN
-            return code, f"token {'' if first else 'or an ancestor '}is {status}"
-        if n.expires_at is not None and now >= n.expires_at:
-            return Code.EXPIRED_TOKEN, f"token {'' if first else 'or an ancestor '}has expired"
-        first = False
-    return None
-
-
-def access_refusal(path: Iterable[Rule | Node], model: str, client_ip: str | None) -> tuple[Code, str] | None:
-    """The model and IP allowlists of every node on the path (None: allowed)."""
-    path = tuple(path)
-    for n in path:
-        if n.models is not None and not model_allowed(n.models, model):
-            return Code.MODEL_NOT_ALLOWED, f"model {model!r} is not allowed for this token"
-    for n in path:
-        if n.ips is not None and not ip_allowed(n.ips, client_ip):
-            return Code.IP_NOT_ALLOWED, f"client IP {client_ip!r} is not allowed for this token"
-    return None
-
-
 # ---------------------------------------------------------------- wire types
-@dataclass(frozen=True, slots=True)
-class Rule:
-    """What a holder needs of one node on a token's path to admit locally."""
-
-    id: str
-    status: str
-    expires_at: float | None
-    models: frozenset[str] | None
-    ips: tuple[IPNetwork, ...] | None
-
-
 @dataclass(frozen=True, slots=True)
 class TokenPolicy:
     """A token's local admission rules (itself, then each ancestor) and its balance at `version`."""

@@ -7,16 +7,15 @@
 
 These are plain objects held by the actor classes of `ledger.actors`, which check every caller's
 capability first and expose nothing else: Ray makes every method of an actor class callable by
-name, private helpers included, so the helpers live here. Operations arrive as (name, args,
-kwargs), checked against `ledger.api.OPS`: nothing outside the protocol runs, and arguments are
-bound to the core method's signature before anything is queued.
+name, private helpers included, so the helpers live here. Operations arrive as records of
+`ledger.ops` (checked to be one of its table's): each runs its own `on_shard`/`on_coordinator` on
+the core, so nothing outside the table runs and no method is looked up by name.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import os
 import pickle
@@ -27,7 +26,7 @@ from typing import Any
 
 import ray
 
-from ledger.api import OPS, SHARD_ROUTES, Issued, Kind, Route
+from ledger import ops
 from ledger.capability import Capability
 from ledger.codes import Code
 from ledger.coordinator import AlertContext, CoordinatorCore, no_context
@@ -36,8 +35,10 @@ from ledger.errors import CredentialNotIssued, LedgerError, LedgerUnavailable, O
 from ledger.flusher import Flusher, unavailable
 from ledger.leases import LeaseGrant, Version, WatchReply
 from ledger.metrics import ShardMetrics
+from ledger.ops import Kind, Route
+from ledger.results import Issued, Unsigned
 from ledger.settings import LedgerSettings
-from ledger.shard import ShardCore, Unsigned
+from ledger.shard import ShardCore
 from ledger.shards import ShardMap, ShardScope
 
 log = logging.getLogger(__name__)
@@ -49,22 +50,15 @@ def shard_name(settings: LedgerSettings, index: int) -> str:
     return f"{settings.actor_name}-shard-{index}"
 
 
-def _bind(fn: Any, op: str, args: Any, kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Arguments as the core method takes them; `OperationRefused(INVALID_REQUEST)` otherwise."""
-    if (
-        not isinstance(args, tuple | list)
-        or not isinstance(kwargs, dict)
-        or not all(isinstance(k, str) for k in kwargs)
-    ):
-        raise OperationRefused(f"bad arguments for {op}", Code.INVALID_REQUEST)
-    actor = kwargs.get("actor")
-    if actor is not None and not isinstance(actor, str):
+def _checked(op: object, actor_jti: object) -> ops.Call[Any]:
+    """A record of the ops table with a well-typed actor; `OperationRefused(INVALID_REQUEST)` otherwise
+    (refused here, not as a failure inside a batch)."""
+    call = ops.known(op)
+    if call.acting is None and getattr(call, "actor", None) is not None:
         raise OperationRefused("actor must be a token id", Code.INVALID_REQUEST)
-    try:
-        inspect.signature(fn).bind(*args, **kwargs)  # refused here, not as a failure inside a batch
-    except TypeError as exc:
-        raise OperationRefused(f"bad arguments for {op}: {exc}", Code.INVALID_REQUEST) from None
-    return tuple(args), dict(kwargs)
+    if actor_jti is not None and not isinstance(actor_jti, str):
+        raise OperationRefused("actor_jti must be a string", Code.INVALID_REQUEST)
+    return call
 
 
 class ShardRuntime:
@@ -190,38 +184,28 @@ class ShardRuntime:
         self.metrics.refresh()
 
     # ------------------------------------------------------------ the typed API, forwarded
-    async def call(
-        self,
-        op: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        actor_jti: str | None = None,
-    ) -> Any:
-        """Run operation `op` of `ledger.api.LedgerApi` on this shard; raises the ledger's errors.
-        The caller (checked by the actor) is an admin, or acts for a token (`actor`) whose credential
-        it verified (the serving replicas); the shard still checks that `actor_jti` is that token's
-        current credential on a live path."""
-        spec = OPS.get(op) if isinstance(op, str) else None
-        if spec is None or spec.route not in SHARD_ROUTES:
-            raise OperationRefused(f"{op!r} is not an operation of a ledger shard", Code.INVALID_REQUEST)
-        fn = getattr(self.core, op)
-        args, kwargs = _bind(fn, op, args, kwargs)
-        actor = kwargs.get("actor")
-        if actor_jti is not None and not isinstance(actor_jti, str):
-            raise OperationRefused("actor_jti must be a string", Code.INVALID_REQUEST)
-        if spec.kind is Kind.DB_READ:
-            if not self.core.ready:
+    async def call(self, op: ops.Call[Any], actor_jti: str | None = None) -> Any:
+        """Run one operation on this shard; raises the ledger's errors. The caller (checked by the
+        actor) is an admin, or acts for a token (`op.actor`) whose credential it verified (the
+        serving replicas); the shard still checks that `actor_jti` is that token's current
+        credential on a live path."""
+        call = _checked(op, actor_jti)
+        if call.routing.route is Route.COORDINATOR:
+            raise OperationRefused(f"{call.name} is not an operation of a ledger shard", Code.INVALID_REQUEST)
+        actor, core = call.acting, self.core
+        if call.routing.kind is Kind.DB_READ:
+            if not core.ready:
                 raise LedgerUnavailable("ledger database unavailable")
-            self.core.authenticate(actor, actor_jti)
-            return await asyncio.get_running_loop().run_in_executor(self.readers, lambda: fn(*args, **kwargs))
+            core.authenticate(actor, actor_jti)
+            return await asyncio.get_running_loop().run_in_executor(self.readers, lambda: call.on_shard(core))
 
         def run() -> Any:
-            self.core.authenticate(actor, actor_jti)
-            return fn(*args, **kwargs)
+            core.authenticate(actor, actor_jti)
+            return call.on_shard(core)
 
         try:
             value = await (
-                self.flusher.run_committed(run) if spec.kind is Kind.COMMITTED_READ else self.flusher.run(run)
+                self.flusher.run_committed(run) if call.routing.kind is Kind.COMMITTED_READ else self.flusher.run(run)
             )
         finally:
             self._exit_if_fenced()
@@ -314,22 +298,15 @@ class CoordinatorRuntime:
         return await loop.run_in_executor(self.pool, partial(fn, *args))
 
     # ------------------------------------------------------------ the typed API, forwarded
-    async def call(
-        self,
-        op: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        actor_jti: str | None = None,
-    ) -> Any:
+    async def call(self, op: ops.Call[Any], actor_jti: str | None = None) -> Any:
         self._start_periodic()
-        spec = OPS.get(op) if isinstance(op, str) else None
-        if spec is None or Route.COORDINATOR not in (spec.route, spec.fallback):
-            raise OperationRefused(f"{op!r} is not an operation of the ledger coordinator", Code.INVALID_REQUEST)
-        if op == "deliver_alerts":  # network I/O on its own thread
+        call = _checked(op, actor_jti)
+        if Route.COORDINATOR not in (call.routing.route, call.routing.fallback) or call.acting is not None:
+            raise OperationRefused(f"{call.name} is not an operation of the ledger coordinator", Code.INVALID_REQUEST)
+        if isinstance(call, ops.DeliverAlerts):  # network I/O on its own thread
             return await self.deliver_alerts()
-        fn = getattr(self.core, op)
-        args, kwargs = _bind(fn, op, args, kwargs)
-        return await self._run(lambda: fn(*args, **kwargs))
+        core = self.core
+        return await self._run(lambda: call.on_coordinator(core))
 
     async def sign(self, claims: dict[str, Any]) -> str:
         credential: str = await self._run(self.core.sign, claims)

@@ -129,8 +129,7 @@ def attach(
             if time.monotonic() > deadline:
                 raise LedgerUnavailable(f"ledger coordinator unavailable: {type(exc).__name__}") from exc
             time.sleep(0.5)
-    # its methods are generated from `ledger.api.OPS` at import, which mypy cannot see
-    return LedgerClient(coordinator, shards, capability=capability, **client_options)  # type: ignore[abstract]
+    return LedgerClient(coordinator, shards, capability=capability, **client_options)
 
 
 def stop(client: LedgerClient) -> None:

@@ -16,10 +16,8 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any, cast
 
-from ledger.api import Consistency, Returned, SweepReport, UsageEvent
 from ledger.book import QuotaBook
 from ledger.changes import Changes
 from ledger.codes import Code
@@ -37,19 +35,12 @@ from ledger.leases import (
     WatchLog,
     WatchReply,
 )
+from ledger.results import Consistency, Returned, SweepReport, Unsigned, UsageEvent
 from ledger.settings import LedgerSettings
 from ledger.shards import ShardScope
 from ledger.store.repository import Store, UsageQuery
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Unsigned:
-    """A new or rotated token whose credential the owner still has to have signed (`Issued`)."""
-
-    token: TokenView
-    claims: dict[str, Any]  # keyword arguments of `ledger.credentials.issue`
 
 
 class ShardCore:

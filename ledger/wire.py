@@ -1,8 +1,8 @@
-"""The ledger API as JSON: every operation's arguments and result, by the protocol's own type hints.
+"""The ledger API as JSON: every operation's record and result, by the records' own type hints.
 
 `ledger.http_client.HttpLedger` (the CLI over the service's admin route) and the ingress's
-`POST /v1/admin/ops/{op}` share this module, so both ends read one declaration (`LedgerApi`):
-an argument or result is encoded by its value and decoded by the hint the protocol gives it.
+`POST /v1/admin/ops/{op}` share this module, so both ends read one declaration (`ledger.ops`):
+a record crosses as its fields, decoded by their hints; a result by the record's `Call[R]`.
 A value that does not fit its hint is an `OperationRefused(INVALID_REQUEST)`, never a half-built
 object. No Ray, no HTTP here.
 """
@@ -16,9 +16,9 @@ import enum
 import ipaddress
 import types
 from functools import cache
-from typing import Any, Union, get_args, get_origin, get_type_hints, is_typeddict
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints, is_typeddict
 
-from ledger import api
+from ledger import ops
 from ledger.codes import Code
 from ledger.errors import OperationRefused
 
@@ -155,9 +155,16 @@ def _hints(cls: Any) -> dict[str, Any]:
     return get_type_hints(cls)
 
 
+R = TypeVar("R")
+
+
 @cache
-def _op_hints(op: str) -> dict[str, Any]:
-    return get_type_hints(getattr(api.LedgerApi, op))
+def _answer_hint(cls: type) -> Any:
+    """R of a record class `Call[R]`."""
+    for base in getattr(cls, "__orig_bases__", ()):
+        if get_origin(base) is ops.Call:
+            return get_args(base)[0]
+    raise TypeError(f"{cls.__name__} does not say what it answers")
 
 
 def _bad(message: str) -> OperationRefused:
@@ -165,39 +172,40 @@ def _bad(message: str) -> OperationRefused:
 
 
 # ------------------------------------------------------------------ one operation's call and answer
-def encode_call(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The JSON body of a call: its arguments by name, bound to the protocol's signature."""
-    _, bound = api.prepare(op, args, kwargs, None)
-    return {"kwargs": {k: encode(v) for k, v in bound.items()}}
+def encode_call(op: ops.Call[Any]) -> dict[str, Any]:
+    """The JSON body of a call: its record's fields (an admin's call: never `actor`)."""
+    return {"kwargs": {f.name: encode(getattr(op, f.name)) for f in dataclasses.fields(op) if f.name != "actor"}}
 
 
-def decode_call(op: str, body: Any) -> dict[str, Any]:
-    """The keyword arguments of a call from its JSON body. Unknown operations and names are refused;
+def decode_call(name: str, body: Any) -> ops.Call[Any]:
+    """The record of a call from its name and JSON body. Unknown operations and fields are refused;
     `actor` is not taken from a body (the route decides who acts)."""
-    if op not in api.OPS:
-        raise OperationRefused(f"unknown ledger operation {op!r}", Code.INVALID_REQUEST)
+    cls = ops.CALLS.get(name)
+    if cls is None:
+        raise OperationRefused(f"unknown ledger operation {name!r}", Code.INVALID_REQUEST)
     kwargs = body.get("kwargs", {}) if isinstance(body, dict) else None
     if not isinstance(kwargs, dict):
         raise _bad('the body is {"kwargs": {...}}')
-    hints = _op_hints(op)
     if "actor" in kwargs:
         raise OperationRefused("`actor` is set by the route, not by the caller", Code.INVALID_REQUEST)
-    out = {}
-    for name, value in kwargs.items():
-        if name not in hints or name == "return":
-            raise OperationRefused(f"{op} has no argument {name!r}", Code.INVALID_REQUEST)
-        out[name] = decode(hints[name], value)
-    return out
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for key in kwargs:
+        if key not in fields:
+            raise OperationRefused(f"{name} has no argument {key!r}", Code.INVALID_REQUEST)
+    record: ops.Call[Any] = _dataclass(cls, kwargs, 0)
+    return record
 
 
 def encode_result(value: Any) -> dict[str, Any]:
     return {"result": encode(value)}
 
 
-def decode_result(op: str, body: Any) -> Any:
+def decode_result(op: ops.Call[R], body: Any) -> R:
     if not isinstance(body, dict) or "result" not in body:
         raise _bad('the answer is {"result": ...}')
-    return decode(_op_hints(op)["return"], body["result"])
+    cls: type = type(op)
+    value: R = decode(_answer_hint(cls), body["result"])
+    return value
 
 
 __all__ = ["decode", "decode_call", "decode_result", "encode", "encode_call", "encode_result"]

@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ledger import cli as ledger_cli
-from ledger.api import Issued, LedgerApi
+from ledger.api import LedgerApi
 from ledger.entities import TokenSpec
 from ledger.errors import LedgerError
 from ledger.http_client import CLI_ADMIN_REFRESH_S, CLI_ADMIN_TTL_S, AdminFile
+from ledger.results import Issued
 from ledger.settings import ClientSettings, LedgerSettings
 from serve_app.launcher import APP_NAME, METRICS_PORT, LocalRay, apply_environment, auth_token_location, ray_env
 

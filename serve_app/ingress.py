@@ -22,7 +22,7 @@ import re
 import time
 import uuid
 from dataclasses import asdict
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 from fastapi import FastAPI, Request
@@ -31,6 +31,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.context import _get_serve_request_context
 
+from ledger import ops
 from ledger.capability import Capability
 from ledger.entities import Decision, TokenSpec
 from ledger.errors import OperationRefused
@@ -50,6 +51,7 @@ from serve_app.results import InferenceParams
 _SERVE_ID = re.compile(r"[\x21-\x7e]{1,64}")  # fits the ledger's request_id column (fullmatch)
 ADMIN_BODY_LIMIT = 1 << 20  # an admin call's JSON arguments (a token spec at most)
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 api = FastAPI(title="yolo-tokens", version="1", description="YOLO detection paid from token packages.")
 
@@ -138,7 +140,7 @@ class Ingress:
                 log.exception("ingress gauges failed")
 
     async def _package_tree(self, package: str) -> Any:
-        return await self.ledger.ainvoke("tokens", (), {"root_id": package})
+        return await self.ledger.acall(ops.Tokens(package))
 
     def _admitted(self, decision: Decision, model: str, package: str, local: bool) -> None:
         team = self.teams.label(decision.token_id, package)
@@ -187,9 +189,9 @@ class Ingress:
     async def _claims(self, request: Request, typ: str = "access") -> Any:
         return await self.steps.verify(request.headers.get("authorization"), typ)
 
-    async def _ledger(self, op: str, request: Request, **kwargs: Any) -> Any:
+    async def _ledger(self, op: ops.Call[R], request: Request) -> R:
         """A ledger operation on behalf of the calling token (its id AND current credential id)."""
-        return await self.steps.token_call(request.headers.get("authorization"), op, kwargs)
+        return await self.steps.token_call(request.headers.get("authorization"), op)
 
     async def _model_status(self) -> dict[str, dict[str, Any]]:
         """Per model version: Serve's deployment status and replicas, and whether any node of the
@@ -271,14 +273,14 @@ class Ingress:
     @api.get("/v1/usage")
     async def usage(self, request: Request, limit: int = 100) -> dict[str, Any]:
         self._start(request)
-        tree = await self._ledger("tokens", request)
-        events = await self._ledger("usage", request, limit=max(1, min(limit, 1000)))
+        tree = await self._ledger(ops.Tokens(), request)
+        events = await self._ledger(ops.Usage(limit=max(1, min(limit, 1000))), request)
         return {"tokens": [plain(t) for t in tree], "events": events}
 
     @api.get("/v1/tokens/{token_id}")
     async def token(self, request: Request, token_id: str) -> dict[str, Any]:
         self._start(request)
-        return plain(await self._ledger("token", request, token_id=token_id))
+        return plain(await self._ledger(ops.Token(token_id), request))
 
     @api.post("/v1/tokens", status_code=201)
     async def split(self, request: Request, body: SplitBody) -> dict[str, Any]:
@@ -296,25 +298,25 @@ class Ingress:
             )
         except OperationRefused as exc:
             raise ApiError.from_code(exc.code, exc.message) from None
-        out = await self._ledger("split", request, parent_id=claims.sub, spec=spec)
+        out = await self._ledger(ops.Split(claims.sub, spec), request)
         return {"token": plain(out.token), "credential": out.credential}
 
     @api.post("/v1/tokens/{token_id}/revoke")
     async def revoke(self, request: Request, token_id: str) -> dict[str, Any]:
         self._start(request)
-        out = await self._ledger("revoke", request, token_id=token_id)
+        out = await self._ledger(ops.Revoke(token_id), request)
         return {"returned": out.returned, "token": plain(out.token)}
 
     @api.post("/v1/tokens/{token_id}/reclaim")
     async def reclaim(self, request: Request, token_id: str, body: ReclaimBody | None = None) -> dict[str, Any]:
         self._start(request)
-        out = await self._ledger("reclaim", request, token_id=token_id, units=body.units if body else None)
+        out = await self._ledger(ops.Reclaim(token_id, body.units if body else None), request)
         return {"returned": out.returned, "token": plain(out.token)}
 
     @api.post("/v1/tokens/{token_id}/rotate")
     async def rotate(self, request: Request, token_id: str) -> dict[str, Any]:
         self._start(request)
-        out = await self._ledger("rotate", request, token_id=token_id)
+        out = await self._ledger(ops.Rotate(token_id), request)
         return {"token": plain(out.token), "credential": out.credential}
 
     @api.post("/v1/admin/ops/{op}", include_in_schema=False)

@@ -25,12 +25,11 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
-from ledger import wire
-from ledger.api import LedgerApi
+from ledger import ops, wire
 from ledger.codes import Code
 from ledger.credentials import Claims
 from ledger.entities import Admission, Settlement
@@ -45,10 +44,9 @@ from serve_app.metering import Meter, refund
 from serve_app.results import InferenceParams
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 IDEM_SETTLE_WAIT_S = 5.0  # an idempotent answer waits this long for its stored replay body
 MODEL_RETRY_AFTER_S = 10.0
-# operations a token may run on its own subtree (the HTTP routes under /v1/tokens and /v1/usage)
-TOKEN_OPS = frozenset({"tokens", "token", "usage", "split", "revoke", "reclaim", "rotate"})
 
 
 _IDEM_KEY = re.compile(r"[\x21-\x7e]{1,255}")
@@ -124,8 +122,7 @@ class IngressSteps:
         self.image_limits = ImageLimits(max_bytes=args.limits.max_body_bytes, max_pixels=args.limits.max_pixels)
 
     async def _fetch_keys(self) -> dict[str, bytes]:
-        keys: dict[str, bytes] = await self.ledger.aio(LedgerApi.public_keys)
-        return keys
+        return await self.ledger.acall(ops.PublicKeys())
 
     # ------------------------------------------------------------ steps
     async def verify(self, credential: str | None, typ: str = "access") -> Claims:
@@ -143,26 +140,23 @@ class IngressSteps:
             raise ApiError("payload_too_large", f"images exceed {self.args.limits.max_body_bytes} bytes")
         return [decode_image(b, self.image_limits) for b in blobs]
 
-    async def token_call(self, credential: str | None, op: str, kwargs: dict[str, Any]) -> Any:
-        """A token-scoped tree operation or read, on behalf of the credential's token (its id AND
-        current credential id: the ledger refuses stale or revoked actors). Raises `ApiError`."""
-        if op not in TOKEN_OPS:
-            raise ApiError("forbidden", f"{op!r} is not a token operation")
+    async def token_call(self, credential: str | None, op: ops.Call[R]) -> R:
+        """A tree operation or read on behalf of the credential's token (its id AND current
+        credential id: the ledger refuses stale or revoked actors; an unscoped operation is
+        `forbidden`). Raises `ApiError`."""
         claims = await self.verify(credential)
-        # the actor is the verified token, whatever the caller put in kwargs
-        as_token = self.ledger.acting_as(claims.sub, claims.jti, claims.pkg)
+        as_token = self.ledger.acting_as(claims.sub, claims.jti, claims.pkg)  # the actor is the verified token
         try:
-            return await as_token.ainvoke(op, (), {k: v for k, v in kwargs.items() if k not in ("actor", "actor_jti")})
+            return await as_token.acall(op)
         except LedgerError as exc:
             raise ApiError.from_code(exc.code, exc.message) from None
 
-    async def admin_call(self, credential: str | None, op: str, body: Any) -> dict[str, Any]:
+    async def admin_call(self, credential: str | None, name: str, body: Any) -> dict[str, Any]:
         """Any ledger operation, as an admin (the CLI over HTTP: `ledger.http_client`): an admin
-        credential, the arguments decoded by the protocol's hints, the result encoded by them."""
+        credential, the record decoded by its hints, the result encoded by them."""
         await self.verify(credential, "admin")
         try:
-            kwargs = wire.decode_call(op, body)
-            return wire.encode_result(await self.ledger.ainvoke(op, (), kwargs))
+            return wire.encode_result(await self.ledger.acall(wire.decode_call(name, body)))
         except LedgerError as exc:
             raise ApiError.from_code(exc.code, exc.message) from None
 

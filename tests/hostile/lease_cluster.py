@@ -42,9 +42,9 @@ from ray import serve  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 from ray.serve import Application  # noqa: E402
 
-from ledger.api import AdminEvent  # noqa: E402
 from ledger.client import LedgerClient  # noqa: E402
 from ledger.entities import TokenSpec, TokenView  # noqa: E402
+from ledger.results import AdminEvent  # noqa: E402
 from ledger.service import attach, launch, stop  # noqa: E402
 from ledger.store.repository import Store, UsageQuery  # noqa: E402
 from serve_app.app import deployment  # noqa: E402

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import ray
 
+from ledger import ops
 from ledger.capability import Capability
 from ledger.client import LedgerClient
 from ledger.codes import Code
@@ -200,14 +201,9 @@ def test_given_a_rotated_out_credential_then_it_can_no_longer_steer_its_subtree(
     pkg = ledger.create_package(TokenSpec("stale", 100))
     tid, old_jti = pkg.token.id, jti_of(ledger, pkg.credential)
     new_jti = jti_of(ledger, ledger.rotate(tid).credential)
-    for op, kw in (
-        ("split", {"parent_id": tid, "spec": TokenSpec("x", 1)}),
-        ("rotate", {"token_id": tid}),
-        ("tokens", {}),
-        ("usage", {}),
-    ):
+    for op in (ops.Split(tid, TokenSpec("x", 1)), ops.Rotate(tid), ops.Tokens(), ops.Usage()):
         with pytest.raises(OperationRefused) as e:
-            ledger.acting_as(tid, old_jti, tid).invoke(op, (), kw)
+            ledger.acting_as(tid, old_jti, tid).call(op)
         assert e.value.code is Code.REVOKED_TOKEN, op
     assert ledger.acting_as(tid, new_jti, tid).split(tid, TokenSpec("ok", 1)).token.parent_id == tid
 

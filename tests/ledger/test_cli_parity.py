@@ -17,7 +17,8 @@ PLUMBING = {"public_keys": "the console verifies its sign-in credential with the
 
 
 def operations() -> set[str]:
-    return {name for name, _ in inspect.getmembers(LedgerApi, inspect.isfunction) if not name.startswith("_")}
+    transport = {"call", "acall"}  # what every operation goes through, not an operation
+    return {n for n, _ in inspect.getmembers(LedgerApi, inspect.isfunction) if not n.startswith("_")} - transport
 
 
 def console_operations() -> set[str]:

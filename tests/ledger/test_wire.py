@@ -3,17 +3,18 @@ and what does not fit the protocol's hints is refused (no Ray)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
 import pytest
 
-from ledger import wire
-from ledger.api import OPS, Consistency, Issued, KeyRotation, Returned
+from ledger import ops, wire
 from ledger.codes import Code
 from ledger.entities import TokenSpec
 from ledger.errors import OperationRefused
 from ledger.inprocess import InProcessLedger
+from ledger.results import Consistency, Issued, KeyRotation, Returned
 from ledger.settings import LedgerSettings
 
 
@@ -21,44 +22,47 @@ def over_json(value: Any) -> Any:
     return json.loads(json.dumps(wire.encode(value)))
 
 
-def test_given_every_operation_then_its_arguments_and_result_have_a_wire_form() -> None:
-    for op in OPS:  # a new operation with a hint the wire cannot read fails here, not at a call
-        hints = wire._op_hints(op)
-        assert "return" in hints, op
+def test_given_every_operation_then_its_fields_and_result_have_a_wire_form() -> None:
+    for name, cls in ops.CALLS.items():  # a new operation the wire cannot read fails here, not at a call
+        assert cls.name == name
+        assert wire._answer_hint(cls) is not None, name  # Call[R] says what it answers
+        fields = {f.name for f in dataclasses.fields(cls)}
+        assert fields <= set(wire._hints(cls)), name  # every field's hint resolves
 
 
 def test_given_a_token_spec_with_every_limit_then_it_crosses_unchanged() -> None:
     spec = TokenSpec.build("line-3", 250, expires_at=1.8e9, models=["parts@1", "parts"], ips=["10.0.0.0/8", "::1"],
                            rate="5/s:10", team="vision", thresholds=[50, 100],
                            meta={"cost_centre": "CC-1"})  # fmt: skip
-    body = json.loads(json.dumps(wire.encode_call("split", ("tok_parent", spec), {})))
-    kwargs = wire.decode_call("split", body)
-    assert kwargs == {"parent_id": "tok_parent", "spec": spec}
+    body = json.loads(json.dumps(wire.encode_call(ops.Split("tok_parent", spec))))
+    assert wire.decode_call("split", body) == ops.Split("tok_parent", spec)
 
 
 def test_given_real_results_then_each_decodes_to_what_the_ledger_returned(tmp_path: Any) -> None:
     ledger = InProcessLedger(LedgerSettings(database_url=f"sqlite:///{tmp_path / 'l.db'}", data_dir=tmp_path))
     issued = ledger.create_package(TokenSpec.build("p", 100, rate="pro", team="t"))
     kid = ledger.split(issued.token.id, TokenSpec.build("k", 10))
-    results: dict[str, Any] = {
-        "create_package": issued,
-        "split": kid,
-        "reclaim": ledger.reclaim(kid.token.id, 4),
-        "tokens": ledger.tokens(),
-        "consistency": ledger.consistency(),
-        "rotate_keys": ledger.rotate_keys(),
-        "public_keys": ledger.public_keys(),
-        "admin_events": ledger.admin_events(),
-        "usage": ledger.usage(),
-    }
-    for op, value in results.items():
+    reclaimed = ledger.reclaim(kid.token.id, 4)
+    rotation = ledger.rotate_keys()
+    results: list[tuple[ops.Call[Any], Any]] = [
+        (ops.CreatePackage(TokenSpec("x", 1)), issued),
+        (ops.Split("p", TokenSpec("x", 1)), kid),
+        (ops.Reclaim("t"), reclaimed),
+        (ops.Tokens(), ledger.tokens()),
+        (ops.ConsistencyCheck(), ledger.consistency()),
+        (ops.RotateKeys(), rotation),
+        (ops.PublicKeys(), ledger.public_keys()),
+        (ops.AdminEvents(), ledger.admin_events()),
+        (ops.Usage(), ledger.usage()),
+    ]
+    for op, value in results:
         assert wire.decode_result(op, over_json(wire.encode_result(value))) == value, op
-    assert isinstance(wire.decode_result("reclaim", over_json(wire.encode_result(results["reclaim"]))), Returned)
-    assert isinstance(wire.decode_result("create_package", over_json(wire.encode_result(issued))), Issued)
-    assert isinstance(wire.decode_result("rotate_keys", over_json(wire.encode_result(results["rotate_keys"]))),
-                      KeyRotation)  # fmt: skip
+    assert isinstance(wire.decode_result(ops.Reclaim("t"), over_json(wire.encode_result(reclaimed))), Returned)
+    assert isinstance(wire.decode_result(ops.CreatePackage(TokenSpec("x", 1)), over_json(wire.encode_result(issued))),
+                      Issued)  # fmt: skip
+    assert isinstance(wire.decode_result(ops.RotateKeys(), over_json(wire.encode_result(rotation))), KeyRotation)
     c = Consistency({"a": (1, 2, "active")}, {"a": (1, 2, "active")}, [])
-    assert wire.decode_result("consistency", over_json(wire.encode_result(c))) == c
+    assert wire.decode_result(ops.ConsistencyCheck(), over_json(wire.encode_result(c))) == c
 
 
 @pytest.mark.parametrize(

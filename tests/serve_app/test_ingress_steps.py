@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ledger.api import Issued
+from ledger import ops
 from ledger.codes import Code
 from ledger.credentials import KeyRing, issue
 from ledger.entities import Admission, Decision, Settlement, TokenSpec
@@ -32,6 +32,7 @@ from ledger.errors import LedgerUnavailable
 from ledger.fake import FakeLedger
 from ledger.holder import HolderConfig, LeaseHolder
 from ledger.leases import LeaseAsk, LeaseGrant
+from ledger.results import Issued
 from serve_app import metering
 from serve_app.config import DEMO_WEIGHTS, AppArgs, ModelSpec
 from serve_app.errors import ApiError
@@ -498,22 +499,24 @@ async def test_given_token_operations_then_the_ingress_acts_as_the_verified_toke
     async with replica(ledger, FakeDetector()) as r:
         steps = r.steps
         other = ledger.create_package(TokenSpec("other", 10))
-        assert [t.id for t in await steps.token_call(pkg.credential, "tokens", {})] == [pkg.token.id]
-        child = await steps.token_call(
-            pkg.credential, "split", {"parent_id": pkg.token.id, "spec": TokenSpec("kid", 5)}
-        )
+        assert [t.id for t in await steps.token_call(pkg.credential, ops.Tokens())] == [pkg.token.id]
+        child = await steps.token_call(pkg.credential, ops.Split(pkg.token.id, TokenSpec("kid", 5)))
         assert child.token.parent_id == pkg.token.id
         # an `actor` in the arguments is ignored: the ingress acts as the verified token
         with pytest.raises(ApiError) as err:
-            await steps.token_call(pkg.credential, "token", {"token_id": other.token.id, "actor": other.token.id})
+            await steps.token_call(pkg.credential, ops.Token(other.token.id, actor=other.token.id))
         assert err.value.status == 404
         ledger.rotate(pkg.token.id)  # the credential the caller holds is rotated out
         with pytest.raises(ApiError) as err:
-            await steps.token_call(pkg.credential, "tokens", {})
+            await steps.token_call(pkg.credential, ops.Tokens())
         assert err.value.status == 401
-        for cred, op in [(None, "tokens"), (child.credential, "create_package"), (child.credential, "issue_admin")]:
+        for cred, op in [
+            (None, ops.Tokens()),
+            (child.credential, ops.CreatePackage(TokenSpec("p", 1))),
+            (child.credential, ops.IssueAdmin("me")),
+        ]:
             with pytest.raises(ApiError) as err:
-                await steps.token_call(cred, op, {})
+                await steps.token_call(cred, op)
             assert err.value.status in (401, 403)
     assert ledger.token(other.token.id).allocation == 10
     ledger.assert_balanced()

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
-from ledger.api import LedgerApi
+from ledger import ops
 from ledger.credentials import KeyRing, issue
 from ledger.errors import LedgerUnavailable
 from ledger.fake import FakeLedger
@@ -23,7 +23,7 @@ from serve_app.metering import Meter
 
 
 class KeyLedger:
-    """The ledger as the ingress steps fetch keys from it (`await ledger.aio(LedgerApi.public_keys)`):
+    """The ledger as the ingress steps fetch keys from it (`await ledger.acall(ops.PublicKeys())`):
     counts fetches; `fail` makes the ledger look unavailable."""
 
     def __init__(self, ring: KeyRing) -> None:
@@ -31,8 +31,8 @@ class KeyLedger:
         self.fetches = 0
         self.fail = False
 
-    async def aio(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        assert method is LedgerApi.public_keys, method  # verifying a credential needs nothing else
+    async def acall(self, op: Any) -> Any:
+        assert isinstance(op, ops.PublicKeys), op  # verifying a credential needs nothing else
         self.fetches += 1
         await asyncio.sleep(0.05)  # a round trip: concurrent requests must share it
         if self.fail:
