@@ -43,13 +43,13 @@ if __name__ == "__main__":  # run as a script: the rules before Ray and ultralyt
 import psycopg
 import ray
 
-from ledger.capability import Capability
-from ledger.client import LedgerClient
-from ledger.credentials import Verifier
-from ledger.entities import Admission, Settlement, TokenSpec
-from ledger.holder import LeaseHolder
-from ledger.service import launch
-from ledger.settings import LedgerSettings
+from ledger.client.holder import LeaseHolder
+from ledger.client.over_ray import LedgerClient
+from ledger.client.service import launch
+from ledger.core.capability import Capability
+from ledger.core.credentials import Verifier
+from ledger.core.entities import Admission, Settlement, TokenSpec
+from ledger.core.settings import LedgerSettings
 
 
 @ray.remote(num_cpus=0)

@@ -26,9 +26,9 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ledger.entities import Admission, Decision, Settlement, TokenSpec
-from ledger.fake import FakeLedger
-from ledger.holder import LeaseHolder
+from ledger.client.fake import FakeLedger
+from ledger.client.holder import LeaseHolder
+from ledger.core.entities import Admission, Decision, Settlement, TokenSpec
 from serve_app.answer import result_body
 from serve_app.config import DEMO_WEIGHTS, AppArgs, ModelSpec
 from serve_app.demo.synth import render

@@ -55,8 +55,8 @@ from ray.serve import Application
 import serve_app
 from bench.baseline import build_baseline_app, build_echo_app
 from bench.loads import Tally, interleaved_rounds, interleaved_singles, latency_summary, pct
-from ledger.entities import TokenSpec
-from ledger.service import attach
+from ledger.client.service import attach
+from ledger.core.entities import TokenSpec
 from serve_app.app import build_app
 from serve_app.config import DEMO_WEIGHTS, AppArgs, Autoscaling, ModelSpec
 from serve_app.demo.synth import render

@@ -6,9 +6,10 @@ Public API (the gateway, the CLI, the console use only these names, from here):
         Consistency, UsageEvent, AdminEvent, AlertRecord);
     values: Admission, Decision, Settlement, TokenSpec, TokenView, Code, Claims, Verifier;
     settings: LedgerSettings, ClientSettings; reports: cost_report, usage_csv, iso_utc;
-    the exception tree of `ledger.errors`;
+    the exception tree of `ledger.core.errors`;
     over Ray (imported on first use): launch, attach, stop, LedgerClient, connect;
-    without Ray: InProcessLedger, FakeLedger.
+    without Ray: InProcessLedger, FakeLedger, HttpLedger (the CLI over HTTP) and its AdminFile;
+    serving: LeaseHolder (an ingress replica's quota leases), Capability (DESIGN §3d), `wire`.
 Pure parts (the quota book, limits, credentials, the shard core) import no Ray.
 """
 
@@ -17,14 +18,17 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ledger import ops
-from ledger.api import LedgerApi
-from ledger.codes import Code
-from ledger.credentials import Claims, Verifier
-from ledger.entities import Admission, Decision, Settlement, TokenSpec, TokenView
-from ledger.errors import ConfigError, CredentialError, LedgerError, LedgerUnavailable, OperationRefused
-from ledger.reports import cost_report, inherited, iso_utc
-from ledger.results import (
+from ledger.client.holder import LeaseHolder
+from ledger.client.over_http import CLI_ADMIN_REFRESH_S, CLI_ADMIN_TTL_S, AdminFile, HttpLedger
+from ledger.core import ops, wire
+from ledger.core.api import LedgerApi
+from ledger.core.capability import Capability
+from ledger.core.codes import Code
+from ledger.core.credentials import Claims, Verifier
+from ledger.core.entities import Admission, Decision, Settlement, TokenSpec, TokenView
+from ledger.core.errors import ConfigError, CredentialError, LedgerError, LedgerUnavailable, OperationRefused
+from ledger.core.reports import cost_report, inherited, iso_utc
+from ledger.core.results import (
     AdminEvent,
     AlertRecord,
     Consistency,
@@ -34,25 +38,25 @@ from ledger.results import (
     SweepReport,
     UsageEvent,
 )
-from ledger.settings import ClientSettings, LedgerSettings
+from ledger.core.settings import ClientSettings, LedgerSettings
 
 if TYPE_CHECKING:
     from ledger.cli import connect
-    from ledger.client import LedgerClient
-    from ledger.fake import FakeLedger
-    from ledger.inprocess import InProcessLedger
-    from ledger.service import attach, launch, stop
+    from ledger.client.fake import FakeLedger
+    from ledger.client.inprocess import InProcessLedger
+    from ledger.client.over_ray import LedgerClient
+    from ledger.client.service import attach, launch, stop
     from ledger.store.repository import usage_csv
 
 # names whose modules import Ray (or start a database): imported when first asked for
 _LAZY = {
-    "attach": "ledger.service",
-    "launch": "ledger.service",
-    "stop": "ledger.service",
-    "LedgerClient": "ledger.client",
+    "attach": "ledger.client.service",
+    "launch": "ledger.client.service",
+    "stop": "ledger.client.service",
+    "LedgerClient": "ledger.client.over_ray",
     "connect": "ledger.cli",
-    "InProcessLedger": "ledger.inprocess",
-    "FakeLedger": "ledger.fake",
+    "InProcessLedger": "ledger.client.inprocess",
+    "FakeLedger": "ledger.client.fake",
     "usage_csv": "ledger.store.repository",  # SQLAlchemy and Alembic: a second of imports
 }
 
@@ -65,9 +69,13 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "CLI_ADMIN_REFRESH_S",
+    "CLI_ADMIN_TTL_S",
     "AdminEvent",
+    "AdminFile",
     "Admission",
     "AlertRecord",
+    "Capability",
     "Claims",
     "ClientSettings",
     "Code",
@@ -76,9 +84,11 @@ __all__ = [
     "CredentialError",
     "Decision",
     "FakeLedger",
+    "HttpLedger",
     "InProcessLedger",
     "Issued",
     "KeyRotation",
+    "LeaseHolder",
     "LedgerApi",
     "LedgerClient",
     "LedgerError",
@@ -101,4 +111,5 @@ __all__ = [
     "ops",
     "stop",
     "usage_csv",
+    "wire",
 ]

@@ -23,13 +23,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
-from ledger.api import LedgerApi
-from ledger.codes import Code
-from ledger.entities import TokenSpec
-from ledger.errors import LedgerError, LedgerUnavailable, OperationRefused
-from ledger.http_client import AdminFile, HttpLedger
-from ledger.reports import GROUPINGS, INHERITED, cost_report, inherited, iso_utc
-from ledger.settings import ClientSettings, LedgerSettings
+from ledger.client.over_http import AdminFile, HttpLedger
+from ledger.core.api import LedgerApi
+from ledger.core.codes import Code
+from ledger.core.entities import TokenSpec
+from ledger.core.errors import LedgerError, LedgerUnavailable, OperationRefused
+from ledger.core.reports import GROUPINGS, INHERITED, cost_report, inherited, iso_utc
+from ledger.core.settings import ClientSettings, LedgerSettings
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -425,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def connect(address: str, settings: LedgerSettings) -> LedgerApi:
     """Join the running cluster (unless this process already has) and attach to the ledger."""
-    from ledger.service import attach  # Ray only on this path
+    from ledger.client.service import attach  # Ray only on this path
 
     join(address, settings)
     return attach(settings)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ledger.entities import Decision
+from ledger import Decision
 from serve_app.results import Detection
 
 

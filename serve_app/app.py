@@ -9,7 +9,7 @@ from typing import Any
 
 from ray.serve import Application, Deployment
 
-from ledger.service import launch
+from ledger import launch
 from serve_app.config import AppArgs
 from serve_app.detector_deployment import Detector
 from serve_app.ingress import Ingress

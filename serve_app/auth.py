@@ -16,9 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
-from ledger.codes import Code
-from ledger.credentials import Claims, Verifier
-from ledger.errors import CredentialError
+from ledger import Claims, Code, CredentialError, Verifier
 from serve_app.errors import ApiError
 
 KEY_REFRESH_INTERVAL_S = 5.0

@@ -22,13 +22,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ledger import (
+    CLI_ADMIN_REFRESH_S,
+    CLI_ADMIN_TTL_S,
+    AdminFile,
+    ClientSettings,
+    Issued,
+    LedgerApi,
+    LedgerError,
+    LedgerSettings,
+    TokenSpec,
+)
 from ledger import cli as ledger_cli
-from ledger.api import LedgerApi
-from ledger.entities import TokenSpec
-from ledger.errors import LedgerError
-from ledger.http_client import CLI_ADMIN_REFRESH_S, CLI_ADMIN_TTL_S, AdminFile
-from ledger.results import Issued
-from ledger.settings import ClientSettings, LedgerSettings
 from serve_app.launcher import APP_NAME, METRICS_PORT, LocalRay, apply_environment, auth_token_location, ray_env
 
 if TYPE_CHECKING:
@@ -144,8 +149,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from ledger.service import attach
-    from ledger.service import stop as stop_ledger
+    from ledger import attach
+    from ledger import stop as stop_ledger
     from serve_app.app import build_app
 
     args, http = load_config(a.config)

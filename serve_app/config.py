@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ledger.settings import LedgerSettings
+from ledger import LedgerSettings
 from serve_app.engine.protocol import Backend
 
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "demo" / "weights" / "parts_v1.pt"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ledger.codes import Code
+from ledger import Code
 
 SERVE_LOGGER = "ray.serve"  # Serve's replica logs "Request failed." with a traceback here
 

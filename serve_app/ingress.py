@@ -31,13 +31,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.context import _get_serve_request_context
 
-from ledger import ops
-from ledger.capability import Capability
-from ledger.entities import Decision, TokenSpec
-from ledger.errors import OperationRefused
-from ledger.holder import LeaseHolder
-from ledger.service import attach
-from ledger.settings import LedgerSettings
+from ledger import Capability, Decision, LeaseHolder, LedgerSettings, OperationRefused, TokenSpec, attach, ops
 from serve_app import proxy_hooks, surface
 from serve_app.catalog import placement_problem
 from serve_app.config import AppArgs
@@ -321,7 +315,7 @@ class Ingress:
 
     @api.post("/v1/admin/ops/{op}", include_in_schema=False)
     async def admin_op(self, request: Request, op: str) -> dict[str, Any]:
-        """A ledger operation for an admin credential (the CLI: ledger/http_client.py)."""
+        """A ledger operation for an admin credential (the CLI: ledger/client/over_http.py)."""
         self._start(request)
         credential = request.headers.get("authorization")
         await self.steps.verify(credential, "admin")  # 401/403 before reading the body

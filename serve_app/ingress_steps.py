@@ -29,11 +29,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ledger import ops, wire
-from ledger.codes import Code
-from ledger.credentials import Claims
-from ledger.entities import Admission, Settlement
-from ledger.errors import LedgerError
+from ledger import Admission, Claims, Code, LedgerError, Settlement, ops, wire
 from serve_app.answer import result_body, usage_headers
 from serve_app.auth import KeyedVerifier
 from serve_app.catalog import ModelCatalog
@@ -152,7 +148,7 @@ class IngressSteps:
             raise ApiError.from_code(exc.code, exc.message) from None
 
     async def admin_call(self, credential: str | None, name: str, body: Any) -> dict[str, Any]:
-        """Any ledger operation, as an admin (the CLI over HTTP: `ledger.http_client`): an admin
+        """Any ledger operation, as an admin (the CLI over HTTP: `ledger.client.over_http`): an admin
         credential, the record decoded by its hints, the result encoded by them."""
         await self.verify(credential, "admin")
         try:

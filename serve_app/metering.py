@@ -18,10 +18,7 @@ import time
 from functools import partial
 from typing import Any
 
-from ledger.codes import Code
-from ledger.entities import Admission, Decision, Settlement
-from ledger.errors import LedgerError
-from ledger.holder import LeaseHolder
+from ledger import Admission, Code, Decision, LeaseHolder, LedgerError, Settlement
 
 log = logging.getLogger(__name__)
 SETTLE_BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)  # then every 5 s

@@ -40,7 +40,7 @@ from typing import Any, Final
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
-from ledger.reports import inherited
+from ledger import inherited
 
 log = logging.getLogger(__name__)
 

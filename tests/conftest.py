@@ -52,7 +52,7 @@ def ray_cluster() -> Iterator[None]:
 def live_app(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveApp]:
     from ray import serve
 
-    from ledger.service import attach, stop
+    from ledger.client.service import attach, stop
     from serve_app.app import APP_NAME, build_app
 
     tmp: Path = tmp_path_factory.mktemp("serve")

@@ -20,18 +20,20 @@ CONTRACTS = {c["id"]: c for c in CONFIG["contracts"]}
 
 # a tree that keeps every contract, shaped like the real one
 TREE = {
-    "ledger/__init__.py": "from ledger.client import LedgerClient\n",
-    "ledger/client.py": "import ray\n\nfrom ledger import shard\n\nLedgerClient = object\n",  # a Ray shell
-    "ledger/cli.py": "import ray\n\nfrom ledger import client, store\n",
-    "ledger/store/__init__.py": "",
+    "ledger/__init__.py": "from ledger.core import book\n",
+    "ledger/core/book.py": "from ledger.core import codes\n",
+    "ledger/core/codes.py": "import enum\n",
     "ledger/store/models.py": "import sqlalchemy\n",
-    "ledger/store/repository.py": "from ledger.store import models\n",
-    "serve_app/__init__.py": "",
-    "serve_app/app.py": "import fastapi\nimport ray\n\nfrom ledger import client\nfrom serve_app.engine import yolo\n",
-    "serve_app/engine/__init__.py": "",
+    "ledger/store/repository.py": "from ledger.core import book\nfrom ledger.store import models\n",
+    "ledger/shard/core.py": "from ledger.core import book\nfrom ledger.store import repository\n",
+    "ledger/shard/actors.py": "import ray\n\nfrom ledger.shard import core\n",  # a Ray shell
+    "ledger/client/holder.py": "from ledger.core import book\n",
+    "ledger/client/over_ray.py": "import ray\n\nfrom ledger.shard import actors\n",
+    "ledger/cli.py": "import ray\n\nfrom ledger.client import over_ray\n",
+    "serve_app/app.py": "import fastapi\nimport ray\n\nfrom ledger import book\nfrom serve_app.engine import yolo\n",
+    "serve_app/cli.py": "from ledger import cli\n",
     "serve_app/engine/yolo.py": "import torch\nimport ultralytics\n\nfrom serve_app import imaging\n",
-    "ui/__init__.py": "",
-    "ui/app.py": "import streamlit\n\nfrom ledger import LedgerClient, api\nfrom ledger.client import LedgerClient\n",
+    "ui/app.py": "import streamlit\n\nfrom ledger import book\n",
 }
 
 
@@ -79,22 +81,36 @@ def test_given_a_tree_that_follows_design_2_then_every_contract_is_kept(tree: Pa
 @pytest.mark.parametrize(
     ("module", "line", "contract", "shown"),
     [
-        ("ledger/book.py", "import ray", "pure-without-ray", "ledger.book -> ray"),
-        # indirect: the book reaches Ray through the client
-        ("ledger/tree.py", "from ledger import client", "pure-without-ray", "ledger.tree -> ledger.client"),
-        ("ledger/entities.py", "from ray import cloudpickle", "pure-without-ray", "ledger.entities -> ray"),
+        ("ledger/core/book.py", "import ray", "pure-without-ray", "ledger.core.book -> ray"),
+        # indirect: the shard core reaches Ray through its actor shell (same layer: only this contract)
+        ("ledger/shard/core.py", "from ledger.shard import actors", "pure-without-ray", "ledger.shard.actors -> ray"),
+        ("ledger/core/codes.py", "from ray import cloudpickle", "pure-without-ray", "ledger.core.codes -> ray"),
         ("serve_app/engine/yolo.py", "from ray import serve", "pure-without-ray", "serve_app.engine.yolo -> ray"),
         ("serve_app/imaging.py", "import ray", "pure-without-ray", "serve_app.imaging -> ray"),
-        ("ledger/settings.py", "import fastapi", "ledger-standalone", "ledger.settings -> fastapi"),
-        ("ledger/store/models.py", "import serve_app.app", "ledger-standalone", "ledger.store.models -> serve_app.app"),
-        ("ledger/client.py", "import torch", "ledger-standalone", "ledger.client -> torch"),
+        ("ledger/core/codes.py", "import fastapi", "ledger-standalone", "ledger.core.codes -> fastapi"),
+        ("ledger/store/models.py", "import serve_app.imaging", "ledger-standalone",
+         "ledger.store.models -> serve_app.imaging"),
+        ("ledger/client/over_ray.py", "import torch", "ledger-standalone", "ledger.client.over_ray -> torch"),
         ("ledger/cli.py", "import streamlit", "ledger-standalone", "ledger.cli -> streamlit"),
         ("ledger/store/repository.py", "import ui.app", "ledger-standalone", "ledger.store.repository -> ui.app"),
+        # each layer imports only those below it
+        ("ledger/core/book.py", "from ledger.store import models", "ledger-layers",
+         "ledger.core.book -> ledger.store.models"),
+        ("ledger/store/repository.py", "from ledger.shard import core", "ledger-layers",
+         "ledger.store.repository -> ledger.shard.core"),
+        ("ledger/shard/core.py", "from ledger.client import holder", "ledger-layers",
+         "ledger.shard.core -> ledger.client.holder"),
+        ("ledger/client/over_ray.py", "import ledger.cli", "ledger-layers", "ledger.client.over_ray -> ledger.cli"),
+        # serve_app and ui: the package root only
+        ("serve_app/app.py", "from ledger.client import over_ray", "serve-app-ledger-root",
+         "serve_app.app -> ledger.client.over_ray"),
+        ("serve_app/app.py", "from ledger.core.codes import Code", "serve-app-ledger-root",
+         "serve_app.app -> ledger.core.codes"),
         ("ui/app.py", "from ledger.store import models", "ui-public-ledger-api", "ui.app -> ledger.store.models"),
         ("ui/app.py", "from ledger import cli", "ui-public-ledger-api", "ui.app -> ledger.cli"),
         ("ui/app.py", "import serve_app.app", "ui-public-ledger-api", "ui.app -> serve_app.app"),
     ],
-)
+)  # fmt: skip
 def test_given_a_forbidden_import_then_its_contract_is_broken(
     tree: Path, module: str, line: str, contract: str, shown: str
 ) -> None:

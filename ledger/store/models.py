@@ -23,7 +23,7 @@ class TokenRow(Base):
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     root_id: Mapped[str] = mapped_column(String(40), index=True)
-    # the root's hash slot (ledger.shards.slot_of): shard i of n owns the slots with slot % n == i
+    # the root's hash slot (ledger.core.shards.slot_of): shard i of n owns the slots with slot % n == i
     slot: Mapped[int] = mapped_column(Integer, index=True, default=0, server_default="0")
     parent_id: Mapped[str | None] = mapped_column(String(40), index=True)
     name: Mapped[str] = mapped_column(String(200))

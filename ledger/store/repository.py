@@ -17,12 +17,12 @@ from sqlalchemy import Engine, Table, and_, bindparam, create_engine, delete, ev
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, InterfaceError, InternalError, OperationalError, SQLAlchemyError
 
-from ledger.changes import SETTLE_COLUMNS, USAGE_COLUMNS, USAGE_DONE_COLUMNS, Changes, IdemRecord, Lease, Pending
-from ledger.entities import Node, Status
-from ledger.errors import ConfigError, Fenced, LedgerUnavailable, WriteRejected
-from ledger.limits import RateLimit, normalize_ips
-from ledger.reports import iso_utc
-from ledger.shards import ShardScope, slot_of
+from ledger.core.changes import SETTLE_COLUMNS, USAGE_COLUMNS, USAGE_DONE_COLUMNS, Changes, IdemRecord, Lease, Pending
+from ledger.core.entities import Node, Status
+from ledger.core.errors import ConfigError, Fenced, LedgerUnavailable, WriteRejected
+from ledger.core.limits import RateLimit, normalize_ips
+from ledger.core.reports import iso_utc
+from ledger.core.shards import ShardScope, slot_of
 from ledger.store.migrate import upgrade
 from ledger.store.models import (
     AdminEventRow,

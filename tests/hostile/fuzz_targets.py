@@ -30,10 +30,10 @@ with atheris.instrument_imports(include=["ledger", "serve_app", "PIL", "jwt"]):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from ledger.codes import Code
-    from ledger.credentials import AUDIENCE, ISSUER, Claims, Verifier
-    from ledger.errors import CredentialError, OperationRefused
-    from ledger.limits import RateLimit, normalize_ips, normalize_models
+    from ledger.core.codes import Code
+    from ledger.core.credentials import AUDIENCE, ISSUER, Claims, Verifier
+    from ledger.core.errors import CredentialError, OperationRefused
+    from ledger.core.limits import RateLimit, normalize_ips, normalize_models
     from serve_app.errors import ApiError
     from serve_app.http import images_from_body
     from serve_app.imaging import ImageLimits, decode_image

@@ -42,10 +42,10 @@ from ray import serve  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 from ray.serve import Application  # noqa: E402
 
-from ledger.client import LedgerClient  # noqa: E402
-from ledger.entities import TokenSpec, TokenView  # noqa: E402
-from ledger.results import AdminEvent  # noqa: E402
-from ledger.service import attach, launch, stop  # noqa: E402
+from ledger.client.over_ray import LedgerClient  # noqa: E402
+from ledger.client.service import attach, launch, stop  # noqa: E402
+from ledger.core.entities import TokenSpec, TokenView  # noqa: E402
+from ledger.core.results import AdminEvent  # noqa: E402
 from ledger.store.repository import Store, UsageQuery  # noqa: E402
 from serve_app.app import deployment  # noqa: E402
 from serve_app.config import DEMO_WEIGHTS, AppArgs, Autoscaling, LedgerArgs, ModelSpec  # noqa: E402

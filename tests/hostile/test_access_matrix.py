@@ -10,7 +10,7 @@ from itertools import product
 import httpx
 import pytest
 
-from ledger.entities import TokenSpec
+from ledger.core.entities import TokenSpec
 from tests.serve_app.conftest import LiveApp
 
 pytestmark = pytest.mark.ray

@@ -17,8 +17,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ledger.credentials import AUDIENCE, ISSUER, Verifier
-from ledger.entities import TokenSpec
+from ledger.core.credentials import AUDIENCE, ISSUER, Verifier
+from ledger.core.entities import TokenSpec
 from tests.serve_app.conftest import LiveApp, jpeg
 
 pytestmark = pytest.mark.ray

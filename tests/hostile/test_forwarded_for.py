@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from ledger.entities import TokenSpec
+from ledger.core.entities import TokenSpec
 from tests.serve_app.conftest import LiveApp, jpeg
 
 pytestmark = pytest.mark.ray

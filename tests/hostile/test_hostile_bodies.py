@@ -16,7 +16,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from ledger.entities import TokenSpec
+from ledger.core.entities import TokenSpec
 from tests.hostile.conftest import replica_pids
 from tests.serve_app.conftest import LiveApp, jpeg
 

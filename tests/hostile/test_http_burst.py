@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from ledger.entities import TokenSpec
+from ledger.core.entities import TokenSpec
 from ledger.store.repository import Store, UsageQuery
 from tests.serve_app.conftest import LiveApp, jpeg
 

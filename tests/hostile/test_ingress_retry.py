@@ -20,9 +20,9 @@ import httpx
 import psutil
 import pytest
 
-from ledger.client import LedgerClient
-from ledger.entities import TokenSpec
-from ledger.service import attach, stop
+from ledger.client.over_ray import LedgerClient
+from ledger.client.service import attach, stop
+from ledger.core.entities import TokenSpec
 from ledger.store.repository import Store, UsageQuery
 from tests.hostile.conftest import replica_pids, side_app_args
 from tests.serve_app.conftest import LiveApp, jpeg

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ledger.errors import LedgerUnavailable
+from ledger.core.errors import LedgerUnavailable
 from tests.hostile.lease_cluster import charged, deployed, lease_args, replica_stats, serve_proxy
 from tests.hostile.lease_helpers import ClientSpec, Load, body_file, ok_ids, spread, statuses, wait_until
 from tests.hostile.test_postgres_restart import PrivatePostgres, private_pg  # noqa: F401 (a fixture)

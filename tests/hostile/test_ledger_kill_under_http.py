@@ -14,7 +14,7 @@ import httpx
 import pytest
 import ray
 
-from ledger.entities import TokenSpec
+from ledger.core.entities import TokenSpec
 from ledger.store.repository import Store, UsageQuery
 from tests.serve_app.conftest import LiveApp, jpeg
 

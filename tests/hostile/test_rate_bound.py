@@ -24,9 +24,9 @@ import pytest
 from ray import serve
 from ray.serve.schema import ReplicaState
 
-from ledger.client import LedgerClient
-from ledger.entities import TokenSpec
-from ledger.limits import RateLimit
+from ledger.client.over_ray import LedgerClient
+from ledger.core.entities import TokenSpec
+from ledger.core.limits import RateLimit
 from ledger.store.repository import Store, UsageQuery
 from tests.hostile.lease_cluster import LeaseApp, deployed, lease_args, serve_proxy
 from tests.hostile.lease_helpers import wait_until

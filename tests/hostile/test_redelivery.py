@@ -28,8 +28,8 @@ import httpx
 import jwt
 import pytest
 
-from ledger.codes import Code
-from ledger.entities import Admission, Settlement, TokenSpec
+from ledger.core.codes import Code
+from ledger.core.entities import Admission, Settlement, TokenSpec
 from ledger.store.repository import Store, UsageQuery
 from serve_app.catalog import ModelCatalog
 from tests.serve_app.conftest import LiveApp, jpeg
@@ -45,7 +45,7 @@ def deliver(live_app: LiveApp, rid: str, n: int, token: str, model: str | None =
     replicas then report and release their leases, as a replica that shuts down does."""
     from ray import serve
 
-    from ledger.holder import LeaseHolder
+    from ledger.client.holder import LeaseHolder
     from serve_app.app import APP_NAME
     from serve_app.errors import ApiError
     from serve_app.ingress_steps import DetectCall, IngressSteps

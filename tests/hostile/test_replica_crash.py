@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ledger.entities import TokenSpec
-from ledger.service import attach, stop
+from ledger.client.service import attach, stop
+from ledger.core.entities import TokenSpec
 from ledger.store.repository import Store, UsageQuery
 from tests.hostile.conftest import replica_pids, side_app_args
 from tests.serve_app.conftest import LiveApp, jpeg

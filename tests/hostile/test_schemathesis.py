@@ -11,7 +11,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from ledger.entities import TokenSpec
+from ledger.core.entities import TokenSpec
 from tests.serve_app.conftest import LiveApp
 
 pytestmark = pytest.mark.ray

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import itertools
 
-from ledger.book import QuotaBook
-from ledger.entities import Admission, Decision, Node, TokenLimits, TokenSpec
+from ledger.core.book import QuotaBook
+from ledger.core.entities import Admission, Decision, Node, TokenLimits, TokenSpec
 
 _ids = itertools.count()
 

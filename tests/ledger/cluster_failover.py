@@ -27,11 +27,11 @@ launcher.ensure_auth_token()
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from ledger.client import LedgerClient  # noqa: E402
-from ledger.credentials import Verifier  # noqa: E402
-from ledger.entities import Admission, TokenSpec  # noqa: E402
-from ledger.service import launch, stop  # noqa: E402
-from ledger.settings import LedgerSettings  # noqa: E402
+from ledger.client.over_ray import LedgerClient  # noqa: E402
+from ledger.client.service import launch, stop  # noqa: E402
+from ledger.core.credentials import Verifier  # noqa: E402
+from ledger.core.entities import Admission, TokenSpec  # noqa: E402
+from ledger.core.settings import LedgerSettings  # noqa: E402
 from ledger.store.repository import Store  # noqa: E402
 
 FAST_FAILURE_DETECTION = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}

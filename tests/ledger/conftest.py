@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ledger.settings import LedgerSettings
+from ledger.core.settings import LedgerSettings
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def settings(db_url: str, tmp_path: Path) -> LedgerSettings:
 
 @pytest.fixture
 def ledger(ray_cluster: None, settings: LedgerSettings) -> Iterator[object]:
-    from ledger.service import launch, stop
+    from ledger.client.service import launch, stop
 
     client = launch(settings)
     yield client

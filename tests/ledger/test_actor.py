@@ -13,15 +13,15 @@ from typing import Any
 import pytest
 import ray
 
-from ledger import ops
-from ledger.capability import Capability
-from ledger.client import LedgerClient
-from ledger.codes import Code
-from ledger.credentials import Verifier
-from ledger.entities import Admission, Settlement, TokenSpec
-from ledger.errors import LedgerUnavailable, OperationRefused
-from ledger.service import launch, stop
-from ledger.settings import LedgerSettings
+from ledger.client.over_ray import LedgerClient
+from ledger.client.service import launch, stop
+from ledger.core import ops
+from ledger.core.capability import Capability
+from ledger.core.codes import Code
+from ledger.core.credentials import Verifier
+from ledger.core.entities import Admission, Settlement, TokenSpec
+from ledger.core.errors import LedgerUnavailable, OperationRefused
+from ledger.core.settings import LedgerSettings
 from ledger.store.repository import Store
 
 pytestmark = pytest.mark.ray
@@ -242,12 +242,14 @@ def test_given_a_victim_on_1_per_s_when_another_holder_fails_rotates_in_its_batc
     rounds = 3
     for r in range(rounds):
         time.sleep(1.1)  # one rate token for the victim
-        pacer = shard.admit_batch.remote([Admission(f"pace-{r}", root, root_jti, 1, "m@1").row()], ledger.capability)
+        pacer = shard.admit_batch.remote(
+            [Admission(f"pace-{r}", root, root_jti, 1, "m@1").row()], ledger.capability
+        )
         time.sleep(0.1)  # its commit is now in flight: the next calls queue into ONE batch
         first = shard.admit_batch.remote(
             [Admission(f"v{r}a{i}", vid, vjti, 1, "m@1").row() for i in range(2)], ledger.capability
         )
-        rotated = shard.call.remote("rotate", (), {"token_id": aid}, None, ledger.capability)
+        rotated = shard.call.remote(ops.Rotate(aid), None, ledger.capability)
         second = shard.admit_batch.remote(
             [Admission(f"v{r}b{i}", vid, vjti, 1, "m@1").row() for i in range(2)], ledger.capability
         )
@@ -273,7 +275,7 @@ def test_given_a_stored_row_the_book_cannot_load_then_the_actor_starts_answers_u
 ) -> None:
     from sqlalchemy import delete, insert
 
-    from ledger.entities import Node
+    from ledger.core.entities import Node
     from ledger.store.repository import TOKENS, _node_row
 
     settings = settings.resolved()

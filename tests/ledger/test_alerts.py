@@ -20,13 +20,13 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 
-from ledger.client import LedgerClient
-from ledger.codes import Code
-from ledger.credentials import Verifier
-from ledger.entities import Admission, TokenSpec, contact_problems
-from ledger.errors import OperationRefused
-from ledger.service import launch, stop
-from ledger.settings import LedgerSettings
+from ledger.client.over_ray import LedgerClient
+from ledger.client.service import launch, stop
+from ledger.core.codes import Code
+from ledger.core.credentials import Verifier
+from ledger.core.entities import Admission, TokenSpec, contact_problems
+from ledger.core.errors import OperationRefused
+from ledger.core.settings import LedgerSettings
 from ledger.store.repository import Store
 
 pytestmark = pytest.mark.ray
@@ -191,7 +191,7 @@ def test_given_bad_contacts_then_the_token_is_refused() -> None:
     assert contact_problems({"alert_emails": ["x"], "alert_webhooks": ["file:///etc/passwd"]})
     assert contact_problems({"alert_emails": "ops@example.com"})
     with pytest.raises(OperationRefused):
-        from ledger.book import QuotaBook
+        from ledger.core.book import QuotaBook
 
         QuotaBook(time.time).tree.create_package(
             "t1", "j1", TokenSpec.build("p", 5, meta={"alert_webhooks": ["gopher://x"]})
@@ -227,7 +227,7 @@ def test_given_old_and_new_audit_rows_then_the_prune_deletes_only_those_outside_
 
 
 def test_given_a_token_expiring_within_a_week_then_one_expiry_alert_rearmed_by_a_new_expiry() -> None:
-    from ledger.entities import TokenLimits
+    from ledger.core.entities import TokenLimits
     from tests.ledger.book_helpers import new_book, package
 
     book, clock = new_book()

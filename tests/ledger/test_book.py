@@ -6,11 +6,11 @@ from typing import Any
 
 import pytest
 
-from ledger.book import IDEMPOTENCY_TTL_S, QuotaBook
-from ledger.codes import Code
-from ledger.entities import Settlement, Status, TokenLimits, TokenSpec
-from ledger.errors import OperationRefused
-from ledger.limits import RateLimit, normalize_ips, normalize_models
+from ledger.core.book import IDEMPOTENCY_TTL_S, QuotaBook
+from ledger.core.codes import Code
+from ledger.core.entities import Settlement, Status, TokenLimits, TokenSpec
+from ledger.core.errors import OperationRefused
+from ledger.core.limits import RateLimit, normalize_ips, normalize_models
 from ledger.store.repository import Store
 from tests.ledger.book_helpers import admit, child, counters, new_book, package
 

@@ -1,4 +1,4 @@
-"""The ledger capability (ledger.capability): kept beside the keys, never shown, refused when absent."""
+"""The ledger capability (ledger.core.capability): kept beside the keys, never shown, refused when absent."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ledger.capability import FILE_NAME, Capability, require
-from ledger.codes import Code
-from ledger.errors import ConfigError, OperationRefused
+from ledger.core.capability import FILE_NAME, Capability, require
+from ledger.core.codes import Code
+from ledger.core.errors import ConfigError, OperationRefused
 
 
 def test_given_no_file_then_load_finds_none_and_create_writes_one_mode_0600(tmp_path: Path) -> None:

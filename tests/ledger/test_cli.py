@@ -21,8 +21,8 @@ import pytest
 import ray
 
 from ledger.cli import main, parse_duration
-from ledger.leases import LeaseAsk, LeaseGrant
-from ledger.settings import LedgerSettings
+from ledger.core.leases import LeaseAsk, LeaseGrant
+from ledger.core.settings import LedgerSettings
 from ledger.store.repository import iso_utc
 from tests.conftest import _pg_database
 
@@ -54,7 +54,7 @@ def settings(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> LedgerSet
 
 @pytest.fixture(scope="module")
 def ledger(ray_cluster: None, settings: LedgerSettings) -> Iterator[Any]:
-    from ledger.service import launch, stop
+    from ledger.client.service import launch, stop
 
     client = launch(settings)
     yield client
@@ -180,8 +180,8 @@ def test_given_durations_then_they_parse(text: str, seconds: float) -> None:
 def test_given_usage_and_alert_contacts_then_audit_export_writes_csv_and_alerts_are_listed_and_acked(
     cli: Any, ledger: Any, tmp_path: Any
 ) -> None:
-    from ledger.credentials import Verifier
-    from ledger.entities import Admission
+    from ledger.core.credentials import Verifier
+    from ledger.core.entities import Admission
 
     code, pkg, _ = cli("package", "create", "--name", "csv", "--quota", "3", "--alert-email", "pm@example.com",
                        "--alert-webhook", "http://127.0.0.1:9/x", "--json")  # fmt: skip
@@ -208,8 +208,8 @@ def test_given_usage_and_alert_contacts_then_audit_export_writes_csv_and_alerts_
 
 
 def test_given_usage_then_report_costs_groups_units_by_team_cost_centre_and_model(cli: Any, ledger: Any) -> None:
-    from ledger.credentials import Verifier
-    from ledger.entities import Admission
+    from ledger.core.credentials import Verifier
+    from ledger.core.entities import Admission
 
     def model_row() -> tuple[int, int]:
         rows = cli("report", "costs", "--by", "model", "--json")[1]
@@ -240,8 +240,8 @@ def test_given_epoch_seconds_then_iso_utc_prints_them_to_the_millisecond() -> No
 def test_given_usage_then_usage_and_audit_export_print_iso_utc_times_and_json_keeps_numbers(
     cli: Any, ledger: Any, tmp_path: Path
 ) -> None:
-    from ledger.credentials import Verifier
-    from ledger.entities import Admission, Settlement
+    from ledger.core.credentials import Verifier
+    from ledger.core.entities import Admission, Settlement
 
     _, pkg, _ = cli("package", "create", "--name", "times", "--quota", "5", "--json")
     tid = pkg["token"]["id"]
@@ -331,8 +331,8 @@ def test_given_a_cost_centre_and_team_on_the_package_then_three_levels_of_splits
 ) -> None:
     """Issue 18 §4: after `package create --cost-centre CC-100` and three splits, `report costs --by
     cost_centre` said `(none)`. The nearest ancestor that sets one gives it, unless a child sets its own."""
-    from ledger.credentials import Verifier
-    from ledger.entities import Admission
+    from ledger.core.credentials import Verifier
+    from ledger.core.entities import Admission
 
     _, pkg, _ = cli("package", "create", "--name", "line", "--quota", "100", "--team", "vision", "--cost-centre",
                     "CC-100", "--json")  # fmt: skip

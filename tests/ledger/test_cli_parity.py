@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from ledger import cli
-from ledger.api import LedgerApi
+from ledger.core.api import LedgerApi
 
 ROOT = Path(__file__).resolve().parents[2]
 CALL = re.compile(r"\.([a-z_]+)\(")

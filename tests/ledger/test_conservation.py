@@ -8,10 +8,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from ledger.book import QuotaBook
-from ledger.codes import Code
-from ledger.entities import Admission, Settlement, TokenSpec
-from ledger.errors import OperationRefused
+from ledger.core.book import QuotaBook
+from ledger.core.codes import Code
+from ledger.core.entities import Admission, Settlement, TokenSpec
+from ledger.core.errors import OperationRefused
 from tests.ledger.book_helpers import Clock
 
 

@@ -1,4 +1,4 @@
-"""ledger.credentials: key ring on disk, issue/verify round trip, and the attack matrix."""
+"""ledger.core.credentials: key ring on disk, issue/verify round trip, and the attack matrix."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ledger.codes import Code
-from ledger.credentials import (
+from ledger.core.codes import Code
+from ledger.core.credentials import (
     ALGORITHMS,
     AUDIENCE,
     ISSUER,
@@ -31,7 +31,7 @@ from ledger.credentials import (
     new_id,
     new_jti,
 )
-from ledger.errors import ConfigError, CredentialError
+from ledger.core.errors import ConfigError, CredentialError
 
 NOW = 1_700_000_000
 DROP = object()  # marks a claim to leave out

@@ -8,14 +8,14 @@ import sys
 
 import pytest
 
-from ledger.book import QuotaBook
-from ledger.changes import Pending
-from ledger.codes import Code
-from ledger.entities import Node, Settlement
-from ledger.errors import LedgerUnavailable, OperationRefused
-from ledger.limits import RateLimit
-from ledger.settings import LedgerSettings
-from ledger.tree import MAX_TREE_DEPTH
+from ledger.core.book import QuotaBook
+from ledger.core.changes import Pending
+from ledger.core.codes import Code
+from ledger.core.entities import Node, Settlement
+from ledger.core.errors import LedgerUnavailable, OperationRefused
+from ledger.core.limits import RateLimit
+from ledger.core.settings import LedgerSettings
+from ledger.core.tree import MAX_TREE_DEPTH
 from tests.ledger.book_helpers import Clock, admit, child, counters, package
 
 

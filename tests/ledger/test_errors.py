@@ -8,8 +8,8 @@ import pickle
 import pytest
 from ray.exceptions import RayTaskError
 
-from ledger.codes import Code
-from ledger.errors import CredentialError, LedgerUnavailable, OperationRefused
+from ledger.core.codes import Code
+from ledger.core.errors import CredentialError, LedgerUnavailable, OperationRefused
 
 
 @pytest.mark.parametrize(

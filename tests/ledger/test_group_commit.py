@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from ledger.changes import Changes
-from ledger.codes import Code
-from ledger.entities import Admission, TokenSpec
-from ledger.errors import LedgerUnavailable
-from ledger.flusher import Flusher
-from ledger.settings import LedgerSettings
-from ledger.shard import ShardCore
+from ledger.core.changes import Changes
+from ledger.core.codes import Code
+from ledger.core.entities import Admission, TokenSpec
+from ledger.core.errors import LedgerUnavailable
+from ledger.core.settings import LedgerSettings
+from ledger.shard.core import ShardCore
+from ledger.shard.flusher import Flusher
 
 
 @pytest.fixture

@@ -21,13 +21,13 @@ from typing import Any
 
 import pytest
 
-from ledger.codes import Code
-from ledger.entities import Admission, Decision, Settlement, TokenSpec
-from ledger.errors import LedgerUnavailable
-from ledger.holder import HolderConfig, LeaseHolder
-from ledger.inprocess import InProcessLedger
-from ledger.leases import LeaseAsk, LeaseGrant, Version, WatchReply
-from ledger.settings import LedgerSettings
+from ledger.client.holder import HolderConfig, LeaseHolder
+from ledger.client.inprocess import InProcessLedger
+from ledger.core.codes import Code
+from ledger.core.entities import Admission, Decision, Settlement, TokenSpec
+from ledger.core.errors import LedgerUnavailable
+from ledger.core.leases import LeaseAsk, LeaseGrant, Version, WatchReply
+from ledger.core.settings import LedgerSettings
 from tests.ledger.book_helpers import Clock
 
 TTL = 10.0

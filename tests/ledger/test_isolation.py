@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 from sqlalchemy import insert
 
-from ledger.codes import Code
-from ledger.entities import Admission, Node, TokenSpec
-from ledger.errors import LedgerUnavailable, OperationRefused
-from ledger.flusher import Flusher
-from ledger.settings import LedgerSettings
-from ledger.shard import ShardCore, Unsigned
+from ledger.core.codes import Code
+from ledger.core.entities import Admission, Node, TokenSpec
+from ledger.core.errors import LedgerUnavailable, OperationRefused
+from ledger.core.settings import LedgerSettings
+from ledger.shard.core import ShardCore, Unsigned
+from ledger.shard.flusher import Flusher
 from ledger.store.repository import ALERTS, TOKENS, _node_row
 from tests.ledger.book_helpers import Clock
 
@@ -113,7 +113,7 @@ async def test_given_a_failing_operation_then_its_caller_alone_gets_an_internal_
         core.book.nodes[root].used += 7  # half-changed book
         raise KeyError("a bug")
 
-    with caplog.at_level(logging.ERROR, logger="ledger.flusher"):
+    with caplog.at_level(logging.ERROR, logger="ledger.shard.flusher"):
         results = await asyncio.gather(
             flusher.run(partial(core.admit_rows, rows(root, rjti, "a-", 2))),
             flusher.run(bug),

@@ -4,10 +4,10 @@ are written with every column and read back as settled requests."""
 
 from __future__ import annotations
 
-from ledger.book import QuotaBook
-from ledger.changes import Lease
-from ledger.entities import TokenSpec
-from ledger.leases import LeaseAsk, LeaseDesk, LeaseRules, LeaseUse, WatchLog
+from ledger.core.book import QuotaBook
+from ledger.core.changes import Lease
+from ledger.core.entities import TokenSpec
+from ledger.core.leases import LeaseAsk, LeaseDesk, LeaseRules, LeaseUse, WatchLog
 from ledger.store.repository import Store, UsageQuery
 from tests.ledger.book_helpers import Clock
 

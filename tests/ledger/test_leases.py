@@ -20,12 +20,12 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from ledger.codes import Code
-from ledger.entities import Admission, Node, Settlement, TokenSpec
-from ledger.errors import OperationRefused
-from ledger.leases import RATE_LOAN_S, LeaseAsk, LeaseGrant, LeaseUse
-from ledger.settings import LedgerSettings
-from ledger.shard import ShardCore
+from ledger.core.codes import Code
+from ledger.core.entities import Admission, Node, Settlement, TokenSpec
+from ledger.core.errors import OperationRefused
+from ledger.core.leases import RATE_LOAN_S, LeaseAsk, LeaseGrant, LeaseUse
+from ledger.core.settings import LedgerSettings
+from ledger.shard.core import ShardCore
 from ledger.store.repository import LEASES, UsageQuery
 from tests.ledger.book_helpers import Clock
 

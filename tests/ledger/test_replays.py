@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
-from ledger.book import IDEM_PENDING_TIMEOUT_S, QuotaBook
-from ledger.codes import Code
-from ledger.entities import Admission, Node, Settlement, TokenLimits, TokenSpec
-from ledger.settings import LedgerSettings
-from ledger.shard import ShardCore
+from ledger.core.book import IDEM_PENDING_TIMEOUT_S, QuotaBook
+from ledger.core.codes import Code
+from ledger.core.entities import Admission, Node, Settlement, TokenLimits, TokenSpec
+from ledger.core.settings import LedgerSettings
+from ledger.shard.core import ShardCore
 from ledger.store.repository import COPIES, USAGE, Store
 from tests.ledger.book_helpers import Clock, admit, child, new_book, package
 

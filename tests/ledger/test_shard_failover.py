@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 import ray
 
-from ledger.client import LedgerClient
-from ledger.credentials import Verifier
-from ledger.entities import TokenSpec
-from ledger.settings import LedgerSettings
+from ledger.client.over_ray import LedgerClient
+from ledger.core.credentials import Verifier
+from ledger.core.entities import TokenSpec
+from ledger.core.settings import LedgerSettings
 from ledger.store.repository import Store
 from tests.ledger.test_actor import Caller, actor_pid
 

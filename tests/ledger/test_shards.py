@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from ledger.codes import Code
-from ledger.entities import Admission, Settlement, TokenSpec
-from ledger.errors import Fenced, OperationRefused
-from ledger.inprocess import InProcessLedger
-from ledger.settings import LedgerSettings
-from ledger.shard import ShardCore
-from ledger.shards import ID_STRIDE, ShardMap, ShardScope
+from ledger.client.inprocess import InProcessLedger
+from ledger.core.codes import Code
+from ledger.core.entities import Admission, Settlement, TokenSpec
+from ledger.core.errors import Fenced, OperationRefused
+from ledger.core.settings import LedgerSettings
+from ledger.core.shards import ID_STRIDE, ShardMap, ShardScope
+from ledger.shard.core import ShardCore
 from ledger.store.repository import Store
 
 

@@ -8,8 +8,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import text
 
-from ledger.book import QuotaBook
-from ledger.entities import Admission, Settlement, TokenSpec
+from ledger.core.book import QuotaBook
+from ledger.core.entities import Admission, Settlement, TokenSpec
 from ledger.store.models import Base
 from ledger.store.repository import Store, UsageQuery, usage_csv
 

@@ -24,12 +24,12 @@ import psycopg
 import pytest
 from sqlalchemy import select, text
 
-from ledger.codes import Code
-from ledger.entities import Admission, Settlement
-from ledger.leases import LeaseAsk, LeaseUse
-from ledger.settings import LedgerSettings
-from ledger.shard import ShardCore
-from ledger.shards import slot_of
+from ledger.core.codes import Code
+from ledger.core.entities import Admission, Settlement
+from ledger.core.leases import LeaseAsk, LeaseUse
+from ledger.core.settings import LedgerSettings
+from ledger.core.shards import slot_of
+from ledger.shard.core import ShardCore
 from ledger.store.repository import ADMIN, ALERTS, COPIES, IDEM, LEASES, TOKENS, USAGE
 from tests.ledger.book_helpers import Clock
 

@@ -10,15 +10,15 @@ from typing import Any
 
 import pytest
 
-from ledger.book import QuotaBook
-from ledger.codes import Code
-from ledger.coordinator import CoordinatorCore
-from ledger.entities import Admission, Settlement, TokenLimits, TokenSpec, make_token_limits
-from ledger.errors import OperationRefused
-from ledger.limits import MAX_BURST, MAX_RATE, RateLimit, normalize_models
-from ledger.settings import LedgerSettings
-from ledger.shard import ShardCore
-from ledger.tree import MAX_BALANCE, MAX_UNITS, MIN_LIFETIME_S
+from ledger.core.book import QuotaBook
+from ledger.core.codes import Code
+from ledger.core.entities import Admission, Settlement, TokenLimits, TokenSpec, make_token_limits
+from ledger.core.errors import OperationRefused
+from ledger.core.limits import MAX_BURST, MAX_RATE, RateLimit, normalize_models
+from ledger.core.settings import LedgerSettings
+from ledger.core.tree import MAX_BALANCE, MAX_UNITS, MIN_LIFETIME_S
+from ledger.shard.coordinator import CoordinatorCore
+from ledger.shard.core import ShardCore
 from tests.ledger.book_helpers import child, counters, new_book, package
 
 

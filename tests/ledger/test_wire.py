@@ -1,4 +1,4 @@
-"""The ledger API as JSON (ledger/wire.py): what crosses the HTTP admin route comes back as it left,
+"""The ledger API as JSON (ledger/core/wire.py): what crosses the HTTP admin route comes back as it left,
 and what does not fit the protocol's hints is refused (no Ray)."""
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 
-from ledger import ops, wire
-from ledger.codes import Code
-from ledger.entities import TokenSpec
-from ledger.errors import OperationRefused
-from ledger.inprocess import InProcessLedger
-from ledger.results import Consistency, Issued, KeyRotation, Returned
-from ledger.settings import LedgerSettings
+from ledger.client.inprocess import InProcessLedger
+from ledger.core import ops, wire
+from ledger.core.codes import Code
+from ledger.core.entities import TokenSpec
+from ledger.core.errors import OperationRefused
+from ledger.core.results import Consistency, Issued, KeyRotation, Returned
+from ledger.core.settings import LedgerSettings
 
 
 def over_json(value: Any) -> Any:

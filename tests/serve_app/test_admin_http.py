@@ -17,7 +17,7 @@ import pytest
 
 from ledger import TokenSpec
 from ledger.cli import main
-from ledger.http_client import AdminFile
+from ledger.client.over_http import AdminFile
 from tests.serve_app.conftest import LiveApp
 
 pytestmark = pytest.mark.ray

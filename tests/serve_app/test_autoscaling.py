@@ -9,7 +9,7 @@ import httpx
 import pytest
 from ray import serve
 
-from ledger.entities import TokenSpec
+from ledger.core.entities import TokenSpec
 from serve_app.app import APP_NAME
 from tests.serve_app.conftest import LiveApp, jpeg
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ledger.entities import TokenSpec
+from ledger.core.entities import TokenSpec
 from serve_app.cli import main
 from serve_app.demo.synth import render
 from tests.serve_app.conftest import LiveApp

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import ray
 
-from ledger.entities import TokenSpec
+from ledger.core.entities import TokenSpec
 from tests.serve_app.conftest import LiveApp
 
 pytestmark = pytest.mark.ray

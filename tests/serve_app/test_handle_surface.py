@@ -22,7 +22,7 @@ import httpx
 import pytest
 import ray
 
-from ledger.entities import TokenSpec
+from ledger.core.entities import TokenSpec
 from tests.serve_app.conftest import LiveApp, jpeg
 
 pytestmark = pytest.mark.ray
@@ -34,10 +34,11 @@ DRIVER = textwrap.dedent("""
     import ray
     from ray import serve
     from PIL import Image
-    from ledger.entities import Admission, Settlement, TokenSpec
-    from ledger.errors import OperationRefused
-    from ledger.service import attach
-    from ledger.settings import LedgerSettings
+    from ledger.core import ops
+    from ledger.core.entities import Admission, Settlement, TokenSpec
+    from ledger.core.errors import OperationRefused
+    from ledger.client.service import attach
+    from ledger.core.settings import LedgerSettings
     from serve_app.results import InferenceParams
 
     address, token, jti, token_id, ip_token, ledger_name, namespace, detector = sys.argv[1:9]
@@ -94,19 +95,19 @@ DRIVER = textwrap.dedent("""
     coordinator = ray.get_actor(ledger_name, namespace=namespace)
     g = lambda ref: ray.get(ref, timeout=60)
     spec = TokenSpec.build("minted", 10**6)
-    attempt("shard.create_package", lambda: g(shard.call.remote("create_package", (), {"spec": spec})))
+    attempt("shard.create_package", lambda: g(shard.call.remote(ops.CreatePackage(spec))))
     attempt("shard.split_as_token",
-            lambda: g(shard.call.remote("split", (), {"parent_id": token_id, "spec": spec, "actor": token_id}, jti)))
-    attempt("shard.top_up", lambda: g(shard.call.remote("top_up", (), {"token_id": token_id, "units": 10**6})))
-    attempt("shard.tokens", lambda: g(shard.call.remote("tokens", (), {})))
+            lambda: g(shard.call.remote(ops.Split(token_id, spec, actor=token_id), jti)))
+    attempt("shard.top_up", lambda: g(shard.call.remote(ops.TopUp(token_id, 10**6))))
+    attempt("shard.tokens", lambda: g(shard.call.remote(ops.Tokens())))
     attempt("shard.settle_refund",
             lambda: g(shard.settle_batch.remote([Settlement("job-1", token_id, False, root_id=token_id).row()])))
     attempt("shard.admit_packed",
             lambda: g(shard.admit_packed.remote(pickle.dumps([Admission("job-2", token_id, jti, 1, "parts@1").row()]))))
     attempt("shard.lease_sync", lambda: g(shard.lease_sync.remote(pickle.dumps([]))))
     attempt("shard.stats", lambda: g(shard.stats.remote()))
-    attempt("coordinator.issue_admin", lambda: g(coordinator.call.remote("issue_admin", (), {"name": "me"})))
-    attempt("coordinator.usage", lambda: g(coordinator.call.remote("usage", (), {})))
+    attempt("coordinator.issue_admin", lambda: g(coordinator.call.remote(ops.IssueAdmin("me"))))
+    attempt("coordinator.usage", lambda: g(coordinator.call.remote(ops.Usage())))
     claims = {"sub": token_id, "pkg": token_id, "jti": "jti_forged", "typ": "admin", "exp": 2**31}
     attempt("coordinator.sign", lambda: g(coordinator.sign.remote(claims)))
     attempt("coordinator.root_of", lambda: g(coordinator.root_of.remote(token_id)))
@@ -123,7 +124,7 @@ DRIVER = textwrap.dedent("""
 
 
 def test_given_a_team_job_then_only_the_api_answers_and_other_callers_go_on_exactly(live_app: LiveApp) -> None:
-    from ledger.credentials import Verifier
+    from ledger.core.credentials import Verifier
 
     ledger = live_app.ledger
     settings = live_app.args.ledger_settings()
@@ -212,7 +213,7 @@ def test_given_the_app_deleted_then_serve_still_runs_the_replicas_cleanup(
     lease holder reports and releases at once (a lease TTL of 10 minutes could not explain it)."""
     from ray import serve
 
-    from ledger.service import attach, stop
+    from ledger.client.service import attach, stop
     from serve_app.app import build_app
     from serve_app.config import LedgerArgs
     from tests.hostile.conftest import side_app_args

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from ledger.entities import TokenSpec, TokenView
+from ledger.core.entities import TokenSpec, TokenView
 from ledger.store.repository import Store
 from tests.serve_app.conftest import LiveApp, jpeg
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ledger.codes import Code
+from ledger.core.codes import Code
 from serve_app.errors import ERRORS, ApiError
 from serve_app.imaging import ImageLimits, decode_image, sniff
 

@@ -25,14 +25,14 @@ import numpy as np
 import pytest
 
 from ledger import ops
-from ledger.codes import Code
-from ledger.credentials import KeyRing, issue
-from ledger.entities import Admission, Decision, Settlement, TokenSpec
-from ledger.errors import LedgerUnavailable
-from ledger.fake import FakeLedger
-from ledger.holder import HolderConfig, LeaseHolder
-from ledger.leases import LeaseAsk, LeaseGrant
-from ledger.results import Issued
+from ledger.client.fake import FakeLedger
+from ledger.client.holder import HolderConfig, LeaseHolder
+from ledger.core.codes import Code
+from ledger.core.credentials import KeyRing, issue
+from ledger.core.entities import Admission, Decision, Settlement, TokenSpec
+from ledger.core.errors import LedgerUnavailable
+from ledger.core.leases import LeaseAsk, LeaseGrant
+from ledger.core.results import Issued
 from serve_app import metering
 from serve_app.config import DEMO_WEIGHTS, AppArgs, ModelSpec
 from serve_app.errors import ApiError
@@ -48,7 +48,7 @@ QUIET = HolderConfig(report_interval_s=3600.0)
 
 
 class Ledger(FakeLedger):
-    """The real ledger rules in-process (`ledger.fake.FakeLedger`), with faults to inject:
+    """The real ledger rules in-process (`ledger.client.fake.FakeLedger`), with faults to inject:
     synchronous admissions and lease asks that take a while, settlements and lease reports the
     ledger cannot take for a while."""
 
@@ -590,7 +590,7 @@ async def test_given_a_strict_admission_committed_whose_resend_answers_ledger_un
     admission and died before its answer; `LedgerClient` resent it, and the restarted shard's commit
     failed, so the verdict was LEDGER_UNAVAILABLE. Nobody refunded the first delivery's debit: charged,
     never answered. No verdict, returned or raised, is a refund."""
-    from ledger.credentials import Verifier
+    from ledger.core.credentials import Verifier
 
     pkg = ledger.create_package(TokenSpec.build("strict", 10, meta={"strict": True}))
     jti = Verifier(ledger.public_keys()).verify(pkg.credential).jti
@@ -620,8 +620,8 @@ async def test_given_a_redelivered_copy_without_a_verdict_then_its_refund_leaves
     """Found by the simulator (seed 10352): a copy of a strict request in service got no verdict
     (the admit call raised); the Meter's refund named no copy, so it settled the one in service and
     its answer was charged 0. Each settlement names the delivery it settles (`Decision.copy`)."""
-    from ledger.credentials import Verifier
-    from ledger.errors import LedgerUnavailable
+    from ledger.core.credentials import Verifier
+    from ledger.core.errors import LedgerUnavailable
 
     pkg = ledger.create_package(TokenSpec.build("strict", 10, meta={"strict": True}))
     jti = Verifier(ledger.public_keys()).verify(pkg.credential).jti

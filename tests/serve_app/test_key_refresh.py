@@ -11,10 +11,10 @@ from typing import Any, cast
 import pytest
 
 from ledger import ops
-from ledger.credentials import KeyRing, issue
-from ledger.errors import LedgerUnavailable
-from ledger.fake import FakeLedger
-from ledger.holder import LeaseHolder
+from ledger.client.fake import FakeLedger
+from ledger.client.holder import LeaseHolder
+from ledger.core.credentials import KeyRing, issue
+from ledger.core.errors import LedgerUnavailable
 from serve_app import auth as auth_mod
 from serve_app.config import AppArgs
 from serve_app.errors import ApiError

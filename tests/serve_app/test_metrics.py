@@ -16,7 +16,7 @@ import pytest
 import ray
 from prometheus_client.parser import text_string_to_metric_families
 
-from ledger.metrics import ShardMetrics
+from ledger.shard.metrics import ShardMetrics
 from serve_app.metrics import DetectorMetrics, IngressMetrics, TeamLabels
 from tests.serve_app.conftest import LiveApp, jpeg
 from tests.serve_app.test_http import package, post
@@ -62,7 +62,7 @@ def mentions(expr: str, series: str) -> bool:
 
 
 def test_given_the_metrics_modules_when_the_dashboard_is_read_then_every_metric_has_a_panel() -> None:
-    """Given the metrics of serve_app/metrics.py and ledger/metrics.py,
+    """Given the metrics of serve_app/metrics.py and ledger/shard/metrics.py,
     when cluster/grafana-dashboard.json is loaded,
     then it is a dashboard on a `${datasource}` Prometheus variable, every metric is in some panel's
     expression under its exposed name, and no expression names a metric that does not exist."""

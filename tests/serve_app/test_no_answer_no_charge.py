@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from ledger.entities import TokenSpec
+from ledger.core.entities import TokenSpec
 from ledger.store.repository import Store, UsageQuery
 from serve_app.config import DEMO_WEIGHTS, AppArgs, Autoscaling, ModelSpec
 from serve_app.errors import ApiError

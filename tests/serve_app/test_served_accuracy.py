@@ -12,7 +12,7 @@ from PIL import Image
 from ultralytics import YOLO
 
 from bench.predict_parity import iou
-from ledger.entities import TokenSpec
+from ledger.core.entities import TokenSpec
 from serve_app.config import DEMO_WEIGHTS
 from serve_app.demo.synth import render
 from tests.serve_app.conftest import LiveApp

@@ -16,7 +16,7 @@ import pytest
 from ultralytics import YOLO
 
 from bench.predict_parity import compare, decode_file, reference, write_corpus
-from ledger.entities import TokenSpec
+from ledger.core.entities import TokenSpec
 from serve_app.config import DEMO_WEIGHTS
 from serve_app.results import Detection, InferenceParams
 from tests.serve_app.conftest import LiveApp

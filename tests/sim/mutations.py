@@ -24,7 +24,7 @@ def apply(name: str) -> Callable[[], None]:
 
 def _close_without_waiting() -> Callable[[], None]:
     """§1.1: close() releases at once, the units of requests in flight back to `free`."""
-    from ledger.holder import LeaseHolder
+    from ledger.client.holder import LeaseHolder
 
     real_close, real_ask = LeaseHolder.close, LeaseHolder._ask
 
@@ -42,7 +42,7 @@ def _close_without_waiting() -> Callable[[], None]:
 
 def _closed_admits_locally() -> Callable[[], None]:
     """§1.2: a closed holder keeps admitting from its cached leases and policies."""
-    from ledger.holder import LeaseHolder
+    from ledger.client.holder import LeaseHolder
 
     real_close = LeaseHolder.close
 
@@ -58,7 +58,7 @@ def _closed_admits_locally() -> Callable[[], None]:
 
 def _resend_applied_again() -> Callable[[], None]:
     """§1.3/1.4: a resent message (give-back, grant, report) is applied on every delivery."""
-    from ledger.leases import LeaseDesk
+    from ledger.core.leases import LeaseDesk
 
     def resent(self: Any, node: Any, lease: Any, a: Any) -> Any:
         lease.seq = a.seq - 1
@@ -69,7 +69,7 @@ def _resend_applied_again() -> Callable[[], None]:
 
 def _refund_returns_rate_token() -> Callable[[], None]:
     """§1.5: a refund puts its rate token back into the holder's stash."""
-    from ledger.holder import LeaseHolder
+    from ledger.client.holder import LeaseHolder
 
     real = LeaseHolder.settle
 
@@ -86,7 +86,7 @@ def _refund_returns_rate_token() -> Callable[[], None]:
 
 def _rate_stash_never_expires() -> Callable[[], None]:
     """§1.5: rate tokens drawn for a lease are banked and spent later."""
-    from ledger.holder import LeaseHolder
+    from ledger.client.holder import LeaseHolder
 
     real = LeaseHolder._apply
 
@@ -100,7 +100,7 @@ def _rate_stash_never_expires() -> Callable[[], None]:
 
 def _reclaim_ignored() -> Callable[[], None]:
     """§1.6: a holder goes on serving a token reclaimed whole from its leases."""
-    from ledger.leases import TokenPolicy
+    from ledger.core.leases import TokenPolicy
 
     real = TokenPolicy.of
 
@@ -114,7 +114,7 @@ def _reclaim_ignored() -> Callable[[], None]:
 
 def _refund_overwrites_settled() -> Callable[[], None]:
     """§1.7: a refunded copy's report overwrites the settled state of the same id."""
-    from ledger.book import QuotaBook
+    from ledger.core.book import QuotaBook
 
     def remember(self: Any, request_id: str, token_id: str, state: str, now: float) -> None:
         self.recent.pop(request_id, None)
@@ -128,7 +128,7 @@ def _first_copy_settles() -> Callable[[], None]:
     can be charged 0 when another copy was refunded or refused first)."""
     from dataclasses import replace
 
-    from ledger.book import QuotaBook
+    from ledger.core.book import QuotaBook
 
     real = QuotaBook.settle
 
@@ -151,7 +151,7 @@ def _denials_forgotten_on_restart() -> Callable[[], None]:
 def _reload_latest_outcome_wins() -> Callable[[], None]:
     """§1.7 across a restart: the rebuilt book takes a request id's latest row (a copy's refund)
     as its outcome, so a later answered copy is charged again."""
-    from ledger.book import QuotaBook
+    from ledger.core.book import QuotaBook
 
     real = QuotaBook.load
 
@@ -168,7 +168,7 @@ def _reload_latest_outcome_wins() -> Callable[[], None]:
 def _copy_skips_access_check() -> Callable[[], None]:
     """A copy of a request the holder is serving is admitted without the model and IP checks of
     the policy it has seen since (a narrowing does not apply to it)."""
-    import ledger.holder as mod
+    import ledger.client.holder as mod
 
     real, real_check = mod.LeaseHolder.admit, mod.access_refusal
 
@@ -190,7 +190,7 @@ def _refund_names_no_copy() -> Callable[[], None]:
     oldest copy, so the refund of a copy that got no verdict settles another copy still in service."""
     from dataclasses import replace
 
-    from ledger.holder import LeaseHolder
+    from ledger.client.holder import LeaseHolder
 
     real = LeaseHolder.settle
 
@@ -203,7 +203,7 @@ def _refund_names_no_copy() -> Callable[[], None]:
 def _waiting_copy_debits_again() -> Callable[[], None]:
     """Two copies of one request wait for the same lease ask: both are debited, the second
     replacing the first in flight, so the first one's settlement settles the request."""
-    from ledger.holder import LeaseHolder
+    from ledger.client.holder import LeaseHolder
 
     return _patch(LeaseHolder, "_admitted_meanwhile", lambda self, h, a, now: None)
 
@@ -230,7 +230,7 @@ def _named_copy_settles_local() -> Callable[[], None]:
     the answer served from the lease)."""
     from dataclasses import replace
 
-    from ledger.holder import LeaseHolder
+    from ledger.client.holder import LeaseHolder
 
     real = LeaseHolder.settle
 
@@ -246,7 +246,7 @@ def _named_copy_settles_local() -> Callable[[], None]:
 def _idle_release_takes_inflight() -> Callable[[], None]:
     """A round that chose to release an idle lease sends the release even when a request was
     admitted from it meanwhile: its units go as in doubt, and its answer is never charged."""
-    from ledger.holder import LeaseHolder
+    from ledger.client.holder import LeaseHolder
 
     return _patch(LeaseHolder, "_release_waits", lambda self, h: False)
 

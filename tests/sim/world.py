@@ -45,13 +45,13 @@ from typing import Any
 
 from sqlalchemy import event, select
 
-from ledger.codes import Code
-from ledger.entities import Admission, Decision, Settlement, TokenSpec, make_token_limits
-from ledger.errors import LedgerUnavailable, OperationRefused
-from ledger.holder import HolderConfig, LeaseHolder
-from ledger.leases import LeaseAsk, LeaseGrant, Version, WatchReply
-from ledger.settings import LedgerSettings
-from ledger.shard import ShardCore
+from ledger.client.holder import HolderConfig, LeaseHolder
+from ledger.core.codes import Code
+from ledger.core.entities import Admission, Decision, Settlement, TokenSpec, make_token_limits
+from ledger.core.errors import LedgerUnavailable, OperationRefused
+from ledger.core.leases import LeaseAsk, LeaseGrant, Version, WatchReply
+from ledger.core.settings import LedgerSettings
+from ledger.shard.core import ShardCore
 from ledger.store.repository import ADMIN, USAGE
 from tests.sim.oracle import JUMP_S, MAX_SKEW_S, Oracle, OToken, Violation
 

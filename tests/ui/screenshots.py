@@ -36,8 +36,8 @@ from typing import Any
 import httpx
 
 from bench.cli import local_service
-from ledger.entities import TokenSpec
-from ledger.http_client import AdminFile, HttpLedger
+from ledger.client.over_http import AdminFile, HttpLedger
+from ledger.core.entities import TokenSpec
 from serve_app.demo.synth import render
 from tests.ui.browser import CHROMIUM
 

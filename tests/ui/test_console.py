@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from ledger.credentials import Verifier
-from ledger.entities import Admission, TokenSpec
-from ledger.fake import FakeLedger
+from ledger.client.fake import FakeLedger
+from ledger.core.credentials import Verifier
+from ledger.core.entities import Admission, TokenSpec
 
 APP = str(Path(__file__).resolve().parents[2] / "ui" / "app.py")
 

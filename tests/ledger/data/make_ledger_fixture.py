@@ -12,7 +12,6 @@ charged, pending, idempotent) and denials, an alert (delivered and acknowledged)
 events, then writes every table's rows and the book's token views as JSON.
 """
 
-# ruff: noqa: I001  (runs against an older version of the code, whose modules it imports)
 from __future__ import annotations
 
 import json
@@ -27,8 +26,8 @@ import psycopg
 from sqlalchemy import select
 
 from ledger.core import LedgerCore
-from ledger.entities import Admission, Settlement, TokenSpec
-from ledger.settings import LedgerSettings
+from ledger.core.entities import Admission, Settlement, TokenSpec
+from ledger.core.settings import LedgerSettings
 from ledger.store.models import AdminEventRow, AlertRow, IdempotencyRow, TokenRow, UsageEventRow
 
 T0 = 1_795_000_000.0  # 2026-11-19: the fixture's clock; the test reads it back from the JSON
