@@ -18,12 +18,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ledger.client.holder import LeaseHolder
+from ledger.client.holder import HolderConfig, LeaseHolder
 from ledger.client.over_http import CLI_ADMIN_REFRESH_S, CLI_ADMIN_TTL_S, AdminFile, HttpLedger
 from ledger.core import ops, wire
 from ledger.core.api import LedgerApi
 from ledger.core.capability import Capability
 from ledger.core.codes import Code
+from ledger.core.columns import IDEMPOTENCY_KEY as MAX_IDEMPOTENCY_KEY
 from ledger.core.credentials import Claims, Verifier
 from ledger.core.entities import Admission, Decision, Settlement, TokenSpec, TokenView
 from ledger.core.errors import ConfigError, CredentialError, LedgerError, LedgerUnavailable, OperationRefused
@@ -71,6 +72,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "CLI_ADMIN_REFRESH_S",
     "CLI_ADMIN_TTL_S",
+    "MAX_IDEMPOTENCY_KEY",
     "AdminEvent",
     "AdminFile",
     "Admission",
@@ -84,6 +86,7 @@ __all__ = [
     "CredentialError",
     "Decision",
     "FakeLedger",
+    "HolderConfig",
     "HttpLedger",
     "InProcessLedger",
     "Issued",

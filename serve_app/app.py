@@ -26,7 +26,8 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
     # the ledger's one launch step (idempotent; other settings than the running ledger's are an
     # error): the ingress replicas then only attach, with the ledger's capability, which lets them
     # act for the tokens whose credentials they verify (docs/SECURITY.md)
-    capability = launch(args.ledger_settings()).capability
+    settings = args.ledger_settings()  # the environment, read once here
+    capability = launch(settings).capability
     if capability is None:
         raise RuntimeError("the ledger launched without a capability")
     detector = deployment(Detector)
@@ -34,9 +35,7 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
     detectors = {m.key: detector.options(**m.deployment_options()).bind(m, key) for m in args.models}
     # the ingress is the token-check deployment: each replica admits from its own quota leases and
     # sends admitted images straight to the version's detectors (no middle replica)
-    return (
-        deployment(Ingress).options(**args.ingress_options()).bind(args.ledger_settings(), detectors, args, capability)
-    )
+    return deployment(Ingress).options(**args.ingress_options()).bind(settings, detectors, args, capability)
 
 
 def deployment(decorated: object) -> Deployment:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 
 from ledger import Claims, Code, CredentialError, Verifier
-from serve_app.errors import ApiError
+from serve_app.errors import ApiCode, ApiError
 
 KEY_REFRESH_INTERVAL_S = 5.0
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class KeyedVerifier:
             except CredentialError as again:
                 raise ApiError.from_code(again.code, again.message) from None
         if claims.typ != typ:
-            raise ApiError("forbidden", f"a {claims.typ} credential cannot be used here")
+            raise ApiError(ApiCode.FORBIDDEN, f"a {claims.typ} credential cannot be used here")
         return claims
 
     async def refresh_keys(self, kid: str | None = None) -> None:
@@ -75,7 +75,7 @@ class KeyedVerifier:
             self._key_fetch = asyncio.ensure_future(self._fetch_keys())
         await asyncio.shield(self._key_fetch)
         if not self.verifier.has_keys:
-            raise ApiError("ledger_unavailable", "signing keys are not available yet; retry shortly")
+            raise ApiError(ApiCode.LEDGER_UNAVAILABLE, "signing keys are not available yet; retry shortly")
 
     async def _fetch_keys(self) -> None:
         try:

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from serve_app.config import AppArgs, ModelSpec
-from serve_app.errors import ApiError
+from serve_app.errors import ApiCode, ApiError
 
 
 class ModelCatalog:
@@ -32,7 +32,7 @@ class ModelCatalog:
             return self.models[name]
         versions = sorted((m for m in self.models.values() if m.name == name), key=lambda m: m.version)
         if not versions:
-            raise ApiError("unknown_model", f"no model {name!r}; GET /v1/models lists them")
+            raise ApiError(ApiCode.UNKNOWN_MODEL, f"no model {name!r}; GET /v1/models lists them")
         return versions[-1]
 
     def units(self, spec: ModelSpec, images: int) -> int:

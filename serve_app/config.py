@@ -9,9 +9,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ledger import LedgerSettings
+from ledger import HolderConfig, LedgerSettings
 from serve_app.engine.protocol import Backend
 
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "demo" / "weights" / "parts_v1.pt"
@@ -93,29 +93,56 @@ class RequestLimits(BaseModel):
     trusted_proxies: list[str] = []
 
 
+_LEDGER = LedgerSettings()  # the defaults, from their one definition
+
+
 class LedgerArgs(BaseModel):
-    """`ledger:` of ray_config.yaml: how the ledger is laid out on the cluster."""
+    """`ledger:` of ray_config.yaml: how the ledger is laid out on the cluster, and its quota
+    leases. The defaults and checks are `LedgerSettings`' and `HolderConfig`'s own: these args are
+    checked by building those, so a value is refused here exactly as the ledger would refuse it."""
 
     model_config = ConfigDict(extra="forbid")
 
     # shards (named actors), each owning the packages whose root maps to it; change it only with
     # the whole ledger stopped
-    shards: int = Field(default=1, ge=1, le=1024)
+    shards: int = _LEDGER.shards
     # custom Ray resources every shard asks for (shards hold no files: any node with them will do)
     shard_resources: dict[str, float] = {}
     # quota leases of ingress replicas (DESIGN §3a): a replica silent this long loses its lease;
     # its units in doubt are refunded (never charged without an answer) or charged
-    lease_ttl_s: float = Field(default=10.0, ge=1.0, le=3600.0)
+    lease_ttl_s: float = _LEDGER.lease_ttl_s
     lost_lease_policy: Literal["refund", "charge"] = "refund"
+    # a grant takes at most 1/lease_max_share of a token's free units; tokens with fewer free
+    # units than lease_strict_below admit at the shard
+    lease_max_share: int = _LEDGER.lease_max_share
+    lease_strict_below: int = _LEDGER.lease_strict_below
+    # each ingress replica's lease holder: report interval, refill sizes, idle release, ...
+    lease_holder: HolderConfig = HolderConfig()
+
+    @model_validator(mode="after")
+    def _as_the_ledger_checks(self) -> LedgerArgs:
+        self.apply(_LEDGER)  # ConfigError (a ValueError) names every value the ledger refuses
+        return self
+
+    def apply(self, settings: LedgerSettings) -> LedgerSettings:
+        return replace(
+            settings,
+            shards=self.shards,
+            shard_resources=dict(self.shard_resources),
+            lease_ttl_s=self.lease_ttl_s,
+            lost_lease_policy=self.lost_lease_policy,
+            lease_max_share=self.lease_max_share,
+            lease_strict_below=self.lease_strict_below,
+        )
 
 
 class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    database_url: str = LedgerSettings().database_url
-    data_dir: Path = LedgerSettings().data_dir
-    ledger_name: str = LedgerSettings().actor_name
-    namespace: str = LedgerSettings().namespace
+    database_url: str = _LEDGER.database_url
+    data_dir: Path = _LEDGER.data_dir
+    ledger_name: str = _LEDGER.actor_name
+    namespace: str = _LEDGER.namespace
     # custom resources of the node that holds data_dir (cluster/): the ledger actor is placed there
     ledger_resources: dict[str, float] = {}
     ledger: LedgerArgs = Field(default=LedgerArgs())
@@ -147,19 +174,17 @@ class AppArgs(BaseModel):
             return {"autoscaling_config": self.ingress_autoscaling.serve_config()}
         return {"num_replicas": self.ingress_replicas}
 
-    def ledger_settings(self) -> LedgerSettings:
-        """The ledger's settings: these args for where it lives; alert delivery and retention
-        (SMTP server, webhook secret, catch-all recipients) from the environment."""
-        return replace(
-            LedgerSettings.from_env(),
+    def ledger_settings(self, env: LedgerSettings | None = None) -> LedgerSettings:
+        """The ledger's settings: these args for where it lives and its leases; alert delivery and
+        retention (SMTP server, webhook secret, catch-all recipients) from `env`, the environment
+        read once at the edge (`LedgerSettings.from_env()` when not given). Build it once per app."""
+        base = replace(
+            env if env is not None else LedgerSettings.from_env(),
             database_url=self.database_url,
             data_dir=self.data_dir,
             actor_name=self.ledger_name,
             namespace=self.namespace,
             actor_resources=dict(self.ledger_resources),
-            shards=self.ledger.shards,
-            shard_resources=dict(self.ledger.shard_resources),
-            lease_ttl_s=self.ledger.lease_ttl_s,
-            lost_lease_policy=self.ledger.lost_lease_policy,
             known_models=tuple(m.key for m in self.models),
-        ).resolved()
+        )
+        return self.ledger.apply(base).resolved()

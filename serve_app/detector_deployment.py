@@ -28,7 +28,7 @@ from serve_app.config import ModelSpec
 from serve_app.engine.batching import Call, merge_calls, split_result
 from serve_app.engine.protocol import Engine, EngineFactory
 from serve_app.engine.registry import BACKENDS, create_engine
-from serve_app.errors import ApiError
+from serve_app.errors import ApiCode, ApiError
 from serve_app.metrics import DetectorMetrics
 from serve_app.results import InferenceParams
 
@@ -77,6 +77,6 @@ class Detector:
 
     async def detect(self, images: list[np.ndarray], params: InferenceParams, key: str | None = None) -> dict[str, Any]:
         if not isinstance(key, str) or not hmac.compare_digest(key, self.key):
-            raise ApiError("forbidden", "the detectors answer the ingress only: call the app's `detect`")
+            raise ApiError(ApiCode.FORBIDDEN, "the detectors answer the ingress only: call the app's `detect`")
         result: dict[str, Any] = await self.detect_batch((images, params))
         return result

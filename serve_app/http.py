@@ -11,7 +11,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from serve_app.errors import ApiError
+from serve_app.errors import ApiCode, ApiError
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -19,15 +19,15 @@ async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
-            raise ApiError("invalid_request", "bad Content-Length")
+            raise ApiError(ApiCode.INVALID_REQUEST, "bad Content-Length")
         if int(declared) > limit:
-            raise ApiError("payload_too_large", f"body of {declared} bytes; the limit is {limit}")
+            raise ApiError(ApiCode.PAYLOAD_TOO_LARGE, f"body of {declared} bytes; the limit is {limit}")
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise ApiError("payload_too_large", f"body exceeds {limit} bytes")
+            raise ApiError(ApiCode.PAYLOAD_TOO_LARGE, f"body exceeds {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -51,7 +51,7 @@ def images_from_body(content_type: str, body: bytes, max_items: int = 256) -> li
         try:
             doc = json.loads(body)
         except (ValueError, UnicodeDecodeError, RecursionError):
-            raise ApiError("invalid_request", "body is not valid JSON") from None
+            raise ApiError(ApiCode.INVALID_REQUEST, "body is not valid JSON") from None
         items = (
             doc.get("images")
             if isinstance(doc, dict) and "images" in doc
@@ -60,13 +60,13 @@ def images_from_body(content_type: str, body: bytes, max_items: int = 256) -> li
             else None
         )
         if not isinstance(items, list) or not items or not all(isinstance(x, str) for x in items):
-            raise ApiError("invalid_request", 'JSON body must be {"image": "<base64>"} or {"images": [...]}')
+            raise ApiError(ApiCode.INVALID_REQUEST, 'JSON body must be {"image": "<base64>"} or {"images": [...]}')
         if len(items) > max_items:
-            raise ApiError("invalid_request", f"at most {max_items} images per request")
+            raise ApiError(ApiCode.INVALID_REQUEST, f"at most {max_items} images per request")
         try:
             return [base64.b64decode(x, validate=True) for x in items]
         except (binascii.Error, ValueError):
-            raise ApiError("invalid_request", "image is not valid base64") from None
+            raise ApiError(ApiCode.INVALID_REQUEST, "image is not valid base64") from None
     return [body]
 
 
@@ -74,13 +74,13 @@ def _multipart_images(content_type: str, body: bytes, max_items: int) -> list[by
     """The `image` fields of a multipart/form-data body (binary parts, as browsers and curl send)."""
     m = _BOUNDARY.search(content_type.split(";", 1)[1] if ";" in content_type else "")
     if m is None:
-        raise ApiError("invalid_request", "multipart body needs a valid boundary parameter")
+        raise ApiError(ApiCode.INVALID_REQUEST, "multipart body needs a valid boundary parameter")
     delimiter = b"--" + m.group(1).encode("ascii")
     if not body.startswith(delimiter):  # skip a preamble
         start = body.find(b"\r\n" + delimiter)
         body = body[start + 2 :] if start >= 0 else b""
     if not body:
-        raise ApiError("invalid_request", "malformed multipart body")
+        raise ApiError(ApiCode.INVALID_REQUEST, "malformed multipart body")
     # parts lie between "--boundary" lines; the last delimiter is "--boundary--"
     chunks = body.split(b"\r\n" + delimiter)
     chunks[0] = chunks[0][len(delimiter) :]
@@ -89,18 +89,18 @@ def _multipart_images(content_type: str, body: bytes, max_items: int) -> list[by
         if chunk.startswith(b"--"):
             break  # the closing delimiter; what follows is epilogue
         if parts > max_items + 16:  # a few non-image fields are fine; thousands are not
-            raise ApiError("invalid_request", f"multipart body has more than {max_items + 16} parts")
+            raise ApiError(ApiCode.INVALID_REQUEST, f"multipart body has more than {max_items + 16} parts")
         if not chunk.lstrip(b" \t").startswith(b"\r\n"):  # the delimiter line ends (after optional padding)
-            raise ApiError("invalid_request", "malformed multipart delimiter line")
+            raise ApiError(ApiCode.INVALID_REQUEST, "malformed multipart delimiter line")
         head_end = chunk.find(b"\r\n\r\n")
         if head_end < 0 or head_end > MAX_PART_HEADERS:
-            raise ApiError("invalid_request", "malformed multipart part headers")
+            raise ApiError(ApiCode.INVALID_REQUEST, "malformed multipart part headers")
         if _field_name(chunk[:head_end]) == b"image":
             out.append(chunk[head_end + 4 :])
     if not out:
-        raise ApiError("invalid_request", "multipart body has no `image` field")
+        raise ApiError(ApiCode.INVALID_REQUEST, "multipart body has no `image` field")
     if len(out) > max_items:
-        raise ApiError("invalid_request", f"at most {max_items} images per request")
+        raise ApiError(ApiCode.INVALID_REQUEST, f"at most {max_items} images per request")
     return out
 
 

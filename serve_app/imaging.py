@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import BmpImagePlugin, Image, ImageFile, ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
-from serve_app.errors import ApiError
+from serve_app.errors import ApiCode, ApiError
 
 # The decoder is picked from the magic bytes and called directly: never `Image.open`, which
 # tries every registered format and which ultralytics monkey-patches (it would try to install
@@ -63,14 +63,14 @@ def sniff(data: bytes) -> str:
     for magic, fmt in _FORMATS:
         if data.startswith(magic):
             return fmt
-    raise ApiError("unsupported_media_type", "image must be JPEG, PNG, WebP or BMP (detected by its bytes)")
+    raise ApiError(ApiCode.UNSUPPORTED_MEDIA_TYPE, "image must be JPEG, PNG, WebP or BMP (detected by its bytes)")
 
 
 def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedImage:
     if len(data) > limits.max_bytes:
-        raise ApiError("payload_too_large", f"image is {len(data)} bytes; the limit is {limits.max_bytes}")
+        raise ApiError(ApiCode.PAYLOAD_TOO_LARGE, f"image is {len(data)} bytes; the limit is {limits.max_bytes}")
     if not data:
-        raise ApiError("invalid_image", "empty image")
+        raise ApiError(ApiCode.INVALID_IMAGE, "empty image")
     fmt = sniff(data)
     try:
         with warnings.catch_warnings():
@@ -78,10 +78,10 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedIma
             img = _DECODERS[fmt](io.BytesIO(data))  # reads the header only
             w, h = img.size
             if w <= 0 or h <= 0:
-                raise ApiError("invalid_image", "image has no pixels")
+                raise ApiError(ApiCode.INVALID_IMAGE, "image has no pixels")
             if w > limits.max_side or h > limits.max_side or w * h > limits.max_pixels:
                 raise ApiError(
-                    "image_too_large",
+                    ApiCode.IMAGE_TOO_LARGE,
                     f"image is {w}x{h}; the limit is {limits.max_pixels} pixels, {limits.max_side} a side",
                 )
             img.load()
@@ -89,9 +89,9 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedIma
     except ApiError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ApiError("image_too_large", "image would decompress beyond the pixel limit") from None
+        raise ApiError(ApiCode.IMAGE_TOO_LARGE, "image would decompress beyond the pixel limit") from None
     except Exception as exc:  # untrusted bytes: any decoder failure is the client's bad image
-        raise ApiError("invalid_image", f"corrupt or truncated {fmt} image ({type(exc).__name__})") from None
+        raise ApiError(ApiCode.INVALID_IMAGE, f"corrupt or truncated {fmt} image ({type(exc).__name__})") from None
     return DecodedImage(pixels=pixels, format=fmt, nbytes=len(data))
 
 

@@ -35,7 +35,7 @@ from ledger import Capability, Decision, LeaseHolder, LedgerSettings, OperationR
 from serve_app import proxy_hooks, surface
 from serve_app.catalog import placement_problem
 from serve_app.config import AppArgs
-from serve_app.errors import ApiError, QuietDenials
+from serve_app.errors import ApiCode, ApiError, QuietDenials
 from serve_app.http import client_ip, images_from_body, plain, read_body
 from serve_app.ingress_steps import DetectCall, IngressSteps, check_idempotency_key, check_params, new_request_id
 from serve_app.metering import Meter
@@ -92,7 +92,7 @@ class Ingress:
         self.metrics = IngressMetrics()
         self.teams = TeamLabels()
         holder_id = f"{serve.get_replica_context().replica_id.unique_id}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self.holder = LeaseHolder(self.ledger, holder_id, on_admit=self._admitted)
+        self.holder = LeaseHolder(self.ledger, holder_id, args.ledger.lease_holder, on_admit=self._admitted)
         # no keys yet: the first credential fetches them
         self.steps = IngressSteps(
             args, self.ledger, Meter(self.holder), detectors, detector_key=capability.derive(surface.DETECTOR_KEY)
@@ -323,7 +323,7 @@ class Ingress:
         try:
             body = json.loads(raw or b"{}")
         except (ValueError, UnicodeDecodeError, RecursionError):
-            raise ApiError("invalid_request", "body is not valid JSON") from None
+            raise ApiError(ApiCode.INVALID_REQUEST, "body is not valid JSON") from None
         return await self.steps.admin_call(credential, op, body)
 
     # ------------------------------------------------------------ handle API (Ray jobs)

@@ -29,12 +29,12 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ledger import Admission, Claims, Code, LedgerError, Settlement, ops, wire
+from ledger import MAX_IDEMPOTENCY_KEY, Admission, Claims, Code, LedgerError, Settlement, ops, wire
 from serve_app.answer import result_body, usage_headers
 from serve_app.auth import KeyedVerifier
 from serve_app.catalog import ModelCatalog
 from serve_app.config import AppArgs, ModelSpec
-from serve_app.errors import ApiError
+from serve_app.errors import ApiCode, ApiError
 from serve_app.imaging import DecodedImage, ImageLimits, decode_image
 from serve_app.metering import Meter, refund
 from serve_app.results import InferenceParams
@@ -45,7 +45,7 @@ IDEM_SETTLE_WAIT_S = 5.0  # an idempotent answer waits this long for its stored 
 MODEL_RETRY_AFTER_S = 10.0
 
 
-_IDEM_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+_IDEM_KEY = re.compile(rf"[\x21-\x7e]{{1,{MAX_IDEMPOTENCY_KEY}}}")
 
 
 def check_params(params: InferenceParams) -> None:
@@ -55,12 +55,14 @@ def check_params(params: InferenceParams) -> None:
     numbers = all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in (conf, iou))
     numbers = numbers and isinstance(max_det, int) and not isinstance(max_det, bool)
     if not (numbers and 0.0 <= conf <= 1.0 and 0.0 <= iou <= 1.0 and 1 <= max_det <= 1000):
-        raise ApiError("invalid_request", "conf and iou must be in [0, 1], max_det in [1, 1000]")
+        raise ApiError(ApiCode.INVALID_REQUEST, "conf and iou must be in [0, 1], max_det in [1, 1000]")
 
 
 def check_idempotency_key(key: object) -> None:
     if key is not None and not (isinstance(key, str) and _IDEM_KEY.fullmatch(key)):
-        raise ApiError("invalid_request", "the idempotency key must be 1-255 printable ASCII characters")
+        raise ApiError(
+            ApiCode.INVALID_REQUEST, f"the idempotency key must be 1-{MAX_IDEMPOTENCY_KEY} printable ASCII characters"
+        )
 
 
 def check_call(call: DetectCall) -> None:
@@ -68,9 +70,9 @@ def check_call(call: DetectCall) -> None:
     check_params(call.params)
     check_idempotency_key(call.idempotency_key)
     if call.model is not None and not isinstance(call.model, str):
-        raise ApiError("invalid_request", "model must be a string: name or name@version")
+        raise ApiError(ApiCode.INVALID_REQUEST, "model must be a string: name or name@version")
     if not isinstance(call.images, list) or not all(isinstance(b, bytes | bytearray) for b in call.images):
-        raise ApiError("invalid_request", "images must be a list of encoded image bytes")
+        raise ApiError(ApiCode.INVALID_REQUEST, "images must be a list of encoded image bytes")
 
 
 def new_request_id() -> str:
@@ -129,11 +131,11 @@ class IngressSteps:
 
     def decode(self, blobs: list[bytes]) -> list[DecodedImage]:
         if not blobs:
-            raise ApiError("invalid_request", "no image in the request")
+            raise ApiError(ApiCode.INVALID_REQUEST, "no image in the request")
         if len(blobs) > self.args.limits.max_images:
-            raise ApiError("invalid_request", f"at most {self.args.limits.max_images} images per request")
+            raise ApiError(ApiCode.INVALID_REQUEST, f"at most {self.args.limits.max_images} images per request")
         if sum(len(b) for b in blobs) > self.args.limits.max_body_bytes:
-            raise ApiError("payload_too_large", f"images exceed {self.args.limits.max_body_bytes} bytes")
+            raise ApiError(ApiCode.PAYLOAD_TOO_LARGE, f"images exceed {self.args.limits.max_body_bytes} bytes")
         return [decode_image(b, self.image_limits) for b in blobs]
 
     async def token_call(self, credential: str | None, op: ops.Call[R]) -> R:
@@ -182,7 +184,7 @@ class IngressSteps:
         headers = usage_headers(decision)
         if decision.code is Code.REPLAY:
             if decision.replay is None:
-                raise ApiError("idempotency_conflict", "this request was already processed")
+                raise ApiError(ApiCode.IDEMPOTENCY_CONFLICT, "this request was already processed")
             return DetectOutcome(json.loads(decision.replay), {**headers, "Idempotent-Replayed": "true"})
         if not decision.admitted:
             raise ApiError.from_code(decision.code, decision.message, decision.retry_after, headers)
@@ -198,7 +200,9 @@ class IngressSteps:
             reason = f"did not answer within {spec.timeout_s:g}s" if isinstance(exc, TimeoutError) else "failed"
             log.warning("detector %s %s: %r", spec.key, reason, exc)
             raise ApiError(
-                "model_unavailable", f"model {spec.key} {reason}; nothing was charged", retry_after=MODEL_RETRY_AFTER_S
+                ApiCode.MODEL_UNAVAILABLE,
+                f"model {spec.key} {reason}; nothing was charged",
+                retry_after=MODEL_RETRY_AFTER_S,
             ) from None
         t_inferred = time.perf_counter()
         body = result_body(

@@ -11,7 +11,7 @@ A deployment class declares what may be called as `__surface__ = Surface(handle=
 `call_user_generator`, which every handle request and every gRPC request from the proxy passes
 through before its method is looked up, and `call_http_entrypoint`, by which HTTP from the proxy
 reaches the ASGI app (`__call__`, and nothing else). A request naming anything else is refused with
-`ApiError("forbidden")` before any user code runs: it changes nothing.
+`ApiError(ApiCode.FORBIDDEN)` before any user code runs: it changes nothing.
 
 What stays as it was:
 - A handle call naming `__call__` is refused, so a caller does not build an ASGI scope (and with it
@@ -35,7 +35,7 @@ from typing import Any
 
 from ray.serve._private.replica import UserCallableWrapper  # Serve's private module: its shape is checked
 
-from serve_app.errors import ApiError
+from serve_app.errors import ApiCode, ApiError
 
 DETECTOR_KEY = "detector-caller"  # the purpose of the key the detectors check (`Capability.derive`)
 _MARK = "__yolo_tokens_surface__"
@@ -60,7 +60,7 @@ class Surface:
         if type(method) is not str or method not in allowed:
             shown = method if isinstance(method, str) and len(method) <= 64 else "that method"
             raise ApiError(
-                "forbidden",
+                ApiCode.FORBIDDEN,
                 f"{shown!s} is not part of this deployment's API (it takes: {', '.join(sorted(allowed)) or 'nothing'})",
             )
 
@@ -79,7 +79,7 @@ def _check(wrapper: Any, request_metadata: Any) -> None:
 def _check_http(wrapper: Any, request_metadata: Any) -> None:
     """HTTP reaches the ASGI app (`__call__`) and nothing else."""
     if surface_of(getattr(wrapper, "_callable", None)) is not None and request_metadata.call_method != "__call__":
-        raise ApiError("forbidden", "HTTP reaches this deployment's routes only")
+        raise ApiError(ApiCode.FORBIDDEN, "HTTP reaches this deployment's routes only")
 
 
 def install(wrapper_class: type | None = None) -> None:

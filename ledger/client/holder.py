@@ -47,7 +47,7 @@ from ledger.client.batcher import Batcher
 from ledger.core.codes import Code
 from ledger.core.credentials import new_id
 from ledger.core.entities import Admission, Decision, Settlement, UsageState
-from ledger.core.errors import LedgerError
+from ledger.core.errors import ConfigError, LedgerError
 from ledger.core.leases import (
     RATE_SPEND_S,
     LeaseAsk,
@@ -89,14 +89,34 @@ class LeaseTransport(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class HolderConfig:
-    report_interval_s: float = 0.1
+    """How an ingress replica's lease holder behaves: `ledger.lease_holder` of ray_config.yaml
+    (serve_app.config.LedgerArgs takes this class as it is: its fields and checks are the one source)."""
+
+    report_interval_s: float = 0.1  # reports (and refills) are sent this often
     ttl_margin_s: float = 1.0  # stop using a lease this long before the shard may call it lost
     target_s: float = 1.0  # a refill asks for about this many seconds of the token's recent rate
     min_want: int = 8
     max_want: int = 10_000
-    idle_release_s: float = 10.0
+    idle_release_s: float = 10.0  # a lease unused this long goes back to the shard
     deny_cache_s: float = 0.5  # a quota_exhausted answer is reused locally this long
     strict_recheck_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        problems = [
+            f"{name} must be {rule}"
+            for name, ok, rule in (
+                ("report_interval_s", 0 < self.report_interval_s <= 3600, "in (0, 3600] s"),
+                ("ttl_margin_s", self.ttl_margin_s >= 0, ">= 0 s"),
+                ("target_s", self.target_s > 0, "> 0 s"),
+                ("min_want", 1 <= self.min_want <= self.max_want, "1 to max_want"),
+                ("idle_release_s", self.idle_release_s > 0, "> 0 s"),
+                ("deny_cache_s", self.deny_cache_s >= 0, ">= 0 s"),
+                ("strict_recheck_s", self.strict_recheck_s > 0, "> 0 s"),
+            )
+            if not ok
+        ]
+        if problems:
+            raise ConfigError("lease holder: " + "; ".join(problems))
 
 
 @dataclass(slots=True, eq=False)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 
+from ledger.core import columns
 from ledger.core.changes import Changes, IdemRecord, Lease, Pending
 from ledger.core.codes import Code
 from ledger.core.entities import (
@@ -43,8 +44,8 @@ _ADMITTED = UsageState.ADMITTED.value
 _DENIED = UsageState.DENIED.value
 _SETTLED = UsageState.SETTLED.value
 _OK = Code.OK.value
-MAX_REQUEST_ID = 64  # the usage_events.request_id column
-MAX_IDEM_KEY = 255  # the idempotency.key column
+MAX_REQUEST_ID = columns.REQUEST_ID
+MAX_IDEM_KEY = columns.IDEMPOTENCY_KEY
 
 
 def _fits(value: object, limit: int) -> bool:
@@ -91,8 +92,8 @@ class QuotaBook:
     def out(self) -> Changes:
         return self.tree.out
 
-    def node(self, token_id: str, actor: str | None = None) -> Node:
-        return self.tree.node(token_id, actor)
+    def node(self, token_id: str, by_token: str | None = None) -> Node:
+        return self.tree.node(token_id, by_token)
 
     # ------------------------------------------------------------------ loading
     def load(

@@ -52,7 +52,7 @@ class Lease:
     id: str
     token_id: str
     root_id: str
-    holder: str
+    holder_id: str  # the LeaseHolder it is escrowed for (column `holder`)
     units: int
     granted_at: float
     expires_at: float

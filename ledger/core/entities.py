@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 from typing import Any, NamedTuple
 
+from ledger.core import columns
 from ledger.core.codes import Code
 from ledger.core.errors import OperationRefused
 from ledger.core.limits import MAX_ALLOWLIST, Bucket, IPNetwork, RateLimit, normalize_ips, normalize_models
@@ -28,8 +29,8 @@ RECLAIMING = "_reclaiming"
 # granted is `allocation + returned` (the allocation itself shrinks, so that conservation holds)
 RETURNED = "_returned"
 WRITTEN_OFF = "_written_off"  # units of lost leases written off (`refund` policy): left the books
-MAX_MODEL = 200  # the usage_events.model column
-MAX_CLIENT_IP = 64  # the usage_events.client_ip column
+MAX_MODEL = columns.MODEL
+MAX_CLIENT_IP = columns.CLIENT_IP
 MAX_META_BYTES = 16384  # a token's meta (alert contacts, cost centre) as JSON
 
 

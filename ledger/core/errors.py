@@ -75,5 +75,6 @@ class OperationRefused(LedgerError):
     """An admin or tree operation (split, revoke, top-up, ...) was refused."""
 
 
-class ConfigError(LedgerError):
-    """Settings, database URL or key ring are unusable."""
+class ConfigError(LedgerError, ValueError):
+    """Settings, database URL or key ring are unusable (a ValueError too: a typed config loader,
+    pydantic's for `ray_config.yaml`, reports it as a validation error of the field)."""

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeGuard
 
+from ledger.core import columns
 from ledger.core.changes import Changes, Lease, Pending
 from ledger.core.codes import Code
 from ledger.core.credentials import new_id
@@ -40,7 +41,6 @@ from ledger.core.entities import RECLAIMING, Node, Settlement, UsageState
 from ledger.core.limits import Bucket
 from ledger.core.rules import Rule, status_refusal
 
-LOST_LEASE_POLICIES = ("refund", "charge")
 # tree actions that can make a holder refuse what it admitted before (DESIGN §3a: narrowing changes)
 NARROWING = frozenset({"token.revoke", "token.expire", "token.rotate", "token.reclaim", "token.limits", "token.top_up"})
 WATCH_LOG = 100_000
@@ -128,7 +128,7 @@ class LeaseAsk:
     token_id: str
     jti: str
     root_id: str
-    holder: str
+    holder_id: str  # the asking LeaseHolder's id
     lease_id: str = ""  # "" = no lease yet
     seq: int = 0  # this message's number in the lease (the last applied + 1); 0 = unnumbered
     uses: tuple[LeaseUse, ...] = ()
@@ -276,10 +276,10 @@ class LeaseDesk:
     def _one(self, a: LeaseAsk, now: float) -> LeaseGrant:
         book = self.book
         node = book.nodes.get(a.token_id) if type(a.token_id) is str else None
-        if node is None or type(a.holder) is not str or not a.holder:
+        if node is None or type(a.holder_id) is not str or not a.holder_id:
             return LeaseGrant(Code.INVALID_TOKEN, message="unknown token")
         lease = book.leases.get(a.lease_id) if a.lease_id else None
-        foreign = lease is not None and (lease.holder != a.holder or lease.token_id != node.id)
+        foreign = lease is not None and (lease.holder_id != a.holder_id or lease.token_id != node.id)
         # a holder-named lease that does not exist yet is created by its first message (seq 1)
         creating = bool(a.lease_id) and lease is None and a.seq == 1 and not a.release and a.lease_id not in self.ended
         if a.lease_id and (foreign or (lease is None and not creating)):
@@ -436,7 +436,7 @@ class LeaseDesk:
         if a.want > 0:
             if free < self.rules.strict_below:
                 # the last units: whatever other holders keep unused in their leases is asked back
-                recalled = self._recall(node, a.holder, now)
+                recalled = self._recall(node, a.holder_id, now)
                 if free <= 0:
                     return self._reply(
                         Code.QUOTA_EXHAUSTED,
@@ -466,7 +466,9 @@ class LeaseDesk:
             return None
         if lease is None:
             lease_id = a.lease_id or new_id("lse")
-            lease = Lease(lease_id, node.id, node.root_id, a.holder[:120], 0, now, now + self.rules.ttl_s, a.seq)
+            lease = Lease(
+                lease_id, node.id, node.root_id, a.holder_id[: columns.HOLDER], 0, now, now + self.rules.ttl_s, a.seq
+            )
             self.book.leases[lease.id] = lease
         lease.units += n
         node.leased += n
@@ -483,7 +485,7 @@ class LeaseDesk:
     def _recall(self, node: Node, asker: str, now: float) -> bool:
         """Whether other holders hold units of `node` in their leases; if so they are asked (through
         the watch, at most every RECALL_EVERY_S per token) to give back what they do not use."""
-        held = any(x.units > 0 and x.holder != asker for x in self.book.leases.values() if x.token_id == node.id)
+        held = any(x.units > 0 and x.holder_id != asker for x in self.book.leases.values() if x.token_id == node.id)
         if held and now - self.recalled.get(node.id, float("-inf")) >= RECALL_EVERY_S:
             self.recalled[node.id] = now
             if len(self.recalled) > MAX_DENIALS:
@@ -600,7 +602,7 @@ class LeaseDesk:
                 "root_id": node.root_id,
                 "detail": {
                     "lease": lease.id,
-                    "holder": lease.holder,
+                    "holder": lease.holder_id,
                     "units": units,
                     "policy": self.rules.lost_lease_policy,
                     "granted_at": lease.granted_at,
@@ -661,15 +663,15 @@ def _well_formed(a: object) -> TypeGuard[LeaseAsk]:
     return (
         isinstance(a, LeaseAsk)
         and type(a.token_id) is str
-        and len(a.token_id) <= 40
+        and len(a.token_id) <= columns.TOKEN_ID
         and type(a.jti) is str
-        and len(a.jti) <= 64
+        and len(a.jti) <= columns.JTI
         and type(a.root_id) is str
-        and len(a.root_id) <= 40
-        and type(a.holder) is str
-        and 0 < len(a.holder) <= 120
+        and len(a.root_id) <= columns.TOKEN_ID
+        and type(a.holder_id) is str
+        and 0 < len(a.holder_id) <= columns.HOLDER
         and type(a.lease_id) is str
-        and len(a.lease_id) <= 40
+        and len(a.lease_id) <= columns.TOKEN_ID
         and type(a.seq) is int
         and 0 <= a.seq < 2**62
         and isinstance(a.uses, tuple | list)
@@ -690,15 +692,15 @@ def _well_formed(a: object) -> TypeGuard[LeaseAsk]:
 def _fits(u: LeaseUse) -> bool:
     return (
         type(u.request_id) is str
-        and 0 < len(u.request_id) <= 64
+        and 0 < len(u.request_id) <= columns.REQUEST_ID
         and type(u.model) is str
-        and 0 < len(u.model) <= 200
+        and 0 < len(u.model) <= columns.MODEL
         and type(u.units) is int
         and type(u.kept) is int
         and u.state in (UsageState.SETTLED.value, UsageState.REFUNDED.value, UsageState.DENIED.value)
         and type(u.outcome) is str
-        and len(u.outcome) <= 40
-        and (u.client_ip is None or (type(u.client_ip) is str and len(u.client_ip) <= 64))
+        and len(u.outcome) <= columns.OUTCOME
+        and (u.client_ip is None or (type(u.client_ip) is str and len(u.client_ip) <= columns.CLIENT_IP))
         and type(u.image_bytes) is int
         and 0 <= u.image_bytes < 2**62
         and isinstance(u.ts, int | float)

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
+from ledger.core import columns
 from ledger.core.codes import Code
 from ledger.core.errors import OperationRefused
 
@@ -33,7 +34,7 @@ MAX_BURST = 10**9
 MAX_RATE_NAME = 40
 MAX_SPEC = 100  # characters of a rate spec
 MAX_ALLOWLIST = 256  # entries of a model or IP allowlist
-MAX_MODEL_NAME = 200  # the usage_events.model column
+MAX_MODEL_NAME = columns.MODEL
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,16 +62,16 @@ class Routing:
     kind: Kind
     key: str | None = None  # the field naming the token whose shard owns the call
     fallback: Route | None = None  # where the call goes when that field is None
-    scoped: bool = True  # has an `actor` field: a token may run it on its own subtree
+    scoped: bool = True  # has a `by_token` field: a token may run it on its own subtree
 
 
 # ------------------------------------------------------------------ what the cores implement
 class ShardOps(Protocol):
     """The operations of a shard core (`ledger.shard.core.ShardCore`). A token acting on its subtree
-    passes `actor`; the new-credential operations answer `Unsigned` (signed after the commit)."""
+    passes `by_token`; the new-credential operations answer `Unsigned` (signed after the commit)."""
 
-    def create_package(self, spec: TokenSpec, actor: str | None = None) -> Unsigned: ...
-    def split(self, parent_id: str, spec: TokenSpec, actor: str | None = None) -> Unsigned: ...
+    def create_package(self, spec: TokenSpec, by_token: str | None = None) -> Unsigned: ...
+    def split(self, parent_id: str, spec: TokenSpec, by_token: str | None = None) -> Unsigned: ...
     def update_limits(
         self,
         token_id: str,
@@ -80,15 +80,15 @@ class ShardOps(Protocol):
         models: list[str] | None = None,
         ips: list[str] | None = None,
         rate: str | None = None,
-        actor: str | None = None,
+        by_token: str | None = None,
     ) -> TokenView: ...
-    def top_up(self, token_id: str, units: int, actor: str | None = None) -> TokenView: ...
-    def revoke(self, token_id: str, actor: str | None = None) -> Returned: ...
-    def reclaim(self, token_id: str, units: int | None = None, actor: str | None = None) -> Returned: ...
-    def rotate(self, token_id: str, actor: str | None = None) -> Unsigned: ...
+    def top_up(self, token_id: str, units: int, by_token: str | None = None) -> TokenView: ...
+    def revoke(self, token_id: str, by_token: str | None = None) -> Returned: ...
+    def reclaim(self, token_id: str, units: int | None = None, by_token: str | None = None) -> Returned: ...
+    def rotate(self, token_id: str, by_token: str | None = None) -> Unsigned: ...
     def sweep(self) -> SweepReport: ...
-    def token(self, token_id: str, actor: str | None = None) -> TokenView: ...
-    def tokens(self, root_id: str | None = None, actor: str | None = None) -> list[TokenView]: ...
+    def token(self, token_id: str, by_token: str | None = None) -> TokenView: ...
+    def tokens(self, root_id: str | None = None, by_token: str | None = None) -> list[TokenView]: ...
     def usage(
         self,
         *,
@@ -98,7 +98,7 @@ class ShardOps(Protocol):
         since: float | None = None,
         until: float | None = None,
         limit: int = 1000,
-        actor: str | None = None,
+        by_token: str | None = None,
     ) -> list[UsageEvent]: ...
     def consistency(self) -> Consistency: ...
 
@@ -147,12 +147,12 @@ class Call(Generic[R]):
             raise TypeError(f"{self.name} has no merge")
         return parts[0]
 
-    def as_token(self, actor: str) -> Call[R]:
+    def as_token(self, by_token: str) -> Call[R]:
         """This call made by a token on its own subtree (the transport sets it from a verified
         credential; a token cannot run an unscoped operation)."""
         if not self.routing.scoped:
             raise OperationRefused(f"{self.name} is not a token operation", Code.FORBIDDEN)
-        return dataclasses.replace(self, actor=actor)  # type: ignore[call-arg]
+        return dataclasses.replace(self, by_token=by_token)  # type: ignore[call-arg]
 
     @property
     def owner(self) -> str | None:
@@ -163,7 +163,7 @@ class Call(Generic[R]):
 
     @property
     def acting(self) -> str | None:
-        value = getattr(self, "actor", None)
+        value = getattr(self, "by_token", None)
         return value if isinstance(value, str) else None
 
 
@@ -173,10 +173,10 @@ class CreatePackage(Call[Issued]):
     name = "create_package"
     routing = Routing(Route.ANY_SHARD, Kind.WRITE)
     spec: TokenSpec
-    actor: str | None = None
+    by_token: str | None = None
 
     def on_shard(self, core: ShardOps) -> Issued | Unsigned:
-        return core.create_package(self.spec, self.actor)
+        return core.create_package(self.spec, self.by_token)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,10 +185,10 @@ class Split(Call[Issued]):
     routing = Routing(Route.SHARD, Kind.WRITE, key="parent_id")
     parent_id: str
     spec: TokenSpec
-    actor: str | None = None
+    by_token: str | None = None
 
     def on_shard(self, core: ShardOps) -> Issued | Unsigned:
-        return core.split(self.parent_id, self.spec, self.actor)
+        return core.split(self.parent_id, self.spec, self.by_token)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -200,7 +200,7 @@ class UpdateLimits(Call[TokenView]):
     models: list[str] | None = None
     ips: list[str] | None = None
     rate: str | None = None
-    actor: str | None = None
+    by_token: str | None = None
 
     def on_shard(self, core: ShardOps) -> TokenView | Unsigned:
         return core.update_limits(
@@ -209,7 +209,7 @@ class UpdateLimits(Call[TokenView]):
             models=self.models,
             ips=self.ips,
             rate=self.rate,
-            actor=self.actor,
+            by_token=self.by_token,
         )
 
 
@@ -219,10 +219,10 @@ class TopUp(Call[TokenView]):
     routing = Routing(Route.SHARD, Kind.WRITE, key="token_id")
     token_id: str
     units: int
-    actor: str | None = None
+    by_token: str | None = None
 
     def on_shard(self, core: ShardOps) -> TokenView | Unsigned:
-        return core.top_up(self.token_id, self.units, self.actor)
+        return core.top_up(self.token_id, self.units, self.by_token)
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,10 +230,10 @@ class Revoke(Call[Returned]):
     name = "revoke"
     routing = Routing(Route.SHARD, Kind.WRITE, key="token_id")
     token_id: str
-    actor: str | None = None
+    by_token: str | None = None
 
     def on_shard(self, core: ShardOps) -> Returned | Unsigned:
-        return core.revoke(self.token_id, self.actor)
+        return core.revoke(self.token_id, self.by_token)
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,10 +242,10 @@ class Reclaim(Call[Returned]):
     routing = Routing(Route.SHARD, Kind.WRITE, key="token_id")
     token_id: str
     units: int | None = None
-    actor: str | None = None
+    by_token: str | None = None
 
     def on_shard(self, core: ShardOps) -> Returned | Unsigned:
-        return core.reclaim(self.token_id, self.units, self.actor)
+        return core.reclaim(self.token_id, self.units, self.by_token)
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,10 +253,10 @@ class Rotate(Call[Issued]):
     name = "rotate"
     routing = Routing(Route.SHARD, Kind.WRITE, key="token_id")
     token_id: str
-    actor: str | None = None
+    by_token: str | None = None
 
     def on_shard(self, core: ShardOps) -> Issued | Unsigned:
-        return core.rotate(self.token_id, self.actor)
+        return core.rotate(self.token_id, self.by_token)
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,10 +277,10 @@ class Token(Call[TokenView]):
     name = "token"
     routing = Routing(Route.SHARD, Kind.BOOK_READ, key="token_id")
     token_id: str
-    actor: str | None = None
+    by_token: str | None = None
 
     def on_shard(self, core: ShardOps) -> TokenView | Unsigned:
-        return core.token(self.token_id, self.actor)
+        return core.token(self.token_id, self.by_token)
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,10 +288,10 @@ class Tokens(Call[list[TokenView]]):
     name = "tokens"
     routing = Routing(Route.SHARD, Kind.BOOK_READ, key="root_id", fallback=Route.ALL_SHARDS)
     root_id: str | None = None
-    actor: str | None = None
+    by_token: str | None = None
 
     def on_shard(self, core: ShardOps) -> list[TokenView] | Unsigned:
-        return core.tokens(self.root_id, self.actor)
+        return core.tokens(self.root_id, self.by_token)
 
     def merge(self, parts: list[list[TokenView]]) -> list[TokenView]:
         return [t for p in parts for t in p]
@@ -299,18 +299,18 @@ class Tokens(Call[list[TokenView]]):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Usage(Call[list[UsageEvent]]):
-    """A token's audit rows come from its own shard's reader (`actor`); an admin's from the
+    """A token's audit rows come from its own shard's reader (`by_token`); an admin's from the
     coordinator's view of the whole database."""
 
     name = "usage"
-    routing = Routing(Route.SHARD, Kind.DB_READ, key="actor", fallback=Route.COORDINATOR)
+    routing = Routing(Route.SHARD, Kind.DB_READ, key="by_token", fallback=Route.COORDINATOR)
     token_id: str | None = None
     model: str | None = None
     outcome: str | None = None
     since: float | None = None
     until: float | None = None
     limit: int = 1000
-    actor: str | None = None
+    by_token: str | None = None
 
     def on_shard(self, core: ShardOps) -> list[UsageEvent] | Unsigned:
         return core.usage(
@@ -320,7 +320,7 @@ class Usage(Call[list[UsageEvent]]):
             since=self.since,
             until=self.until,
             limit=self.limit,
-            actor=self.actor,
+            by_token=self.by_token,
         )
 
     def on_coordinator(self, core: CoordinatorOps) -> list[UsageEvent]:

@@ -26,7 +26,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ledger.core.errors import ConfigError
+
 DEFAULT_DATA_DIR = Path("var")
+LOST_LEASE_POLICIES = ("refund", "charge")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +89,24 @@ class LedgerSettings:
     lost_lease_policy: str = "refund"
     lease_max_share: int = 4
     lease_strict_below: int = 16
+
+    def __post_init__(self) -> None:
+        """The ONE check of the shard and lease settings: `ray_config.yaml`'s `ledger:` args are
+        checked by building these (serve_app.config.LedgerArgs), the environment's at `from_env`."""
+        problems = [
+            f"{name} must be {rule}"
+            for name, ok, rule in (
+                ("shards", 1 <= self.shards <= 1024, "1-1024"),
+                ("max_batch", self.max_batch >= 1, ">= 1"),
+                ("lease_ttl_s", 1.0 <= self.lease_ttl_s <= 3600.0, "1-3600 s"),
+                ("lost_lease_policy", self.lost_lease_policy in LOST_LEASE_POLICIES, f"one of {LOST_LEASE_POLICIES}"),
+                ("lease_max_share", self.lease_max_share >= 1, ">= 1"),
+                ("lease_strict_below", self.lease_strict_below >= 0, ">= 0"),
+            )
+            if not ok
+        ]
+        if problems:
+            raise ConfigError("ledger settings: " + "; ".join(problems))
 
     @property
     def key_dir(self) -> Path:

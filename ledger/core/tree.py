@@ -113,19 +113,19 @@ class TokenTree:
                 x.parent.delegated += x.allocation
         self.nodes, self.roots = by_id, roots
 
-    def node(self, token_id: str, actor: str | None = None) -> Node:
-        """Look up a node the actor may see: admin (None) sees all, a token its own subtree."""
+    def node(self, token_id: str, by_token: str | None = None) -> Node:
+        """Look up a node the acting token may see: admin (None) sees all, a token its own subtree."""
         n = self.nodes.get(token_id) if type(token_id) is str else None
-        if n is None or (actor is not None and (type(actor) is not str or not self._within(actor, n))):
+        if n is None or (by_token is not None and (type(by_token) is not str or not self._within(by_token, n))):
             raise OperationRefused(f"token {str(token_id)[:MAX_ID]!r} not found", Code.NOT_FOUND)
         return n
 
-    def _within(self, actor: str, n: Node) -> bool:
-        return any(a.id == actor for a in n.path())
+    def _within(self, by_token: str, n: Node) -> bool:
+        return any(a.id == by_token for a in n.path())
 
-    def _strict_descendant(self, token_id: str, actor: str | None) -> Node:
-        n = self.node(token_id, actor)
-        if actor is not None and n.id == actor:
+    def _strict_descendant(self, token_id: str, by_token: str | None) -> Node:
+        n = self.node(token_id, by_token)
+        if by_token is not None and n.id == by_token:
             raise OperationRefused("a token cannot do this to itself; ask its parent", Code.FORBIDDEN)
         return n
 
@@ -153,11 +153,11 @@ class TokenTree:
             raise OperationRefused(f"{what} must be an integer in 1..{MAX_UNITS}", Code.INVALID_REQUEST)
         return units
 
-    def _event(self, now: float, actor: str | None, action: str, n: Node, **detail: Any) -> None:
+    def _event(self, now: float, by_token: str | None, action: str, n: Node, **detail: Any) -> None:
         self.out.admin_events.append(
             {
                 "ts": now,
-                "actor": actor or "admin",
+                "actor": by_token or "admin",
                 "action": action,
                 "token_id": n.id,
                 "root_id": n.root_id,
@@ -165,9 +165,9 @@ class TokenTree:
             }
         )
 
-    def create_package(self, token_id: str, jti: str, spec: TokenSpec, actor: str | None = None) -> Node:
+    def create_package(self, token_id: str, jti: str, spec: TokenSpec, by_token: str | None = None) -> Node:
         """A new package root holding `spec.allocation` freshly granted units."""
-        if actor is not None:
+        if by_token is not None:
             raise OperationRefused("only an admin may create packages", Code.FORBIDDEN)
         spec_problems(spec)
         self._check_models(spec.limits)
@@ -176,12 +176,12 @@ class TokenTree:
             raise OperationRefused("expiry must be at least a second in the future", Code.INVALID_REQUEST)
         n = self._add(token_id, jti, spec, None, spec.limits.expires_at, now)
         self.roots[n.id] = n
-        self._event(now, actor, "package.create", n, allocation=spec.allocation, name=spec.name)
+        self._event(now, by_token, "package.create", n, allocation=spec.allocation, name=spec.name)
         return n
 
-    def split(self, parent_id: str, token_id: str, jti: str, spec: TokenSpec, actor: str | None = None) -> Node:
+    def split(self, parent_id: str, token_id: str, jti: str, spec: TokenSpec, by_token: str | None = None) -> Node:
         """Carve `spec.allocation` units of the parent's free quota into a new child token."""
-        parent = self.node(parent_id, actor)
+        parent = self.node(parent_id, by_token)
         spec_problems(spec)
         self._check_models(spec.limits)
         now = self.clock()
@@ -200,7 +200,7 @@ class TokenTree:
         n = self._add(token_id, jti, spec, parent, expires_at, now)
         parent.children.append(n)
         parent.delegated += spec.allocation
-        self._event(now, actor, "token.split", n, parent=parent.id, allocation=spec.allocation, name=spec.name)
+        self._event(now, by_token, "token.split", n, parent=parent.id, allocation=spec.allocation, name=spec.name)
         return n
 
     def _add(
@@ -264,9 +264,9 @@ class TokenTree:
                 raise OperationRefused("a child cannot have a higher rate than its parent", Code.LIMIT_WIDENING)
         return expires_at
 
-    def update_limits(self, token_id: str, limits: TokenLimits, actor: str | None = None) -> Node:
+    def update_limits(self, token_id: str, limits: TokenLimits, by_token: str | None = None) -> Node:
         """Change limits of a node (fields left None stay as they are); children may only narrow."""
-        n = self._strict_descendant(token_id, actor)
+        n = self._strict_descendant(token_id, by_token)
         check_token_limits(limits)
         self._check_models(limits)
         now = self.clock()
@@ -293,7 +293,7 @@ class TokenTree:
         self.out.dirty[n.id] = n
         self._event(
             now,
-            actor,
+            by_token,
             "token.limits",
             n,
             expires_at=limits.expires_at,
@@ -303,9 +303,9 @@ class TokenTree:
         )
         return n
 
-    def top_up(self, token_id: str, units: int, actor: str | None = None) -> Node:
+    def top_up(self, token_id: str, units: int, by_token: str | None = None) -> Node:
         """Root: grant new units. Child: move units from the parent's free quota."""
-        n = self._strict_descendant(token_id, actor)
+        n = self._strict_descendant(token_id, by_token)
         self._check_units(units, "units")
         now = self.clock()
         self._require_usable(n, now)
@@ -317,28 +317,28 @@ class TokenTree:
                     f"parent has {n.parent.free} free units, {units} requested", Code.QUOTA_EXHAUSTED
                 )
             n.parent.delegated += units
-        elif actor is not None:
+        elif by_token is not None:
             raise OperationRefused("only an admin may top up a package", Code.FORBIDDEN)
         n.allocation += units
         n.meta.pop(RECLAIMING, None)  # topped up again: units coming back from leases stay here
         # thresholds now below consumption are re-armed, so the next crossing alerts again
         n.fired = {t for t in n.fired if n.consumed * 100 >= t * n.allocation}
         self.out.dirty[n.id] = n
-        self._event(now, actor, "token.top_up", n, units=units, allocation=n.allocation)
+        self._event(now, by_token, "token.top_up", n, units=units, allocation=n.allocation)
         return n
 
-    def reclaim(self, token_id: str, units: int | None = None, actor: str | None = None) -> int:
+    def reclaim(self, token_id: str, units: int | None = None, by_token: str | None = None) -> int:
         """Return unspent allocation of a child to its parent; returns the units moved.
 
         A live child gives back `units` (default: all) of its free quota and stays active.
         A dead or expired child gives back everything its subtree did not spend.
         """
-        n = self._strict_descendant(token_id, actor)
+        n = self._strict_descendant(token_id, by_token)
         if n.parent is None:
             raise OperationRefused("a package root has no parent to reclaim into", Code.INVALID_REQUEST)
         now = self.clock()
         if not n.live or (n.expires_at is not None and now >= n.expires_at):
-            return self._retire(n, Status.EXPIRED if n.live else n.status, now, actor, "token.reclaim")
+            return self._retire(n, Status.EXPIRED if n.live else n.status, now, by_token, "token.reclaim")
         take = n.free if units is None else self._check_units(units, "units")
         if take > n.free:
             leased = f" ({n.leased} more are in replicas' leases: reclaim all to have them back)" if n.leased else ""
@@ -355,19 +355,19 @@ class TokenTree:
             n.meta[RECLAIMING] = True
         self.out.dirty[n.id] = n
         self.pass_unspent(n.parent, take)
-        self._event(now, actor, "token.reclaim", n, units=take)
+        self._event(now, by_token, "token.reclaim", n, units=take)
         return take
 
-    def revoke(self, token_id: str, actor: str | None = None) -> int:
+    def revoke(self, token_id: str, by_token: str | None = None) -> int:
         """Revoke a node and its subtree at once; their unspent allocation returns to the parent."""
-        n = self.node(token_id, actor)
+        n = self.node(token_id, by_token)
         if n.status is Status.REVOKED:
             return 0
-        return self._retire(n, Status.REVOKED, self.clock(), actor, "token.revoke")
+        return self._retire(n, Status.REVOKED, self.clock(), by_token, "token.revoke")
 
-    def rotate(self, token_id: str, jti: str, actor: str | None = None) -> Node:
+    def rotate(self, token_id: str, jti: str, by_token: str | None = None) -> Node:
         """Replace the node's credential id: the old credential stops working at once."""
-        n = self.node(token_id, actor)
+        n = self.node(token_id, by_token)
         now = self.clock()
         self._require_usable(n, now)
         self._require_lifetime(n, now)
@@ -375,7 +375,7 @@ class TokenTree:
             raise OperationRefused("malformed credential id", Code.INVALID_REQUEST)
         n.jti = jti
         self.out.dirty[n.id] = n
-        self._event(now, actor, "token.rotate", n)
+        self._event(now, by_token, "token.rotate", n)
         return n
 
     def expire_due(self) -> list[str]:
@@ -419,7 +419,7 @@ class TokenTree:
             }
         )
 
-    def _retire(self, n: Node, status: Status, now: float, actor: str | None, action: str) -> int:
+    def _retire(self, n: Node, status: Status, now: float, by_token: str | None, action: str) -> int:
         """Mark the subtree dead and shrink each node to what it spent (children first)."""
         sub = n.subtree()
         before = n.allocation
@@ -435,7 +435,7 @@ class TokenTree:
             self.out.dirty[x.id] = x
         returned = before - n.allocation
         self.pass_unspent(n.parent, returned)
-        self._event(now, actor, action, n, returned=returned, subtree=len(sub))
+        self._event(now, by_token, action, n, returned=returned, subtree=len(sub))
         return returned
 
     def pass_unspent(self, n: Node | None, units: int) -> None:
@@ -448,9 +448,9 @@ class TokenTree:
             self.out.dirty[n.id] = n
             n = n.parent
 
-    def views(self, root_id: str | None = None, actor: str | None = None) -> list[TokenView]:
-        if actor is not None:
-            return [x.view() for x in self.node(actor).subtree()]
+    def views(self, root_id: str | None = None, by_token: str | None = None) -> list[TokenView]:
+        if by_token is not None:
+            return [x.view() for x in self.node(by_token).subtree()]
         if root_id is not None:
             return [x.view() for x in self.node(root_id).subtree()]
         return [x.view() for r in self.roots.values() for x in r.subtree()]

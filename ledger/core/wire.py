@@ -173,21 +173,21 @@ def _bad(message: str) -> OperationRefused:
 
 # ------------------------------------------------------------------ one operation's call and answer
 def encode_call(op: ops.Call[Any]) -> dict[str, Any]:
-    """The JSON body of a call: its record's fields (an admin's call: never `actor`)."""
-    return {"kwargs": {f.name: encode(getattr(op, f.name)) for f in dataclasses.fields(op) if f.name != "actor"}}
+    """The JSON body of a call: its record's fields (an admin's call: never `by_token`)."""
+    return {"kwargs": {f.name: encode(getattr(op, f.name)) for f in dataclasses.fields(op) if f.name != "by_token"}}
 
 
 def decode_call(name: str, body: Any) -> ops.Call[Any]:
     """The record of a call from its name and JSON body. Unknown operations and fields are refused;
-    `actor` is not taken from a body (the route decides who acts)."""
+    `by_token` is not taken from a body (the route decides who acts)."""
     cls = ops.CALLS.get(name)
     if cls is None:
         raise OperationRefused(f"unknown ledger operation {name!r}", Code.INVALID_REQUEST)
     kwargs = body.get("kwargs", {}) if isinstance(body, dict) else None
     if not isinstance(kwargs, dict):
         raise _bad('the body is {"kwargs": {...}}')
-    if "actor" in kwargs:
-        raise OperationRefused("`actor` is set by the route, not by the caller", Code.INVALID_REQUEST)
+    if "by_token" in kwargs:
+        raise OperationRefused("`by_token` is set by the route, not by the caller", Code.INVALID_REQUEST)
     fields = {f.name for f in dataclasses.fields(cls)}
     for key in kwargs:
         if key not in fields:

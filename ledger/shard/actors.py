@@ -85,11 +85,11 @@ class ShardActor(_Checked):
         require(self._capability, capability, "lease_watch")
         return await self._run.lease_watch(since, tokens, timeout_s)
 
-    async def call(self, op: Call[Any], actor_jti: str | None = None, capability: Capability | None = None) -> Any:
+    async def call(self, op: Call[Any], token_jti: str | None = None, capability: Capability | None = None) -> Any:
         """One operation of `ledger.core.ops`. Its caller holds the capability: an admin, or a serving
-        replica acting for a token (`op.actor`) whose credential it verified."""
+        replica acting for a token (`op.by_token`) whose credential it verified."""
         require(self._capability, capability, "a ledger operation")
-        return await self._run.call(op, actor_jti)
+        return await self._run.call(op, token_jti)
 
     async def alert_context(
         self, token_id: str, capability: Capability | None = None
@@ -115,9 +115,9 @@ class CoordinatorActor(_Checked):
         """The shard count; with the capability, also the settings (they may name a database password)."""
         return self._run.describe(with_settings=self._capability.admits(capability))
 
-    async def call(self, op: Call[Any], actor_jti: str | None = None, capability: Capability | None = None) -> Any:
+    async def call(self, op: Call[Any], token_jti: str | None = None, capability: Capability | None = None) -> Any:
         require(self._capability, capability, "a ledger operation")
-        return await self._run.call(op, actor_jti)
+        return await self._run.call(op, token_jti)
 
     async def sign(self, claims: dict[str, Any], capability: Capability | None = None) -> str:
         """The credential of claims a shard minted (shards hold the capability)."""

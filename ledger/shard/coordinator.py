@@ -102,9 +102,9 @@ class CoordinatorCore:
         since: float | None = None,
         until: float | None = None,
         limit: int = 1000,
-        actor: str | None = None,
+        by_token: str | None = None,
     ) -> list[UsageEvent]:
-        if actor is not None:  # a token's own reads go to its shard, which checks its subtree
+        if by_token is not None:  # a token's own reads go to its shard, which checks its subtree
             raise OperationRefused("token-scoped audit reads go to the token's shard", Code.FORBIDDEN)
         rows = self.store.usage(
             UsageQuery(token_id=token_id, model=model, outcome=outcome, since=since, until=until, limit=limit)

@@ -23,9 +23,8 @@ from ledger.core.changes import Changes
 from ledger.core.codes import Code
 from ledger.core.credentials import new_id, new_jti
 from ledger.core.entities import Admission, Decision, Node, Settlement, TokenSpec, TokenView, make_token_limits
-from ledger.core.errors import ConfigError, Fenced, LedgerError, LedgerUnavailable, OperationRefused
+from ledger.core.errors import Fenced, LedgerError, LedgerUnavailable, OperationRefused
 from ledger.core.leases import (
-    LOST_LEASE_POLICIES,
     MAX_DENIALS,
     NARROWING,
     LeaseDesk,
@@ -49,12 +48,12 @@ class ShardCore:
         settings: LedgerSettings,
         clock: Callable[[], float] = time.time,
         scope: ShardScope | None = None,
-        holder: str = "in-process",
+        fence_owner: str = "in-process",
     ) -> None:
         self.settings = settings
         self.clock = clock
         self.scope = scope or ShardScope()
-        self.holder = holder
+        self.fence_owner = fence_owner  # who took the shard's epoch (node:pid): the `shards` row says
         self.store = Store(settings.database_url, self.scope)
         self.book = QuotaBook(
             clock,
@@ -62,8 +61,6 @@ class ShardCore:
             idem_pending_timeout_s=settings.idem_pending_timeout_s,
             scope=self.scope,
         )
-        if settings.lost_lease_policy not in LOST_LEASE_POLICIES:
-            raise ConfigError(f"lost_lease_policy must be one of {LOST_LEASE_POLICIES}")
         self.watch = WatchLog()
         self.leases = LeaseDesk(
             self.book,
@@ -94,7 +91,7 @@ class ShardCore:
             log.exception("ledger database migration failed")
             raise LedgerUnavailable(f"database migration failed: {type(exc).__name__}") from exc
         if self.store.epoch is None:
-            self.watch.epoch = self.store.fence(self.holder, self.clock())
+            self.watch.epoch = self.store.fence(self.fence_owner, self.clock())
         self.reload()
 
     def reload(self) -> None:
@@ -139,11 +136,11 @@ class ShardCore:
         with contextlib.suppress(LedgerUnavailable):
             self.reload()
 
-    def authenticate(self, actor: str | None, actor_jti: str | None) -> None:
+    def authenticate(self, by_token: str | None, token_jti: str | None) -> None:
         """A token acting on the tree must hold its current credential, on a live path."""
-        if actor is None:
+        if by_token is None:
             return
-        code = self.book.check_credential(actor, actor_jti or "")
+        code = self.book.check_credential(by_token, token_jti or "")
         if code is not Code.OK:
             raise OperationRefused(f"credential is {code.value.replace('_', ' ')}", code)
 
@@ -215,17 +212,17 @@ class ShardCore:
         return self.book.check_credential(token_id, jti).value
 
     # ---------------------------------------------------------------- tree operations
-    def create_package(self, spec: TokenSpec, actor: str | None = None) -> Unsigned:
+    def create_package(self, spec: TokenSpec, by_token: str | None = None) -> Unsigned:
         """A new package, with a root id that maps to this shard; its credential is shown once."""
         root_id = new_id("pkg")
         while not self.scope.owns_root(root_id):  # `count` tries on average
             root_id = new_id("pkg")
-        n = self.book.tree.create_package(root_id, new_jti(), spec, actor=actor)
+        n = self.book.tree.create_package(root_id, new_jti(), spec, by_token=by_token)
         return self._unsigned(n)
 
-    def split(self, parent_id: str, spec: TokenSpec, actor: str | None = None) -> Unsigned:
+    def split(self, parent_id: str, spec: TokenSpec, by_token: str | None = None) -> Unsigned:
         """A child token carved from the parent's free units."""
-        n = self.book.tree.split(parent_id, new_id("tok"), new_jti(), spec, actor=actor)
+        n = self.book.tree.split(parent_id, new_id("tok"), new_jti(), spec, by_token=by_token)
         return self._unsigned(n)
 
     def update_limits(
@@ -236,22 +233,22 @@ class ShardCore:
         models: Iterable[str] | None = None,
         ips: Iterable[str] | None = None,
         rate: str | None = None,
-        actor: str | None = None,
+        by_token: str | None = None,
     ) -> TokenView:
         limits = make_token_limits(expires_at, models, ips, rate)
-        return self.book.tree.update_limits(token_id, limits, actor=actor).view()
+        return self.book.tree.update_limits(token_id, limits, by_token=by_token).view()
 
-    def top_up(self, token_id: str, units: int, actor: str | None = None) -> TokenView:
-        return self.book.tree.top_up(token_id, units, actor=actor).view()
+    def top_up(self, token_id: str, units: int, by_token: str | None = None) -> TokenView:
+        return self.book.tree.top_up(token_id, units, by_token=by_token).view()
 
-    def revoke(self, token_id: str, actor: str | None = None) -> Returned:
-        return Returned(self.book.tree.revoke(token_id, actor=actor), self.book.node(token_id).view())
+    def revoke(self, token_id: str, by_token: str | None = None) -> Returned:
+        return Returned(self.book.tree.revoke(token_id, by_token=by_token), self.book.node(token_id).view())
 
-    def reclaim(self, token_id: str, units: int | None = None, actor: str | None = None) -> Returned:
-        return Returned(self.book.tree.reclaim(token_id, units, actor=actor), self.book.node(token_id).view())
+    def reclaim(self, token_id: str, units: int | None = None, by_token: str | None = None) -> Returned:
+        return Returned(self.book.tree.reclaim(token_id, units, by_token=by_token), self.book.node(token_id).view())
 
-    def rotate(self, token_id: str, actor: str | None = None) -> Unsigned:
-        return self._unsigned(self.book.tree.rotate(token_id, new_jti(), actor=actor))
+    def rotate(self, token_id: str, by_token: str | None = None) -> Unsigned:
+        return self._unsigned(self.book.tree.rotate(token_id, new_jti(), by_token=by_token))
 
     def sweep(self) -> SweepReport:
         expired = self.book.tree.expire_due()
@@ -270,11 +267,11 @@ class ShardCore:
         return [dict(a.meta) for a in n.path()], {"name": n.name, "team": n.team}
 
     # ---------------------------------------------------------------- reads
-    def token(self, token_id: str, actor: str | None = None) -> TokenView:
-        return self.book.node(token_id, actor).view()
+    def token(self, token_id: str, by_token: str | None = None) -> TokenView:
+        return self.book.node(token_id, by_token).view()
 
-    def tokens(self, root_id: str | None = None, actor: str | None = None) -> list[TokenView]:
-        return self.book.tree.views(root_id, actor)
+    def tokens(self, root_id: str | None = None, by_token: str | None = None) -> list[TokenView]:
+        return self.book.tree.views(root_id, by_token)
 
     def usage(
         self,
@@ -285,12 +282,12 @@ class ShardCore:
         since: float | None = None,
         until: float | None = None,
         limit: int = 1000,
-        actor: str | None = None,
+        by_token: str | None = None,
     ) -> list[UsageEvent]:
-        if actor is not None:
+        if by_token is not None:
             if token_id is None:
-                token_id = actor
-            self.book.node(token_id, actor)  # raises NOT_FOUND outside the actor's subtree
+                token_id = by_token
+            self.book.node(token_id, by_token)  # raises NOT_FOUND outside the acting token's subtree
         return cast(
             "list[UsageEvent]",
             self.store.usage(

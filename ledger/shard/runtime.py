@@ -50,14 +50,14 @@ def shard_name(settings: LedgerSettings, index: int) -> str:
     return f"{settings.actor_name}-shard-{index}"
 
 
-def _checked(op: object, actor_jti: object) -> ops.Call[Any]:
-    """A record of the ops table with a well-typed actor; `OperationRefused(INVALID_REQUEST)` otherwise
+def _checked(op: object, token_jti: object) -> ops.Call[Any]:
+    """A record of the ops table with a well-typed `by_token`; `OperationRefused(INVALID_REQUEST)` otherwise
     (refused here, not as a failure inside a batch)."""
     call = ops.known(op)
-    if call.acting is None and getattr(call, "actor", None) is not None:
-        raise OperationRefused("actor must be a token id", Code.INVALID_REQUEST)
-    if actor_jti is not None and not isinstance(actor_jti, str):
-        raise OperationRefused("actor_jti must be a string", Code.INVALID_REQUEST)
+    if call.acting is None and getattr(call, "by_token", None) is not None:
+        raise OperationRefused("by_token must be a token id", Code.INVALID_REQUEST)
+    if token_jti is not None and not isinstance(token_jti, str):
+        raise OperationRefused("token_jti must be a string", Code.INVALID_REQUEST)
     return call
 
 
@@ -67,8 +67,8 @@ class ShardRuntime:
     def __init__(self, settings: LedgerSettings, index: int, count: int, capability: Capability) -> None:
         self.settings = settings
         self.capability = capability
-        holder = f"{ray.get_runtime_context().get_node_id()[:16]}:{os.getpid()}"
-        self.core = ShardCore(settings, scope=ShardScope(index, count), holder=holder)
+        owner = f"{ray.get_runtime_context().get_node_id()[:16]}:{os.getpid()}"
+        self.core = ShardCore(settings, scope=ShardScope(index, count), fence_owner=owner)
         # the database may be down now, or hold rows the book cannot load: the shard starts
         # anyway, answers ledger_unavailable, and every batch retries the start (fence + load) first
         with contextlib.suppress(LedgerUnavailable):
@@ -184,23 +184,23 @@ class ShardRuntime:
         self.metrics.refresh()
 
     # ------------------------------------------------------------ the typed API, forwarded
-    async def call(self, op: ops.Call[Any], actor_jti: str | None = None) -> Any:
+    async def call(self, op: ops.Call[Any], token_jti: str | None = None) -> Any:
         """Run one operation on this shard; raises the ledger's errors. The caller (checked by the
-        actor) is an admin, or acts for a token (`op.actor`) whose credential it verified (the
-        serving replicas); the shard still checks that `actor_jti` is that token's current
+        actor) is an admin, or acts for a token (`op.by_token`) whose credential it verified (the
+        serving replicas); the shard still checks that `token_jti` is that token's current
         credential on a live path."""
-        call = _checked(op, actor_jti)
+        call = _checked(op, token_jti)
         if call.routing.route is Route.COORDINATOR:
             raise OperationRefused(f"{call.name} is not an operation of a ledger shard", Code.INVALID_REQUEST)
-        actor, core = call.acting, self.core
+        by_token, core = call.acting, self.core
         if call.routing.kind is Kind.DB_READ:
             if not core.ready:
                 raise LedgerUnavailable("ledger database unavailable")
-            core.authenticate(actor, actor_jti)
+            core.authenticate(by_token, token_jti)
             return await asyncio.get_running_loop().run_in_executor(self.readers, lambda: call.on_shard(core))
 
         def run() -> Any:
-            core.authenticate(actor, actor_jti)
+            core.authenticate(by_token, token_jti)
             return call.on_shard(core)
 
         try:
@@ -298,9 +298,9 @@ class CoordinatorRuntime:
         return await loop.run_in_executor(self.pool, partial(fn, *args))
 
     # ------------------------------------------------------------ the typed API, forwarded
-    async def call(self, op: ops.Call[Any], actor_jti: str | None = None) -> Any:
+    async def call(self, op: ops.Call[Any], token_jti: str | None = None) -> Any:
         self._start_periodic()
-        call = _checked(op, actor_jti)
+        call = _checked(op, token_jti)
         if Route.COORDINATOR not in (call.routing.route, call.routing.fallback) or call.acting is not None:
             raise OperationRefused(f"{call.name} is not an operation of the ledger coordinator", Code.INVALID_REQUEST)
         if isinstance(call, ops.DeliverAlerts):  # network I/O on its own thread

@@ -11,6 +11,8 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, Float, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from ledger.core import columns
+
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
 
@@ -21,21 +23,21 @@ class Base(DeclarativeBase):
 class TokenRow(Base):
     __tablename__ = "tokens"
 
-    id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    root_id: Mapped[str] = mapped_column(String(40), index=True)
+    id: Mapped[str] = mapped_column(String(columns.TOKEN_ID), primary_key=True)
+    root_id: Mapped[str] = mapped_column(String(columns.TOKEN_ID), index=True)
     # the root's hash slot (ledger.core.shards.slot_of): shard i of n owns the slots with slot % n == i
     slot: Mapped[int] = mapped_column(Integer, index=True, default=0, server_default="0")
-    parent_id: Mapped[str | None] = mapped_column(String(40), index=True)
-    name: Mapped[str] = mapped_column(String(200))
-    team: Mapped[str | None] = mapped_column(String(200))
+    parent_id: Mapped[str | None] = mapped_column(String(columns.TOKEN_ID), index=True)
+    name: Mapped[str] = mapped_column(String(columns.NAME))
+    team: Mapped[str | None] = mapped_column(String(columns.NAME))
     allocation: Mapped[int] = mapped_column(BigInteger)
     used: Mapped[int] = mapped_column(BigInteger, default=0)
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(columns.STATUS))
     expires_at: Mapped[float | None] = mapped_column(Float)
     models: Mapped[list[str] | None] = mapped_column(JSON)
     ips: Mapped[list[str] | None] = mapped_column(JSON)
     rate: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    jti: Mapped[str] = mapped_column(String(64))
+    jti: Mapped[str] = mapped_column(String(columns.JTI))
     created_at: Mapped[float] = mapped_column(Float)
     thresholds: Mapped[list[int]] = mapped_column(JSON)
     fired: Mapped[list[int]] = mapped_column(JSON)
@@ -48,14 +50,14 @@ class UsageEventRow(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     ts: Mapped[float] = mapped_column(Float, index=True)
-    root_id: Mapped[str] = mapped_column(String(40))
-    token_id: Mapped[str] = mapped_column(String(40))
-    request_id: Mapped[str] = mapped_column(String(64), index=True)
-    model: Mapped[str] = mapped_column(String(200))
+    root_id: Mapped[str] = mapped_column(String(columns.TOKEN_ID))
+    token_id: Mapped[str] = mapped_column(String(columns.TOKEN_ID))
+    request_id: Mapped[str] = mapped_column(String(columns.REQUEST_ID), index=True)
+    model: Mapped[str] = mapped_column(String(columns.MODEL))
     units: Mapped[int] = mapped_column(BigInteger)
-    state: Mapped[str] = mapped_column(String(16))
-    outcome: Mapped[str] = mapped_column(String(40))
-    client_ip: Mapped[str | None] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(columns.STATUS))
+    outcome: Mapped[str] = mapped_column(String(columns.OUTCOME))
+    client_ip: Mapped[str | None] = mapped_column(String(columns.CLIENT_IP))
     image_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     latency_ms: Mapped[float | None] = mapped_column(Float)
     detections: Mapped[int | None] = mapped_column(Integer)
@@ -63,7 +65,7 @@ class UsageEventRow(Base):
     settled_at: Mapped[float | None] = mapped_column(Float)
     # admitted rows: the request body's hash ("" without one), so that a redelivery of the request
     # id after a restart must still carry the same body; NULL on denied rows and rows before 0003
-    body_hash: Mapped[str | None] = mapped_column(String(128))
+    body_hash: Mapped[str | None] = mapped_column(String(columns.BODY_HASH))
 
 
 class AdminEventRow(Base):
@@ -71,10 +73,10 @@ class AdminEventRow(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     ts: Mapped[float] = mapped_column(Float, index=True)
-    actor: Mapped[str] = mapped_column(String(80))
-    action: Mapped[str] = mapped_column(String(40))
-    token_id: Mapped[str] = mapped_column(String(40), index=True)
-    root_id: Mapped[str] = mapped_column(String(40), index=True)
+    actor: Mapped[str] = mapped_column(String(columns.ADMIN))
+    action: Mapped[str] = mapped_column(String(columns.ACTION))
+    token_id: Mapped[str] = mapped_column(String(columns.TOKEN_ID), index=True)
+    root_id: Mapped[str] = mapped_column(String(columns.TOKEN_ID), index=True)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
@@ -83,14 +85,14 @@ class AlertRow(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     ts: Mapped[float] = mapped_column(Float, index=True)
-    kind: Mapped[str] = mapped_column(String(20))
-    token_id: Mapped[str] = mapped_column(String(40), index=True)
-    root_id: Mapped[str] = mapped_column(String(40))
+    kind: Mapped[str] = mapped_column(String(columns.ALERT_KIND))
+    token_id: Mapped[str] = mapped_column(String(columns.TOKEN_ID), index=True)
+    root_id: Mapped[str] = mapped_column(String(columns.TOKEN_ID))
     threshold: Mapped[int] = mapped_column(Integer)
     consumed: Mapped[int] = mapped_column(BigInteger)
     allocation: Mapped[int] = mapped_column(BigInteger)
     # pending (channels still to deliver) | delivered | failed (a channel gave up) | no_channel
-    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    status: Mapped[str] = mapped_column(String(columns.STATUS), default="pending", index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     delivered_at: Mapped[float | None] = mapped_column(Float)
@@ -98,17 +100,17 @@ class AlertRow(Base):
     channels: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     next_attempt_at: Mapped[float | None] = mapped_column(Float)
     acknowledged_at: Mapped[float | None] = mapped_column(Float)
-    acknowledged_by: Mapped[str | None] = mapped_column(String(80))
+    acknowledged_by: Mapped[str | None] = mapped_column(String(columns.ADMIN))
 
 
 class IdempotencyRow(Base):
     __tablename__ = "idempotency"
 
-    token_id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    key: Mapped[str] = mapped_column(String(255), primary_key=True)
-    body_hash: Mapped[str] = mapped_column(String(128))
-    request_id: Mapped[str] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(16))
+    token_id: Mapped[str] = mapped_column(String(columns.TOKEN_ID), primary_key=True)
+    key: Mapped[str] = mapped_column(String(columns.IDEMPOTENCY_KEY), primary_key=True)
+    body_hash: Mapped[str] = mapped_column(String(columns.BODY_HASH))
+    request_id: Mapped[str] = mapped_column(String(columns.REQUEST_ID))
+    state: Mapped[str] = mapped_column(String(columns.STATUS))
     result: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[float] = mapped_column(Float, index=True)
 
@@ -121,7 +123,7 @@ class ShardRow(Base):
 
     shard: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     epoch: Mapped[int] = mapped_column(BigInteger)
-    holder: Mapped[str | None] = mapped_column(String(120))
+    holder: Mapped[str | None] = mapped_column(String(columns.HOLDER))
     started_at: Mapped[float | None] = mapped_column(Float)
 
 
@@ -133,7 +135,7 @@ class RequestCopyRow(Base):
     __tablename__ = "request_copies"
 
     row_id: Mapped[int] = mapped_column(BigId, primary_key=True)  # the admission's usage row
-    copy: Mapped[str] = mapped_column(String(120), primary_key=True)
+    copy: Mapped[str] = mapped_column(String(columns.HOLDER), primary_key=True)
 
 
 class LeaseRow(Base):
@@ -142,10 +144,10 @@ class LeaseRow(Base):
 
     __tablename__ = "leases"
 
-    id: Mapped[str] = mapped_column(String(40), primary_key=True)
-    token_id: Mapped[str] = mapped_column(String(40), index=True)
-    root_id: Mapped[str] = mapped_column(String(40), index=True)
-    holder: Mapped[str] = mapped_column(String(120))
+    id: Mapped[str] = mapped_column(String(columns.TOKEN_ID), primary_key=True)
+    token_id: Mapped[str] = mapped_column(String(columns.TOKEN_ID), index=True)
+    root_id: Mapped[str] = mapped_column(String(columns.TOKEN_ID), index=True)
+    holder: Mapped[str] = mapped_column(String(columns.HOLDER))
     units: Mapped[int] = mapped_column(BigInteger)
     granted_at: Mapped[float] = mapped_column(Float)
     expires_at: Mapped[float] = mapped_column(Float)

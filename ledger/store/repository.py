@@ -17,6 +17,7 @@ from sqlalchemy import Engine, Table, and_, bindparam, create_engine, delete, ev
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, InterfaceError, InternalError, OperationalError, SQLAlchemyError
 
+from ledger.core import columns
 from ledger.core.changes import SETTLE_COLUMNS, USAGE_COLUMNS, USAGE_DONE_COLUMNS, Changes, IdemRecord, Lease, Pending
 from ledger.core.entities import Node, Status
 from ledger.core.errors import ConfigError, Fenced, LedgerUnavailable, WriteRejected
@@ -151,7 +152,7 @@ class Store:
         Base.metadata.create_all(self.engine)
 
     # ---------------------------------------------------------------- writes
-    def fence(self, holder: str, now: float) -> int:
+    def fence(self, owner: str, now: float) -> int:
         """Take the next epoch of this store's shard: from now on only this instance commits for it."""
         shard = self.scope.index
         try:
@@ -159,11 +160,13 @@ class Store:
                 row = conn.execute(
                     update(SHARDS)
                     .where(SHARDS.c.shard == shard)
-                    .values(epoch=SHARDS.c.epoch + 1, holder=holder[:120], started_at=now)
+                    .values(epoch=SHARDS.c.epoch + 1, holder=owner[: columns.HOLDER], started_at=now)
                     .returning(SHARDS.c.epoch)
                 ).first()
                 if row is None:
-                    conn.execute(insert(SHARDS).values(shard=shard, epoch=1, holder=holder[:120], started_at=now))
+                    conn.execute(
+                        insert(SHARDS).values(shard=shard, epoch=1, holder=owner[: columns.HOLDER], started_at=now)
+                    )
                     epoch = 1
                 else:
                     epoch = int(row[0])
@@ -506,7 +509,7 @@ LEASE_COLUMNS = ("id", "token_id", "root_id", "holder", "units", "granted_at", "
 
 
 def _lease_row(x: Lease) -> tuple[Any, ...]:
-    return (x.id, x.token_id, x.root_id, x.holder, x.units, x.granted_at, x.expires_at, x.seq)
+    return (x.id, x.token_id, x.root_id, x.holder_id, x.units, x.granted_at, x.expires_at, x.seq)
 
 
 def _node_row(n: Node) -> dict[str, Any]:

@@ -32,11 +32,11 @@ def package(book: QuotaBook, allocation: int, limits: TokenLimits | None = None)
 
 
 def child(
-    book: QuotaBook, parent: Node, allocation: int, limits: TokenLimits | None = None, actor: str | None = None
+    book: QuotaBook, parent: Node, allocation: int, limits: TokenLimits | None = None, by_token: str | None = None
 ) -> Node:
     i = next(_ids)
     return book.tree.split(
-        parent.id, f"tok{i}", f"j{i}", TokenSpec(f"c{i}", allocation, limits or TokenLimits()), actor=actor
+        parent.id, f"tok{i}", f"j{i}", TokenSpec(f"c{i}", allocation, limits or TokenLimits()), by_token=by_token
     )
 
 

@@ -242,9 +242,7 @@ def test_given_a_victim_on_1_per_s_when_another_holder_fails_rotates_in_its_batc
     rounds = 3
     for r in range(rounds):
         time.sleep(1.1)  # one rate token for the victim
-        pacer = shard.admit_batch.remote(
-            [Admission(f"pace-{r}", root, root_jti, 1, "m@1").row()], ledger.capability
-        )
+        pacer = shard.admit_batch.remote([Admission(f"pace-{r}", root, root_jti, 1, "m@1").row()], ledger.capability)
         time.sleep(0.1)  # its commit is now in flight: the next calls queue into ONE batch
         first = shard.admit_batch.remote(
             [Admission(f"v{r}a{i}", vid, vjti, 1, "m@1").row() for i in range(2)], ledger.capability

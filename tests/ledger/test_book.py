@@ -379,19 +379,19 @@ def test_given_a_token_actor_then_it_sees_and_steers_only_its_own_subtree() -> N
     b = package(book, 100)
     a1 = child(book, a, 10)
     for op in (
-        lambda: book.node(b.id, actor=a1.id),
-        lambda: book.tree.revoke(a.id, actor=a1.id),
-        lambda: book.tree.top_up(b.id, 1, actor=a.id),
-        lambda: child(book, b, 1, actor=a.id),
+        lambda: book.node(b.id, by_token=a1.id),
+        lambda: book.tree.revoke(a.id, by_token=a1.id),
+        lambda: book.tree.top_up(b.id, 1, by_token=a.id),
+        lambda: child(book, b, 1, by_token=a.id),
     ):
         with pytest.raises(OperationRefused) as e:
             op()
         assert e.value.code is Code.NOT_FOUND
     with pytest.raises(OperationRefused) as e:
-        book.tree.top_up(a1.id, 1, actor=a1.id)
+        book.tree.top_up(a1.id, 1, by_token=a1.id)
     assert e.value.code is Code.FORBIDDEN
-    assert [v.id for v in book.tree.views(actor=a1.id)] == [a1.id]
-    assert book.tree.top_up(a1.id, 5, actor=a.id).allocation == 15
+    assert [v.id for v in book.tree.views(by_token=a1.id)] == [a1.id]
+    assert book.tree.top_up(a1.id, 5, by_token=a.id).allocation == 15
 
 
 @pytest.mark.parametrize("units", [0, -1, 1.5, True, 10**13])

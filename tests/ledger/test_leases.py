@@ -109,7 +109,7 @@ def check(core: ShardCore) -> None:
     report = core.consistency()
     assert report.violations == []
     assert report.mismatched == []
-    book = {x.id: (x.token_id, x.holder, x.units, x.seq) for x in core.book.leases.values()}
+    book = {x.id: (x.token_id, x.holder_id, x.units, x.seq) for x in core.book.leases.values()}
     assert db_leases(core) == book
     for node in core.book.nodes.values():
         assert node.leased == sum(x.units for x in core.book.leases.values() if x.token_id == node.id)
@@ -708,7 +708,7 @@ def snapshot(core: ShardCore) -> dict[str, Any]:
         n.id: (n.allocation, n.used, n.delegated, n.leased, n.free, n.status.value, n.jti)
         for n in core.book.nodes.values()
     }
-    leases = {x.id: (x.token_id, x.holder, x.units, x.seq, x.expires_at) for x in core.book.leases.values()}
+    leases = {x.id: (x.token_id, x.holder_id, x.units, x.seq, x.expires_at) for x in core.book.leases.values()}
     return {"nodes": nodes, "leases": leases, "pending": sorted(core.book.pending)}
 
 

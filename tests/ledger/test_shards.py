@@ -67,11 +67,11 @@ def test_given_a_shard_superseded_by_a_newer_instance_then_its_commit_is_refused
     settings: LedgerSettings,
 ) -> None:
     scope = ShardScope(0, 1)
-    old = ShardCore(settings, scope=scope, holder="old")
+    old = ShardCore(settings, scope=scope, fence_owner="old")
     old.start()
     root = old.create_package(TokenSpec("fenced", 10)).token.id
     old.commit()
-    new = ShardCore(settings, scope=scope, holder="new")  # e.g. restarted while the old one was partitioned
+    new = ShardCore(settings, scope=scope, fence_owner="new")  # e.g. restarted while the old one was partitioned
     new.start()
     assert new.store.epoch == (old.store.epoch or 0) + 1
     # the zombie still believes it owns the shard: it admits in memory ...
@@ -138,9 +138,9 @@ def test_given_a_random_mix_across_three_shards_then_conservation_holds_for_ever
 def test_given_a_superseded_shard_that_never_committed_then_it_cannot_reload_and_answer_either(
     settings: LedgerSettings,
 ) -> None:
-    first = ShardCore(settings, scope=ShardScope(2, 3), holder="first")
+    first = ShardCore(settings, scope=ShardScope(2, 3), fence_owner="first")
     first.start()
-    second = ShardCore(settings, scope=ShardScope(2, 3), holder="second")
+    second = ShardCore(settings, scope=ShardScope(2, 3), fence_owner="second")
     second.start()
     with pytest.raises(Fenced):
         first.reload()  # a stale book would answer reads and redeliveries: refused at the load

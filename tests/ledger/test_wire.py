@@ -70,7 +70,7 @@ def test_given_real_results_then_each_decodes_to_what_the_ledger_returned(tmp_pa
     [
         ("top_up", {"kwargs": {"token_id": "t", "units": "5"}}, "expected int"),
         ("top_up", {"kwargs": {"token_id": "t", "units": True}}, "expected int"),
-        ("top_up", {"kwargs": {"token_id": "t", "units": 5, "actor": "t"}}, "actor"),
+        ("top_up", {"kwargs": {"token_id": "t", "units": 5, "by_token": "t"}}, "by_token"),
         ("top_up", {"kwargs": {"token_id": "t", "nope": 1}}, "no argument"),
         ("top_up", {"kwargs": ["t", 5]}, "kwargs"),
         ("admit", {"kwargs": {}}, "unknown ledger operation"),

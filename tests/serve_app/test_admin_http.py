@@ -114,7 +114,7 @@ def test_given_no_admin_credential_then_the_route_refuses_and_changes_nothing(
     auth = {"Authorization": f"Bearer {admin}"}
     for bad, why in (
         ({"kwargs": {"token_id": pkg.token.id, "units": "5"}}, "expected int"),
-        ({"kwargs": {"token_id": pkg.token.id, "units": 5, "actor": pkg.token.id}}, "actor"),
+        ({"kwargs": {"token_id": pkg.token.id, "units": 5, "by_token": pkg.token.id}}, "by_token"),
         ({"kwargs": {"token_id": pkg.token.id, "units": 5, "extra": 1}}, "no argument"),
         ({"kwargs": []}, "kwargs"),
     ):

@@ -97,7 +97,7 @@ DRIVER = textwrap.dedent("""
     spec = TokenSpec.build("minted", 10**6)
     attempt("shard.create_package", lambda: g(shard.call.remote(ops.CreatePackage(spec))))
     attempt("shard.split_as_token",
-            lambda: g(shard.call.remote(ops.Split(token_id, spec, actor=token_id), jti)))
+            lambda: g(shard.call.remote(ops.Split(token_id, spec, by_token=token_id), jti)))
     attempt("shard.top_up", lambda: g(shard.call.remote(ops.TopUp(token_id, 10**6))))
     attempt("shard.tokens", lambda: g(shard.call.remote(ops.Tokens())))
     attempt("shard.settle_refund",

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from ledger.core.codes import Code
-from serve_app.errors import ERRORS, ApiError
+from serve_app.errors import ERRORS, ApiCode, ApiError
 from serve_app.imaging import ImageLimits, decode_image, sniff
 
 
@@ -104,12 +104,17 @@ def test_given_exif_orientation_6_then_the_image_is_rotated_upright() -> None:
 def test_given_the_error_table_then_every_code_has_a_4xx_or_5xx_and_unknown_codes_are_refused() -> None:
     assert all(400 <= s < 600 for s in ERRORS.values())
     with pytest.raises(ValueError):
-        ApiError("teapot", "no")
+        ApiError("teapot", "no")  # type: ignore[arg-type]
 
 
-def test_given_every_ledger_denial_code_then_it_has_a_row_in_the_error_table() -> None:
-    denials = {c.value for c in Code} - {"ok", "replay"}
-    assert denials <= set(ERRORS)
+def test_given_every_ledger_denial_code_then_api_code_extends_it_and_the_table_has_a_row() -> None:
+    denials = [c for c in Code if c not in (Code.OK, Code.REPLAY)]
+    for c in denials:
+        assert ApiCode.of(c) == c.value and ApiCode.of(c).name == c.name
+        assert ApiError.from_code(c, "").status == ERRORS[ApiCode.of(c)]
+    assert set(ERRORS) == set(ApiCode)
+    with pytest.raises(ValueError):
+        ApiCode.of(Code.OK)  # an admitting verdict is not an error
 
 
 def test_given_a_16_bit_grayscale_png_then_pixels_equal_what_opencv_reads() -> None:

@@ -504,7 +504,7 @@ async def test_given_token_operations_then_the_ingress_acts_as_the_verified_toke
         assert child.token.parent_id == pkg.token.id
         # an `actor` in the arguments is ignored: the ingress acts as the verified token
         with pytest.raises(ApiError) as err:
-            await steps.token_call(pkg.credential, ops.Token(other.token.id, actor=other.token.id))
+            await steps.token_call(pkg.credential, ops.Token(other.token.id, by_token=other.token.id))
         assert err.value.status == 404
         ledger.rotate(pkg.token.id)  # the credential the caller holds is rotated out
         with pytest.raises(ApiError) as err:

@@ -22,7 +22,7 @@ from tests.serve_app.conftest import LiveApp, jpeg
 from tests.serve_app.test_http import package, post
 
 ROOT = Path(__file__).resolve().parents[2]
-MODULES = (ROOT / "serve_app" / "metrics.py", ROOT / "ledger" / "metrics.py")
+MODULES = (ROOT / "serve_app" / "metrics.py", ROOT / "ledger" / "shard" / "metrics.py")
 DASHBOARD = ROOT / "cluster" / "grafana-dashboard.json"
 PREFIX = "ray_"  # Ray's prefix for application metrics on its Prometheus endpoint
 EXPORT_TIMEOUT_S = 60.0  # Ray's agent exports every metrics_report_interval_ms (10 s by default)
