@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import itertools
-import pickle
 import time
 from collections.abc import Sequence
 from typing import Any, TypeVar, cast
@@ -25,7 +24,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayError, RayTaskError
 
 from ledger.client.batcher import Batcher
-from ledger.core import ops
+from ledger.core import ops, wire
 from ledger.core.api import LedgerApi
 from ledger.core.capability import Capability
 from ledger.core.codes import Code
@@ -50,10 +49,8 @@ class _Shard:
 
     async def _send_admissions(self, rows: list[tuple[Any, ...]]) -> list[Any]:
         try:
-            blob = await _retrying(
-                self.actor.admit_packed, pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL), self.capability
-            )
-            decisions: list[Decision] = pickle.loads(blob)
+            blob = await _retrying(self.actor.admit_packed, wire.pack(rows), self.capability)
+            decisions: list[Decision] = wire.unpack(blob)
             return decisions
         except RayError:
             return [unavailable(r[0], "ledger shard unavailable") for r in rows]
@@ -123,12 +120,10 @@ class LedgerClient(LedgerApi):
         """One call for many holders' asks; raises LedgerUnavailable when the shard cannot be reached
         (its restart is waited for, as for admissions)."""
         try:
-            blob = await _retrying(
-                self.shards[shard].actor.lease_sync, pickle.dumps(asks, pickle.HIGHEST_PROTOCOL), self.capability
-            )
+            blob = await _retrying(self.shards[shard].actor.lease_sync, wire.pack(asks), self.capability)
         except RayError as exc:
             raise LedgerUnavailable(f"ledger shard unavailable: {type(exc).__name__}") from None
-        grants: list[LeaseGrant] = pickle.loads(blob)
+        grants: list[LeaseGrant] = wire.unpack(blob)
         return grants
 
     async def lease_watch(self, shard: int, since: Version, tokens: list[str], timeout_s: float) -> WatchReply:

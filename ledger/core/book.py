@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable, Iterable
 
 from ledger.core import columns
-from ledger.core.changes import Changes, IdemRecord, Lease, Pending
+from ledger.core.changes import Changes, IdemRecord, Lease, Pending, UsageRow
 from ledger.core.codes import Code
 from ledger.core.entities import (
     RETURNED,
@@ -147,9 +147,9 @@ class QuotaBook:
         committed (their batch failed): the book is about to be rebuilt, carrying these buckets."""
         nodes = self.nodes
         for row in changes.usage:
-            if row[7] != _ADMITTED:  # denials and redeliveries took none
+            if row.state != _ADMITTED:  # denials and redeliveries took none
                 continue
-            node = nodes.get(row[3])
+            node = nodes.get(row.token_id)
             if node is None:
                 continue
             for n in node.path():
@@ -268,7 +268,7 @@ class QuotaBook:
             self.idem[(node.id, a.idem_key)] = rec
             self.out.idem_new.append(rec)
         self.out.usage.append(
-            (
+            UsageRow(
                 row_id,
                 now,
                 node.root_id,
@@ -297,7 +297,7 @@ class QuotaBook:
         row_id = self.next_row_id
         self.next_row_id = row_id + ID_STRIDE
         self.out.usage.append(
-            (
+            UsageRow(
                 row_id,
                 now,
                 node.root_id if node else "",

@@ -7,7 +7,7 @@ transaction (group commit). Rows are plain tuples/dicts so the write path stays 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from ledger.core.entities import Node
 
@@ -59,23 +59,25 @@ class Lease:
     seq: int = 0  # the last report applied: reports are idempotent by their number
 
 
-# usage row tuples, in column order:
-# (id, ts, root_id, token_id, request_id, model, units, state, outcome, client_ip, image_bytes, body_hash)
-USAGE_COLUMNS = (
-    "id",
-    "ts",
-    "root_id",
-    "token_id",
-    "request_id",
-    "model",
-    "units",
-    "state",
-    "outcome",
-    "client_ip",
-    "image_bytes",
-    "body_hash",
-)
-UsageRow = tuple[int, float, str, str, str, str, int, str, str, str | None, int, str | None]
+class UsageRow(NamedTuple):
+    """One new `usage_events` row (an admission or a denial), in column order: a typed record that is
+    a tuple, so the store inserts a batch of them with one executemany."""
+
+    id: int
+    ts: float
+    root_id: str
+    token_id: str
+    request_id: str
+    model: str
+    units: int
+    state: str
+    outcome: str
+    client_ip: str | None
+    image_bytes: int
+    body_hash: str | None
+
+
+USAGE_COLUMNS = UsageRow._fields
 # settle tuples: (state, units, latency_ms, detections, gpu_ms, settled_at, id)
 SETTLE_COLUMNS = ("state", "units", "latency_ms", "detections", "gpu_ms", "settled_at")
 SettleRow = tuple[str, int, float, int, float, float, int]

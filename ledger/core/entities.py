@@ -189,8 +189,8 @@ class Admission:
     wait: bool = False
 
     def row(self) -> AdmissionRow:
-        """Wire form (field order); `dataclasses.astuple` deep-copies and is ~10x slower."""
-        return (
+        """Wire form (`AdmissionRow`); `dataclasses.astuple` deep-copies and is ~10x slower."""
+        return AdmissionRow(
             self.request_id,
             self.token_id,
             self.jti,
@@ -230,8 +230,40 @@ class Admission:
         return a if ok else None
 
 
-AdmissionRow = tuple[str, str, str, int, str, str | None, str | None, str | None, int, str, str, bool]
-SettlementRow = tuple[str, str, bool, int | None, float, int, float, str | None, str, str]
+class AdmissionRow(NamedTuple):
+    """An `Admission` as it crosses processes, in batches: a typed record that is a tuple (it
+    pickles as one, about as cheaply: the ledger bench before and after is in docs/BENCHMARKS.md).
+    The shard rebuilds the `Admission` with `Admission.from_row`, which checks every field."""
+
+    request_id: str
+    token_id: str
+    jti: str
+    units: int
+    model: str
+    client_ip: str | None
+    idem_key: str | None
+    body_hash: str | None
+    image_bytes: int
+    root_id: str
+    copy: str
+    wait: bool
+
+
+class SettlementRow(NamedTuple):
+    """A `Settlement` as it crosses processes (checked by `Settlement.from_row`)."""
+
+    request_id: str
+    token_id: str
+    success: bool
+    charged: int | None
+    latency_ms: float
+    detections: int
+    gpu_ms: float
+    result: str | None
+    root_id: str
+    copy: str
+
+
 MAX_IMAGE_BYTES = 2**62  # image_bytes is a BIGINT column
 
 
@@ -290,7 +322,7 @@ class Settlement:
     copy: str = ""  # the copy of the request this settles (`Admission.copy`; "" = the request itself)
 
     def row(self) -> SettlementRow:
-        return (
+        return SettlementRow(
             self.request_id,
             self.token_id,
             self.success,

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import pickle
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -26,7 +25,7 @@ from typing import Any
 
 import ray
 
-from ledger.core import ops
+from ledger.core import ops, wire
 from ledger.core.capability import Capability
 from ledger.core.codes import Code
 from ledger.core.entities import Decision
@@ -87,7 +86,7 @@ class ShardRuntime:
     async def admit_packed(self, blob: bytes) -> bytes:
         """Admissions (`Admission.row`), both sides pickled as one bytes object: Ray's cloudpickle
         calls back into Python for every tuple of a list; one plain pickle costs a fraction."""
-        return pickle.dumps(await self.admit_batch(pickle.loads(blob)), protocol=pickle.HIGHEST_PROTOCOL)
+        return wire.pack(await self.admit_batch(wire.unpack(blob)))
 
     async def admit_batch(self, rows: list[Any]) -> list[Decision]:
         """Decisions, all durable when returned."""
@@ -115,9 +114,7 @@ class ShardRuntime:
         """Holders' `LeaseAsk`s → `LeaseGrant`s, pickled like `admit_packed`. The holders are marked
         alive before anything else: a lease whose reports cannot be committed now is not lost."""
         self._start_leases()
-        asks = pickle.loads(blob)
-        if not isinstance(asks, list):
-            asks = []
+        asks = wire.unpack(blob)
         self.core.leases.heard(asks)
         try:
             grants: list[LeaseGrant] = await self.flusher.run(lambda: self.core.lease_sync(asks))
@@ -126,7 +123,7 @@ class ShardRuntime:
             grants = [down] * len(asks)
         finally:
             self._exit_if_fenced()
-        return pickle.dumps(grants, protocol=pickle.HIGHEST_PROTOCOL)
+        return wire.pack(grants)
 
     async def lease_watch(self, since: Version, tokens: list[str], timeout_s: float) -> WatchReply:
         """Long poll: answers as soon as a narrowing change after `since` is committed (or at once if

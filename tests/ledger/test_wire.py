@@ -11,8 +11,9 @@ import pytest
 
 from ledger.client.inprocess import InProcessLedger
 from ledger.core import ops, wire
+from ledger.core.changes import USAGE_COLUMNS, UsageRow
 from ledger.core.codes import Code
-from ledger.core.entities import TokenSpec
+from ledger.core.entities import Admission, AdmissionRow, Settlement, SettlementRow, TokenSpec
 from ledger.core.errors import OperationRefused
 from ledger.core.results import Consistency, Issued, KeyRotation, Returned
 from ledger.core.settings import LedgerSettings
@@ -86,3 +87,22 @@ def test_given_a_value_that_does_not_fit_then_it_is_refused_as_invalid(op: str, 
     with pytest.raises(OperationRefused) as err:
         wire.decode_call(op, body)
     assert err.value.code is Code.INVALID_REQUEST and why in err.value.message
+
+
+def test_given_hot_path_records_then_they_cross_a_packed_batch_as_typed_tuples() -> None:
+    a = Admission("r1", "tok", "jti", 2, "parts@1", "10.0.0.1", "idem", "h" * 64, 1234, "pkg", "c#1", True)
+    s = Settlement("r1", "tok", True, 2, 12.5, 3, 4.0, '{"boxes": []}', "pkg", "c#1")
+    rows = wire.unpack(wire.pack([a.row(), a.row()]))
+    assert rows == [a.row(), a.row()] and isinstance(rows[0], AdmissionRow) and rows[0].model == "parts@1"
+    assert Admission.from_row(rows[0]) == a and Admission.from_row(tuple(rows[0])) == a  # a plain tuple too
+    assert Settlement.from_row(wire.unpack(wire.pack([s.row()]))[0]) == s
+    assert wire.unpack(wire.pack({"not": "a batch"})) == []  # type: ignore[arg-type]
+    assert AdmissionRow._fields == tuple(f.name for f in dataclasses.fields(Admission))
+    assert SettlementRow._fields == tuple(f.name for f in dataclasses.fields(Settlement))
+
+
+def test_given_the_usage_record_then_its_fields_are_the_tables_columns() -> None:
+    from ledger.store.models import UsageEventRow
+
+    assert set(USAGE_COLUMNS) <= set(UsageEventRow.__table__.columns.keys())
+    assert UsageRow._fields == USAGE_COLUMNS
