@@ -57,7 +57,7 @@ class _Shard:
 
     async def _send_settlements(self, rows: list[tuple[Any, ...]]) -> list[Any]:
         try:
-            codes: list[str] = await _retrying(self.actor.settle_batch, rows, self.capability)
+            codes: list[str] = await _retrying(self.actor.settle_batch, wire.flat(rows), self.capability)
             return codes
         except RayError:
             return [Code.LEDGER_UNAVAILABLE.value] * len(rows)
@@ -161,7 +161,7 @@ class LedgerClient(LedgerApi):
         out: list[Decision | None] = [None] * len(items)
         for index, part in self._by_shard(items).items():
             rows = [items[i].row() for i in part]
-            decisions = _get(self.shards[index].actor.admit_batch.remote(rows, self.capability))
+            decisions = _get(self.shards[index].actor.admit_batch.remote(wire.flat(rows), self.capability))
             for i, d in zip(part, decisions, strict=True):
                 out[i] = d
         return cast("list[Decision]", out)
@@ -170,7 +170,7 @@ class LedgerClient(LedgerApi):
         out: list[Code] = [Code.NOT_FOUND] * len(items)
         for index, part in self._by_shard(items).items():
             rows = [items[i].row() for i in part]
-            codes = _get(self.shards[index].actor.settle_batch.remote(rows, self.capability))
+            codes = _get(self.shards[index].actor.settle_batch.remote(wire.flat(rows), self.capability))
             for i, c in zip(part, codes, strict=True):
                 out[i] = Code(c)
         return out

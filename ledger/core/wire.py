@@ -22,6 +22,7 @@ from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints, is
 
 from ledger.core import ops
 from ledger.core.codes import Code
+from ledger.core.entities import AdmissionRow, SettlementRow
 from ledger.core.errors import OperationRefused
 
 _NETWORKS = (ipaddress.IPv4Network, ipaddress.IPv6Network)
@@ -216,7 +217,18 @@ def pack(batch: Sequence[Any]) -> bytes:
     bytes object for an actor call between the ledger's own processes: Ray serializes a bytes
     argument without walking it, which is what keeps a 4,096-row batch one cheap call. Both ends
     hold the capability (the actor checks it before it unpacks anything)."""
-    return pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
+    return pickle.dumps(flat(batch), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def flat(batch: Sequence[Any]) -> list[Any]:
+    """Admission and settlement rows as their plain tuples, everything else as it is. A NamedTuple
+    pickles through two Python-level calls per row (`__getnewargs__`, `__new__`): 2.7 µs against
+    0.6 µs for the same row as a tuple (measured, 4,096 rows; docs/BENCHMARKS.md). The receiver
+    rebuilds from position (`Admission.from_row`, `Settlement.from_row`)."""
+    return [tuple(r) if type(r) in _ROWS else r for r in batch]
+
+
+_ROWS = (AdmissionRow, SettlementRow)
 
 
 def unpack(blob: bytes) -> list[Any]:
@@ -226,4 +238,4 @@ def unpack(blob: bytes) -> list[Any]:
     return batch if isinstance(batch, list) else []
 
 
-__all__ = ["decode", "decode_call", "decode_result", "encode", "encode_call", "encode_result", "pack", "unpack"]
+__all__ = ["decode", "decode_call", "decode_result", "encode", "encode_call", "encode_result", "flat", "pack", "unpack"]
