@@ -133,11 +133,11 @@ def cmd_split(a: argparse.Namespace, c: LedgerApi) -> Any:
     return c.split(a.parent, _spec(a))
 
 
-def cmd_list(a: argparse.Namespace, c: Any) -> Any:
+def cmd_list(a: argparse.Namespace, c: LedgerApi) -> Any:
     return c.tokens(root_id=a.package)
 
 
-def cmd_show(a: argparse.Namespace, c: Any) -> Any:
+def cmd_show(a: argparse.Namespace, c: LedgerApi) -> Any:
     token = to_plain(c.token(a.token_id))
     tree = {t["id"]: t for t in to_plain(c.tokens(root_id=token["root_id"]))}
     inherits = {}
@@ -147,49 +147,49 @@ def cmd_show(a: argparse.Namespace, c: Any) -> Any:
     return {"token": token, "inherited": inherits, "events": c.admin_events(a.token_id, limit=20)}
 
 
-def cmd_revoke(a: argparse.Namespace, c: Any) -> Any:
+def cmd_revoke(a: argparse.Namespace, c: LedgerApi) -> Any:
     return c.revoke(a.token_id)
 
 
-def cmd_reclaim(a: argparse.Namespace, c: Any) -> Any:
+def cmd_reclaim(a: argparse.Namespace, c: LedgerApi) -> Any:
     return c.reclaim(a.token_id, a.units)
 
 
-def cmd_rotate(a: argparse.Namespace, c: Any) -> Any:
+def cmd_rotate(a: argparse.Namespace, c: LedgerApi) -> Any:
     return c.rotate(a.token_id)
 
 
-def cmd_top_up(a: argparse.Namespace, c: Any) -> Any:
+def cmd_top_up(a: argparse.Namespace, c: LedgerApi) -> Any:
     return c.top_up(a.token_id, a.units)
 
 
-def cmd_limits(a: argparse.Namespace, c: Any) -> Any:
+def cmd_limits(a: argparse.Namespace, c: LedgerApi) -> Any:
     """Narrow (or, on a root, change) a token's limits, as the console's Limits form does."""
     if not any(getattr(a, k) for k in ("rate", "models", "ips", "expires_in")):
         raise OperationRefused("nothing to change: give --rate, --models, --ip or --expires-in", Code.INVALID_REQUEST)
     return c.update_limits(a.token_id, expires_at=_expires_at(a), models=a.models, ips=a.ips, rate=a.rate)
 
 
-def cmd_usage(a: argparse.Namespace, c: Any) -> Any:
+def cmd_usage(a: argparse.Namespace, c: LedgerApi) -> Any:
     since = time.time() - a.since if a.since else None
     return c.usage(token_id=a.token, model=a.model, outcome=a.outcome, since=since, limit=a.limit)
 
 
-def cmd_alerts_list(a: argparse.Namespace, c: Any) -> Any:
+def cmd_alerts_list(a: argparse.Namespace, c: LedgerApi) -> Any:
     return c.alerts(limit=a.limit)
 
 
-def cmd_alerts_deliver(a: argparse.Namespace, c: Any) -> Any:
+def cmd_alerts_deliver(a: argparse.Namespace, c: LedgerApi) -> Any:
     return c.deliver_alerts()
 
 
-def cmd_alerts_ack(a: argparse.Namespace, c: Any) -> Any:
+def cmd_alerts_ack(a: argparse.Namespace, c: LedgerApi) -> Any:
     if not c.acknowledge_alert(a.alert_id, a.by):
         raise OperationRefused(f"alert {a.alert_id} not found or already acknowledged", Code.NOT_FOUND)
     return {"acknowledged": a.alert_id, "by": a.by}
 
 
-def cmd_audit_export(a: argparse.Namespace, c: Any) -> Any:
+def cmd_audit_export(a: argparse.Namespace, c: LedgerApi) -> Any:
     from ledger.store.repository import usage_csv  # SQLAlchemy: only this command needs it
 
     since = time.time() - a.since if a.since else None
@@ -204,24 +204,24 @@ def cmd_audit_export(a: argparse.Namespace, c: Any) -> Any:
     return {"rows": len(rows), "out": a.out}
 
 
-def cmd_audit_prune(a: argparse.Namespace, c: Any) -> Any:
+def cmd_audit_prune(a: argparse.Namespace, c: LedgerApi) -> Any:
     return c.prune_audit()
 
 
-def cmd_report_costs(a: argparse.Namespace, c: Any) -> Any:
+def cmd_report_costs(a: argparse.Namespace, c: LedgerApi) -> Any:
     since = time.time() - a.since
     return cost_report(c.usage(since=since, limit=1_000_000), c.tokens(), a.by)
 
 
-def cmd_admin_issue(a: argparse.Namespace, c: Any) -> Any:
+def cmd_admin_issue(a: argparse.Namespace, c: LedgerApi) -> Any:
     return {"admin": a.name, "expires_in_s": a.ttl, "credential": c.issue_admin(a.name, a.ttl)}
 
 
-def cmd_keys_rotate(a: argparse.Namespace, c: Any) -> Any:
+def cmd_keys_rotate(a: argparse.Namespace, c: LedgerApi) -> Any:
     return c.rotate_keys()
 
 
-def cmd_doctor(a: argparse.Namespace, c: Any) -> Any:
+def cmd_doctor(a: argparse.Namespace, c: LedgerApi) -> Any:
     report = c.consistency()
     return {
         "tokens": len(report.book),

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ledger import MAX_IDEMPOTENCY_KEY, Admission, Claims, Code, LedgerError, Settlement, ops, wire
+from ledger import MAX_IDEMPOTENCY_KEY, Admission, Claims, Code, LedgerApi, LedgerError, Settlement, ops, wire
 from serve_app.answer import result_body, usage_headers
 from serve_app.auth import KeyedVerifier
 from serve_app.catalog import ModelCatalog
@@ -104,7 +104,7 @@ class IngressSteps:
     def __init__(
         self,
         args: AppArgs,
-        ledger: Any,
+        ledger: LedgerApi,
         meter: Meter,
         detectors: Mapping[str, Any],
         public_keys: dict[str, bytes] | None = None,

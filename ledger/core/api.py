@@ -20,7 +20,9 @@ import abc
 from typing import TypeVar
 
 from ledger.core import ops
+from ledger.core.codes import Code
 from ledger.core.entities import TokenSpec, TokenView
+from ledger.core.errors import OperationRefused
 from ledger.core.results import (
     AdminEvent,
     AlertRecord,
@@ -46,6 +48,12 @@ class LedgerApi(abc.ABC):
     async def acall(self, op: ops.Call[R]) -> R:
         """Run one operation from an event loop (a transport with real async I/O overrides it)."""
         return self.call(op)
+
+    def acting_as(self, token_id: str, jti: str, root_id: str) -> LedgerApi:
+        """This transport for calls a token makes on its own subtree (from its verified credential:
+        `jti` is its credential id, `root_id` its package). The serving replicas' transports
+        (`LedgerClient`, `InProcessLedger`) have it; an admin's (`HttpLedger`) does not."""
+        raise OperationRefused(f"{type(self).__name__} does not act for tokens", Code.FORBIDDEN)
 
     # ------------------------------------------------------------ tree writes
     def create_package(self, spec: TokenSpec) -> Issued:
