@@ -39,6 +39,7 @@ from ledger.core.results import (
     SweepReport,
     UsageEvent,
 )
+from ledger.core.service import SERVICE_CLASSES, Service, ServiceClass, default_service
 from ledger.core.settings import ClientSettings, LedgerSettings
 
 if TYPE_CHECKING:
@@ -73,6 +74,7 @@ __all__ = [
     "CLI_ADMIN_REFRESH_S",
     "CLI_ADMIN_TTL_S",
     "MAX_IDEMPOTENCY_KEY",
+    "SERVICE_CLASSES",
     "AdminEvent",
     "AdminFile",
     "Admission",
@@ -99,6 +101,8 @@ __all__ = [
     "LedgerUnavailable",
     "OperationRefused",
     "Returned",
+    "Service",
+    "ServiceClass",
     "Settlement",
     "SweepReport",
     "TokenSpec",
@@ -108,6 +112,7 @@ __all__ = [
     "attach",
     "connect",
     "cost_report",
+    "default_service",
     "inherited",
     "iso_utc",
     "launch",

@@ -10,6 +10,7 @@ from typing import Any
 from ray.serve import Application, Deployment
 
 from ledger import launch
+from serve_app.board import QueueBoard
 from serve_app.config import AppArgs
 from serve_app.detector_deployment import Detector
 from serve_app.ingress import Ingress
@@ -32,7 +33,8 @@ def build_app(args: AppArgs | dict[str, Any]) -> Application:
         raise RuntimeError("the ledger launched without a capability")
     detector = deployment(Detector)
     key = capability.derive(DETECTOR_KEY)  # the detectors answer the ingress only
-    detectors = {m.key: detector.options(**m.deployment_options()).bind(m, key) for m in args.models}
+    board = deployment(QueueBoard).bind(key)  # their schedulers' queues, for the console
+    detectors = {m.key: detector.options(**m.deployment_options()).bind(m, key, board) for m in args.models}
     # the ingress is the token-check deployment: each replica admits from its own quota leases and
     # sends admitted images straight to the version's detectors (no middle replica)
     return deployment(Ingress).options(**args.ingress_options()).bind(settings, detectors, args, capability)

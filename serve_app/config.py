@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ledger import HolderConfig, LedgerSettings
 from serve_app.engine.protocol import Backend
+from serve_app.engine.scheduler import Policy, SchedulerConfig
 
 DEMO_WEIGHTS = Path(__file__).resolve().parent / "demo" / "weights" / "parts_v1.pt"
 
@@ -28,6 +29,23 @@ class Autoscaling(BaseModel):
 
     def serve_config(self) -> dict[str, Any]:
         return self.model_dump()
+
+
+class SchedulerArgs(BaseModel):
+    """`scheduler:` of a model version: how its replicas choose the next batch (DESIGN §3c)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # fair: priority levels, then fair share among packages and teams; fifo: arrival order
+    policy: Policy = "fair"
+    # the longest a request may expect to queue (at its share of the replica's measured rate):
+    # past it the request is refused at once with 503 model_busy and Retry-After, refunded
+    queue_s: float = Field(default=1.0, gt=0, le=600)
+    # each lower priority level's guaranteed share of the images while it has work queued
+    min_share: float = Field(default=0.1, gt=0, le=0.5)
+    # images queued in one replica in all (memory), and the requests Serve hands a replica at once
+    max_queued: int = Field(default=4096, ge=1, le=1_000_000)
+    max_ongoing: int = Field(default=1024, ge=1, le=100_000)
 
 
 class ModelSpec(BaseModel):
@@ -52,6 +70,26 @@ class ModelSpec(BaseModel):
     # how long Serve lets a stopping replica finish its requests before it kills it (Serve's default)
     graceful_shutdown_timeout_s: float = Field(default=20.0, ge=0, le=3600)
     autoscaling: Autoscaling = Autoscaling()
+    scheduler: SchedulerArgs = SchedulerArgs()
+
+    @model_validator(mode="after")
+    def _queue_within_timeout(self) -> ModelSpec:
+        """A queue bound the caller's timeout cuts short is a configuration error when it was set;
+        the default is cut to half the timeout (`scheduler_config`)."""
+        if "queue_s" in self.scheduler.model_fields_set and self.scheduler.queue_s >= self.timeout_s:
+            raise ValueError(
+                f"scheduler.queue_s ({self.scheduler.queue_s:g}) must be below timeout_s ({self.timeout_s:g})"
+            )
+        if self.scheduler.max_queued < self.max_batch_size:
+            raise ValueError("scheduler.max_queued must be at least max_batch_size")
+        return self
+
+    def scheduler_config(self) -> SchedulerConfig:
+        s = self.scheduler
+        queue_s = s.queue_s if "queue_s" in s.model_fields_set else min(s.queue_s, self.timeout_s / 2)
+        return SchedulerConfig(
+            s.policy, queue_s, self.max_batch_size, self.batch_wait_timeout_s, s.min_share, s.max_queued
+        )
 
     @property
     def key(self) -> str:
@@ -76,7 +114,8 @@ class ModelSpec(BaseModel):
                 "runtime_env": {"env_vars": {"YOLO_OFFLINE": "1"}},
             },
             "autoscaling_config": self.autoscaling.serve_config(),
-            "max_ongoing_requests": max(2 * self.max_batch_size, 8),
+            # requests wait in the replica's scheduler, not in the callers' FIFO routers
+            "max_ongoing_requests": self.scheduler.max_ongoing,
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
         }
 
@@ -118,6 +157,9 @@ class LedgerArgs(BaseModel):
     lease_strict_below: int = _LEDGER.lease_strict_below
     # each ingress replica's lease holder: report interval, refill sizes, idle release, ...
     lease_holder: HolderConfig = HolderConfig()
+    # the tier table at the detectors (DESIGN §3c): changes to the built-in levels and weights,
+    # e.g. {pro: {level: 1, weight: 3}}; a new name is a new tier (rates named so get it)
+    tiers: dict[str, dict[str, float]] = {}
 
     @model_validator(mode="after")
     def _as_the_ledger_checks(self) -> LedgerArgs:
@@ -133,6 +175,7 @@ class LedgerArgs(BaseModel):
             lost_lease_policy=self.lost_lease_policy,
             lease_max_share=self.lease_max_share,
             lease_strict_below=self.lease_strict_below,
+            tiers={k: dict(v) for k, v in self.tiers.items()},
         )
 
 

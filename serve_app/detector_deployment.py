@@ -1,55 +1,59 @@
 """Detector: one Serve deployment per model version (DESIGN §1), a thin shell over an `Engine`.
 
 The engine comes from the backend registry by the version's `backend` (serve_app.engine.registry).
-Concurrent calls are merged by `@serve.batch` into one `Engine.detect` (serve_app.engine.batching),
-which runs one forward pass per letterboxed shape, at most `max_batch_size` images a pass. Each
-call carries its own images and inference parameters and gets its own detections back, in order.
-The forward passes run in a worker thread, one batch at a time (serve.batch's default), so the
-replica's event loop keeps taking requests for the next batch meanwhile.
+Every request waits in this replica's scheduler (serve_app.engine.scheduler, DESIGN §3c), not in
+the callers' routers: `max_ongoing_requests` is high (`SchedulerArgs.max_ongoing`), and the
+scheduler decides whose requests form the next batch — priority level, then fair share among
+packages and their teams. A `BatchRunner` runs one batch at a time on the engine in a worker
+thread, one forward pass per letterboxed shape; each call gets its own detections back, in order.
+
+A request the scheduler refuses (its tenant's queue share is full, or it could not start before
+its deadline) is answered at once as `{"refused": "model_busy", ...}` — a value, not an exception,
+so that shedding a flood costs no traceback — and the ingress refunds it (503 `model_busy`).
 
 Only the ingress calls it: `detect` is its whole handle surface (serve_app.surface), and it answers
 only a caller presenting the key the app builder derived from the ledger's capability, so a Ray job
 cannot reach the model unmetered with one line (`serve.get_deployment_handle(...).detect.remote`).
+Each replica publishes its queue by package and team to the `QueueBoard` (serve_app.board) at most
+once a second, which the console's Models page reads.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import time
-from collections.abc import Mapping
-from typing import Any, Protocol, cast
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from ray import serve
 
+from ledger import Service, default_service
 from serve_app import surface
 from serve_app.config import ModelSpec
-from serve_app.engine.batching import Call, merge_calls, split_result
 from serve_app.engine.protocol import Engine, EngineFactory
 from serve_app.engine.registry import BACKENDS, create_engine
+from serve_app.engine.runner import BatchRunner
+from serve_app.engine.scheduler import Busy, Job
 from serve_app.errors import ApiCode, ApiError
 from serve_app.metrics import DetectorMetrics
 from serve_app.results import InferenceParams
 
-
-class TunableBatch(Protocol):
-    """The setters `@serve.batch` adds to the method it wraps (Ray's type hints leave them out)."""
-
-    def set_max_batch_size(self, new_max_batch_size: int) -> None: ...
-
-    def set_batch_wait_timeout_s(self, new_batch_wait_timeout_s: float) -> None: ...
+PUBLISH_S = 1.0  # queue snapshots to the board and the metrics, at most this often
 
 
 @serve.deployment
 class Detector:
     __surface__ = surface.Surface(handle=frozenset({"detect"}))
 
-    def __init__(self, spec: ModelSpec, key: str, engines: Mapping[str, EngineFactory] = BACKENDS) -> None:
+    def __init__(
+        self, spec: ModelSpec, key: str, board: Any = None, engines: Mapping[str, EngineFactory] = BACKENDS
+    ) -> None:
         surface.install()
         spec.check_weights()
         self.spec = spec
         self.key = key
+        self.board = board  # the QueueBoard's handle (None: not published, e.g. in unit tests)
         self.engine: Engine = create_engine(
             spec.backend,
             spec.weights,
@@ -60,23 +64,47 @@ class Detector:
             registry=engines,
         )
         self.metrics = DetectorMetrics(spec.key)
-        batch = cast(TunableBatch, self.detect_batch)
-        batch.set_max_batch_size(spec.max_batch_size)
-        batch.set_batch_wait_timeout_s(spec.batch_wait_timeout_s)
+        self.runner = BatchRunner(self.engine.detect, spec.scheduler_config(), on_batch=self._batched)
+        try:
+            self.replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # constructed outside Serve (unit tests)
+            self.replica = "local"
+        self.published = 0.0
+        self.was_queued = False
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def detect_batch(self, calls: list[Call]) -> list[dict[str, Any]]:
-        images, params = merge_calls(calls)
-        t0 = time.perf_counter()
-        # off the event loop (torch releases the GIL): requests keep arriving and queue up for the
-        # next batch while this one computes, so batches fill under load
-        result = await asyncio.to_thread(self.engine.detect, images, params)
-        seconds = time.perf_counter() - t0
-        self.metrics.batch(len(images), seconds)
-        return split_result(calls, result, seconds * 1000)
-
-    async def detect(self, images: list[np.ndarray], params: InferenceParams, key: str | None = None) -> dict[str, Any]:
+    async def detect(
+        self,
+        images: list[np.ndarray],
+        params: InferenceParams,
+        key: str | None = None,
+        service: Service | None = None,
+    ) -> dict[str, Any]:
         if not isinstance(key, str) or not hmac.compare_digest(key, self.key):
             raise ApiError(ApiCode.FORBIDDEN, "the detectors answer the ingress only: call the app's `detect`")
-        result: dict[str, Any] = await self.detect_batch((images, params))
-        return result
+        if not isinstance(service, tuple) or len(service) != len(Service._fields):
+            service = default_service("unknown", "unknown")
+        try:
+            return await self.runner.submit(images, params, Service(*service), self.spec.timeout_s)
+        except Busy as busy:
+            self.metrics.refused(service.level, service.package)
+            self._publish()
+            return {"refused": ApiCode.MODEL_BUSY.value, "message": busy.message, "retry_after": busy.retry_after}
+
+    def _batched(self, batch: Sequence[Job], seconds: float, started: float) -> None:
+        self.metrics.batch(sum(j.cost for j in batch), seconds)
+        for j in batch:
+            self.metrics.waited(j.service.level, j.service.package, started - j.enqueued)
+        self._publish(idle=not self.runner.scheduler.queued)
+
+    def _publish(self, idle: bool = False) -> None:
+        """At most every PUBLISH_S, and when the queue has just emptied (so the board never shows
+        a queue that is gone)."""
+        now = time.monotonic()
+        if now - self.published < PUBLISH_S and not (idle and self.was_queued):
+            return
+        self.was_queued = not idle
+        self.published = now
+        rows = self.runner.scheduler.snapshot()
+        self.metrics.queues(rows)
+        if self.board is not None:
+            self.board.publish.remote(self.spec.key, self.replica, time.time(), rows, self.key)

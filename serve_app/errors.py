@@ -49,6 +49,7 @@ class ApiCode(enum.StrEnum):
     IMAGE_TOO_LARGE = "image_too_large"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     MODEL_UNAVAILABLE = "model_unavailable"
+    MODEL_BUSY = "model_busy"  # the version's replica refused it: its tenant's queue share is full
 
     @classmethod
     def of(cls, code: Code) -> ApiCode:
@@ -89,6 +90,7 @@ ERRORS: dict[ApiCode, int] = {
     ApiCode.QUOTA_EXHAUSTED: 429,
     ApiCode.RATE_LIMITED: 429,
     ApiCode.MODEL_UNAVAILABLE: 503,
+    ApiCode.MODEL_BUSY: 503,
     ApiCode.LEDGER_UNAVAILABLE: 503,
 }
 if set(ERRORS) != set(ApiCode):
@@ -132,12 +134,13 @@ def _rebuild(code: ApiCode, message: str, retry_after: float | None, headers: di
 
 class QuietDenials(logging.Filter):
     """Serve logs every exception a replica method raises with its full traceback. A denial
-    (`ApiError` below 500) raised to a handle caller is the API working, not a failure: it is
+    (`ApiError` below 500, or `model_busy`: the scheduler shedding a flood) raised to a handle
+    caller is the API working, not a failure: it is
     logged as one INFO line with its code instead."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, ApiError) and exc.status < 500:
+        if isinstance(exc, ApiError) and (exc.status < 500 or exc.code is ApiCode.MODEL_BUSY):
             record.msg, record.args = "request denied: %s (%s)", (exc.code, exc.status)
             record.levelno, record.levelname = logging.INFO, "INFO"
             record.exc_info, record.exc_text = None, None

@@ -17,6 +17,7 @@ import asyncio
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -69,7 +70,7 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     rid = getattr(request.state, "request_id", "")
     headers: dict[str, str] = {}
     if exc.retry_after is not None:
-        headers["Retry-After"] = str(int(exc.retry_after))
+        headers["Retry-After"] = str(math.ceil(exc.retry_after))  # whole seconds (RFC 9110), never early
     headers.update(exc.headers)
     return JSONResponse(exc.body(rid), status_code=exc.status, headers=headers)
 

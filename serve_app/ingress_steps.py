@@ -29,7 +29,19 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ledger import MAX_IDEMPOTENCY_KEY, Admission, Claims, Code, LedgerApi, LedgerError, Settlement, ops, wire
+from ledger import (
+    MAX_IDEMPOTENCY_KEY,
+    Admission,
+    Claims,
+    Code,
+    LedgerApi,
+    LedgerError,
+    Service,
+    Settlement,
+    default_service,
+    ops,
+    wire,
+)
 from serve_app.answer import result_body, usage_headers
 from serve_app.auth import KeyedVerifier
 from serve_app.catalog import ModelCatalog
@@ -190,7 +202,7 @@ class IngressSteps:
             raise ApiError.from_code(decision.code, decision.message, decision.retry_after, headers)
         t_admitted = time.perf_counter()
         try:
-            result = await self._infer(spec, [i.pixels for i in images], call.params)
+            result = await self._infer(spec, [i.pixels for i in images], call.params, decision.service)
         except asyncio.CancelledError:
             # the caller went away (Serve cancels the call when the client hangs up): no answer, no charge
             self.meter.settle_later(refund(admission, decision))
@@ -205,6 +217,14 @@ class IngressSteps:
                 retry_after=MODEL_RETRY_AFTER_S,
             ) from None
         t_inferred = time.perf_counter()
+        if "refused" in result:  # the version's scheduler shed it (DESIGN §3c): refunded, never charged
+            await self.meter.settle_soon(refund(admission, decision))
+            raise ApiError(
+                ApiCode.MODEL_BUSY,
+                f"{result['message']}; nothing was charged",
+                retry_after=float(result["retry_after"]),
+                headers=headers,
+            )
         body = result_body(
             call.request_id, spec.name, spec.version, [(i.width, i.height) for i in images], result["detections"]
         )
@@ -243,10 +263,15 @@ class IngressSteps:
             self.meter.settle_later(success)
         return DetectOutcome(body, headers)
 
-    async def _infer(self, spec: ModelSpec, pixels: list[np.ndarray], params: InferenceParams) -> dict[str, Any]:
+    async def _infer(
+        self, spec: ModelSpec, pixels: list[np.ndarray], params: InferenceParams, service: Service | None
+    ) -> dict[str, Any]:
         """The version's answer within `spec.timeout_s` (queueing for a replica and a cold start
-        included); `TimeoutError` otherwise. The request is withdrawn on timeout or cancellation."""
-        response = self.detectors[spec.key].detect.remote(pixels, params, key=self.detector_key)
+        included), or its scheduler's refusal (`{"refused": "model_busy", ...}`); `TimeoutError`
+        otherwise. The request is withdrawn on timeout or cancellation. `service` says whose
+        request it is (the admission's verdict carries it), for the scheduler."""
+        service = service or default_service(spec.key, spec.key)
+        response = self.detectors[spec.key].detect.remote(pixels, params, key=self.detector_key, service=service)
         try:
             result: dict[str, Any] = await asyncio.wait_for(_awaited(response), spec.timeout_s)
         except BaseException:

@@ -2,7 +2,8 @@
 
     IngressMetrics        one per TokenCheck ingress replica: admissions, units used, the replica's
                           leases, usage-report lag, request latency
-    DetectorMetrics       one per Detector replica: batch sizes and inference time of its model version
+    DetectorMetrics       one per Detector replica: batch sizes and inference time of its model version,
+                          its scheduler's queue depth, waits and refusals by level and package
     tag_value(value)      a tag value Ray accepts: a string, never empty (None and "" are UNKNOWN)
 
 Contract: every metric object is created in `__init__`, once per replica (creating the same name
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 UNKNOWN: Final = "unknown"
 REFRESH_S: Final = 5.0  # well inside Ray's gauge lifetime of 2 x metrics_report_interval_ms (10 s by default)
 LOCAL: Final = "local"
+MAX_PACKAGES: Final = 16  # `package` tag values per Detector replica: the first 16 packages served, then OTHER
 MAX_TEAMS: Final = 16  # `team` tag values per replica: the first 16 teams by name, then OTHER
 OTHER: Final = "other"
 NO_TEAM: Final = "none"
@@ -56,6 +58,8 @@ STRICT: Final = "strict"
 
 # usage reports go out at least every 100 ms (DESIGN §3a); seconds of lag mean a ledger in trouble
 REPORT_LAG_BOUNDARIES: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# a request's wait in a Detector's scheduler: one batch (milliseconds) up to its queue bound (seconds)
+QUEUE_WAIT_BOUNDARIES: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # a whole request: the local admission (microseconds) up to a cold model version loading (tens of seconds)
 REQUEST_BOUNDARIES: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_SIZE_BOUNDARIES: Final = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
@@ -224,7 +228,12 @@ class IngressMetrics:
 
 
 class DetectorMetrics:
-    """The metrics of one Detector replica, tagged with its model key (`name@version`)."""
+    """The metrics of one Detector replica, tagged with its model key (`name@version`): batches, and
+    its scheduler's queue, waits and refusals by priority level and package (DESIGN §3c). Package
+    tags are bounded: the first MAX_PACKAGES packages this replica serves keep their id, the rest
+    are OTHER. The queue gauge is set at each of the replica's publications (at most every second
+    while it serves, and when its queue empties); an idle replica's series lapse after Ray's gauge
+    lifetime, which reads as what they are: nothing queued."""
 
     def __init__(self, model: str) -> None:
         default = {"model": tag_value(model)}
@@ -240,8 +249,34 @@ class DetectorMetrics:
             boundaries=list(INFER_BOUNDARIES),
             tag_keys=("model",),
         )
-        for metric in (self._batch_size, self._infer):
+        self._queued = Gauge(
+            "yt_detector_queue_images",
+            description="Images queued in the replica's scheduler, by model, priority level and package.",
+            tag_keys=("model", "level", "package"),
+        )
+        self._wait = Histogram(
+            "yt_detector_queue_wait_seconds",
+            description="Time a request waited in the scheduler before its batch, by model, level and package.",
+            boundaries=list(QUEUE_WAIT_BOUNDARIES),
+            tag_keys=("model", "level", "package"),
+        )
+        self._refused = Counter(
+            "yt_detector_refused_total",
+            description="Requests refused as model_busy by the scheduler, by model, level and package.",
+            tag_keys=("model", "level", "package"),
+        )
+        for metric in (self._batch_size, self._infer, self._queued, self._wait, self._refused):
             metric.set_default_tags(default)
+        self.packages: set[str] = set()
+        self.gauged: set[tuple[str, str]] = set()
+
+    def package_label(self, package: str) -> str:
+        if package in self.packages:
+            return package
+        if len(self.packages) < MAX_PACKAGES:
+            self.packages.add(package)
+            return package
+        return OTHER
 
     def batch(self, size: int, infer_s: float) -> None:
         """Observe one inference batch of `size` images that took `infer_s` seconds; an empty batch is none."""
@@ -249,3 +284,21 @@ class DetectorMetrics:
             return
         self._batch_size.observe(int(size))
         self._infer.observe(max(0.0, float(infer_s)))
+
+    def waited(self, level: int, package: str, seconds: float) -> None:
+        tags = {"level": str(level), "package": tag_value(self.package_label(package))}
+        self._wait.observe(max(0.0, float(seconds)), tags=tags)
+
+    def refused(self, level: int, package: str) -> None:
+        self._refused.inc(1, tags={"level": str(level), "package": tag_value(self.package_label(package))})
+
+    def queues(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """The scheduler's snapshot: queued images summed by (level, package label); a series seen
+        before and empty now is set to 0, not left at its last value."""
+        depth: dict[tuple[str, str], float] = dict.fromkeys(self.gauged, 0.0)
+        for r in rows:
+            key = (str(r["level"]), tag_value(self.package_label(str(r["package"]))))
+            depth[key] = depth.get(key, 0.0) + float(r["queued"])
+        for (level, package), value in depth.items():
+            self._queued.set(value, tags={"level": level, "package": package})
+        self.gauged = set(depth)

@@ -31,8 +31,9 @@ from ledger import (
     iso_utc,
     usage_csv,
 )
-from ui.data import DAY, HOUR, plain, team_of, team_rows, tree_rows, unplaceable, usage_series
+from ui.data import DAY, HOUR, plain, queue_rows, team_of, team_rows, tree_rows, unplaceable, usage_series
 
+QUEUE_BOARD = "QueueBoard"  # the Detectors' queue board (serve_app.board.BOARD_NAME)
 PAGES = ("Overview", "Token tree", "Alerts", "Audit", "Models", "Try it")
 OUTCOMES = ("", "ok", "quota_exhausted", "rate_limited", "model_not_allowed", "ip_not_allowed", "expired_token",
             "revoked_token", "idempotency_conflict")  # fmt: skip
@@ -313,7 +314,7 @@ def page_audit(client: LedgerApi) -> None:
     st.dataframe(admin_events, hide_index=True)
 
 
-def page_models() -> None:
+def page_models(client: LedgerApi) -> None:
     st.header("Models")
     import ray
 
@@ -357,6 +358,29 @@ def page_models() -> None:
     for r in rows:
         if r["status"] == "UNSCHEDULABLE":
             st.error(f"{r['application']}/{r['deployment']} {r['message']}")
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+    page_queues(client, serve, list(status.applications))
+
+
+def page_queues(client: LedgerApi, serve: Any, apps: list[str]) -> None:
+    """Each model version's scheduler queue by team (DESIGN §3c), from the QueueBoard the
+    Detector replicas publish to (serve_app/board.py)."""
+    st.subheader("Queues by team")
+    snapshot: list[dict[str, Any]] = []
+    for app_name in apps:
+        try:
+            board = serve.get_deployment_handle(QUEUE_BOARD, app_name=app_name)
+            snapshot.extend(board.snapshot.remote().result(timeout_s=5))
+        except Exception:  # an application without a board (another app on the cluster)
+            continue
+    rows = queue_rows(snapshot, client.tokens())
+    if not rows:
+        st.info("No queue reported in the last 30 s: the detectors are idle.")
+        return
+    st.caption(
+        "Per model version, priority level and team, summed over replicas: images queued now, images "
+        "served, requests refused as model_busy (refunded) or expired in the queue, mean wait."
+    )
     st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
 
 
@@ -423,7 +447,7 @@ def main() -> None:
         elif page == "Audit":
             page_audit(client)
         elif page == "Models":
-            page_models()
+            page_models(client)
         else:
             page_try()
     except LedgerError as exc:

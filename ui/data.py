@@ -211,3 +211,43 @@ def unplaceable(options: dict[str, Any], nodes: list[dict[str, float]]) -> str:
     return "cannot be scheduled: each replica needs " + ", ".join(
         f"{k} {v:g} (largest node: {max((node.get(k, 0.0) for node in nodes), default=0.0):g})" for k, v in need.items()
     )
+
+
+def queue_rows(snapshot: Iterable[Mapping[str, Any]], tokens: Sequence[Any]) -> list[dict[str, Any]]:
+    """The Detector schedulers' queues (serve_app.board's snapshot: one row per model, replica,
+    level, package and team) as one row per model version, level and team, summed over replicas,
+    with the package and team named as people read them. Mean wait is weighted by served images."""
+    views = {t["id"]: t for t in (plain(v) for v in tokens)}
+
+    def name(token_id: str) -> str:
+        t = views.get(token_id)
+        return str(t["name"]) if t is not None else token_id
+
+    rows: dict[tuple[str, int, str, str], dict[str, Any]] = {}
+    for r in snapshot:
+        key = (str(r["model"]), int(r["level"]), str(r["package"]), str(r["team"]))
+        acc = rows.setdefault(
+            key,
+            {
+                "model": key[0],
+                "level": key[1],
+                "package": name(key[2]),
+                "team": team_of(views, key[3]) if key[3] in views else name(key[3]),
+                "queued": 0,
+                "served": 0,
+                "refused": 0,
+                "expired": 0,
+                "_wait": 0.0,
+                "replicas": 0,
+            },
+        )
+        for k in ("queued", "served", "refused", "expired"):
+            acc[k] += int(r[k])
+        acc["_wait"] += float(r["wait_ms"]) * int(r["served"])
+        acc["replicas"] += 1
+    out = []
+    for acc in rows.values():
+        wait = acc.pop("_wait")
+        acc["mean_wait_ms"] = round(wait / acc["served"], 1) if acc["served"] else 0.0
+        out.append(acc)
+    return sorted(out, key=lambda r: (r["model"], -r["level"], -r["queued"], -r["served"], r["team"]))

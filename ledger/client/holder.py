@@ -412,6 +412,7 @@ class LeaseHolder:
             p.rate_limit,
             h.avail if p.rate_limit is not None else None,
             replayed=replayed,
+            service=p.service,
         )
         if self.on_admit is not None:
             self.on_admit(d, a.model, a.root_id, True)

@@ -14,7 +14,7 @@ Contract:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from ledger.core import columns
 from ledger.core.changes import Changes, IdemRecord, Lease, Pending, UsageRow
@@ -30,6 +30,7 @@ from ledger.core.entities import (
     UsageState,
 )
 from ledger.core.rules import access_refusal, field_refusal, status_refusal
+from ledger.core.service import ServiceClass, service_of
 from ledger.core.shards import ID_STRIDE, ShardScope
 from ledger.core.tree import MAX_TREE_DEPTH, MAX_UNITS, TokenTree
 
@@ -83,6 +84,10 @@ class QuotaBook:
     @property
     def nodes(self) -> dict[str, Node]:
         return self.tree.nodes
+
+    @property
+    def service_table(self) -> Mapping[str, ServiceClass]:
+        return self.tree.service_table
 
     @property
     def roots(self) -> dict[str, Node]:
@@ -349,6 +354,7 @@ class QuotaBook:
             replay,
             replayed,
             recalled,
+            service=service_of(node, self.tree.service_table) if code is Code.OK else None,
         )
 
     def _check_thresholds(self, n: Node, now: float) -> None:

@@ -18,6 +18,7 @@ from ledger.core import columns
 from ledger.core.codes import Code
 from ledger.core.errors import OperationRefused
 from ledger.core.limits import MAX_ALLOWLIST, Bucket, IPNetwork, RateLimit, normalize_ips, normalize_models
+from ledger.core.service import Service
 
 DEFAULT_THRESHOLDS: tuple[int, ...] = (80, 95, 100)
 MAX_EPOCH_S = 32503680000.0  # year 3000: later "expiries" are typos, and JWT exp must stay an exact integer
@@ -300,6 +301,8 @@ class Decision(NamedTuple):
     replayed: bool = False  # True when the same request_id was admitted before (no new debit)
     recalled: bool = False  # exhausted, but units are being asked back from leases: ask again shortly
     copy: str = ""  # the delivery this verdict is for (`Admission.copy`): its settlement names it
+    # whose request it is, for the detector's scheduler (DESIGN §3c); set on every OK verdict
+    service: Service | None = None
 
     @property
     def admitted(self) -> bool:

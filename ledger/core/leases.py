@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeGuard
 
@@ -40,6 +40,7 @@ from ledger.core.credentials import new_id
 from ledger.core.entities import RECLAIMING, Node, Settlement, UsageState
 from ledger.core.limits import Bucket
 from ledger.core.rules import Rule, status_refusal
+from ledger.core.service import SERVICE_CLASSES, Service, ServiceClass, service_of
 
 # tree actions that can make a holder refuse what it admitted before (DESIGN §3a: narrowing changes)
 NARROWING = frozenset({"token.revoke", "token.expire", "token.rotate", "token.reclaim", "token.limits", "token.top_up"})
@@ -75,9 +76,10 @@ class TokenPolicy:
     version: Version
     reclaimed: bool = False  # reclaimed whole: nothing more is admitted from a lease; leased units go back
     delegated: int = 0  # units given to children: remaining = allocation - delegated - used
+    service: Service | None = None  # its tier's level and weight, its package and team (DESIGN §3c)
 
     @staticmethod
-    def of(node: Node, version: Version) -> TokenPolicy:
+    def of(node: Node, version: Version, table: Mapping[str, ServiceClass] = SERVICE_CLASSES) -> TokenPolicy:
         path = node.path()
         rates = [n.rate.rate for n in path if n.rate is not None]
         return TokenPolicy(
@@ -93,6 +95,7 @@ class TokenPolicy:
             version,
             bool(node.meta.get(RECLAIMING)),
             node.delegated,
+            service_of(node, table),
         )
 
 
@@ -417,7 +420,7 @@ class LeaseDesk:
         )
 
     def _policy(self, node: Node) -> TokenPolicy:
-        return TokenPolicy.of(node, self.watch.version)
+        return TokenPolicy.of(node, self.watch.version, self.book.service_table)
 
     def _grant(self, a: LeaseAsk, node: Node, lease: Lease | None, now: float) -> LeaseGrant | None:
         """All checks of DESIGN §3 except the per-request ones (model, IP: the holder checks those),
@@ -644,6 +647,9 @@ class LeaseBook(Protocol):
 
     @property
     def out(self) -> Changes: ...
+
+    @property
+    def service_table(self) -> Mapping[str, ServiceClass]: ...
 
     def charge_leased(self, node: Node, units: int, now: float) -> None: ...
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ledger.core.errors import ConfigError
+from ledger.core.service import service_table
 
 DEFAULT_DATA_DIR = Path("var")
 LOST_LEASE_POLICIES = ("refund", "charge")
@@ -89,6 +90,9 @@ class LedgerSettings:
     lost_lease_policy: str = "refund"
     lease_max_share: int = 4
     lease_strict_below: int = 16
+    # the tier table's priority levels and weights at the detectors (DESIGN §3c), as changes to the
+    # built-in one (ledger.core.service.SERVICE_CLASSES): {"pro": {"level": 1, "weight": 3}}
+    tiers: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """The ONE check of the shard and lease settings: `ray_config.yaml`'s `ledger:` args are
@@ -107,6 +111,7 @@ class LedgerSettings:
         ]
         if problems:
             raise ConfigError("ledger settings: " + "; ".join(problems))
+        service_table(self.tiers)  # ConfigError names a bad tier
 
     @property
     def key_dir(self) -> Path:

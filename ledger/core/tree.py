@@ -28,6 +28,7 @@ from ledger.core.entities import (
 )
 from ledger.core.errors import LedgerUnavailable, OperationRefused
 from ledger.core.limits import Bucket, ips_narrow, models_narrow
+from ledger.core.service import SERVICE_CLASSES, ServiceClass
 
 # marker in Node.fired: this token's expiry warning went out (usage thresholds are 1..100)
 EXPIRY_WARNED = 0
@@ -51,6 +52,8 @@ class TokenTree:
         # the deployed model versions (name@version): an allowlist naming another is refused; empty =
         # not known here (a ledger without the serving side), anything is taken
         self.known_models: frozenset[str] = frozenset()
+        # tier -> priority level and weight at the detectors (DESIGN §3c; LedgerSettings.tiers)
+        self.service_table: Mapping[str, ServiceClass] = SERVICE_CLASSES
         self.nodes: dict[str, Node] = {}
         self.roots: dict[str, Node] = {}
         self.out = Changes()

@@ -35,6 +35,7 @@ from ledger.core.leases import (
     WatchReply,
 )
 from ledger.core.results import Consistency, Returned, SweepReport, Unsigned, UsageEvent
+from ledger.core.service import service_table
 from ledger.core.settings import LedgerSettings
 from ledger.core.shards import ShardScope
 from ledger.store.repository import Store, UsageQuery
@@ -73,6 +74,7 @@ class ShardCore:
         # a holder's strict admission that finds the last units in leases has them asked back
         self.book.recall = self.leases.recall_for
         self.book.tree.known_models = frozenset(settings.known_models)
+        self.book.tree.service_table = service_table(settings.tiers)
         self.ready = False
         self.fenced = False  # a newer instance of this shard started: this one never commits again
         self.unwritten: Changes | None = None  # the outbox of a commit that failed, until discarded

@@ -11,6 +11,7 @@ confidences 0.9, 0.6 and 0.3, class ids from the mean value, boxes inside the im
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -76,3 +77,21 @@ class FakeEngine:
             x1, y1 = width * k / 4, height * k / 4
             boxes.append(Detection(cls, self.names[cls], conf, x1, y1, x1 + width / 4, y1 + height / 4))
         return boxes[: p.max_det]
+
+
+def timed(pass_s: float) -> type[FakeEngine]:
+    """A FakeEngine class whose every forward pass takes `pass_s` seconds of wall time (it sleeps,
+    releasing the GIL, as a GPU pass does): capacity is known, e.g. 25 ms per pass of up to 8
+    images is 320 images/s (bench/isolation.py, the isolation tests under Serve)."""
+
+    class TimedFakeEngine(FakeEngine):
+        def detect(
+            self, images: Sequence[np.ndarray], params: InferenceParams | Sequence[InferenceParams] = DEFAULT_PARAMS
+        ) -> BatchResult:
+            before = len(self.passes)
+            result = super().detect(images, params)
+            time.sleep(pass_s * (len(self.passes) - before))
+            return BatchResult(result.detections, 1000 * pass_s * (len(self.passes) - before))
+
+    TimedFakeEngine.__name__ = TimedFakeEngine.__qualname__ = f"TimedFakeEngine_{pass_s:g}s"
+    return TimedFakeEngine

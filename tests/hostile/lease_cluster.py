@@ -92,9 +92,11 @@ def lease_args(
     )
 
 
-def fake_app(args: AppArgs, detector_resources: dict[str, float] | None = None) -> Application:
+def fake_app(
+    args: AppArgs, detector_resources: dict[str, float] | None = None, engines: dict[str, Any] | None = None
+) -> Application:
     """`serve_app.app.build_app`'s graph, its detectors given the FakeEngine registry (what the
-    Detector takes for tests); the Ingress is the production one, options and all."""
+    Detector takes for tests; `engines` replaces it); the Ingress is the production one."""
     capability = launch(args.ledger_settings()).capability
     assert capability is not None
     detectors = {}
@@ -103,7 +105,9 @@ def fake_app(args: AppArgs, detector_resources: dict[str, float] | None = None) 
         if detector_resources:
             options["ray_actor_options"]["resources"] = detector_resources
         detectors[m.key] = (
-            deployment(Detector).options(**options).bind(m, capability.derive(DETECTOR_KEY), FAKE_ENGINES)
+            deployment(Detector)
+            .options(**options)
+            .bind(m, capability.derive(DETECTOR_KEY), engines=engines or FAKE_ENGINES)
         )
     return (
         deployment(Ingress).options(**args.ingress_options()).bind(args.ledger_settings(), detectors, args, capability)

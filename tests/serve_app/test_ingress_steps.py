@@ -112,14 +112,19 @@ class FakeResponse:
 class FakeDetector:
     """A Detector deployment handle: `detect.remote(pixels, params, key=...)`."""
 
-    def __init__(self, fail: bool = False, delay_s: float = 0.0) -> None:
+    def __init__(self, fail: bool = False, delay_s: float = 0.0, busy: bool = False) -> None:
         self.calls = 0
         self.fail = fail
+        self.busy = busy  # answers as a scheduler that refused the call
         self.delay_s = delay_s
         self.responses: list[FakeResponse] = []
+        self.services: list[Any] = []  # whose request each call was (the admission's Service)
         self.detect = self
 
-    def remote(self, pixels: list[np.ndarray], params: InferenceParams, key: str | None = None) -> FakeResponse:
+    def remote(
+        self, pixels: list[np.ndarray], params: InferenceParams, key: str | None = None, service: Any = None
+    ) -> FakeResponse:
+        self.services.append(service)
         self.responses.append(FakeResponse(self._detect(pixels)))
         return self.responses[-1]
 
@@ -128,6 +133,8 @@ class FakeDetector:
         await asyncio.sleep(self.delay_s)
         if self.fail:
             raise RuntimeError("replica died")
+        if self.busy:
+            return {"refused": "model_busy", "message": "this model is busy", "retry_after": 0.2}
         return {"detections": [[DET, DET] for _ in pixels], "gpu_ms": 3.5}
 
 
@@ -295,6 +302,34 @@ async def test_given_a_detector_that_does_not_answer_in_time_then_503_refunded_a
         assert ledger.states(pkg.token.id) == [("req-1", "refunded", 0)]
     assert ledger.token(pkg.token.id).used == 0
     ledger.assert_balanced()
+
+
+async def test_given_the_detectors_scheduler_refuses_then_503_model_busy_refunded(ledger: Ledger, pkg: Issued) -> None:
+    det = FakeDetector(busy=True)
+    async with replica(ledger, det) as r:
+        err = await refused(r, call(pkg.credential))
+        assert (err.code, err.status, err.retry_after) == ("model_busy", 503, 0.2)
+        assert "nothing was charged" in err.message
+        await r.reported()
+        assert ledger.states(pkg.token.id) == [("req-1", "refunded", 0)]
+    assert ledger.token(pkg.token.id).used == 0
+    ledger.assert_balanced()
+
+
+async def test_given_an_admission_then_the_detector_is_told_whose_request_it_is(ledger: Ledger) -> None:
+    # given: a pro package with a team under it, and a token of that team's
+    root = ledger.create_package(TokenSpec.build("factory", 1000, rate="pro"))
+    team = ledger.split(root.token.id, TokenSpec.build("line-3", 500, rate="8/s"))
+    member = ledger.split(team.token.id, TokenSpec("camera-7", 100))
+    det = FakeDetector()
+    async with replica(ledger, det) as r:
+        await r.steps.detect(call(member.credential, rid="a"))  # from a lease
+        assert r.holder.stats.strict == 0
+        await r.steps.detect(call(member.credential, rid="b", idem="k-1"))  # at the shard
+        assert r.holder.stats.strict == 1
+    # then: the tier is the nearest rate's (an unnamed one: custom), the package and team its ancestors'
+    want = ("custom", 1, 1.0, root.token.id, 2.0, team.token.id, 1.0)
+    assert [tuple(s) for s in det.services] == [want, want]
 
 
 async def test_given_a_quota_denial_at_the_shard_then_no_detector_runs_and_nothing_is_settled(
