@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # The Ray environment (loopback, token auth, the proxy hook, offline) is not set here: every entry
 # point (yolo-tokens, tests/conftest.py, the benchmarks) applies it from serve_app/launcher.py.
 
-.PHONY: venv browser prometheus serve test chaos fuzz sim lint bench screenshots clean
+.PHONY: venv browser prometheus serve test chaos fuzz sim lint bench isolation screenshots clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -62,6 +62,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.ledger --db sqlite
 	$(BIN)/python -m bench.ledger --db postgres
+
+# tenant isolation at the detector, fair against fifo on 1 and 2 replicas (issue 21): about 3 minutes
+isolation: $(STAMP)
+	mkdir -p var && $(BIN)/python -m bench.isolation --out var/isolation.json
 
 # the console's pages in docs/screenshots/ on realistic data made through the real API (issue 18 §8;
 # tests/ui/screenshots.py says how): about 5 minutes

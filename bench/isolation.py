@@ -141,6 +141,16 @@ async def run_scenario(
         if measure_from <= done <= end:
             out[s.package].served_images += 1
 
+    lags: list[float] = []
+
+    async def probe() -> None:  # the event loop's own delay: the load generator must not be the bottleneck
+        while time.monotonic() < end:
+            t = time.monotonic()
+            await asyncio.sleep(0.001)
+            if t >= measure_from:
+                lags.append(time.monotonic() - t - 0.001)
+
+    prober = asyncio.ensure_future(probe())
     # open loop: each tenant's arrivals are a Poisson process at its rate, launched on a 2 ms tick
     next_at = {s.package: start + rng.expovariate(rate * CAPACITY * replicas) for s, rate in load}
     while (now := time.monotonic()) < end:
@@ -152,6 +162,7 @@ async def run_scenario(
                 next_at[s.package] += rng.expovariate(rate * CAPACITY * replicas)
         await asyncio.sleep(TICK_S)
     await asyncio.gather(*pending)
+    await prober
     for r in runners:
         if r.task is not None:
             r.task.cancel()
@@ -172,6 +183,11 @@ async def run_scenario(
         },
         "served_per_s": round(total / seconds, 1),
         "capacity_per_s": CAPACITY * replicas,
+        "loop_lag_ms": {
+            "p50": _ms(_quantile(lags, 0.5)),
+            "p99": _ms(_quantile(lags, 0.99)),
+            "max": _ms(max(lags, default=0.0)),
+        },
     }
 
 

@@ -158,7 +158,7 @@ class LedgerArgs(BaseModel):
     # each ingress replica's lease holder: report interval, refill sizes, idle release, ...
     lease_holder: HolderConfig = HolderConfig()
     # the tier table at the detectors (DESIGN §3c): changes to the built-in levels and weights,
-    # e.g. {pro: {level: 1, weight: 3}}; a new name is a new tier (rates named so get it)
+    # e.g. {pro: {level: 1, weight: 3}, custom: {level: 0}}; the names are the four tiers
     tiers: dict[str, dict[str, float]] = {}
 
     @model_validator(mode="after")

@@ -7,7 +7,8 @@ paid with a token.
          dropped connection or a 503 is charged at most once
     ◄── JSON lines (stdout or --out DIR/detections.jsonl) and, with --out, annotated copies
 
-Retried: transport errors and 503 (backoff, same key), 429 `rate_limited` (after Retry-After).
+Retried: transport errors and 503 (backoff, same key), 429 `rate_limited` and 503 `model_busy`
+(after Retry-After).
 Fatal, the rest is not sent: 401, 403, 404 `unknown_model`, 429 `quota_exhausted`.
 Anything else (a bad image: 400/413/415) fails that file only. Exit 0 when every file
 succeeded, 1 otherwise. No Ray here: this is a plain HTTP client.
@@ -30,6 +31,7 @@ from PIL import Image, ImageDraw, ImageOps
 from tqdm import tqdm
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
+RETRY_AFTER = frozenset({"rate_limited", "model_busy"})  # refusals that say when to come back
 FATAL = frozenset(
     {
         "missing_token",
@@ -164,7 +166,8 @@ class DetectClient:
             code = err.get("code", "")
             retry = (code == "rate_limited" or r.status_code == 503) and out.attempts <= self.opts.retries
             if retry:
-                wait = float(r.headers.get("Retry-After", delay)) if code == "rate_limited" else delay
+                # rate_limited and model_busy say when to come back; other 503s back off
+                wait = float(r.headers.get("Retry-After", delay)) if code in RETRY_AFTER else delay
                 time.sleep(min(max(wait, 0.05), 60.0))
                 delay = min(delay * 2, 8.0)
                 continue

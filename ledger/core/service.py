@@ -12,7 +12,7 @@ token deeper in a team counts as that team's. All of it is computed from the tok
 already holds (no I/O) and travels in the token's cached policy and in every decision.
 
 The default table can be changed per deployment (`ledger.tiers` in ray_config.yaml:
-`{pro: {level: 1, weight: 3}}`); names it does not list keep their defaults.
+`{pro: {level: 1, weight: 3}}`); tiers it does not list keep their defaults.
 """
 
 from __future__ import annotations
@@ -57,13 +57,15 @@ SERVICE_CLASSES: Mapping[str, ServiceClass] = {
 
 
 def service_table(overrides: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, ServiceClass]:
-    """The built-in table with `overrides` (tier name -> {level, weight}) applied; `ConfigError`
-    names what it refuses. A new name adds a tier (a rate named so gets it)."""
+    """The built-in table with `overrides` (tier name -> {level, weight}, either or both) applied;
+    `ConfigError` names what it refuses. The names are the built-in tiers: a rate is named only so."""
     table = dict(SERVICE_CLASSES)
     for name, spec in (overrides or {}).items():
-        if not isinstance(name, str) or not name or not isinstance(spec, Mapping) or set(spec) - {"level", "weight"}:
-            raise ConfigError(f"tiers: {str(name)[:40]!r} must map to {{level, weight}}, got {str(spec)[:80]}")
-        base = table.get(name, table[CUSTOM])
+        if name not in table:
+            raise ConfigError(f"tiers: {str(name)[:40]!r} is not a tier (they are: {', '.join(table)})")
+        if not isinstance(spec, Mapping) or set(spec) - {"level", "weight"}:
+            raise ConfigError(f"tiers: {name} must map to {{level, weight}}, got {str(spec)[:80]}")
+        base = table[name]
         level: object = spec.get("level", base.level)
         if isinstance(level, float) and level.is_integer():  # YAML may say 1.0
             level = int(level)

@@ -16,7 +16,9 @@ The policy `fair`, in a few lines:
 * **Fair share inside a level**, hierarchical: packages by their package weight, then inside a
   package its teams (the package's direct children) by theirs. Each is served in order of least
   normalized service (images served / weight), start-time fair queuing: a flow that goes idle
-  and comes back starts at the level's current virtual time, so idleness is not banked.
+  and comes back starts at the level's current virtual time less one batch of credit, so a light
+  tenant's burst of up to a batch goes ahead of the backlogged ones (its delay stays what it is
+  alone), and idleness is not banked beyond that one batch.
 * **Bounds.** A flow's queue is bounded by its share of the replica's measured drain rate: a
   request whose estimated wait (the flow's queued images ahead of it, at the flow's share of the
   drain rate) exceeds `queue_s` is refused at once (`Busy`, with the seconds after which it would
@@ -243,14 +245,18 @@ class Scheduler:
             flow = pkg.teams[s.team] = _Flow(s.team, s.team_weight, pkg=pkg)
         if not level.queued:
             level.credit = 0.0
-        if not pkg.queued:  # (re)activated: starts at the level's virtual time, idleness is not banked
+        # (re)activated: starts at the level's virtual time less one batch of credit (bounded lag):
+        # a tenant below its share gets a burst of up to a batch ahead of the backlogged ones (low
+        # delay for light users), and idleness is not banked beyond that
+        credit = self.config.max_batch
+        if not pkg.queued:
             pkg.weight = s.package_weight
-            pkg.vserved = max(pkg.vserved, level.vtime)
+            pkg.vserved = max(pkg.vserved, level.vtime - credit / pkg.weight)
             level.active_weight += pkg.weight
         if not flow.queued:
             flow.per_batch = None  # its rate is measured afresh for this backlog
             flow.weight = s.team_weight
-            flow.vserved = max(flow.vserved, pkg.vtime)
+            flow.vserved = max(flow.vserved, pkg.vtime - credit / flow.weight)
             pkg.active_weight += flow.weight
             pkg.active += 1
         job.flow = flow

@@ -2,7 +2,7 @@
 (DESIGN §3c), on real Ray: the production Ingress in front of a Detector whose engine takes a
 fixed 100 ms per pass of up to 4 images (capacity 40 images/s, known), one replica of each.
 
-- The article's scene over HTTP: a stress-test team (custom rate) floods from 12 connections while
+- The article's scene over HTTP: a stress-test team (custom rate) floods from 16 connections while
   a production team (`pro`) sends 4 requests/s: every production request answers 200, the flood
   gets 503 `model_busy` with Retry-After, and the books are exact (refused requests refunded, an
   audit row for every request).
@@ -49,7 +49,7 @@ def isolation_args(tmp: Path) -> AppArgs:
         max_batch_size=MAX_BATCH,
         timeout_s=10.0,
         autoscaling=Autoscaling(min_replicas=1, max_replicas=1),
-        scheduler=SchedulerArgs(policy="fair", queue_s=0.5),
+        scheduler=SchedulerArgs(policy="fair", queue_s=0.25),
     )
     base = lease_args(f"sqlite:///{tmp / 'ledger.db'}", tmp, namespace=f"yt-iso-{uuid.uuid4().hex[:6]}")
     return base.model_copy(update={"models": [spec], "ingress_replicas": 1})
@@ -71,7 +71,7 @@ async def test_given_a_flood_beside_production_over_http_then_production_is_serv
     iso: LeaseApp,
 ) -> None:
     prod_id, prod_cred = package(iso, "production", "pro")
-    flood_id, flood_cred = package(iso, "stress", "500/s:500")
+    flood_id, flood_cred = package(iso, "stress", "2000/s:2000")
     body = jpeg(64, 64)
     stop = asyncio.Event()
     flood: list[tuple[int, str, str | None]] = []  # (status, code, Retry-After)
@@ -86,12 +86,12 @@ async def test_given_a_flood_beside_production_over_http_then_production_is_serv
             code = "" if r.status_code == 200 else r.json()["error"]["code"]
             flood.append((r.status_code, code, r.headers.get("Retry-After")))
             if r.status_code != 200:
-                await asyncio.sleep(0.02)  # a hostile client, but not a busy loop on 2 cores
+                await asyncio.sleep(0.05)  # a hostile client, but not a busy loop on 2 cores
 
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=32)) as client:
         for _ in range(3):  # warm: the replicas' first requests (leases, keys) off the clock
             assert (await post(client, prod_cred)).status_code == 200
-        workers = [asyncio.ensure_future(flooder(client)) for _ in range(12)]
+        workers = [asyncio.ensure_future(flooder(client)) for _ in range(16)]
         await asyncio.sleep(1.0)  # the flood is established
         production = []
         for _ in range(24):
@@ -120,7 +120,7 @@ async def test_given_three_equal_packages_flooding_unequally_over_a_handle_then_
     iso: LeaseApp,
 ) -> None:
     handle = serve.get_app_handle(APP)
-    creds = {name: package(iso, name, "500/s:500")[1] for name in ("a", "b", "c")}
+    creds = {name: package(iso, name, "2000/s:2000")[1] for name in ("a", "b", "c")}
     image = jpeg(64, 64)
     served: Counter[str] = Counter()
     counting = asyncio.Event()
@@ -132,7 +132,7 @@ async def test_given_three_equal_packages_flooding_unequally_over_a_handle_then_
                 await handle.detect.remote(token=creds[name], images=[image])
             except Exception as exc:
                 assert getattr(exc, "code", None) == ApiCode.MODEL_BUSY, repr(exc)
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.05)
                 continue
             if counting.is_set():
                 served[name] += 1

@@ -16,6 +16,7 @@ import pytest
 from ultralytics import YOLO
 
 from bench.predict_parity import compare, decode_file, reference, write_corpus
+from ledger import Service
 from ledger.core.entities import TokenSpec
 from serve_app.config import DEMO_WEIGHTS
 from serve_app.results import Detection, InferenceParams
@@ -160,7 +161,16 @@ def test_given_concurrent_calls_of_different_shapes_at_the_detector_then_batches
     names = sorted(corpus) * 2
     pixels = {name: decode_file(path) for name, path in corpus.items()}
     key = live_app.ledger.capability.derive(DETECTOR_KEY)
-    responses = [detector.detect.remote([pixels[n]], InferenceParams(), key=key) for n in names]
+    # three tenants at two priority levels: the scheduler orders and shares, the answers stay exact
+    tenants = [
+        Service("pro", 1, 2.0, "pkg-a", 2.0, "team-a", 2.0),
+        Service("basic", 0, 1.0, "pkg-b", 1.0, "team-b", 1.0),
+        Service("enterprise", 2, 4.0, "pkg-c", 4.0, "team-c", 4.0),
+    ]
+    responses = [
+        detector.detect.remote([pixels[n]], InferenceParams(), key=key, service=tenants[i % 3])
+        for i, n in enumerate(names)
+    ]
     results = [r.result(timeout_s=300) for r in responses]
     assert max(r["batch_images"] for r in results) > 1  # some calls were batched together
     compared = 0
