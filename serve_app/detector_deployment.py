@@ -70,7 +70,7 @@ class Detector:
         except Exception:  # constructed outside Serve (unit tests)
             self.replica = "local"
         self.published = 0.0
-        self.was_queued = False
+        self.dirty = False  # calls seen since the last publication
 
     async def detect(
         self,
@@ -83,26 +83,28 @@ class Detector:
             raise ApiError(ApiCode.FORBIDDEN, "the detectors answer the ingress only: call the app's `detect`")
         if not isinstance(service, tuple) or len(service) != len(Service._fields):
             service = default_service("unknown", "unknown")
+        self.dirty = True
         try:
             return await self.runner.submit(images, params, Service(*service), self.spec.timeout_s)
         except Busy as busy:
             self.metrics.refused(service.level, service.package)
-            self._publish()
+            self._publish(idle=not self.runner.scheduler.queued)
             return {"refused": ApiCode.MODEL_BUSY.value, "message": busy.message, "retry_after": busy.retry_after}
 
     def _batched(self, batch: Sequence[Job], seconds: float, started: float) -> None:
+        self.dirty = True
         self.metrics.batch(sum(j.cost for j in batch), seconds)
         for j in batch:
             self.metrics.waited(j.service.level, j.service.package, started - j.enqueued)
         self._publish(idle=not self.runner.scheduler.queued)
 
     def _publish(self, idle: bool = False) -> None:
-        """At most every PUBLISH_S, and when the queue has just emptied (so the board never shows
-        a queue that is gone)."""
+        """What changed, at most every PUBLISH_S while the queue is busy, and at once when it is
+        empty (so the board's last word is the replica's last state, never a queue that is gone)."""
         now = time.monotonic()
-        if now - self.published < PUBLISH_S and not (idle and self.was_queued):
+        if not self.dirty or (now - self.published < PUBLISH_S and not idle):
             return
-        self.was_queued = not idle
+        self.dirty = False
         self.published = now
         rows = self.runner.scheduler.snapshot()
         self.metrics.queues(rows)

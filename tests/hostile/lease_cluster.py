@@ -48,6 +48,7 @@ from ledger.core.entities import TokenSpec, TokenView  # noqa: E402
 from ledger.core.results import AdminEvent  # noqa: E402
 from ledger.store.repository import Store, UsageQuery  # noqa: E402
 from serve_app.app import deployment  # noqa: E402
+from serve_app.board import QueueBoard  # noqa: E402
 from serve_app.config import DEMO_WEIGHTS, AppArgs, Autoscaling, LedgerArgs, ModelSpec  # noqa: E402
 from serve_app.detector_deployment import Detector  # noqa: E402
 from serve_app.engine.fake import FakeEngine  # noqa: E402
@@ -100,15 +101,13 @@ def fake_app(
     capability = launch(args.ledger_settings()).capability
     assert capability is not None
     detectors = {}
+    key = capability.derive(DETECTOR_KEY)
+    board = deployment(QueueBoard).bind(key)
     for m in args.models:
         options = m.deployment_options()
         if detector_resources:
             options["ray_actor_options"]["resources"] = detector_resources
-        detectors[m.key] = (
-            deployment(Detector)
-            .options(**options)
-            .bind(m, capability.derive(DETECTOR_KEY), engines=engines or FAKE_ENGINES)
-        )
+        detectors[m.key] = deployment(Detector).options(**options).bind(m, key, board, engines=engines or FAKE_ENGINES)
     return (
         deployment(Ingress).options(**args.ingress_options()).bind(args.ledger_settings(), detectors, args, capability)
     )

@@ -26,12 +26,14 @@ import pytest
 from ray import serve
 
 from ledger.core.entities import TokenSpec
+from serve_app.board import BOARD_NAME
 from serve_app.config import DEMO_WEIGHTS, AppArgs, Autoscaling, ModelSpec, SchedulerArgs
 from serve_app.engine.fake import timed
 from serve_app.errors import ApiCode
 from tests.hostile.lease_cluster import LeaseApp, deployed, lease_args, serve_proxy
 from tests.hostile.lease_helpers import wait_until
 from tests.serve_app.conftest import HTTP_PORT, jpeg
+from ui.data import queue_rows
 
 pytestmark = pytest.mark.ray
 
@@ -114,6 +116,18 @@ async def test_given_a_flood_beside_production_over_http_then_production_is_serv
     assert len(rows) == len(flood)
     assert Counter(r["state"] for r in rows) == Counter({"settled": served, "refunded": len(busy)})
     wait_until(lambda: iso.settled(prod_id), lambda t: t[0] == 27, 30, "production settled")
+    # and the console's queue table (from the detectors' board) names both teams, the flood's refusals
+    board = serve.get_deployment_handle(BOARD_NAME, APP)
+    table = wait_until(
+        lambda: queue_rows(board.snapshot.remote().result(timeout_s=10), iso.ledger.tokens()),
+        lambda rows: sum(r["refused"] + r["expired"] for r in rows if r["package"].startswith("stress")) == len(busy),
+        30,
+        "the queue board's last word",
+    )
+    by_team = {r["package"].split("-")[0]: r for r in table}
+    assert by_team["stress"]["served"] == served and by_team["stress"]["queued"] == 0
+    assert by_team["production"]["refused"] == 0 and by_team["production"]["served"] == 27
+    assert by_team["production"]["level"] == by_team["stress"]["level"] == 1
 
 
 async def test_given_three_equal_packages_flooding_unequally_over_a_handle_then_each_gets_about_a_third(

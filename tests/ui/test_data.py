@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ui.data import DAY, HOUR, team_rows, tree_rows, usage_series
+from ui.data import DAY, HOUR, queue_rows, team_rows, tree_rows, usage_series
 
 NOW = 1_800_000_000.0
 
@@ -60,3 +60,30 @@ def test_given_a_team_spending_fast_then_its_row_warns_and_every_row_adds_up() -
     assert qa["exhaustion_soon"] and not rows["pm"]["exhaustion_soon"]
     for r in rows.values():
         assert r["allocation"] == r["used"] + r["remaining"]
+
+
+def test_given_two_replicas_queues_then_the_table_sums_them_by_team_with_names() -> None:
+    tokens = [
+        token("r", None, 1000, name="factory", team="pm"),
+        token("qa", "r", 100, name="qa-line", team="qa"),
+        token("s", None, 1000, name="stress-test", root_id="s"),
+    ]
+
+    def row(replica: str, level: int, pkg: str, team: str, queued: int, served: int, wait: float) -> dict[str, Any]:
+        return {"model": "parts@1", "replica": replica, "age_s": 0.4, "level": level, "package": pkg, "team": team,
+                "queued": queued, "served": served, "refused": 1, "expired": 0, "wait_ms": wait}  # fmt: skip
+
+    snapshot = [
+        row("x", 1, "r", "qa", 3, 10, 20.0),
+        row("y", 1, "r", "qa", 1, 30, 40.0),
+        row("x", 1, "s", "s", 50, 100, 900.0),
+        row("x", 0, "other", "other", 0, 5, 10.0),
+    ]
+    rows = queue_rows(snapshot, tokens)
+    qa = next(r for r in rows if r["team"] == "qa")
+    assert (qa["package"], qa["queued"], qa["served"], qa["refused"], qa["replicas"]) == ("factory", 4, 40, 2, 2)
+    assert qa["mean_wait_ms"] == 35.0  # weighted by images served: (20*10 + 40*30) / 40
+    stress = next(r for r in rows if r["package"] == "stress-test")
+    assert stress["team"] == "stress-test (no team)"
+    assert [r["level"] for r in rows] == [1, 1, 0]  # higher levels first, the busiest queue first
+    assert rows[0]["package"] == "stress-test" and rows[-1]["package"] == "other"
