@@ -55,7 +55,8 @@ def build_baseline_app(args: AppArgs, ingress_options: dict[str, Any] | None = N
     spec = args.models[0]
     key = secrets.token_hex(16)  # the baseline's own detector, answering its own ingress only
     detector = deployment(Detector).options(**spec.deployment_options()).bind(spec, key)
-    return deployment(BaselineIngress).options(**(ingress_options or {})).bind(detector, args, key)
+    options = {"max_ongoing_requests": args.ingress_max_ongoing, **(ingress_options or {})}  # as the metered ingress
+    return deployment(BaselineIngress).options(**options).bind(detector, args, key)
 
 
 @serve.deployment(name="Echo", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)

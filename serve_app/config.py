@@ -194,6 +194,11 @@ class AppArgs(BaseModel):
     # calls the detectors; `ingress_autoscaling` (if set) replaces the fixed count
     ingress_replicas: int = Field(default=1, ge=1, le=64)
     ingress_autoscaling: Autoscaling | None = None
+    # requests one ingress replica holds at once. A request the detectors queue (DESIGN §3c) holds
+    # its ingress slot while it waits: past this, Serve's proxy queues requests in FIFO order in front
+    # of the ingress, whoever sends them, so keep it above what the detectors' queues hold
+    # (`scheduler.queue_s` x their rate); each held request keeps its decoded images in memory
+    ingress_max_ongoing: int = Field(default=1024, ge=1, le=100_000)
     models: list[ModelSpec] = [ModelSpec(name="parts", version="1", weights=DEMO_WEIGHTS, imgsz=320)]
     limits: RequestLimits = RequestLimits()
 
@@ -213,9 +218,10 @@ class AppArgs(BaseModel):
         return a
 
     def ingress_options(self) -> dict[str, Any]:
+        ongoing = {"max_ongoing_requests": self.ingress_max_ongoing}
         if self.ingress_autoscaling is not None:
-            return {"autoscaling_config": self.ingress_autoscaling.serve_config()}
-        return {"num_replicas": self.ingress_replicas}
+            return {"autoscaling_config": self.ingress_autoscaling.serve_config(), **ongoing}
+        return {"num_replicas": self.ingress_replicas, **ongoing}
 
     def ledger_settings(self, env: LedgerSettings | None = None) -> LedgerSettings:
         """The ledger's settings: these args for where it lives and its leases; alert delivery and

@@ -299,6 +299,8 @@ class LeaseHolder:
         prior = h.inflight.get(a.request_id)
         if prior is not None:  # a retry of a request this replica is serving: no second debit
             return self._copy(h, prior, a, now)
+        if self._strict_copy_pending(a.request_id):
+            return await self._strict(a)
         if self.done.get(a.request_id) == UsageState.SETTLED.value:
             return Decision(Code.REPLAY, a.request_id, a.token_id, message="request already settled")
         waited = False
@@ -326,6 +328,13 @@ class LeaseHolder:
             if copy is not None:
                 return copy
         return await self._local(h, a, now, waited)
+
+    def _strict_copy_pending(self, request_id: str) -> bool:
+        """A copy of this request was admitted at the shard by this replica and is not settled:
+        the shard holds its debit, so only the shard can serve another copy without a second one,
+        with the checks of now. (A lease debit here would charge it twice, and the lease's policy
+        may not have seen a rotation the shard has: simulator seed 6110.)"""
+        return bool(self.strict_copies.get(request_id))
 
     def _admitted_meanwhile(self, h: _Held, a: Admission, now: float) -> Decision | None:
         """Another copy of this request waited for the same ask and was admitted first: this one is

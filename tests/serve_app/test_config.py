@@ -64,3 +64,25 @@ def test_given_the_shipped_ray_config_then_it_reads_and_names_the_lease_holder()
     doc = yaml.safe_load((ROOT / "ray_config.yaml").read_text())
     a = AppArgs.model_validate(doc["applications"][0]["args"])
     assert a.ledger.lease_holder.report_interval_s == 0.1
+
+
+def test_given_the_shipped_file_then_each_version_has_a_fair_scheduler_and_the_tier_table_reaches_the_ledger() -> None:
+    app = yaml.safe_load((ROOT / "ray_config.yaml").read_text())["applications"][0]["args"]
+    parsed = AppArgs.model_validate({**app, "ledger": {**app["ledger"], "tiers": {"pro": {"weight": 3}}}})
+    config = parsed.models[0].scheduler_config()
+    assert (config.policy, config.queue_s, config.min_share, config.max_batch) == ("fair", 1.0, 0.1, 8)
+    assert parsed.models[0].deployment_options()["max_ongoing_requests"] == 1024
+    assert parsed.ingress_options()["max_ongoing_requests"] == 1024  # above what the detectors queue
+    assert parsed.ledger_settings(LedgerSettings()).tiers == {"pro": {"weight": 3}}
+
+
+def test_given_scheduler_settings_then_a_queue_bound_beyond_the_timeout_is_refused_and_the_default_is_cut() -> None:
+    base = {"name": "m", "weights": __file__, "timeout_s": 1.0}
+    with pytest.raises(ValidationError, match="queue_s"):
+        AppArgs.model_validate({"models": [{**base, "scheduler": {"queue_s": 1.0}}], "default_model": "m"})
+    with pytest.raises(ValidationError, match="fair"):
+        AppArgs.model_validate({"models": [{**base, "scheduler": {"policy": "lifo"}}], "default_model": "m"})
+    cut = AppArgs.model_validate({"models": [base], "default_model": "m"}).models[0]
+    assert cut.scheduler_config().queue_s == 0.5  # the default 1 s, cut to half of a 1 s timeout
+    with pytest.raises(ValidationError, match="not a tier"):
+        args(tiers={"gold": {"level": 2}})

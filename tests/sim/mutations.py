@@ -104,10 +104,10 @@ def _reclaim_ignored() -> Callable[[], None]:
 
     real = TokenPolicy.of
 
-    def of(node: Any, version: Any) -> Any:
+    def of(node: Any, version: Any, *table: Any) -> Any:
         from dataclasses import replace
 
-        return replace(real(node, version), reclaimed=False)
+        return replace(real(node, version, *table), reclaimed=False)
 
     return _patch(TokenPolicy, "of", staticmethod(of))
 
@@ -251,8 +251,17 @@ def _idle_release_takes_inflight() -> Callable[[], None]:
     return _patch(LeaseHolder, "_release_waits", lambda self, h: False)
 
 
+def _strict_copy_admitted_locally() -> Callable[[], None]:
+    """A redelivered copy of a request this replica admitted at the shard (and has not settled) is
+    admitted again from the lease: a second debit, under a policy that may predate a rotation."""
+    from ledger.client.holder import LeaseHolder
+
+    return _patch(LeaseHolder, "_strict_copy_pending", lambda self, request_id: False)
+
+
 MUTATIONS.update(
     {
+        "strict_copy_admitted_locally": _strict_copy_admitted_locally,
         "idle_release_takes_inflight": _idle_release_takes_inflight,
         "named_copy_settles_local": _named_copy_settles_local,
         "copies_forgotten_on_restart": _copies_forgotten_on_restart,

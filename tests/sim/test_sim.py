@@ -33,9 +33,10 @@ CAUGHT = [
     ("copies_forgotten_on_restart", 14951),  # found by `make sim` beyond the sweep (42 answered on 40)
     ("named_copy_settles_local", 23834),  # found by `make sim` beyond the sweep (charged 17, answered 18)
     ("idle_release_takes_inflight", 454),  # a seed of the RACY class (a request as a report round runs)
+    ("strict_copy_admitted_locally", 6110),  # found by `make sim` beyond the sweep (issue 21's session)
 ]
 # seeds beyond the sweep that found a defect (of the code or of the simulator's own accounting)
-FOUND_LATER = [1537, 2143, 2595, 4826, 6746, 10352, 14951, 23376, 23834]
+FOUND_LATER = [1537, 2143, 2595, 4826, 6110, 6746, 10352, 14951, 23376, 23834]
 
 
 def sim(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
