@@ -82,6 +82,7 @@ class ModelSpec(BaseModel):
             )
         if self.scheduler.max_queued < self.max_batch_size:
             raise ValueError("scheduler.max_queued must be at least max_batch_size")
+        self.scheduler_config()  # what the replicas will build: refused here, not in a replica's __init__
         return self
 
     def scheduler_config(self) -> SchedulerConfig:

@@ -232,7 +232,8 @@ class DetectorMetrics:
     its scheduler's queue, waits and refusals by priority level and package (DESIGN §3c). Package
     tags are bounded: the first MAX_PACKAGES packages this replica serves keep their id, the rest
     are OTHER. The queue gauge is set at each of the replica's publications (at most every second
-    while it serves, and when its queue empties); an idle replica's series lapse after Ray's gauge
+    while it serves, and when its queue empties, to 0) and by `refresh()`; the Detector has no
+    periodic loop, so an idle replica's series (0 since its queue emptied) lapse after Ray's gauge
     lifetime, which reads as what they are: nothing queued."""
 
     def __init__(self, model: str) -> None:
@@ -268,7 +269,7 @@ class DetectorMetrics:
         for metric in (self._batch_size, self._infer, self._queued, self._wait, self._refused):
             metric.set_default_tags(default)
         self.packages: set[str] = set()
-        self.gauged: set[tuple[str, str]] = set()
+        self.depth: dict[tuple[str, str], float] = {}  # (level, package tag) -> images queued, last set
 
     def package_label(self, package: str) -> str:
         if package in self.packages:
@@ -295,10 +296,14 @@ class DetectorMetrics:
     def queues(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """The scheduler's snapshot: queued images summed by (level, package label); a series seen
         before and empty now is set to 0, not left at its last value."""
-        depth: dict[tuple[str, str], float] = dict.fromkeys(self.gauged, 0.0)
+        depth: dict[tuple[str, str], float] = dict.fromkeys(self.depth, 0.0)
         for r in rows:
             key = (str(r["level"]), tag_value(self.package_label(str(r["package"]))))
             depth[key] = depth.get(key, 0.0) + float(r["queued"])
-        for (level, package), value in depth.items():
+        self.depth = depth
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Set the queue gauges again to their last values, so that Ray keeps exporting them."""
+        for (level, package), value in self.depth.items():
             self._queued.set(value, tags={"level": level, "package": package})
-        self.gauged = set(depth)

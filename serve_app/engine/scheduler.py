@@ -77,8 +77,8 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         if self.policy not in ("fair", "fifo"):
             raise ValueError(f"scheduler policy must be fair or fifo, got {self.policy!r}")
-        if not (0 < self.queue_s <= 3600 and self.max_batch >= 1 and 0 <= self.batch_wait_s <= 1):
-            raise ValueError("scheduler needs 0 < queue_s <= 3600, max_batch >= 1, 0 <= batch_wait_s <= 1")
+        if not (0 < self.queue_s <= 3600 and self.max_batch >= 1 and 0 <= self.batch_wait_s <= 3600):
+            raise ValueError("scheduler needs 0 < queue_s <= 3600, max_batch >= 1, 0 <= batch_wait_s <= 3600")
         if not (0 < self.min_share <= 0.5 and self.max_queued >= self.max_batch):
             raise ValueError("scheduler needs 0 < min_share <= 0.5 and max_queued >= max_batch")
 

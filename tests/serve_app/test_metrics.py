@@ -135,6 +135,9 @@ def test_given_unset_tags_when_recorded_without_ray_then_nothing_raises() -> Non
     ingress.report_lag(-0.5)
     ingress.request(-1.0, None, 200)  # type: ignore[arg-type]
     detector.batch(0, 0.1)
+    detector.waited(0, None, -1.0)  # type: ignore[arg-type]
+    detector.refused(0, None)  # type: ignore[arg-type]
+    detector.queues([{"level": 0, "package": None, "queued": 0}])
     shard.commit(-1.0, 0)
     shard.quota_remaining(None, 0)  # type: ignore[arg-type]
     shard.leases(0, 0)
@@ -158,14 +161,18 @@ class Emitter:
         ingress.report_lag(0.05)
         ingress.request(0.2, model, 200)
         ingress.request(0.01, model, 429)
-        DetectorMetrics(model).batch(4, 0.03)
+        detector = DetectorMetrics(model)
+        detector.batch(4, 0.03)
+        detector.waited(1, package, 0.02)
+        detector.refused(0, package)
+        detector.queues([{"level": 1, "package": package, "queued": 5}, {"level": 1, "package": package, "queued": 2}])
         shard = ShardMetrics(7)
         shard.commit(0.004, 12)
         shard.commit(0.002, 3)
         shard.quota_remaining(package, 960)
         shard.leases(5, 80)
         shard.lost_lease(6, "refund")
-        self.owners = (ingress, shard)
+        self.owners = (ingress, shard, detector)
         context = ray.get_runtime_context()
         return context.get_node_id(), context.get_worker_id()
 
@@ -191,6 +198,10 @@ def expected(model: str, package: str) -> list[tuple[str, dict[str, str], float]
         ("ray_yt_detector_batch_size_count", {"model": model}, 1),
         ("ray_yt_detector_batch_size_bucket", {"model": model, "le": "4.0"}, 1),
         ("ray_yt_detector_infer_seconds_count", {"model": model}, 1),
+        ("ray_yt_detector_queue_wait_seconds_count", {"model": model, "level": "1", "package": package}, 1),
+        ("ray_yt_detector_queue_wait_seconds_bucket", {"model": model, "level": "1", "le": "0.025"}, 1),
+        ("ray_yt_detector_refused_total", {"model": model, "level": "0", "package": package}, 1),
+        ("ray_yt_detector_queue_images", {"model": model, "level": "1", "package": package}, 7),
         ("ray_yt_ledger_commit_seconds_count", shard, 2),
         ("ray_yt_ledger_commits_total", shard, 2),
         ("ray_yt_ledger_ops_total", shard, 15),
