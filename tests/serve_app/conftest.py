@@ -12,7 +12,7 @@ from typing import Any
 
 from PIL import Image
 
-from serve_app.config import DEMO_WEIGHTS, AppArgs, Autoscaling, ModelSpec, RequestLimits
+from serve_app.config import DEMO_WEIGHTS, AppArgs, Autoscaling, ModelSpec, RequestLimits, SchedulerArgs
 
 HTTP_PORT = 8123
 
@@ -44,6 +44,10 @@ def live_args(tmp: Path) -> AppArgs:
                 weights=DEMO_WEIGHTS,
                 imgsz=320,
                 autoscaling=Autoscaling(min_replicas=1, max_replicas=1),
+                # the quota tests burst hundreds of requests at one tenant on one CPU replica: a
+                # queue bound of 20 s keeps them all (the default 1 s would shed part of the burst
+                # as model_busy, refunded; tests/hostile/test_isolation.py tests that)
+                scheduler=SchedulerArgs(queue_s=20.0),
             ),
             ModelSpec(
                 name="parts",
