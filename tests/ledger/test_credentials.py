@@ -723,3 +723,59 @@ def test_fuzz_given_signed_hostile_header_and_claims_when_verified_then_only_cre
     payload = claims(**{**claim_changes, **dict.fromkeys(dropped, DROP)}) if whole_payload is None else whole_payload
 
     _only_credential_error(verifier, hand_signed(key, header, payload))
+
+
+# ---------------------------------------------------------------- verified credentials remembered (issue 22 §4)
+def test_given_a_credential_verified_once_then_again_it_costs_no_signature_check(
+    ring: KeyRing, verifier: Verifier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = valid_token(ring)
+    first = verifier.verify(token)
+    calls = []
+    real = jwt.decode
+    monkeypatch.setattr(jwt, "decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert verifier.verify(f"Bearer {token}") == first == verifier.verify(token)
+    assert calls == []  # remembered: no Ed25519 verification
+
+
+def test_given_a_remembered_credential_then_any_change_to_it_is_verified_and_refused(
+    ring: KeyRing, verifier: Verifier
+) -> None:
+    token = valid_token(ring)
+    verifier.verify(token)
+    head, body, sig = token.split(".")
+    forged_body = segment(claims(sub="tok_other", jti="jti_1"))  # same jti, another token
+    refused(verifier, f"{head}.{forged_body}.{sig}")
+    refused(verifier, f"{head}.{body}.{sig[:-2]}AA")
+
+
+def test_given_a_remembered_credential_past_its_exp_then_it_is_refused_as_expired(
+    ring: KeyRing, verifier: Verifier, clock: FakeClock
+) -> None:
+    token = valid_token(ring)
+    verifier.verify(token)
+    clock.now = NOW + 3600 + 60
+    refused(verifier, token, Code.EXPIRED_TOKEN)
+    refused(verifier, token, Code.EXPIRED_TOKEN)  # forgotten, then refused by the full check too
+
+
+def test_given_its_key_pruned_from_the_ring_then_a_remembered_credential_is_refused(
+    ring: KeyRing, verifier: Verifier, clock: FakeClock, key_dir: Path
+) -> None:
+    token = valid_token(ring)
+    verifier.verify(token)
+    other = KeyRing.open(key_dir.parent / "other", clock=clock)  # a ring without this token's key
+    verifier.update_keys(other.public_keys())
+    refused(verifier, token)
+
+
+def test_given_more_credentials_than_remembered_then_the_oldest_is_forgotten_and_verified_again(
+    ring: KeyRing, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Verifier, "CACHE_SIZE", 3)
+    verifier = Verifier(ring.public_keys(), clock=clock)
+    tokens = [issue(ring, sub=f"tok_{i}", pkg="pkg_1", jti=f"jti_{i}", typ="access", exp=NOW + 60) for i in range(4)]
+    for t in tokens:
+        verifier.verify(t)
+    assert list(verifier._verified) == tokens[1:]
+    assert verifier.verify(tokens[0]).sub == "tok_0"  # verified again, in full
