@@ -27,7 +27,7 @@ Goals for `fair` (`goals_met` is true only when all hold, on 1 and on 2 replicas
     weighted    50 / 25 / 25 %, +-10 % (relative)
     pro_basic   pro p99 <= 1.5 x its p99 alone; basic >= its minimum share (0.1), -10 %
 
-Prints one JSON summary (and writes it to --out).
+Prints the JSON summary on one line (and writes it, indented, to --out).
 """
 
 from __future__ import annotations
@@ -203,6 +203,15 @@ def _ms(x: float | None) -> float | None:
     return None if x is None else round(1000 * x, 2)
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    """a / b to 2 places; None when either was not measured (nothing served in the window)."""
+    return None if a is None or not b else round(a / b, 2)
+
+
+def _at_most(x: float | None, bound: float) -> bool:
+    return x is not None and x <= bound
+
+
 def goals(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Each goal of the issue, for `fair`, with the figures it was judged on (fifo alongside)."""
     out = []
@@ -214,8 +223,8 @@ def goals(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         return results[policy][scenario]["tenants"][who]
 
     alone = t("fair", "scene_alone", "production")["p99_ms"]
-    ratio = {p: t(p, "scene", "production")["p99_ms"] / alone for p in ("fair", "fifo")}
-    add("scene: production p99 <= 1.5 x alone", ratio["fair"] <= 1.5, round(ratio["fair"], 2), round(ratio["fifo"], 2))
+    ratio = {p: _ratio(t(p, "scene", "production")["p99_ms"], alone) for p in ("fair", "fifo")}
+    add("scene: production p99 <= 1.5 x alone", _at_most(ratio["fair"], 1.5), ratio["fair"], ratio["fifo"])
     refused = {p: t(p, "scene", "production")["refused"] for p in ("fair", "fifo")}
     add("scene: 0 production refusals", refused["fair"] == 0, refused["fair"], refused["fifo"])
     through = {p: results[p]["scene"]["served_per_s"] / results[p]["scene"]["capacity_per_s"] for p in ("fair", "fifo")}
@@ -239,13 +248,8 @@ def goals(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             shares["fifo"],
         )
     pro_alone = t("fair", "pro_alone", "pro")["p99_ms"]
-    pro_ratio = {p: t(p, "pro_basic", "pro")["p99_ms"] / pro_alone for p in ("fair", "fifo")}
-    add(
-        "pro_basic: pro p99 <= 1.5 x alone",
-        pro_ratio["fair"] <= 1.5,
-        round(pro_ratio["fair"], 2),
-        round(pro_ratio["fifo"], 2),
-    )
+    pro_ratio = {p: _ratio(t(p, "pro_basic", "pro")["p99_ms"], pro_alone) for p in ("fair", "fifo")}
+    add("pro_basic: pro p99 <= 1.5 x alone", _at_most(pro_ratio["fair"], 1.5), pro_ratio["fair"], pro_ratio["fifo"])
     basic = {p: t(p, "pro_basic", "basic")["share"] for p in ("fair", "fifo")}
     add("pro_basic: basic >= its minimum share (0.1) -10 %", basic["fair"] >= 0.09, basic["fair"], basic["fifo"])
     return out
@@ -279,10 +283,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     a = parser.parse_args()
     summary = asyncio.run(main_async(a.seconds, [int(x) for x in a.replicas.split(",")]))
-    text = json.dumps(summary, indent=2)
     if a.out:
-        a.out.write_text(text)
-    print(text)
+        a.out.write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary))  # one line: the summary is the last line, as every bench here prints
 
 
 if __name__ == "__main__":
