@@ -38,7 +38,6 @@ from ledger import (
     LedgerError,
     Service,
     Settlement,
-    default_service,
     ops,
     wire,
 )
@@ -269,8 +268,8 @@ class IngressSteps:
         """The version's answer within `spec.timeout_s` (queueing for a replica and a cold start
         included), or its scheduler's refusal (`{"refused": "model_busy", ...}`); `TimeoutError`
         otherwise. The request is withdrawn on timeout or cancellation. `service` says whose
-        request it is (the admission's verdict carries it), for the scheduler."""
-        service = service or default_service(spec.key, spec.key)
+        request it is (the admission's verdict carries it; None: the detector files it under a default
+        tenant), for the scheduler."""
         response = self.detectors[spec.key].detect.remote(pixels, params, key=self.detector_key, service=service)
         try:
             result: dict[str, Any] = await asyncio.wait_for(_awaited(response), spec.timeout_s)

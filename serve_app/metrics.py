@@ -74,6 +74,23 @@ def tag_value(value: object) -> str:
     return text if text else UNKNOWN
 
 
+class BoundedLabels:
+    """Tag values that never grow a label set: the first `limit` distinct values keep their names,
+    every later one is OTHER."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.named: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if value in self.named:
+            return value
+        if len(self.named) < self.limit:
+            self.named.add(value)
+            return value
+        return OTHER
+
+
 class TeamLabels:
     """Bounded `team` tag values for one replica: a token's team is the nearest ancestor's that sets
     one (as in reports and the console); the first MAX_TEAMS distinct teams keep their names and
@@ -87,7 +104,7 @@ class TeamLabels:
         self.max_teams = max_teams
         self.ttl_s = ttl_s
         self.clock = clock
-        self.named: set[str] = set()
+        self.named = BoundedLabels(max_teams)
         self.of: dict[str, str] = {}  # token id -> label
         self.read_at: dict[str, float] = {}  # package -> when its tree was read
         self.wanted: dict[str, None] = {}  # packages to read, oldest first
@@ -101,15 +118,7 @@ class TeamLabels:
         return known or UNKNOWN
 
     def _bounded(self, team: Any) -> str:
-        if not team:
-            return NO_TEAM
-        name = str(team)
-        if name in self.named:
-            return name
-        if len(self.named) < self.max_teams:
-            self.named.add(name)
-            return name
-        return OTHER
+        return self.named(str(team)) if team else NO_TEAM
 
     def learn(self, package: str, views: Iterable[Any]) -> None:
         """Labels for every token of a package's tree (views as `LedgerApi.tokens` returns them)."""
@@ -268,16 +277,8 @@ class DetectorMetrics:
         )
         for metric in (self._batch_size, self._infer, self._queued, self._wait, self._refused):
             metric.set_default_tags(default)
-        self.packages: set[str] = set()
+        self.package_label = BoundedLabels(MAX_PACKAGES)
         self.depth: dict[tuple[str, str], float] = {}  # (level, package tag) -> images queued, last set
-
-    def package_label(self, package: str) -> str:
-        if package in self.packages:
-            return package
-        if len(self.packages) < MAX_PACKAGES:
-            self.packages.add(package)
-            return package
-        return OTHER
 
     def batch(self, size: int, infer_s: float) -> None:
         """Observe one inference batch of `size` images that took `infer_s` seconds; an empty batch is none."""

@@ -183,11 +183,9 @@ class Scheduler:
         if c.policy == "fifo":
             ahead, share = self.queued, 1.0
         else:
-            level = self.levels.get(service.level)
-            pkg = level.pkgs.get(service.package) if level else None
-            flow = pkg.teams.get(service.team) if pkg else None
+            level, pkg, flow = self._find(service)
             ahead = flow.queued if flow else 0
-            share = self.share(service)
+            share = self._share(service, level, pkg, flow)
             if flow is not None and flow.queued and flow.per_batch is not None and self.drain and self.batch_s:
                 # backlogged now: what it has been getting per batch is its rate (what the share
                 # formula cannot know: how much the others leave it)
@@ -202,11 +200,16 @@ class Scheduler:
         tally.queued += cost
         return job
 
-    def share(self, service: Tenant) -> float:
-        """The fraction of the drain rate a flow of `service` would get now (as if it had work)."""
+    def _find(self, service: Tenant) -> tuple[_Level | None, _Pkg | None, _Flow | None]:
         level = self.levels.get(service.level)
         pkg = level.pkgs.get(service.package) if level else None
-        flow = pkg.teams.get(service.team) if pkg else None
+        return level, pkg, pkg.teams.get(service.team) if pkg else None
+
+    def share(self, service: Tenant) -> float:
+        """The fraction of the drain rate a flow of `service` would get now (as if it had work)."""
+        return self._share(service, *self._find(service))
+
+    def _share(self, service: Tenant, level: _Level | None, pkg: _Pkg | None, flow: _Flow | None) -> float:
         pkg_weights = (level.active_weight if level else 0.0) + (0.0 if pkg and pkg.active else service.package_weight)
         pkg_share = (pkg.weight if pkg and pkg.active else service.package_weight) / pkg_weights
         team_weights = (pkg.active_weight if pkg else 0.0) + (0.0 if flow and flow.queued else service.team_weight)
@@ -299,8 +302,9 @@ class Scheduler:
     def next_batch(self, now: float) -> tuple[list[Job], list[Job]]:
         """The jobs of the next batch, in service order, and the queued jobs past their deadline
         (taken off the queue: the caller refuses them as `Busy`)."""
-        expired = self._expired(now)
-        backlogged = self._backlogged()
+        flows = self._backlogged()
+        expired = self._expired(now, flows)
+        backlogged = [f for f in flows if f.queued]  # what is left after the expired went
         batch: list[Job] = []
         images = 0
         while self.queued:
@@ -337,11 +341,11 @@ class Scheduler:
             if flow.queued
         ]
 
-    def _expired(self, now: float) -> list[Job]:
+    def _expired(self, now: float, flows: list[_Flow]) -> list[Job]:
         """Queued jobs past their deadline, from the head of each queue (deadlines grow in arrival
         order within a queue; one behind a live head is found once that head has gone)."""
         late: list[Job] = []
-        queues = [self.fifo] if self.config.policy == "fifo" else [flow.jobs for flow in self._backlogged()]
+        queues = [self.fifo] if self.config.policy == "fifo" else [flow.jobs for flow in flows]
         for q in queues:
             for j in q:
                 if j.deadline > now:
