@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # The Ray environment (loopback, token auth, the proxy hook, offline) is not set here: every entry
 # point (yolo-tokens, tests/conftest.py, the benchmarks) applies it from serve_app/launcher.py.
 
-.PHONY: venv browser prometheus serve test chaos fuzz sim lint bench isolation screenshots clean
+.PHONY: proto venv browser prometheus serve test chaos fuzz sim lint bench isolation screenshots clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# the gRPC stubs beside serve_app/proto/yolo_tokens/v1/detect.proto (checked in: the serving path needs
+# no protoc; tests/serve_app/test_grpc_api.py fails when they are stale)
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. serve_app/proto/yolo_tokens/v1/detect.proto
 
 serve: $(STAMP)
 	$(BIN)/yolo-tokens serve

@@ -34,6 +34,7 @@ from ledger import (
     TokenSpec,
 )
 from ledger import cli as ledger_cli
+from serve_app import launcher
 from serve_app.launcher import APP_NAME, METRICS_PORT, LocalRay, apply_environment, auth_token_location, ray_env
 
 if TYPE_CHECKING:
@@ -47,7 +48,8 @@ DEFAULT_CONFIG = Path("ray_config.yaml")
 
 
 def load_config(path: Path) -> tuple[AppArgs, dict[str, Any]]:
-    """The first application's typed args and the http_options of a Serve config file."""
+    """The first application's typed args and the http_options of a Serve config file (its
+    `grpc_options`, if any, under the key "grpc")."""
     import yaml
 
     from serve_app.config import AppArgs
@@ -57,6 +59,7 @@ def load_config(path: Path) -> tuple[AppArgs, dict[str, Any]]:
     http = dict(doc.get("http_options") or {})
     http.setdefault("host", "127.0.0.1")
     http.setdefault("port", 8000)
+    http["grpc"] = dict(doc.get("grpc_options") or launcher.grpc_options())
     return AppArgs.model_validate(app.get("args") or {}), http
 
 
@@ -172,7 +175,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         ledger_cli.join(address, settings)
         signal.signal(signal.SIGTERM, _stop)  # after ray.init, which installs handlers of its own
         signal.signal(signal.SIGINT, _stop)
-        serve.start(http_options={"host": http["host"], "port": int(http["port"])})
+        serve.start(http_options={"host": http["host"], "port": int(http["port"])}, grpc_options=http["grpc"])
         print(f"deploying {a.config} (models: {', '.join(m.key for m in args.models)}) ...", flush=True)
         serve.run(build_app(args), name=APP_NAME, route_prefix="/")  # launches the ledger
         client = attach(settings)
@@ -187,7 +190,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         print(f'       -H "Content-Type: image/jpeg" --data-binary @{SAMPLE}')
         admin_file = AdminFile.default()
         cli_admin = CliAdmin(admin_file, client, url)
-        print(f"  API docs: {url}/docs")
+        print(f"  API docs: {url}/docs    gRPC: 127.0.0.1:{http['grpc'].get('port', launcher.GRPC_PORT)} "
+              f"(yolo_tokens.v1.DetectService)    frame stream: yolo-tokens stream VIDEO --fps 15")  # fmt: skip
         print(f"  CLI: yolo-tokens token list   (over HTTP, as admin: its credential is in {admin_file.path},")
         print(f"       readable by you only, valid 7 days and renewed daily; over Ray: --address {address})")
         print(f"\nRay: dashboard {local.dashboard_url}; Ray's tools and drivers need the token mode exported:")

@@ -129,6 +129,12 @@ class RequestLimits(BaseModel):
     max_body_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     max_pixels: int = Field(default=40_000_000, ge=1024)
     max_images: int = Field(default=16, ge=1, le=256)
+    # a frame stream (gRPC DetectStream, WebSocket /v1/detect/stream): frames of one session in
+    # detection at once; a frame beyond them is refused at once as model_busy (never charged)
+    stream_window: int = Field(default=8, ge=1, le=256)
+    # answers of one session computed and not yet taken by its client: past them the session stops
+    # reading frames (flow control slows the client) until the client reads
+    stream_unsent: int = Field(default=32, ge=1, le=4096)
     # peers whose X-Forwarded-For is believed; nobody's by default
     trusted_proxies: list[str] = []
 

@@ -9,7 +9,7 @@ import json
 import re
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 
 from serve_app.errors import ApiCode, ApiError
 
@@ -116,14 +116,22 @@ def _field_name(headers: bytes) -> bytes | None:
     return None
 
 
-def client_ip(request: Request, trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> str | None:
+def client_ip(request: HTTPConnection, trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> str | None:
     """The peer address, or — only when the peer is a trusted proxy — the first untrusted hop of X-Forwarded-For."""
     peer = request.client.host if request.client else None
+    return forwarded_client(peer, request.headers.getlist("x-forwarded-for"), trusted)
+
+
+def forwarded_client(
+    peer: str | None, forwarded: list[str], trusted: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> str | None:
+    """`peer`, or — only when `peer` is a trusted proxy — the first untrusted hop of its
+    X-Forwarded-For lines (HTTP headers, or gRPC metadata)."""
     if peer is None or not trusted or not _in(peer, trusted):
         return peer
     # several X-Forwarded-For lines are one list (RFC 9110 §5.3): a proxy that adds its own line
     # must not leave the client's first line to be read as the client's address
-    joined = ",".join(request.headers.getlist("x-forwarded-for"))
+    joined = ",".join(forwarded)
     hops = [h.strip() for h in joined.split(",") if h.strip()]
     for hop in reversed(hops):
         if not _in(hop, trusted):

@@ -14,6 +14,7 @@ never `__del__`, `__init__`, a private helper or a route method with a request t
 # and the methods Serve rebinds for @serve.ingress no longer see this module's globals.
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
@@ -26,22 +27,24 @@ from dataclasses import asdict
 from typing import Any, TypeVar
 
 import ray
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.context import _get_serve_request_context
 
 from ledger import Capability, Decision, LeaseHolder, LedgerSettings, OperationRefused, TokenSpec, attach, ops
-from serve_app import proxy_hooks, surface
+from serve_app import grpc_api, proxy_hooks, surface
 from serve_app.catalog import placement_problem
 from serve_app.config import AppArgs
 from serve_app.errors import ApiCode, ApiError, QuietDenials
-from serve_app.http import client_ip, images_from_body, plain, read_body
+from serve_app.http import client_ip, forwarded_client, images_from_body, plain, read_body
 from serve_app.ingress_steps import DetectCall, IngressSteps, check_idempotency_key, check_params, new_request_id
 from serve_app.metering import Meter
 from serve_app.metrics import IngressMetrics, TeamLabels
+from serve_app.proto.yolo_tokens.v1 import detect_pb2 as pb
 from serve_app.results import InferenceParams
+from serve_app.streams import FrameIn, FrameOut, FrameSession, MeteredFrames
 
 _SERVE_ID = re.compile(r"[\x21-\x7e]{1,64}")  # fits the ledger's request_id column (fullmatch)
 ADMIN_BODY_LIMIT = 1 << 20  # an admin call's JSON arguments (a token spec at most)
@@ -65,6 +68,14 @@ class ReclaimBody(BaseModel):
     units: int | None = Field(None, ge=1)
 
 
+async def _ws_close(websocket: WebSocket, exc: ApiError, final: bool = True) -> None:
+    """End a WebSocket session on an error: a last `{"error": ...}` message, then close 1008 with the code."""
+    with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+        if final:
+            await websocket.send_text(json.dumps(exc.body("")))
+        await websocket.close(code=1008, reason=str(exc.code))
+
+
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     rid = getattr(request.state, "request_id", "")
@@ -80,7 +91,9 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
 @serve.ingress(api)
 class Ingress:
     # what a handle call may name (DESIGN §5, docs/SECURITY.md); HTTP from Serve's proxy reaches the routes
-    __surface__ = surface.Surface(handle=frozenset({"detect", "stats"}))
+    __surface__ = surface.Surface(
+        handle=frozenset({"detect", "stats"}), grpc=frozenset({"Detect", "Models", "DetectStream"})
+    )
 
     def __init__(
         self, settings: LedgerSettings, detectors: dict[str, Any], args: AppArgs, capability: Capability
@@ -326,6 +339,153 @@ class Ingress:
         except (ValueError, UnicodeDecodeError, RecursionError):
             raise ApiError(ApiCode.INVALID_REQUEST, "body is not valid JSON") from None
         return await self.steps.admin_call(credential, op, body)
+
+    # ------------------------------------------------------------ frame stream over WebSocket
+    @api.websocket("/v1/detect/stream")
+    async def detect_stream_ws(
+        self,
+        websocket: WebSocket,
+        model: str | None = None,
+        conf: float = 0.25,
+        iou: float = 0.7,
+        max_det: int = 300,
+    ) -> None:
+        """A frame stream for browsers and simple clients (docs in README): the credential in the
+        `Authorization` header or, where a client cannot set one (a browser), as the first text
+        message `{"authorization": "Bearer ..."}`; then every binary message is one frame (an
+        encoded image), numbered from 0, answered by a text message `{"seq", "result"}` or
+        `{"seq", "error": {code, message, request_id, retry_after}}`, in order. A session that cannot
+        start, or whose credential fails mid-stream, ends with close code 1008 and the error's code
+        as the reason, after a last `{"error": ...}` message."""
+        await websocket.accept()
+        self._start_gauges()
+        ip = client_ip(websocket, self.trusted)
+        frames_params = InferenceParams(conf, iou, max_det)
+        session = FrameSession(
+            MeteredFrames(self.steps, ip), self.args.limits.stream_window, self.args.limits.stream_unsent
+        )
+        try:
+            credential = websocket.headers.get("authorization")
+            if credential is None:
+                first = await websocket.receive_text()
+                try:
+                    credential = json.loads(first).get("authorization")
+                except (ValueError, AttributeError):
+                    credential = None
+            check_params(frames_params)
+            await session.open(credential)
+        except ApiError as exc:
+            await _ws_close(websocket, exc)
+            return
+        except WebSocketDisconnect:
+            return
+
+        async def frames() -> Any:
+            seq = 0
+            while True:
+                msg = await websocket.receive()
+                if msg["type"] == "websocket.disconnect":
+                    return
+                data = msg.get("bytes")
+                if data is None:  # a text message mid-stream is not a frame
+                    data = b""
+                yield FrameIn(seq, data, model, frames_params)
+                seq += 1
+
+        async def send(out: FrameOut) -> None:
+            await websocket.send_text(json.dumps(out.to_json()))
+
+        try:
+            await session.run(frames(), send)
+        except (WebSocketDisconnect, RuntimeError):  # the client left (Starlette raises RuntimeError after close)
+            return
+        if session.ended is not None:
+            await _ws_close(websocket, session.ended, final=False)
+        else:
+            with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+                await websocket.close()
+
+    # ------------------------------------------------------------ gRPC (Serve's gRPC proxy)
+    def _grpc_call(self, context: Any) -> tuple[dict[str, str], str | None]:
+        md = grpc_api.metadata(context)
+        ip = forwarded_client(grpc_api.peer_ip(context), [md.get("x-forwarded-for", "")], self.trusted)
+        return md, ip
+
+    async def Detect(self, request: pb.DetectRequest, grpc_context: Any) -> pb.DetectReply:
+        """`DetectService.Detect`: as POST /v1/detect (the credential and the idempotency key in metadata)."""
+        t0 = time.perf_counter()
+        self._start_gauges()
+        rid = new_request_id()
+        md, ip = self._grpc_call(grpc_context)
+        status = 500
+        try:
+            model = request.model or None
+            call = DetectCall(
+                rid, md.get("authorization"), list(request.images), model, grpc_api.params(request), ip,
+                md.get("idempotency-key"),
+            )  # fmt: skip
+            out = await self.steps.detect(call)
+            status = 200
+            return grpc_api.reply(out.body, replayed="Idempotent-Replayed" in out.headers)
+        except ApiError as exc:
+            status = exc.status
+            grpc_api.fail(grpc_context, exc, rid)
+            return pb.DetectReply()
+        finally:
+            self.metrics.request(time.perf_counter() - t0, self._model_tag(request.model or None), status)
+
+    async def Models(self, request: pb.ModelsRequest, grpc_context: Any) -> pb.ModelsReply:
+        """`DetectService.Models`: as GET /v1/models."""
+        md, _ = self._grpc_call(grpc_context)
+        try:
+            await self.steps.verify(md.get("authorization"))
+        except ApiError as exc:
+            grpc_api.fail(grpc_context, exc, new_request_id())
+            return pb.ModelsReply()
+        return grpc_api.models_reply(self.steps.catalog.listing(await self._model_status()))
+
+    async def DetectStream(self, frames: Any, grpc_context: Any) -> Any:
+        """`DetectService.DetectStream`: a frame stream (serve_app/streams.py); each frame's answer or
+        refusal is a `FrameResult`, in order. The session ends with UNAUTHENTICATED (and the table's
+        code in the trailers) when its credential fails, at the start or mid-stream."""
+        self._start_gauges()
+        md, ip = self._grpc_call(grpc_context)
+        session = FrameSession(
+            MeteredFrames(self.steps, ip), self.args.limits.stream_window, self.args.limits.stream_unsent
+        )
+        try:
+            await session.open(md.get("authorization"))
+        except ApiError as exc:
+            # the status travels with a message (Serve sends the context with each one): one that says why
+            grpc_api.fail(grpc_context, exc, new_request_id())
+            yield pb.FrameResult(error=grpc_api.frame_error(exc), ends_session=True)
+            return
+        out: asyncio.Queue[pb.FrameResult | None] = asyncio.Queue(1)
+
+        async def incoming() -> Any:
+            async for msg in frames:
+                yield grpc_api.frame_in(msg)
+
+        async def send(answer: FrameOut) -> None:
+            if answer.error is not None and answer.ends_session:  # the status rides on this last message
+                grpc_api.fail(grpc_context, answer.error, answer.request_id)
+            await out.put(grpc_api.frame_result(answer))
+
+        async def run() -> None:
+            try:
+                await session.run(incoming(), send)
+            finally:
+                await out.put(None)
+
+        task = asyncio.ensure_future(run())
+        try:
+            while (item := await out.get()) is not None:
+                yield item
+            await task
+        finally:
+            task.cancel()  # the client left: the session gives back what it did not answer
+            with contextlib.suppress(BaseException):
+                await task
 
     # ------------------------------------------------------------ handle API (Ray jobs)
     async def detect(

@@ -34,6 +34,7 @@ from ledger import (
     Admission,
     Claims,
     Code,
+    Decision,
     LedgerApi,
     LedgerError,
     Service,
@@ -108,6 +109,18 @@ class DetectOutcome:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(slots=True)
+class Held:
+    """An answer computed and not yet charged (`IngressSteps.detect_held`): `success` is its
+    settlement until `commit` or `release` takes it (None: nothing to charge, e.g. a replay)."""
+
+    outcome: DetectOutcome
+    success: Settlement | None = None
+    stored: bool = False  # an idempotency key's answer: stored before it is sent
+    admission: Admission | None = None
+    decision: Decision | None = None
+
+
 class IngressSteps:
     """Plain object; the Ingress deployment owns one and passes the ledger, its lease holder (in a
     `Meter`) and the detector handles in."""
@@ -173,6 +186,45 @@ class IngressSteps:
     async def detect(self, call: DetectCall) -> DetectOutcome:
         """Verify, decode, price and admit here; only if admitted infer on the version's replicas;
         then settle. Denials raise `ApiError`."""
+        held = await self.detect_held(call)
+        await self.commit(held)
+        return held.outcome
+
+    async def commit(self, held: Held) -> None:
+        """Turn a held answer's units into used ones (and complete its audit row). An answer with an
+        idempotency key is stored durably first (a retry replays it), so commit before sending it;
+        any other answer may be committed after it was handed to the caller."""
+        if held.success is None:
+            return
+        success, held.success = held.success, None
+        if held.stored:
+            # a retry with this key replays the stored body, so it is stored before we answer
+            # (shielded: an answer already computed is kept and charged once even if the caller left)
+            await self.meter.settle_soon(success, wait_s=IDEM_SETTLE_WAIT_S)
+        else:
+            # the units are held for this request; settling only turns them into used ones, so the
+            # caller does not wait for it
+            self.meter.settle_later(success)
+
+    def recheck(self, held: Held) -> ApiError | None:
+        """A held answer's token as the lease holder sees it now: an `ApiError` if it was revoked or
+        expired (or its credential rotated) since the admission, else None. No I/O."""
+        if held.success is None or held.admission is None:
+            return None
+        refusal = self.meter.refusal(held.admission)
+        return None if refusal is None else ApiError.from_code(refusal[0], refusal[1])
+
+    def release(self, held: Held) -> None:
+        """The answer never reached its caller (a stream's client hung up before it was sent): its
+        units go back, so it costs nothing. A committed or replayed answer is left as it is."""
+        if held.success is None or held.admission is None:
+            return
+        held.success = None
+        self.meter.settle_later(refund(held.admission, held.decision))
+
+    async def detect_held(self, call: DetectCall) -> Held:
+        """`detect` up to its answer, not yet charged: the caller commits it (`commit`) or gives it
+        back (`release`). Denials raise `ApiError`, and cost nothing."""
         t0 = time.perf_counter()
         check_call(call)
         claims = await self.verify(call.credential)
@@ -196,7 +248,7 @@ class IngressSteps:
         if decision.code is Code.REPLAY:
             if decision.replay is None:
                 raise ApiError(ApiCode.IDEMPOTENCY_CONFLICT, "this request was already processed")
-            return DetectOutcome(json.loads(decision.replay), {**headers, "Idempotent-Replayed": "true"})
+            return Held(DetectOutcome(json.loads(decision.replay), {**headers, "Idempotent-Replayed": "true"}))
         if not decision.admitted:
             raise ApiError.from_code(decision.code, decision.message, decision.retry_after, headers)
         t_admitted = time.perf_counter()
@@ -252,15 +304,7 @@ class IngressSteps:
             root_id=admission.root_id,
             copy=decision.copy,
         )
-        if call.idempotency_key:
-            # a retry with this key replays the stored body, so it is stored before we answer
-            # (shielded: an answer already computed is kept and charged once even if the caller left)
-            await self.meter.settle_soon(success, wait_s=IDEM_SETTLE_WAIT_S)
-        else:
-            # the units are held for this request; settling only turns them into used ones (and
-            # completes the audit row), so the caller does not wait for it
-            self.meter.settle_later(success)
-        return DetectOutcome(body, headers)
+        return Held(DetectOutcome(body, headers), success, bool(call.idempotency_key), admission, decision)
 
     async def _infer(
         self, spec: ModelSpec, pixels: list[np.ndarray], params: InferenceParams, service: Service | None

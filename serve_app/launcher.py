@@ -37,6 +37,8 @@ LOOPBACK = "127.0.0.1"
 APP_NAME = "yolo-tokens"  # the Serve application (serve_app/app.py builds it)
 METRICS_PORT = 8270  # `yolo-tokens serve --metrics-port`: Ray's metrics export port, fixed for Prometheus
 LOOPBACK_VAR = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+GRPC_PORT = 9000  # Serve's gRPC proxy (bound to 127.0.0.1 by serve_app.proxy_hooks)
+GRPC_SERVICERS = ("serve_app.proto.yolo_tokens.v1.detect_pb2_grpc.add_DetectServiceServicer_to_server",)
 
 # always these values, whatever the caller's shell says
 ENFORCED: Mapping[str, str] = MappingProxyType(
@@ -62,6 +64,11 @@ DEFAULTS: Mapping[str, str] = MappingProxyType(
 READ_AT_IMPORT: Mapping[str, str] = MappingProxyType(
     {LOOPBACK_VAR: "ray", "RAY_AUTH_MODE": "ray", "YOLO_OFFLINE": "ultralytics"}
 )
+
+
+def grpc_options(port: int = GRPC_PORT) -> dict[str, object]:
+    """`serve.start(grpc_options=...)`: the yolo-tokens gRPC API on Serve's gRPC proxy."""
+    return {"port": port, "grpc_servicer_functions": list(GRPC_SERVICERS)}
 
 
 class LaunchError(RuntimeError):

@@ -67,6 +67,10 @@ class Meter:
         except TimeoutError:
             log.warning("settlement of %s not durable yet; retrying in the background", settlement.request_id)
 
+    def refusal(self, admission: Admission) -> tuple[Code, str] | None:
+        """The lease holder's cached verdict on the admission's token now (`LeaseHolder.refusal`)."""
+        return self.holder.refusal(admission.token_id, admission.jti)
+
     def settle_later(self, settlement: Settlement) -> asyncio.Future[Any]:
         task = asyncio.ensure_future(self._settle_durably(settlement))
         self._pending.add(task)

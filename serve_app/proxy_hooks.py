@@ -94,8 +94,32 @@ class ClientRequestIdMiddleware:
         await self.app(scope, receive, send)
 
 
+GRPC_HOST = "127.0.0.1"
+
+
+def bind_grpc_to_loopback() -> None:
+    """Ray 2.60's gRPC proxy listens on every interface (`[::]:port`, `grpc_util.start_grpc_server`
+    through `default_impl.add_grpc_address`, which it imports when the server starts): in this
+    process, the proxy's, it listens on 127.0.0.1 instead, as the HTTP proxy does
+    (`http_options.host`). The proxy calls `middlewares()` before it starts its gRPC server."""
+    from ray.serve._private import default_impl  # the proxy process: Ray is imported
+
+    original = default_impl.add_grpc_address
+    if getattr(original, "__yt_loopback__", False):
+        return
+
+    def add_grpc_address(grpc_server: Any, server_address: str) -> None:
+        _, _, port = server_address.rpartition(":")
+        original(grpc_server, f"{GRPC_HOST}:{port}")
+
+    add_grpc_address.__yt_loopback__ = True  # type: ignore[attr-defined]
+    default_impl.add_grpc_address = add_grpc_address
+
+
 def middlewares() -> list[Middleware]:
-    """Called by Ray Serve's proxy at start-up (see the module docstring)."""
+    """Called by Ray Serve's proxy at start-up (see the module docstring); also binds its gRPC
+    server to loopback (`bind_grpc_to_loopback`)."""
+    bind_grpc_to_loopback()
     return [Middleware(ClientRequestIdMiddleware)]
 
 

@@ -15,7 +15,7 @@ from serve_app import launcher  # imports neither Ray nor ultralytics
 # before any test module imports Ray or ultralytics, which read them once, when imported
 launcher.apply_environment()
 
-from tests.serve_app.conftest import HTTP_PORT, LiveApp, live_args  # noqa: E402
+from tests.serve_app.conftest import GRPC_PORT, HTTP_PORT, LiveApp, live_args  # noqa: E402
 
 PG_ADMIN_URL = os.environ.get("YT_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -57,7 +57,7 @@ def live_app(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
     tmp: Path = tmp_path_factory.mktemp("serve")
     args = live_args(tmp)
-    serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
+    serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT}, grpc_options=launcher.grpc_options(GRPC_PORT))
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     client = attach(args.ledger_settings())  # build_app launched it
     yield LiveApp(f"http://127.0.0.1:{HTTP_PORT}", args, client)

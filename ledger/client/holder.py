@@ -822,6 +822,20 @@ class LeaseHolder:
         task.add_done_callback(self.jobs.discard)
 
     # ------------------------------------------------------------ introspection
+    def refusal(self, token_id: str, jti: str) -> tuple[Code, str] | None:
+        """What the cached policy of a token says of it now, asking no one: the refusal an admission
+        would get for its credential (rotated or revoked) or its path (revoked, suspended, expired),
+        or None. The watch keeps the policy current within DESIGN §3a's bound; a token whose policy
+        is not cached here gets None. A frame stream re-checks an answer with it before sending it,
+        so that nothing is served past that bound after a revocation, even an answer computed before."""
+        h = self.held.get(token_id)
+        p = h.policy if h is not None else None
+        if p is None:
+            return None
+        if jti != p.jti:
+            return Code.REVOKED_TOKEN, "credential was rotated or revoked"
+        return status_refusal(p.path, self.clock())
+
     def outstanding(self) -> tuple[int, int]:
         """Leases held and their units not yet used."""
         held = [h for h in self.held.values() if h.lease_id]

@@ -188,7 +188,10 @@ def deployed(args: AppArgs, name: str, http_url: str, **bind: Any) -> Iterator[L
 
 def serve_proxy(port: int) -> str:
     """Serve's HTTP proxy on 127.0.0.1:`port` (the one the session's live app uses, if it runs)."""
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    from serve_app import launcher
+    from tests.serve_app.conftest import GRPC_PORT
+
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, grpc_options=launcher.grpc_options(GRPC_PORT))
     return f"http://127.0.0.1:{port}"
 
 

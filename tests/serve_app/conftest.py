@@ -15,6 +15,7 @@ from PIL import Image
 from serve_app.config import DEMO_WEIGHTS, AppArgs, Autoscaling, ModelSpec, RequestLimits, SchedulerArgs
 
 HTTP_PORT = 8123
+GRPC_PORT = 9123  # Serve's gRPC proxy of the test session (whichever fixture starts Serve first)
 
 
 @dataclass
