@@ -1,6 +1,7 @@
 """`yolo-tokens`: the ledger commands (ledger/cli.py) plus `serve`, which starts the whole service.
 
-`detect FILE|DIR` is a plain HTTP client of a running service (serve_app/detect_client.py).
+`detect FILE|DIR` is a plain HTTP client of a running service (serve_app/detect_client.py);
+`stream VIDEO|DIR` sends frames over one WebSocket or gRPC stream (serve_app/stream_client.py).
 `serve` starts a local Ray head on 127.0.0.1 (by pid), deploys `ray_config.yaml` with Ray
 Serve on 127.0.0.1, makes sure a demo package exists, prints its credential once with a
 ready-to-paste curl command, and stops everything it started on Ctrl-C.
@@ -262,7 +263,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="folder for annotated copies and detections.jsonl (default: stdout)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stderr")
+
+    p = sub.add_parser("stream", help="send a video's frames (or a folder's images) as one frame stream")
+    p.add_argument("target", type=Path, help="a video file (OpenCV reads it), or a folder of images (sorted)")
+    p.add_argument("--fps", type=float, default=15.0, help="frames sent per second (0: as fast as answered)")
+    p.add_argument("--grpc", action="store_true", help="gRPC DetectStream instead of the WebSocket route")
+    p.add_argument("--grpc-target", default=None, help=f"gRPC proxy host:port (default 127.0.0.1:{launcher.GRPC_PORT})")
+    p.add_argument("--url", help="service URL (default: $YT_URL or http://127.0.0.1:8000)")
+    p.add_argument("--token", help="credential (default: $YT_TOKEN; it and --token-file keep it out of `ps`)")
+    p.add_argument("--token-file", type=Path, help="file holding the credential")
+    p.add_argument("--model", help="name or name@version (default: the service's default model)")
+    p.add_argument("--conf", type=float, default=0.25)
+    p.add_argument("--iou", type=float, default=0.7)
+    p.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
+    p.add_argument("--out-video", type=Path, help="write the frames with their boxes drawn (.mp4 or .avi)")
+    p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stderr")
     return ap
+
+
+def cmd_stream(a: argparse.Namespace) -> int:
+    from serve_app.stream_client import StreamClient, StreamOptions, open_frames, summary_line
+
+    env = ClientSettings.from_env()
+    credential = a.token_file.read_text().strip() if a.token_file is not None else (a.token or env.token)
+    if not credential:
+        print("error: no credential: give --token, --token-file or $YT_TOKEN", file=sys.stderr)
+        return 2
+    if a.fps < 0:
+        print("error: --fps must be >= 0", file=sys.stderr)
+        return 2
+    try:
+        frames, video_fps = open_frames(a.target, a.max_frames)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    opts = StreamOptions(
+        url=a.url or env.url,
+        credential=credential,
+        fps=a.fps,
+        model=a.model,
+        conf=a.conf,
+        iou=a.iou,
+        grpc_target=(a.grpc_target or f"127.0.0.1:{launcher.GRPC_PORT}") if a.grpc else None,
+        progress=not a.no_progress and sys.stderr.isatty(),
+    )
+    summary = StreamClient(opts, a.out_video, video_fps).run(frames, sys.stdout)
+    if a.json:
+        print(json.dumps({**summary.__dict__, "fps": round(summary.fps, 2)}), file=sys.stderr)
+    else:
+        print(summary_line(summary, a.out_video), file=sys.stderr)
+    return 0 if summary.frames and summary.answered == summary.frames and not summary.ended_by else 1
 
 
 def cmd_detect(a: argparse.Namespace) -> int:
@@ -329,6 +380,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_serve(args)
     if args.group == "detect":
         return cmd_detect(args)
+    if args.group == "stream":
+        return cmd_stream(args)
     return ledger_cli.run(args, LedgerSettings.from_env())
 
 

@@ -120,6 +120,32 @@ def reply(body: Mapping[str, Any], replayed: bool = False) -> pb.DetectReply:
     )
 
 
+def body_of(r: pb.DetectReply) -> dict[str, Any]:
+    """A `DetectReply` as the HTTP result body (the inverse of `reply`; a client prints the same JSON either way)."""
+    return {
+        "request_id": r.request_id,
+        "model": {"name": r.model.name, "version": r.model.version},
+        "images": [
+            {
+                "width": i.width,
+                "height": i.height,
+                "detections": [
+                    {
+                        "class_id": d.class_id,
+                        "class_name": d.class_name,
+                        "confidence": d.confidence,
+                        "box": {"x1": d.box.x1, "y1": d.box.y1, "x2": d.box.x2, "y2": d.box.y2},
+                    }
+                    for d in i.detections
+                ],
+            }
+            for i in r.images
+        ],
+        "usage": {k: getattr(r.usage, k) for k in ("units", "used", "allocation", "remaining")},
+        "timing_ms": {k: getattr(r.timing_ms, k) for k in ("decode", "admit", "infer", "total")},
+    }
+
+
 def models_reply(listing: Mapping[str, Any]) -> pb.ModelsReply:
     fields = ("name", "version", "key", "cost_units", "imgsz", "backend", "timeout_s", "status", "message")
     return pb.ModelsReply(
