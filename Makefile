@@ -24,8 +24,12 @@ venv: $(STAMP)
 proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. serve_app/proto/yolo_tokens/v1/detect.proto
 
+# `make serve THROUGHPUT=1`: Serve's throughput mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1; README
+# "Configuration": user code and the handles' router on each replica's event loop, direct ingress on
+# the ingress replicas' own ports). A Ray job's handle must then be used from a running event loop.
+THROUGHPUT ?=
 serve: $(STAMP)
-	$(BIN)/yolo-tokens serve
+	$(if $(THROUGHPUT),RAY_SERVE_THROUGHPUT_OPTIMIZED=1 ,)$(BIN)/yolo-tokens serve
 
 # the console's end-to-end test looks at it in Debian's headless chromium (Playwright drives it)
 browser:

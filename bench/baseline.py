@@ -10,10 +10,11 @@ only here: the production app (`serve_app.app.build_app`) has no unmetered path.
 
 # No `from __future__ import annotations`: FastAPI resolves route annotations at runtime (see serve_app/ingress.py).
 
+import json
 import secrets
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve import Application
@@ -22,11 +23,44 @@ from serve_app.answer import result_body
 from serve_app.app import deployment
 from serve_app.config import AppArgs
 from serve_app.detector_deployment import Detector
+from serve_app.engine.registry import BACKENDS
+from serve_app.errors import ApiError
 from serve_app.http import images_from_body, read_body
 from serve_app.imaging import ImageLimits, decode_image
+from serve_app.ingress_steps import DetectOutcome, Held
 from serve_app.results import InferenceParams
+from serve_app.streams import FrameIn, FrameOut, FrameSession
 
 api = FastAPI(title="yolo-tokens unmetered baseline (benchmarks only)")
+
+
+class UnmeteredFrames:
+    """A `FrameWork` without the ledger: decode and detect only (defined before the ingress: the
+    methods Serve rebinds for @serve.ingress see only the globals defined before the class)."""
+
+    def __init__(self, ingress: Any) -> None:
+        self.ingress = ingress
+
+    async def open(self, credential: str | None) -> None:
+        return None
+
+    async def held(self, frame: FrameIn, request_id: str) -> Held:
+        ing = self.ingress
+        image = decode_image(frame.image, ing.limits)
+        result = await ing.detector.detect.remote([image.pixels], frame.params, key=ing.key)
+        body = result_body(
+            request_id, ing.spec.name, ing.spec.version, [(image.width, image.height)], result["detections"]
+        )
+        return Held(DetectOutcome(body))
+
+    async def commit(self, held: Held) -> None:
+        return None
+
+    def recheck(self, held: Held) -> ApiError | None:
+        return None
+
+    def release(self, held: Held) -> None:
+        return None
 
 
 @serve.deployment(name="BaselineIngress", ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256)
@@ -48,13 +82,39 @@ class BaselineIngress:
         sizes = [(i.width, i.height) for i in images]
         return JSONResponse(result_body("baseline", self.spec.name, self.spec.version, sizes, result["detections"]))
 
+    @api.websocket("/v1/detect/stream")
+    async def stream(self, websocket: WebSocket) -> None:
+        """The product's frame stream (the same `FrameSession`, window and JSON), each frame decoded
+        and detected, nothing verified, admitted or settled: metered minus this is the metering of a
+        stream frame."""
+        await websocket.accept()
+        session = FrameSession(UnmeteredFrames(self), self.args.limits.stream_window, self.args.limits.stream_unsent)
+        await session.open(None)
 
-def build_baseline_app(args: AppArgs, ingress_options: dict[str, Any] | None = None) -> Application:
+        async def frames() -> Any:
+            seq = 0
+            while (msg := await websocket.receive())["type"] != "websocket.disconnect":
+                yield FrameIn(seq, msg.get("bytes") or b"")
+                seq += 1
+
+        async def send(out: FrameOut) -> None:
+            await websocket.send_text(json.dumps(out.to_json()))
+
+        try:
+            await session.run(frames(), send)
+        except (WebSocketDisconnect, RuntimeError):
+            return
+
+
+def build_baseline_app(
+    args: AppArgs, ingress_options: dict[str, Any] | None = None, engines: dict[str, Any] | None = None
+) -> Application:
     """`ingress_options`: Serve options of the baseline ingress (the same as the metered ingress's,
-    so that a lever like `max_ongoing_requests` applies to both sides of the comparison)."""
+    so that a lever like `max_ongoing_requests` applies to both sides of the comparison); `engines`:
+    the detectors' backend registry (a fake engine for the stream benchmark)."""
     spec = args.models[0]
     key = secrets.token_hex(16)  # the baseline's own detector, answering its own ingress only
-    detector = deployment(Detector).options(**spec.deployment_options()).bind(spec, key)
+    detector = deployment(Detector).options(**spec.deployment_options()).bind(spec, key, None, engines or BACKENDS)
     options = {"max_ongoing_requests": args.ingress_max_ongoing, **(ingress_options or {})}  # as the metered ingress
     return deployment(BaselineIngress).options(**options).bind(detector, args, key)
 

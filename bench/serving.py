@@ -21,6 +21,14 @@ Serve's own levers come from the environment of this process (Ray's processes in
 summary (`serve_env`). `--ingress-max-ongoing` sets both ingresses' `max_ongoing_requests`;
 `--direct` sends requests to the ingress replicas' own ports (Serve's direct ingress) instead of the proxy.
 
+`--stream` (issue 22) adds two more apps on a fake engine (no model time: what is measured is the
+serving path), metered (the product's graph) and unmetered (`bench/baseline.py`), and measures on ONE
+connection each (bench/streams.py): frames/s one HTTP request per frame, over a WebSocket stream and a
+gRPC stream (at most the service's window of 8 frames unanswered), and gRPC unary `Detect` one after
+the other; `stream_vs_requests` = WebSocket stream frames/s over HTTP one-request-per-frame frames/s;
+`stream_frame_overhead_p50_ms` = the p50 per-frame latency of the metered stream minus the unmetered
+one, both sessions open side by side, one frame at a time on each in turn.
+
     python -m bench.serving [--concurrency 8] [--seconds 5] [--rounds 4] [--overhead-requests 200]
 """
 
@@ -73,7 +81,12 @@ GOALS = {  # issue 12 §5, this 2-core machine
     "local_admit_share": (">=", 0.99),
     "metered_vs_unmetered": (">=", 0.95),
     "efficiency": (">=", 0.8),
+    # issue 22 §4 (--stream)
+    "stream_vs_requests": (">=", 5.0),
+    "stream_frame_overhead_p50_ms": ("<=", 0.3),
 }
+GRPC_PORT = 9130
+STREAM_APPS = {"stream_metered": "/sm", "stream_unmetered": "/su"}
 
 
 def emit(measure: str, **fields: Any) -> None:
@@ -204,6 +217,68 @@ def goals(summary: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def stream_measures(args: AppArgs, lever: dict[str, Any], cred: str, images: list[bytes], n: int) -> dict[str, Any]:
+    """The frame-stream measures on the fake engine (see the module docstring); emits each, returns
+    the summary's keys."""
+    from bench import streams
+    from serve_app.engine.fake import FakeEngine
+    from tests.hostile.lease_cluster import fake_app
+
+    engines = {"torch": FakeEngine}
+    # no model time and no CPU reserved for it: what these apps measure is the serving path
+    args = args.model_copy(update={"models": [m.model_copy(update={"num_cpus": 0}) for m in args.models]})
+    serve.run(fake_app(args, engines=engines), name="stream_metered", route_prefix=STREAM_APPS["stream_metered"])
+    serve.run(build_baseline_app(args, lever, engines), name="stream_unmetered",
+              route_prefix=STREAM_APPS["stream_unmetered"])  # fmt: skip
+    base = f"127.0.0.1:{PORT}"
+    http_url = f"http://{base}{STREAM_APPS['stream_metered']}/v1/detect"
+    ws = {k: f"ws://{base}{p}/v1/detect/stream" for k, p in STREAM_APPS.items()}
+    headers = {"Authorization": f"Bearer {cred}", "Content-Type": "image/jpeg"}
+    md = [("authorization", f"Bearer {cred}"), ("application", "stream_metered")]
+    target = f"127.0.0.1:{GRPC_PORT}"
+    window = args.limits.stream_window
+    # warm-up: every path once, off the clock
+    asyncio.run(streams.http_one_per_frame(http_url, headers, images, 20))
+    asyncio.run(streams.ws_stream(ws["stream_metered"], cred, images, 40, window))
+    asyncio.run(streams.grpc_stream(target, md, images, 40, window))
+    asyncio.run(streams.grpc_unary(target, md, images, 20))
+    asyncio.run(streams.lockstep_pair(ws, cred, images, 20))
+    runs = {}
+    for name, load in (
+        ("http_one_request_per_frame", lambda: streams.http_one_per_frame(http_url, headers, images, n)),
+        ("websocket_stream", lambda: streams.ws_stream(ws["stream_metered"], cred, images, n, window)),
+        ("grpc_stream", lambda: streams.grpc_stream(target, md, images, n, window)),
+        ("grpc_unary", lambda: streams.grpc_unary(target, md, images, n)),
+    ):
+        runs[name] = asyncio.run(load()).summary()
+        emit(f"stream_{name}", engine="fake", connections=1, window=window, **runs[name])
+    lat = asyncio.run(streams.lockstep_pair(ws, cred, images, n))
+    pair = {
+        "metered": latency_summary(lat["stream_metered"]),
+        "unmetered": latency_summary(lat["stream_unmetered"]),
+        "overhead_p50_ms": round((pct(lat["stream_metered"], 0.5) - pct(lat["stream_unmetered"], 0.5)) * 1000, 3),
+        "overhead_paired_median_ms": round(statistics.median(
+            m - u for m, u in zip(lat["stream_metered"], lat["stream_unmetered"], strict=True)) * 1000, 3),
+    }  # fmt: skip
+    emit("stream_frame_lockstep", engine="fake", frames_each=n, **pair)
+    http_fps = runs["http_one_request_per_frame"]["frames_per_s"]
+    return {
+        "stream_engine": "fake",
+        "stream_frames_per_s": runs["websocket_stream"]["frames_per_s"],
+        "grpc_stream_frames_per_s": runs["grpc_stream"]["frames_per_s"],
+        "http_one_request_per_frame_per_s": http_fps,
+        "grpc_unary_per_s": runs["grpc_unary"]["frames_per_s"],
+        "stream_vs_requests": round(runs["websocket_stream"]["frames_per_s"] / http_fps, 2) if http_fps else None,
+        "grpc_stream_vs_requests": round(runs["grpc_stream"]["frames_per_s"] / http_fps, 2) if http_fps else None,
+        "grpc_unary_vs_http": round(runs["grpc_unary"]["frames_per_s"] / http_fps, 3) if http_fps else None,
+        "grpc_unary_p50_ms": runs["grpc_unary"]["p50_ms"],
+        "http_one_request_per_frame_p50_ms": runs["http_one_request_per_frame"]["p50_ms"],
+        "stream_frame_overhead_p50_ms": pair["overhead_p50_ms"],
+        "stream_frame_overhead_paired_median_ms": pair["overhead_paired_median_ms"],
+        "stream_frame_p50_ms": pair["metered"]["p50_ms"],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--concurrency", type=int, default=8)
@@ -216,6 +291,9 @@ def main() -> None:
     ap.add_argument("--replica-cpus", type=float, default=float(os.cpu_count() or 1))
     ap.add_argument("--ingress-max-ongoing", type=int, default=None)
     ap.add_argument("--direct", action="store_true", help="hit the ingress replicas' own ports (direct ingress)")
+    ap.add_argument("--stream", action="store_true", help="add the frame-stream measures (fake engine)")
+    ap.add_argument("--stream-frames", type=int, default=400, help="frames per stream measure")
+    ap.add_argument("--stream-only", action="store_true", help="only the frame-stream measures")
     a = ap.parse_args()
     images = bench_images(32, 320)
     tmp = Path(tempfile.mkdtemp(prefix="yt-serving-"))
@@ -241,14 +319,14 @@ def main() -> None:
     # logical CPUs: both apps' replicas must fit; the physical cores are what they share
     ray.init(
         address="local",
-        num_cpus=int(2 * a.replica_cpus + 2),
+        num_cpus=int(2 * a.replica_cpus + 2 + (2 if a.stream or a.stream_only else 0)),
         include_dashboard=False,
         log_to_driver=False,
         _node_ip_address="127.0.0.1",
     )
     handles = HandleLoop()
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+        serve.start(http_options={"host": "127.0.0.1", "port": PORT}, grpc_options=launcher.grpc_options(GRPC_PORT))
         serve.run(with_options(build_app(args), **lever), name="metered", route_prefix=APPS["metered"])
         serve.run(build_baseline_app(args, lever), name="unmetered", route_prefix=APPS["unmetered"])
         serve.run(build_echo_app(), name="echo", route_prefix=APPS["echo"])
@@ -262,6 +340,10 @@ def main() -> None:
             urls = {k: f"http://127.0.0.1:{PORT}{p.rstrip('/')}" + ("" if k == "echo" else "/v1/detect")
                     for k, p in APPS.items()}  # fmt: skip
         detect_urls = {k: urls[k] for k in ("metered", "unmetered")}
+        if a.stream_only:  # the stream measures alone (a quick look; the goals want the whole run)
+            print(json.dumps({"bench": "serving", "summary": True, "stream_only": True, "serve_env": serve_env(),
+                              **stream_measures(args, lever, cred, images, a.stream_frames)}), flush=True)  # fmt: skip
+            return
         asyncio.run(interleaved_rounds(detect_urls, headers, images, a.concurrency, a.warmup_s, 1))  # warm-up
         asyncio.run(interleaved_singles(urls, headers, images, 5))
         request_ids = request_id_source(urls["metered"], headers, images[0])
@@ -342,6 +424,8 @@ def main() -> None:
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "ray": ray.__version__,
                         "platform": platform.platform()},
         }  # fmt: skip
+        if a.stream:
+            summary |= stream_measures(args, lever, cred, images, a.stream_frames)
         summary["goals"] = goals(summary)
         print(json.dumps(summary), flush=True)
     finally:

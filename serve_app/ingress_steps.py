@@ -23,7 +23,7 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -53,6 +53,8 @@ from serve_app.results import InferenceParams
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
+# the detector call of admitted images: (spec, pixels, params, service) -> its reply
+Infer = Callable[[ModelSpec, list[np.ndarray], InferenceParams, Service | None], Awaitable[dict[str, Any]]]
 IDEM_SETTLE_WAIT_S = 5.0  # an idempotent answer waits this long for its stored replay body
 MODEL_RETRY_AFTER_S = 10.0
 
@@ -222,9 +224,10 @@ class IngressSteps:
         held.success = None
         self.meter.settle_later(refund(held.admission, held.decision))
 
-    async def detect_held(self, call: DetectCall) -> Held:
+    async def detect_held(self, call: DetectCall, infer: Infer | None = None) -> Held:
         """`detect` up to its answer, not yet charged: the caller commits it (`commit`) or gives it
-        back (`release`). Denials raise `ApiError`, and cost nothing."""
+        back (`release`). Denials raise `ApiError`, and cost nothing. `infer` replaces `self.infer`
+        (a stream's `Coalescer`, which sends its frames to the detector together)."""
         t0 = time.perf_counter()
         check_call(call)
         claims = await self.verify(call.credential)
@@ -253,7 +256,7 @@ class IngressSteps:
             raise ApiError.from_code(decision.code, decision.message, decision.retry_after, headers)
         t_admitted = time.perf_counter()
         try:
-            result = await self._infer(spec, [i.pixels for i in images], call.params, decision.service)
+            result = await (infer or self.infer)(spec, [i.pixels for i in images], call.params, decision.service)
         except asyncio.CancelledError:
             # the caller went away (Serve cancels the call when the client hangs up): no answer, no charge
             self.meter.settle_later(refund(admission, decision))
@@ -306,7 +309,7 @@ class IngressSteps:
         )
         return Held(DetectOutcome(body, headers), success, bool(call.idempotency_key), admission, decision)
 
-    async def _infer(
+    async def infer(
         self, spec: ModelSpec, pixels: list[np.ndarray], params: InferenceParams, service: Service | None
     ) -> dict[str, Any]:
         """The version's answer within `spec.timeout_s` (queueing for a replica and a cold start

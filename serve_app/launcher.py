@@ -58,11 +58,14 @@ DEFAULTS: Mapping[str, str] = MappingProxyType(
         "RAY_AUTH_MODE": "token",
         "RAY_USAGE_STATS_ENABLED": "0",
         "YOLO_OFFLINE": "1",  # ultralytics never downloads: weights are local files
+        # handles call replicas over gRPC, arguments by value, not through the object store: +15 %
+        # metered images/s, no API change (docs/BENCHMARKS.md, issues 12 and 22); `=0` turns it off
+        "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
     }
 )
 # variable -> the package that reads it once, when it is imported
 READ_AT_IMPORT: Mapping[str, str] = MappingProxyType(
-    {LOOPBACK_VAR: "ray", "RAY_AUTH_MODE": "ray", "YOLO_OFFLINE": "ultralytics"}
+    {LOOPBACK_VAR: "ray", "RAY_AUTH_MODE": "ray", "YOLO_OFFLINE": "ultralytics", "RAY_SERVE_USE_GRPC_BY_DEFAULT": "ray"}
 )
 
 

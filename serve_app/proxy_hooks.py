@@ -94,23 +94,26 @@ class ClientRequestIdMiddleware:
         await self.app(scope, receive, send)
 
 
-GRPC_HOST = "127.0.0.1"
+GRPC_HOST_VAR = "YT_GRPC_HOST"  # a cluster's proxies serve gRPC on every interface: YT_GRPC_HOST=0.0.0.0
 
 
 def bind_grpc_to_loopback() -> None:
     """Ray 2.60's gRPC proxy listens on every interface (`[::]:port`, `grpc_util.start_grpc_server`
-    through `default_impl.add_grpc_address`, which it imports when the server starts): in this
-    process, the proxy's, it listens on 127.0.0.1 instead, as the HTTP proxy does
-    (`http_options.host`). The proxy calls `middlewares()` before it starts its gRPC server."""
+    through `default_impl.add_grpc_address`, which it imports when the server starts), and Serve has
+    no host setting for it: in this process, the proxy's, it listens on 127.0.0.1 instead, or on
+    `$YT_GRPC_HOST` where the cluster files set it (as `http_options.host` does for HTTP). The proxy
+    calls `middlewares()` before it starts its gRPC server."""
     from ray.serve._private import default_impl  # the proxy process: Ray is imported
 
     original = default_impl.add_grpc_address
     if getattr(original, "__yt_loopback__", False):
         return
 
+    host = os.environ.get(GRPC_HOST_VAR) or "127.0.0.1"
+
     def add_grpc_address(grpc_server: Any, server_address: str) -> None:
         _, _, port = server_address.rpartition(":")
-        original(grpc_server, f"{GRPC_HOST}:{port}")
+        original(grpc_server, f"{host}:{port}")
 
     add_grpc_address.__yt_loopback__ = True  # type: ignore[attr-defined]
     default_impl.add_grpc_address = add_grpc_address

@@ -35,8 +35,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from serve_app.config import ModelSpec
 from serve_app.errors import ApiCode, ApiError
-from serve_app.ingress_steps import DetectCall, Held, IngressSteps, new_request_id
+from serve_app.ingress_steps import DetectCall, Held, Infer, IngressSteps, new_request_id
 from serve_app.results import InferenceParams
 
 # the credential's own failures: no later frame of the session could be admitted
@@ -100,13 +101,85 @@ class FrameWork(Protocol):
     def release(self, held: Held) -> None: ...
 
 
+class Coalescer:
+    """A session's frames go to the detector together: the first frame goes at once, and the frames
+    admitted while a detector call is in flight go in the next call, as one request of several images
+    (at most `max_images`; the same model version, parameters and tenant), each frame getting its own
+    images' detections and its share of the forward time. One call in flight per session: a Ray call
+    per batch of frames instead of per frame, which is most of a frame's serving cost (issue 22's
+    stream benchmark). A failure or a refusal of the call is each of its frames' own."""
+
+    def __init__(self, infer: Infer, max_images: int = 16) -> None:
+        self.infer = infer
+        self.max_images = max(1, max_images)
+        self.pending: list[tuple[tuple[Any, ...], ModelSpec, list[Any], InferenceParams, Any, asyncio.Future[Any]]] = []
+        self.pump: asyncio.Future[None] | None = None
+        self.calls = 0  # detector calls made (the benchmark's and the tests' view)
+
+    async def __call__(
+        self, spec: ModelSpec, pixels: list[Any], params: InferenceParams, service: Any
+    ) -> dict[str, Any]:
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.pending.append(((spec.key, params, service), spec, pixels, params, service, fut))
+        if self.pump is None or self.pump.done():
+            self.pump = asyncio.ensure_future(self._pump())
+        return await fut  # cancelled: the call goes on for the others (the steps refund this frame)
+
+    async def _pump(self) -> None:
+        while self.pending:
+            key = self.pending[0][0]
+            group: list[Any] = []
+            rest: list[Any] = []
+            n = 0
+            for item in self.pending:
+                if (item[0] == key and not item[5].done() and n + len(item[2]) <= self.max_images) or not group:
+                    group.append(item)
+                    n += len(item[2])
+                elif not item[5].done():
+                    rest.append(item)
+            self.pending = rest
+            group = [g for g in group if not g[5].done()]  # frames cancelled while they waited
+            if not group:
+                continue
+            _, spec, _, params, service, _ = group[0]
+            self.calls += 1
+            try:
+                result = await self.infer(spec, [p for g in group for p in g[2]], params, service)
+            except BaseException as exc:
+                for g in group:
+                    if not g[5].done():
+                        g[5].set_exception(exc if isinstance(exc, Exception) else RuntimeError(repr(exc)))
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for g, part in zip(group, _split(result, [len(g[2]) for g in group]), strict=True):
+                if not g[5].done():
+                    g[5].set_result(part)
+
+
+def _split(result: dict[str, Any], counts: list[int]) -> list[dict[str, Any]]:
+    """One detector reply over several frames' images, as each frame's own reply."""
+    if "refused" in result:
+        return [result] * len(counts)
+    total = sum(counts) or 1
+    out, i = [], 0
+    for c in counts:
+        out.append(
+            {**result, "detections": result["detections"][i : i + c], "gpu_ms": float(result["gpu_ms"]) * c / total}
+        )
+        i += c
+    return out
+
+
 class MeteredFrames:
-    """Frames through the ingress's own steps: verified, priced, admitted and settled as requests."""
+    """Frames through the ingress's own steps: verified, priced, admitted and settled as requests;
+    their detector calls coalesced (`Coalescer`)."""
 
     def __init__(self, steps: IngressSteps, client_ip: str | None) -> None:
         self.steps = steps
         self.client_ip = client_ip
         self.credential: str | None = None
+        self.coalescer = Coalescer(steps.infer, steps.args.limits.max_images)
 
     async def open(self, credential: str | None) -> None:
         await self.steps.verify(credential)
@@ -122,7 +195,7 @@ class MeteredFrames:
             self.client_ip,
             frame.idempotency_key,
         )
-        return await self.steps.detect_held(call)
+        return await self.steps.detect_held(call, self.coalescer)
 
     async def commit(self, held: Held) -> None:
         await self.steps.commit(held)
@@ -159,6 +232,7 @@ class FrameSession:
         self.in_flight = 0
         self.frame_s = 0.05  # recent time a frame takes, for a refused frame's retry_after
         self.ended: ApiError | None = None  # the error that ended the session, if one did
+        self.unqueued: list[asyncio.Future[Any]] = []  # a frame's task the reader could not queue
 
     async def open(self, credential: str | None) -> None:
         """Verify the session's credential (ApiError: the session does not start)."""
@@ -192,7 +266,11 @@ class FrameSession:
                 self.in_flight += 1
                 task = asyncio.ensure_future(self._frame(frame))
                 task.add_done_callback(self._done)
-                await answers.put(task)
+                try:
+                    await answers.put(task)  # blocks while `unsent` answers wait: flow control
+                except BaseException:
+                    self.unqueued.append(task)  # the session ended meanwhile: given back with the queued ones
+                    raise
         except Exception:
             await answers.put(None)  # the frames' source failed: answer what was read, then end
             raise
@@ -273,7 +351,7 @@ class FrameSession:
     async def _give_back(self, answers: asyncio.Queue[Any]) -> None:
         """The session ended with answers not sent: frames still in detection are cancelled (the
         steps refund them) and computed answers are released."""
-        pending = []
+        pending, self.unqueued = list(self.unqueued), []
         while not answers.empty():
             item = answers.get_nowait()
             if item is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from pathlib import Path
@@ -41,6 +42,11 @@ def test_given_each_serve_config_then_serve_and_the_app_args_accept_it(name: str
     assert app["import_path"] == "serve_app.app:build_app"
     args = AppArgs.model_validate(app["args"])
     assert args.default_model in {m.name for m in args.models} | {m.key for m in args.models}
+    # the gRPC API on Serve's gRPC proxy, with the servicer the stubs define (issue 22)
+    assert doc["grpc_options"]["grpc_servicer_functions"] == list(launcher.GRPC_SERVICERS)
+    for path in launcher.GRPC_SERVICERS:
+        module, _, fn = path.rpartition(".")
+        assert callable(getattr(importlib.import_module(module), fn))
 
 
 def test_given_the_cluster_launcher_file_then_it_matches_rays_own_schema() -> None:
@@ -85,12 +91,16 @@ def test_given_every_place_that_starts_ray_then_the_proxy_keeps_request_ids_rays
         assert setting in start and 'FORWARDED_ALLOW_IPS=""' in start, key
     dockerfile = (CLUSTER / "Dockerfile").read_text()
     assert setting in dockerfile and 'FORWARDED_ALLOW_IPS=""' in dockerfile
+    # gRPC between deployments everywhere, and the gRPC proxy on every interface of a cluster's nodes
+    for start in [" ".join(doc[k]) for k in ("head_start_ray_commands", "worker_start_ray_commands")] + [dockerfile]:
+        assert "RAY_SERVE_USE_GRPC_BY_DEFAULT=1" in start and f"{proxy_hooks.GRPC_HOST_VAR}=0.0.0.0" in start
     cluster = rayservice()["spec"]["rayClusterConfig"]
     pods = [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]
     for pod in pods:
         for container in pod["template"]["spec"]["containers"]:
             env = {e["name"]: e.get("value") for e in container["env"]}
             assert env[proxy_hooks.CALLBACK_VAR] == proxy_hooks.CALLBACK and env["FORWARDED_ALLOW_IPS"] == ""
+            assert env["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "1" and env[proxy_hooks.GRPC_HOST_VAR] == "0.0.0.0"
     # local runs: every entry point applies the launcher's rules, and `ray start` gets them too
     assert proxy_hooks.installed(launcher.environment({})) and launcher.environment({})["FORWARDED_ALLOW_IPS"] == ""
     assert proxy_hooks.installed(launcher.ray_env())

@@ -60,7 +60,7 @@ def failure(call: Any, request: Any, metadata: list[tuple[str, str]]) -> tuple[g
 
 def charged(app: LiveApp, token_id: str, units: int) -> bool:
     view = app.ledger.token(token_id)
-    return view.used == units and view.leased == 0 or view.used == units
+    return (view.used == units and view.leased == 0) or view.used == units
 
 
 def test_given_grpc_detect_then_the_answer_is_the_http_answer_and_charged_once(

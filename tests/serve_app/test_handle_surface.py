@@ -72,6 +72,12 @@ DRIVER = textwrap.dedent("""
             "_gauge_loop": (),
             "_ledger": ("tokens", None),
             "detect_http": (None,),
+            # the gRPC methods take Serve's gRPC context (the peer address an IP allowlist checks):
+            # only Serve's gRPC proxy may call them, never a handle with a context it made up
+            "Detect": (None, None),
+            "DetectStream": (None, None),
+            "Models": (None, None),
+            "detect_stream_ws": (None,),
             "revoke": (None, token_id),
             "admin_op": (None, "issue_admin"),
             "__call__": (scope, None, None),
