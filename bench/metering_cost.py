@@ -123,7 +123,7 @@ async def run(n: int) -> dict[str, Any]:
         pixels = [decode_image(images[0]).pixels]
 
         async def infer_bounded(i: int) -> None:  # the steps' detector call, bounded by the version's timeout_s
-            await steps._infer(spec, pixels, InferenceParams(), None)
+            await steps.infer(spec, pixels, InferenceParams(), None)
 
         async def infer_plain(i: int) -> None:  # the baseline's
             await detector.detect.remote(pixels, InferenceParams())

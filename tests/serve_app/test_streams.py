@@ -579,7 +579,8 @@ async def test_given_a_coalesced_call_that_fails_or_is_refused_then_each_frame_g
     from serve_app.streams import Coalescer
 
     spec = ModelSpec(name="m", weights=DEMO_WEIGHTS)
-    replies: list[Any] = [TimeoutError("slow"), {"refused": "model_busy", "message": "full", "retry_after": 1.0}]
+    busy = {"refused": "model_busy", "message": "full", "retry_after": 1.0}
+    replies: list[Any] = [TimeoutError("slow"), busy, busy]
 
     async def infer(spec: Any, pixels: list[Any], params: Any, service: Any) -> dict[str, Any]:
         await asyncio.sleep(0)
@@ -592,5 +593,8 @@ async def test_given_a_coalesced_call_that_fails_or_is_refused_then_each_frame_g
     params = InferenceParams()
     failed = await asyncio.gather(co(spec, [1], params, None), return_exceptions=True)
     assert isinstance(failed[0], TimeoutError)
-    refused = await asyncio.wait_for(asyncio.gather(co(spec, [1], params, None), co(spec, [2], params, None)), 10)
-    assert [r["refused"] for r in refused] == ["model_busy", "model_busy"]
+    refused = await asyncio.wait_for(
+        asyncio.gather(co(spec, [1], params, None), co(spec, [2], params, None), co(spec, [3], params, None)), 10
+    )
+    assert [r["refused"] for r in refused] == ["model_busy"] * 3
+    assert co.calls == 3 and not replies  # the first alone, then the two that waited, together
