@@ -57,6 +57,7 @@ R = TypeVar("R")
 Infer = Callable[[ModelSpec, list[np.ndarray], InferenceParams, Service | None], Awaitable[dict[str, Any]]]
 IDEM_SETTLE_WAIT_S = 5.0  # an idempotent answer waits this long for its stored replay body
 MODEL_RETRY_AFTER_S = 10.0
+GRPC_ARG_LIMIT = 3 * 1024 * 1024  # pixels sent to a detector over gRPC, at most (the rest: object store)
 
 
 _IDEM_KEY = re.compile(rf"[\x21-\x7e]{{1,{MAX_IDEMPOTENCY_KEY}}}")
@@ -140,6 +141,7 @@ class IngressSteps:
         self.ledger = ledger
         self.meter = meter
         self.detectors = detectors
+        self._by_reference: dict[str, Any] = {}  # the detectors' handles through the object store
         self.detector_key = detector_key  # the detectors answer only callers that know it (serve_app.surface)
         self.catalog = ModelCatalog.from_args(args)
         self.auth = KeyedVerifier(self._fetch_keys, public_keys or {})
@@ -309,6 +311,19 @@ class IngressSteps:
         )
         return Held(DetectOutcome(body, headers), success, bool(call.idempotency_key), admission, decision)
 
+    def _detector(self, key: str, pixels: list[np.ndarray]) -> Any:
+        """The version's handle for these pixels: over gRPC by value (RAY_SERVE_USE_GRPC_BY_DEFAULT),
+        or, past `GRPC_ARG_LIMIT` bytes, through Ray's object store: a replica's gRPC server takes at
+        most 4 MiB per message (`RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH`), which a 1080p frame's
+        pixels already exceed (a 4000x3000 photo's are 36 MB)."""
+        handle = self.detectors[key]
+        if sum(int(getattr(p, "nbytes", 0)) for p in pixels) <= GRPC_ARG_LIMIT or not hasattr(handle, "options"):
+            return handle
+        by_ref = self._by_reference.get(key)
+        if by_ref is None:
+            by_ref = self._by_reference[key] = handle.options(_by_reference=True)
+        return by_ref
+
     async def infer(
         self, spec: ModelSpec, pixels: list[np.ndarray], params: InferenceParams, service: Service | None
     ) -> dict[str, Any]:
@@ -317,7 +332,9 @@ class IngressSteps:
         otherwise. The request is withdrawn on timeout or cancellation. `service` says whose
         request it is (the admission's verdict carries it; None: the detector files it under a default
         tenant), for the scheduler."""
-        response = self.detectors[spec.key].detect.remote(pixels, params, key=self.detector_key, service=service)
+        response = self._detector(spec.key, pixels).detect.remote(
+            pixels, params, key=self.detector_key, service=service
+        )
         try:
             async with asyncio.timeout(spec.timeout_s):  # no task of its own, as wait_for makes (-20 us)
                 result: dict[str, Any] = await response

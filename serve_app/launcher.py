@@ -61,11 +61,16 @@ DEFAULTS: Mapping[str, str] = MappingProxyType(
         # handles call replicas over gRPC, arguments by value, not through the object store: +15 %
         # metered images/s, no API change (docs/BENCHMARKS.md, issues 12 and 22); `=0` turns it off
         "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
+        # ... whose replicas take 4 MiB per message by default: a handle call may carry up to
+        # `limits.max_body_bytes` (20 MiB) of images. The ingress sends decoded pixels past 3 MiB to the
+        # detectors through the object store (serve_app/ingress_steps.py `GRPC_ARG_LIMIT`)
+        "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(64 * 1024 * 1024),
     }
 )
 # variable -> the package that reads it once, when it is imported
 READ_AT_IMPORT: Mapping[str, str] = MappingProxyType(
-    {LOOPBACK_VAR: "ray", "RAY_AUTH_MODE": "ray", "YOLO_OFFLINE": "ultralytics", "RAY_SERVE_USE_GRPC_BY_DEFAULT": "ray"}
+    {LOOPBACK_VAR: "ray", "RAY_AUTH_MODE": "ray", "YOLO_OFFLINE": "ultralytics", "RAY_SERVE_USE_GRPC_BY_DEFAULT": "ray",
+     "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": "ray"}
 )
 
 

@@ -94,6 +94,10 @@ def test_given_every_place_that_starts_ray_then_the_proxy_keeps_request_ids_rays
     # gRPC between deployments everywhere, and the gRPC proxy on every interface of a cluster's nodes
     for start in [" ".join(doc[k]) for k in ("head_start_ray_commands", "worker_start_ray_commands")] + [dockerfile]:
         assert "RAY_SERVE_USE_GRPC_BY_DEFAULT=1" in start and f"{proxy_hooks.GRPC_HOST_VAR}=0.0.0.0" in start
+        assert (
+            f"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH={launcher.DEFAULTS['RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH']}"
+            in start
+        )
     cluster = rayservice()["spec"]["rayClusterConfig"]
     pods = [cluster["headGroupSpec"]] + cluster["workerGroupSpecs"]
     for pod in pods:
@@ -101,6 +105,8 @@ def test_given_every_place_that_starts_ray_then_the_proxy_keeps_request_ids_rays
             env = {e["name"]: e.get("value") for e in container["env"]}
             assert env[proxy_hooks.CALLBACK_VAR] == proxy_hooks.CALLBACK and env["FORWARDED_ALLOW_IPS"] == ""
             assert env["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "1" and env[proxy_hooks.GRPC_HOST_VAR] == "0.0.0.0"
+            limit = "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"
+            assert env[limit] == launcher.DEFAULTS[limit]
     # local runs: every entry point applies the launcher's rules, and `ray start` gets them too
     assert proxy_hooks.installed(launcher.environment({})) and launcher.environment({})["FORWARDED_ALLOW_IPS"] == ""
     assert proxy_hooks.installed(launcher.ray_env())

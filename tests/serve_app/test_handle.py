@@ -37,6 +37,19 @@ DRIVER = textwrap.dedent("""
         handle.detect.remote(token=token, images=images[:1], model="nosuch").result()
     except Exception as exc:
         out["denied"] = [getattr(exc, "code", None), getattr(exc, "status", None)]
+    # handles go over gRPC (RAY_SERVE_USE_GRPC_BY_DEFAULT): a photo whose pixels pass a replica's
+    # 4 MiB gRPC message reaches the detector through the object store, and a body past the app's
+    # limit is payload_too_large, not a gRPC transport error
+    import numpy as np
+    buf = io.BytesIO()
+    noise = np.random.default_rng(3).integers(0, 255, (1200, 1600, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buf, format="JPEG", quality=60)
+    big = handle.detect.remote(token=token, images=[buf.getvalue()]).result()
+    out["big"] = [len(buf.getvalue()), big["images"][0]["width"]]
+    try:
+        handle.detect.remote(token=token, images=[bytes([255, 216, 255]) + bytes(5 * 1024 * 1024)]).result()
+    except Exception as exc:
+        out["too_large"] = getattr(exc, "code", repr(exc)[:200])
     print("RESULT " + json.dumps(out))
 """)
 
@@ -59,4 +72,6 @@ def test_given_a_ray_job_when_it_detects_through_the_handle_then_usage_is_charge
     assert sum(len(im["detections"]) for im in out["batch"]["images"]) > 0
     assert out["replay"]["request_id"] == out["again"]["request_id"]  # request_id is the idempotency key
     assert out["denied"] == ["unknown_model", 404]
-    assert live_app.ledger.token(tid).used == 4
+    assert out["big"][1] == 1600 and out["big"][0] < live_app.args.limits.max_body_bytes
+    assert out["too_large"] == "payload_too_large"
+    assert live_app.ledger.token(tid).used == 5

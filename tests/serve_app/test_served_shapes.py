@@ -157,7 +157,8 @@ def test_given_concurrent_calls_of_different_shapes_at_the_detector_then_batches
     from serve_app.surface import DETECTOR_KEY
 
     spec = next(m for m in live_app.args.models if m.key == "parts@1")
-    detector = serve.get_deployment_handle(spec.deployment_name, APP_NAME)
+    # by reference, as the ingress sends pixels past 3 MiB: a replica's gRPC server takes 4 MiB at most
+    detector = serve.get_deployment_handle(spec.deployment_name, APP_NAME).options(_by_reference=True)
     names = sorted(corpus) * 2
     pixels = {name: decode_file(path) for name, path in corpus.items()}
     key = live_app.ledger.capability.derive(DETECTOR_KEY)
