@@ -69,8 +69,13 @@ DEFAULTS: Mapping[str, str] = MappingProxyType(
 )
 # variable -> the package that reads it once, when it is imported
 READ_AT_IMPORT: Mapping[str, str] = MappingProxyType(
-    {LOOPBACK_VAR: "ray", "RAY_AUTH_MODE": "ray", "YOLO_OFFLINE": "ultralytics", "RAY_SERVE_USE_GRPC_BY_DEFAULT": "ray",
-     "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": "ray"}
+    {
+        LOOPBACK_VAR: "ray",
+        "RAY_AUTH_MODE": "ray",
+        "YOLO_OFFLINE": "ultralytics",
+        "RAY_SERVE_USE_GRPC_BY_DEFAULT": "ray",
+        "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": "ray",
+    }
 )
 
 
