@@ -253,12 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("detect", help="detect objects in an image file or a folder of images over HTTP")
     p.add_argument("target", type=Path, help="an image file, or a folder searched recursively")
-    p.add_argument("--url", help="service URL (default: $YT_URL or http://127.0.0.1:8000)")
-    p.add_argument("--token", help="credential (default: $YT_TOKEN; it and --token-file keep it out of `ps`)")
-    p.add_argument("--token-file", type=Path, help="file holding the credential")
-    p.add_argument("--model", help="name or name@version (default: the service's default model)")
-    p.add_argument("--conf", type=float, default=0.25)
-    p.add_argument("--iou", type=float, default=0.7)
+    client_options(p)
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     p.add_argument("--out", type=Path, help="folder for annotated copies and detections.jsonl (default: stdout)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -269,12 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=15.0, help="frames sent per second (0: as fast as answered)")
     p.add_argument("--grpc", action="store_true", help="gRPC DetectStream instead of the WebSocket route")
     p.add_argument("--grpc-target", default=None, help=f"gRPC proxy host:port (default 127.0.0.1:{launcher.GRPC_PORT})")
-    p.add_argument("--url", help="service URL (default: $YT_URL or http://127.0.0.1:8000)")
-    p.add_argument("--token", help="credential (default: $YT_TOKEN; it and --token-file keep it out of `ps`)")
-    p.add_argument("--token-file", type=Path, help="file holding the credential")
-    p.add_argument("--model", help="name or name@version (default: the service's default model)")
-    p.add_argument("--conf", type=float, default=0.25)
-    p.add_argument("--iou", type=float, default=0.7)
+    client_options(p)
     p.add_argument("--max-frames", type=int, default=None, help="stop after this many frames")
     p.add_argument("--out-video", type=Path, help="write the frames with their boxes drawn (.mp4 or .avi)")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
@@ -282,13 +272,31 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def client_options(p: argparse.ArgumentParser) -> None:
+    """What `detect` and `stream` share: where the service is, the credential, the model and its thresholds."""
+    p.add_argument("--url", help="service URL (default: $YT_URL or http://127.0.0.1:8000)")
+    p.add_argument("--token", help="credential (default: $YT_TOKEN; it and --token-file keep it out of `ps`)")
+    p.add_argument("--token-file", type=Path, help="file holding the credential")
+    p.add_argument("--model", help="name or name@version (default: the service's default model)")
+    p.add_argument("--conf", type=float, default=0.25)
+    p.add_argument("--iou", type=float, default=0.7)
+
+
+def client_credential(a: argparse.Namespace, env: ClientSettings) -> str | None:
+    """--token-file, else --token, else $YT_TOKEN; None (and the error printed) when there is none."""
+    credential = a.token_file.read_text().strip() if a.token_file is not None else (a.token or env.token)
+    if not credential:
+        print("error: no credential: give --token, --token-file or $YT_TOKEN", file=sys.stderr)
+        return None
+    return str(credential)
+
+
 def cmd_stream(a: argparse.Namespace) -> int:
     from serve_app.stream_client import StreamClient, StreamOptions, open_frames, summary_line
 
     env = ClientSettings.from_env()
-    credential = a.token_file.read_text().strip() if a.token_file is not None else (a.token or env.token)
-    if not credential:
-        print("error: no credential: give --token, --token-file or $YT_TOKEN", file=sys.stderr)
+    credential = client_credential(a, env)
+    if credential is None:
         return 2
     if a.fps < 0:
         print("error: --fps must be >= 0", file=sys.stderr)
@@ -320,11 +328,8 @@ def cmd_detect(a: argparse.Namespace) -> int:
     from serve_app.detect_client import DetectClient, DetectOptions, find_images
 
     env = ClientSettings.from_env()
-    credential = a.token or env.token
-    if a.token_file is not None:
-        credential = a.token_file.read_text().strip()
-    if not credential:
-        print("error: no credential: give --token, --token-file or $YT_TOKEN", file=sys.stderr)
+    credential = client_credential(a, env)
+    if credential is None:
         return 2
     if not (1 <= a.concurrency <= 64):
         print("error: --concurrency must be in 1..64", file=sys.stderr)

@@ -94,14 +94,14 @@ class ClientRequestIdMiddleware:
         await self.app(scope, receive, send)
 
 
-GRPC_HOST_VAR = "YT_GRPC_HOST"  # a cluster's proxies serve gRPC on every interface: YT_GRPC_HOST=0.0.0.0
+GRPC_HOST_VAR = "YT_GRPC_HOST"  # the address a node's gRPC proxy binds (the cluster files: the node's own)
 
 
 def bind_grpc_to_loopback() -> None:
     """Ray 2.60's gRPC proxy listens on every interface (`[::]:port`, `grpc_util.start_grpc_server`
     through `default_impl.add_grpc_address`, which it imports when the server starts), and Serve has
     no host setting for it: in this process, the proxy's, it listens on 127.0.0.1 instead, or on
-    `$YT_GRPC_HOST` where the cluster files set it (as `http_options.host` does for HTTP). The proxy
+    `$YT_GRPC_HOST`, which the cluster files set to the node's own address (its pod IP, its first address). The proxy
     calls `middlewares()` before it starts its gRPC server."""
     from ray.serve._private import default_impl  # the proxy process: Ray is imported
 

@@ -92,8 +92,11 @@ def test_given_every_place_that_starts_ray_then_the_proxy_keeps_request_ids_rays
     dockerfile = (CLUSTER / "Dockerfile").read_text()
     assert setting in dockerfile and 'FORWARDED_ALLOW_IPS=""' in dockerfile
     # gRPC between deployments everywhere, and the gRPC proxy on every interface of a cluster's nodes
-    for start in [" ".join(doc[k]) for k in ("head_start_ray_commands", "worker_start_ray_commands")] + [dockerfile]:
-        assert "RAY_SERVE_USE_GRPC_BY_DEFAULT=1" in start and f"{proxy_hooks.GRPC_HOST_VAR}=0.0.0.0" in start
+    starts = [" ".join(doc[k]) for k in ("head_start_ray_commands", "worker_start_ray_commands")]
+    for start in starts:  # the gRPC proxy on the node's own address, never on every interface
+        assert f"{proxy_hooks.GRPC_HOST_VAR}=$(hostname -I | cut -d' ' -f1)" in start
+    for start in [*starts, dockerfile]:
+        assert "RAY_SERVE_USE_GRPC_BY_DEFAULT=1" in start
         assert (
             f"RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH={launcher.DEFAULTS['RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH']}"
             in start
@@ -104,7 +107,9 @@ def test_given_every_place_that_starts_ray_then_the_proxy_keeps_request_ids_rays
         for container in pod["template"]["spec"]["containers"]:
             env = {e["name"]: e.get("value") for e in container["env"]}
             assert env[proxy_hooks.CALLBACK_VAR] == proxy_hooks.CALLBACK and env["FORWARDED_ALLOW_IPS"] == ""
-            assert env["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "1" and env[proxy_hooks.GRPC_HOST_VAR] == "0.0.0.0"
+            assert env["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "1"
+            host = next(e for e in container["env"] if e["name"] == proxy_hooks.GRPC_HOST_VAR)
+            assert host["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
             limit = "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"
             assert env[limit] == launcher.DEFAULTS[limit]
     # local runs: every entry point applies the launcher's rules, and `ray start` gets them too
